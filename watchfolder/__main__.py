@@ -1,0 +1,5 @@
+import sys
+
+from watchfolder.cli import main
+
+sys.exit(main())
