@@ -1,0 +1,172 @@
+"""Command line: argument parsing, exit codes, logging and signals. No business logic here.
+
+Exit codes: 0 success; 1 some files went to errors (--once); 2 usage or configuration error;
+3 an account problem (401/402/403) stopped a --once run with files still waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+import structlog
+import yaml
+
+from watchfolder import __version__, logs
+from watchfolder.config import Config, inline_key_readable_by_others, load_config
+from watchfolder.daemon import EXIT_USAGE, Daemon
+from watchfolder.errors import ConfigError
+
+log = structlog.get_logger("watchfolder")
+
+DESCRIPTION = """\
+watchfolder watches inbox folders, sends each complete image to the Clipdrop
+remove-background API, writes the cut-out to an outbox, archives the original,
+and moves anything that fails to an errors folder with a JSON reason file."""
+
+EPILOG = """\
+examples:
+  watchfolder demo                                 try it end to end, no key needed
+  watchfolder check-config --config daemon.yaml    validate and show the configuration
+  watchfolder run --config daemon.yaml             run until SIGTERM / Ctrl-C
+  watchfolder run --config daemon.yaml --once      process what is there now, then exit
+  watchfolder sandbox --port 8765                  a local stand-in for the API
+
+exit codes: 0 ok, 1 some files failed (--once), 2 usage/config error,
+            3 account problem (bad key, no credits) stopped a --once run"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="watchfolder", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"watchfolder {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="watch the inboxes and process files",
+        description="Watch the configured inboxes and process every complete file. Runs until "
+                    "SIGTERM or SIGINT (a second signal forces the exit).")
+    _config_argument(run)
+    run.add_argument("--once", action="store_true",
+                     help="process the files in the inboxes now, wait for them, then exit "
+                          "(0 all done, 1 some failed, 3 account problem)")
+    run.add_argument("--log-format", choices=("json", "console"),
+                     help="override log.format from the configuration")
+    run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser(
+        "check-config", help="validate the configuration and print it (key hidden)",
+        description="Validate the configuration file and print the effective configuration, "
+                    "with every default filled in and the API key hidden. Exits 2 and lists "
+                    "every problem when it is invalid.")
+    _config_argument(check)
+    check.set_defaults(handler=cmd_check_config)
+
+    from watchfolder import sandbox
+
+    sandbox_parser = commands.add_parser(
+        "sandbox", help="run a local stand-in for the Clipdrop API (no key, no credits)",
+        description=(sandbox.__doc__ or "").strip().split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sandbox.add_arguments(sandbox_parser)
+    sandbox_parser.set_defaults(handler=sandbox.run)
+    return parser
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, type=Path, metavar="FILE",
+                        help="the YAML configuration (see daemon.yaml.example)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def _load(args: argparse.Namespace) -> Config | None:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        _print_problems(args.config, exc.problems)
+        return None
+
+
+def _print_problems(path: Path, problems: list[str]) -> None:
+    noun = "problem" if len(problems) == 1 else "problems"
+    print(f"watchfolder: {path}: {len(problems)} configuration {noun}:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    print("Fix them and try again (`watchfolder check-config --config FILE` checks without "
+          "starting).", file=sys.stderr)
+
+
+def _key_warnings(config: Config) -> list[str]:
+    if config.source is not None and inline_key_readable_by_others(config.source):
+        return [f"{config.source} holds the API key inline and other users can read it: "
+                f"chmod 600 it, or use api.key_file / ${{CLIPDROP_API_KEY}} / a systemd "
+                f"credential"]
+    return []
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return EXIT_USAGE
+    print(f"# {args.config}: valid. Effective configuration (defaults filled in):")
+    print(yaml.safe_dump(config.redacted(), sort_keys=False, allow_unicode=True), end="")
+    for warning in _key_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return EXIT_USAGE
+    logs.configure(args.log_format or config.log.format, config.log.level)
+    for warning in _key_warnings(config):
+        log.warning("config.key_readable", message=warning)
+    daemon = Daemon(config, once=args.once)
+    signals = _SignalState(daemon)
+    signals.install()
+    try:
+        daemon.start()
+    except ConfigError as exc:
+        _print_problems(args.config, exc.problems)
+        return EXIT_USAGE
+    daemon.finished.wait()
+    daemon.stop()
+    return daemon.exit_code()
+
+
+class _SignalState:
+    """The first SIGTERM/SIGINT asks for a graceful stop; a second forces the exit."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.count = 0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        if self.count > 1:
+            os._exit(128 + signum)  # the user insists: journal is consistent at every step
+        self.daemon.request_stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

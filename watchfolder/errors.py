@@ -1,0 +1,119 @@
+"""The exceptions watchfolder raises, as one tree.
+
+    WatchfolderError
+    ├── ConfigError              the YAML is wrong; carries every problem with its path
+    ├── InputRejected            a local check refused the file (costs no request)
+    ├── DestinationError         outbox / archive / errors not writable or gone
+    └── ApiError                 the API (or the way to it) answered something else than a result
+        ├── FileRejected         400, 406, other 4xx: this file fails, go to errors
+        ├── AccountError         401, 402, 403, 404: pause the whole queue, fail nothing
+        │   ├── KeyMissing       401
+        │   ├── CreditsExhausted 402
+        │   ├── KeyRefused       403
+        │   └── EndpointMissing  404/405: api.url points at something that is not the API
+        └── Retryable            try again later; `delay` is the server's wish, if it said one
+            ├── RateLimited      429: slows the shared limiter, never counts as an attempt
+            ├── ServerError      5xx
+            ├── TransportError   connection refused/reset, timeout
+            └── BadResult        a 200 whose body does not decode or has the wrong size
+
+`reason` is the short machine code written to error files and logs.
+"""
+
+from __future__ import annotations
+
+
+class WatchfolderError(Exception):
+    """Base of everything watchfolder raises on purpose."""
+
+    reason = "error"
+
+
+class ConfigError(WatchfolderError):
+    """The configuration is invalid; `problems` lists each one as `path: what is wrong`."""
+
+    reason = "config"
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class InputRejected(WatchfolderError):
+    """A local check refused the file before any request was spent."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(message)
+
+
+class DestinationError(WatchfolderError):
+    """A folder we must write to is missing or not writable; the file keeps waiting."""
+
+    reason = "destination_unavailable"
+
+
+class ApiError(WatchfolderError):
+    """The API did not give us a usable result."""
+
+    reason = "api_error"
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.message = message
+        self.status = status
+        super().__init__(message)
+
+
+class FileRejected(ApiError):
+    """The API refused this file (or our request for it): permanent for this file."""
+
+    reason = "api_rejected"
+
+
+class AccountError(ApiError):
+    """The account or endpoint refuses every request: pause, keep every file."""
+
+    reason = "account"
+
+
+class KeyMissing(AccountError):
+    reason = "key_missing"
+
+
+class CreditsExhausted(AccountError):
+    reason = "no_credits"
+
+
+class KeyRefused(AccountError):
+    reason = "key_refused"
+
+
+class EndpointMissing(AccountError):
+    reason = "endpoint_missing"
+
+
+class Retryable(ApiError):
+    """A transient failure; `delay` is what the server asked for (seconds), if anything."""
+
+    reason = "transient"
+
+    def __init__(self, message: str, status: int | None = None, delay: float | None = None) -> None:
+        super().__init__(message, status)
+        self.delay = delay
+
+
+class RateLimited(Retryable):
+    reason = "rate_limited"
+
+
+class ServerError(Retryable):
+    reason = "server_error"
+
+
+class TransportError(Retryable):
+    reason = "transport_error"
+
+
+class BadResult(Retryable):
+    reason = "bad_result"

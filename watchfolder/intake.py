@@ -1,0 +1,204 @@
+"""The intake thread: which paths are in the pipeline, and when a new one is complete.
+
+It owns three things, and nothing else touches them (messages arrive on one queue):
+- `known`: every path settling, queued or being worked on, so no file is taken twice;
+- the `SettleTracker` of files still being written;
+- `kept`: files finished in keep-in-place mode (no archive), by signature, so they are not
+  sent again; a changed file (new size or mtime) under the same name is new work.
+
+It is fed by watchdog events, by the start-up scan, by a rescan every `rescan_seconds` (a
+safety net for dropped events, and the way an inbox that vanished is picked up again) and by an
+immediate rescan when inotify reports an overflow.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from watchfolder.config import Config
+from watchfolder.journal import Journal
+from watchfolder.pipeline import Job
+from watchfolder.settle import SettleTracker, Signature, is_ignored
+from watchfolder.watcher import Watcher, scan
+
+log = structlog.get_logger("watchfolder")
+
+_STOP = ("stop",)
+
+
+class Intake:
+    def __init__(self, config: Config, journal: Journal, submit: Callable[[Job], None], *,
+                 on_idle: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.on_idle = on_idle
+        self.submit = submit
+        self.clock = clock
+        self.tracker = SettleTracker(clock)
+        self.known: set[tuple[int, str]] = set()
+        self.kept: dict[tuple[int, str], Signature] = {}
+        for index, inbox in enumerate(config.inboxes):
+            if inbox.archive is None:
+                for rel, signature in journal.kept_in_place(str(inbox.path)).items():
+                    self.kept[(index, rel)] = signature
+        self.messages: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
+        self._missing: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self.watcher: Watcher | None = None
+
+    # -- called from other threads ------------------------------------------------------------
+
+    def offer(self, index: int, path: Path) -> None:
+        self.messages.put(("path", index, path))
+
+    def request_rescan(self) -> None:
+        self.messages.put(("rescan",))
+
+    def release(self, job: Job, kept: Signature | None) -> None:
+        self.messages.put(("release", job.key, kept))
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def adopt(self, job: Job) -> None:
+        """Count a job recovered from the journal as known (before `start`)."""
+        self.known.add(job.key)
+        self.submit(job)
+
+    def scan_all(self) -> int:
+        """Scan every inbox now, in the caller's thread (before `start`); return files found."""
+        before = len(self.known)
+        for index in range(len(self.config.inboxes)):
+            self._scan_inbox(index)
+        self._update_idle()
+        return len(self.known) - before
+
+    def start(self, watcher: Watcher | None) -> None:
+        self.watcher = watcher
+        self._thread = threading.Thread(target=self._run, name="watchfolder-intake", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.messages.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_rescan = self.clock() + self.config.rescan_seconds
+        while True:
+            now = self.clock()
+            due = self.tracker.next_due()
+            wake = next_rescan if self.watcher is not None else float("inf")
+            if due is not None:
+                wake = min(wake, due)
+            timeout = None if wake == float("inf") else max(0.0, wake - now)
+            try:
+                message = self.messages.get(timeout=timeout)
+            except queue.Empty:
+                message = None
+            if message == _STOP:
+                return
+            if message is not None:
+                self._handle(message)
+            complete, vanished = self.tracker.check_due(self._look)
+            for key in complete:
+                index, rel = key  # type: ignore[misc]
+                self.submit(Job(index, rel))
+            self.known.difference_update(vanished)  # type: ignore[arg-type]
+            if self.watcher is not None and self.clock() >= next_rescan:
+                self._rescan()
+                next_rescan = self.clock() + self.config.rescan_seconds
+            self._update_idle()
+
+    def _handle(self, message: tuple[object, ...]) -> None:
+        kind = message[0]
+        if kind == "path":
+            _, index, path = message
+            self._consider(index, path)  # type: ignore[arg-type]
+        elif kind == "release":
+            _, key, kept = message
+            index, rel = key  # type: ignore[misc]
+            self.known.discard(key)  # type: ignore[arg-type]
+            if kept is not None:
+                self.kept[key] = kept  # type: ignore[index]
+            # Something may have been dropped under the same name meanwhile.
+            self._consider(index, self.config.inboxes[index].path / rel)
+        elif kind == "rescan":
+            log.warning("intake.rescan", why="inotify queue overflowed; events were lost")
+            self._rescan()
+
+    def _rescan(self) -> None:
+        for index, inbox in enumerate(self.config.inboxes):
+            if not inbox.path.is_dir():
+                if index not in self._missing:
+                    self._missing.add(index)
+                    log.error("inbox.missing", inbox=str(inbox.path),
+                              hint="deleted or not mounted; watching resumes when it is back")
+                continue
+            if self.watcher is not None and not self.watcher.healthy(index):
+                self.watcher.watch(index)
+            if index in self._missing:
+                self._missing.discard(index)
+                log.warning("inbox.back", inbox=str(inbox.path))
+            self._scan_inbox(index)
+
+    def _scan_inbox(self, index: int) -> None:
+        inbox = self.config.inboxes[index]
+        for path in scan(inbox.path, recursive=inbox.recursive):
+            self._consider(index, path)
+
+    def _consider(self, index: int, path: Path) -> None:
+        inbox = self.config.inboxes[index]
+        try:
+            parts = path.relative_to(inbox.path).parts
+        except ValueError:
+            return
+        if not parts or any(is_ignored(part) for part in parts):
+            return
+        if len(parts) > 1 and not inbox.recursive:
+            return
+        key = (index, "/".join(parts))
+        if key in self.known:
+            return
+        try:
+            st = path.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if stat.S_ISDIR(st.st_mode):
+            # A folder moved in brings files that produced no events of their own.
+            if inbox.recursive:
+                for inner in scan(path, recursive=True):
+                    self._consider(index, inner)
+            return
+        signature = (st.st_size, st.st_mtime_ns)
+        if self.kept.get(key) == signature:
+            return
+        self.known.add(key)
+        if not stat.S_ISREG(st.st_mode):
+            self.submit(Job(index, key[1]))  # a link or a device: explained in errors at once
+            return
+        self.tracker.watch(key, signature, inbox.settle_seconds)
+
+    def _look(self, key: object) -> Signature | None:
+        index, rel = key  # type: ignore[misc]
+        try:
+            st = os.lstat(self.config.inboxes[index].path / rel)
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns)
+
+    def _update_idle(self) -> None:
+        if not self.known and self.on_idle is not None:
+            self.on_idle()

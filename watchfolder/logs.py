@@ -1,0 +1,63 @@
+"""structlog set-up: JSON lines for machines, a readable console for people, never a secret.
+
+Standard-library records (watchdog's warnings, for one) go through the same renderer, so with
+`format: json` every line on stderr is one JSON object.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+_secrets: set[str] = set()
+
+
+def add_secret(value: str) -> None:
+    """Never let `value` reach a log line, whatever field or traceback it hides in."""
+    if value:
+        _secrets.add(value)
+
+
+def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    if not _secrets:
+        return event
+    for name, value in event.items():
+        if isinstance(value, str):
+            for secret in _secrets:
+                if secret in value:
+                    value = value.replace(secret, "***")
+            event[name] = value
+    return event
+
+
+def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog and stdlib logging; `fmt` None picks console on a terminal."""
+    stream = stream or sys.stderr
+    if fmt is None:
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any = (structlog.processors.JSONRenderer(ensure_ascii=False) if fmt == "json"
+                     else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _redact,
+    ]
+    numeric = logging.getLevelName(level.upper())
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING) if numeric < logging.WARNING else numeric)

@@ -1,0 +1,91 @@
+"""A sliding-window rate limiter shared by every worker in the process.
+
+The vendor may count any 60-second window, so a token bucket (which allows a full bucket
+plus a steady stream inside one minute) is not enough: we keep the send times of the last
+window and never let more than `limit` fall inside it. A small `margin` widens our window so
+that network jitter cannot make the server see two of our requests closer than we sent them.
+
+429s slow everything down: `rate_limited()` blocks all sends until the server's Retry-After
+(capped) or, when it gave none, an exponential backoff that resets on the next success.
+
+The class never sleeps and owns no thread; `acquire` waits on the caller's stop event.
+Time comes from `clock` so tests drive it without sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+
+class RateLimiter:
+    def __init__(self, limit: int, *, window: float = 60.0, margin: float = 0.5,
+                 backoff: float = 2.0, max_backoff: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self.margin = margin
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.clock = clock
+        self._sent: deque[float] = deque()
+        self._blocked_until = 0.0
+        self._strikes = 0  # consecutive 429s without Retry-After
+        self._lock = threading.Lock()
+
+    def preload(self, ages: Iterable[float]) -> None:
+        """Count sends from before a restart: `ages` are seconds since each was sent."""
+        now = self.clock()
+        with self._lock:
+            for age in sorted(ages, reverse=True):
+                self._sent.append(now - age)
+
+    def set_limit(self, limit: int) -> None:
+        with self._lock:
+            self.limit = limit
+
+    def try_acquire(self) -> float:
+        """Take a slot and return 0.0, or return how long to wait before asking again."""
+        now = self.clock()
+        with self._lock:
+            span = self.window + self.margin
+            while self._sent and self._sent[0] <= now - span:
+                self._sent.popleft()
+            if now < self._blocked_until:
+                return self._blocked_until - now
+            if len(self._sent) >= self.limit:
+                return self._sent[len(self._sent) - self.limit] + span - now
+            self._sent.append(now)
+            return 0.0
+
+    def acquire(self, stop: threading.Event) -> bool:
+        """Block until a slot is ours (True) or `stop` is set (False)."""
+        while True:
+            wait = self.try_acquire()
+            if wait <= 0.0:
+                return True
+            if stop.wait(wait):
+                return False
+
+    def rate_limited(self, retry_after: float | None) -> float:
+        """The server said 429: hold every send; return the delay applied."""
+        with self._lock:
+            if retry_after is None:
+                self._strikes += 1
+                delay = min(self.max_backoff, self.backoff * 2 ** (self._strikes - 1))
+            else:
+                delay = min(self.max_backoff, max(0.0, retry_after))
+            self._blocked_until = max(self._blocked_until, self.clock() + delay)
+            return delay
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._strikes = 0
+
+    def in_window(self) -> int:
+        """Sends counted in the current window (for status)."""
+        now = self.clock()
+        with self._lock:
+            return sum(1 for t in self._sent if t > now - self.window - self.margin)
