@@ -1,0 +1,264 @@
+"""The daemon end to end: real folders, real watchdog observers, the sandbox on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import LogCapture, Running, Studio, make_image, wait_for
+from watchfolder.sandbox import Sandbox
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def alpha_at(path: Path, xy: tuple[int, int]) -> int:
+    with Image.open(path) as image:
+        return image.convert("RGBA").getpixel(xy)[3]  # type: ignore[index]
+
+
+def test_files_dropped_while_running_end_in_outbox_and_archive(studio: Studio,
+                                                                sandbox: Sandbox) -> None:
+    names = ["plain.png", "with space.jpg", "sub dir/ünï cødé.webp", "a/b/c/deep.JPG"]
+    with Running(studio.config()):
+        for index, name in enumerate(names):
+            make_image(studio.inbox / name, fmt={"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[
+                name.rsplit(".", 1)[1].lower()], seed=index)
+        wait_for(lambda: len(studio.files(studio.archive)) == 4, what="four archived files")
+    assert studio.files(studio.outbox) == sorted(
+        ["plain.png", "with space.png", "sub dir/ünï cødé.png", "a/b/c/deep.png"])
+    assert studio.files(studio.archive) == sorted(names)
+    assert studio.files(studio.inbox) == []
+    assert studio.files(studio.errors) == []
+    assert sandbox.count(200) == 4
+    result = studio.outbox / "with space.png"
+    assert alpha_at(result, (0, 0)) == 0, "the backdrop is knocked out"
+    assert alpha_at(result, (80, 60)) == 255, "the subject stays opaque"
+
+
+def test_files_present_at_start_are_processed(studio: Studio, sandbox: Sandbox) -> None:
+    for n in range(5):
+        make_image(studio.inbox / f"early-{n}.png", seed=n)
+    with Running(studio.config()):
+        wait_for(lambda: len(studio.files(studio.archive)) == 5, what="start-up scan")
+    assert len(studio.files(studio.outbox)) == 5
+
+
+@pytest.mark.parametrize(("output_format", "accept", "ext", "pil_format"), [
+    ("png", "image/png", "png", "PNG"),
+    ("webp", "image/webp", "webp", "WEBP"),
+    ("jpeg", "image/jpg", "jpg", "JPEG"),
+])
+def test_output_formats(tmp_path: Path, sandbox: Sandbox, output_format: str, accept: str,
+                        ext: str, pil_format: str) -> None:
+    studio = Studio(tmp_path, sandbox.url, inbox={"output_format": output_format})
+    make_image(studio.inbox / "shot.jpg", fmt="JPEG")
+    with Running(studio.config()):
+        wait_for(lambda: studio.files(studio.outbox) == [f"shot.{ext}"], what="the result")
+    with Image.open(studio.outbox / f"shot.{ext}") as result:
+        assert result.format == pil_format
+        assert result.size == (160, 120)
+    assert sandbox.requests[-1].accept == accept
+
+
+def test_request_follows_the_contract(studio: Studio, sandbox: Sandbox) -> None:
+    # A PNG whose name says JPEG: the bytes decide the MIME type, and they go up unchanged.
+    source = make_image(studio.inbox / "mislabelled.jpg", fmt="PNG")
+    original = source.read_bytes()
+    studio.data["inboxes"][0]["transparency_handling"] = "discard_alpha_layer"
+    with Running(studio.config()):
+        wait_for(lambda: studio.files(studio.archive), what="the file to finish")
+    record = sandbox.requests[-1]
+    assert record.content_type == "image/png"
+    assert record.filename == "mislabelled.jpg"
+    assert record.transparency_handling == "discard_alpha_layer"
+    assert record.sha256 == hashlib.sha256(original).hexdigest()
+    assert record.key == "test-key-0123456789"
+
+
+def test_name_collisions_never_overwrite(studio: Studio, sandbox: Sandbox) -> None:
+    studio.outbox.mkdir()
+    studio.archive.mkdir()
+    (studio.outbox / "shot.png").write_bytes(b"someone else's file")
+    (studio.archive / "shot.png").write_bytes(b"an older original")
+    make_image(studio.inbox / "shot.png", seed=1)
+    make_image(studio.inbox / "shot.jpg", fmt="JPEG", seed=2)
+    with Running(studio.config()):
+        wait_for(lambda: len(studio.files(studio.archive)) == 3, what="both archived")
+    assert studio.files(studio.outbox) == ["shot-1.png", "shot-2.png", "shot.png"]
+    assert (studio.outbox / "shot.png").read_bytes() == b"someone else's file"
+    assert (studio.archive / "shot.png").read_bytes() == b"an older original"
+    assert sorted(studio.files(studio.archive)) == ["shot-1.png", "shot.jpg", "shot.png"]
+
+
+def test_keep_in_place_is_not_sent_again(tmp_path: Path, sandbox: Sandbox) -> None:
+    studio = Studio(tmp_path, sandbox.url, inbox={"archive": None})
+    make_image(studio.inbox / "keep.png")
+    with Running(studio.config()):
+        wait_for(lambda: studio.files(studio.outbox) == ["keep.png"], what="the result")
+        wait_for(lambda: sandbox.count() == 1)
+    assert studio.files(studio.inbox) == ["keep.png"]
+    # A restart, and several rescans, do not send it again.
+    with Running(studio.config()) as daemon:
+        wait_for(lambda: daemon.intake is not None and daemon.intake.alive())
+        make_image(studio.inbox / "other.png", seed=3)
+        wait_for(lambda: len(studio.files(studio.outbox)) == 2, what="the second file")
+    assert sandbox.count() == 2
+    assert studio.files(studio.inbox) == ["keep.png", "other.png"]
+
+
+def test_polling_observer_sees_new_files(tmp_path: Path, sandbox: Sandbox) -> None:
+    studio = Studio(tmp_path, sandbox.url, inbox={"polling": True},
+                    rescan_seconds=3600)  # only the polling observer can find the file
+    with Running(studio.config()) as daemon:
+        assert daemon.watcher is not None and daemon.watcher.alive()
+        make_image(studio.inbox / "nfs.png")
+        wait_for(lambda: studio.files(studio.archive) == ["nfs.png"], what="polling pick-up")
+
+
+def test_inotify_sees_files_renamed_into_the_inbox(tmp_path: Path, sandbox: Sandbox) -> None:
+    studio = Studio(tmp_path, sandbox.url, rescan_seconds=3600)  # events only, no rescan
+    staging = tmp_path / "staging"
+    with Running(studio.config()):
+        make_image(staging / "moved.png")
+        (staging / "moved.png").rename(studio.inbox / "moved.png")
+        wait_for(lambda: studio.files(studio.archive) == ["moved.png"], what="moved-in file")
+        make_image(staging / "folder" / "inner.png")
+        (staging / "folder").rename(studio.inbox / "folder")
+        wait_for(lambda: "folder/inner.png" in studio.files(studio.archive),
+                 what="a folder moved in with a file inside")
+
+
+def test_temporary_names_wait_until_renamed(studio: Studio, sandbox: Sandbox) -> None:
+    with Running(studio.config()):
+        for name in ("upload.jpg.part", ".hidden.png", "~$lock.png", "dl.crdownload",
+                     "x.TMP"):
+            make_image(studio.inbox / name, fmt="JPEG")
+        make_image(studio.inbox / "marker.png")
+        wait_for(lambda: studio.files(studio.archive) == ["marker.png"], what="the marker")
+        wait_for(lambda: sandbox.count() == 1)
+        (studio.inbox / "upload.jpg.part").rename(studio.inbox / "upload.jpg")
+        wait_for(lambda: "upload.jpg" in studio.files(studio.archive), what="renamed file")
+    assert sandbox.count() == 2
+    left = sorted(p.name for p in studio.inbox.iterdir())
+    assert left == [".hidden.png", "dl.crdownload", "x.TMP", "~$lock.png"]
+
+
+def test_a_file_is_sent_only_once_complete(tmp_path: Path, sandbox: Sandbox) -> None:
+    studio = Studio(tmp_path, sandbox.url, inbox={"settle_seconds": 0.4})
+    complete = make_image(tmp_path / "complete.png", size=(400, 300)).read_bytes()
+    target = studio.inbox / "slow.png"
+    with Running(studio.config()):
+        with target.open("wb") as handle:  # a slow copy: a chunk every 0.1 s
+            for start in range(0, len(complete), len(complete) // 8 + 1):
+                handle.write(complete[start:start + len(complete) // 8 + 1])
+                handle.flush()
+                threading_pause(0.1)
+        wait_for(lambda: studio.files(studio.archive) == ["slow.png"], what="the slow file")
+    assert sandbox.count() == 1
+    assert sandbox.requests[0].sha256 == hashlib.sha256(complete).hexdigest()
+
+
+def threading_pause(seconds: float) -> None:
+    """Let real time pass for a writer that is still writing (not a wait for the daemon)."""
+    import threading
+
+    threading.Event().wait(seconds)
+
+
+def test_same_content_again_costs_no_request(studio: Studio, sandbox: Sandbox,
+                                             log_lines: LogCapture) -> None:
+    make_image(studio.inbox / "first.png", seed=7)
+    content = (studio.inbox / "first.png").read_bytes()
+    with Running(studio.config()):
+        wait_for(lambda: studio.files(studio.archive) == ["first.png"], what="first")
+        (studio.inbox / "elsewhere").mkdir()
+        (studio.inbox / "elsewhere" / "copy.png").write_bytes(content)
+        wait_for(lambda: "elsewhere/copy.png" in studio.files(studio.archive), what="copy")
+    # ...and after a restart too.
+    with Running(studio.config()):
+        (studio.inbox / "third.png").write_bytes(content)
+        wait_for(lambda: "third.png" in studio.files(studio.archive), what="third")
+    assert sandbox.count() == 1
+    first = (studio.outbox / "first.png").read_bytes()
+    assert (studio.outbox / "elsewhere" / "copy.png").read_bytes() == first
+    assert (studio.outbox / "third.png").read_bytes() == first
+    reused = [e for e in log_lines.events("file.done") if e["reused"]]
+    assert len(reused) == 2
+
+
+def test_a_changed_setting_is_a_new_result(tmp_path: Path, sandbox: Sandbox) -> None:
+    studio = Studio(tmp_path, sandbox.url)
+    make_image(studio.inbox / "one.png", seed=9)
+    content = (studio.inbox / "one.png").read_bytes()
+    with Running(studio.config()):
+        wait_for(lambda: studio.files(studio.archive) == ["one.png"])
+    studio.data["inboxes"][0]["output_format"] = "webp"
+    with Running(studio.config()):
+        (studio.inbox / "two.png").write_bytes(content)
+        wait_for(lambda: "two.webp" in studio.files(studio.outbox), what="a webp result")
+    assert sandbox.count() == 2
+
+
+def test_identical_files_dropped_together_cost_one_request(studio: Studio,
+                                                           sandbox: Sandbox) -> None:
+    make_image(studio.root / "same.png", seed=11)
+    content = (studio.root / "same.png").read_bytes()
+    for n in range(4):
+        (studio.inbox / f"dup-{n}.png").write_bytes(content)
+    with Running(studio.config()):
+        wait_for(lambda: len(studio.files(studio.archive)) == 4, what="four duplicates")
+    assert sandbox.count() == 1
+    assert len(studio.files(studio.outbox)) == 4
+
+
+def test_symlinks_are_never_followed_out_of_the_inbox(tmp_path: Path, studio: Studio,
+                                                      sandbox: Sandbox) -> None:
+    outside = make_image(tmp_path / "secret" / "private.png")
+    before = outside.read_bytes()
+    (studio.inbox / "link.png").symlink_to(outside)
+    (studio.inbox / "linkdir").symlink_to(outside.parent, target_is_directory=True)
+    with Running(studio.config()):
+        wait_for(lambda: len(studio.files(studio.errors)) >= 2 and
+                 (studio.errors / "linkdir").is_symlink(), what="links moved to errors")
+    assert sandbox.count() == 0
+    assert outside.read_bytes() == before
+    assert (studio.errors / "link.png").is_symlink()
+    assert studio.reason("link.png")["reason"] == "symlink"
+    assert studio.reason("linkdir")["reason"] == "symlink"
+    assert not os.path.lexists(studio.inbox / "link.png")
+
+
+def test_two_inboxes_with_their_own_settings(tmp_path: Path, sandbox: Sandbox) -> None:
+    second = tmp_path / "second"
+    (second / "in").mkdir(parents=True)
+    studio = Studio(tmp_path, sandbox.url, extra_inboxes=[{
+        "path": "second/in", "outbox": "second/out", "errors": "second/err",
+        "output_format": "webp", "settle_seconds": 0.1}])
+    with Running(studio.config()):
+        make_image(studio.inbox / "a.png")
+        make_image(second / "in" / "b.png", seed=1)
+        wait_for(lambda: (second / "out" / "b.webp").exists(), what="second inbox")
+        wait_for(lambda: studio.files(studio.archive) == ["a.png"], what="first inbox")
+    assert (second / "in" / "b.png").exists(), "no archive: the original stays"
+    assert studio.files(studio.outbox) == ["a.png"]
+
+
+def test_ready_and_summary_lines(studio: Studio, sandbox: Sandbox, log_lines: LogCapture) -> None:
+    sandbox.set_credits(None, 50)
+    make_image(studio.inbox / "one.png")
+    with Running(studio.config()):
+        wait_for(lambda: log_lines.events("file.done"), what="file.done")
+    ready = log_lines.events("ready")
+    assert len(ready) == 1 and ready[0]["files_found"] == 1
+    done = log_lines.events("file.done")[0]
+    assert done["file"] == "one.png"
+    assert done["inbox"] == str(studio.inbox)
+    assert done["attempts"] == 1
+    assert done["credits_remaining"] == 49
+    assert isinstance(done["ms"], int)
