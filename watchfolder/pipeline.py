@@ -17,6 +17,7 @@ Policies, per the API contract:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import heapq
 import itertools
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import structlog
 
@@ -59,7 +61,14 @@ from watchfolder.journal import (
     FileRecord,
     Journal,
 )
-from watchfolder.outbox import candidates, copy_into, move_into, same_file, sha256_file, write_atomic
+from watchfolder.outbox import (
+    candidates,
+    copy_into,
+    move_into,
+    same_file,
+    sha256_file,
+    write_atomic,
+)
 from watchfolder.ratelimit import RateLimiter
 from watchfolder.settle import Signature
 
@@ -92,6 +101,7 @@ class JobQueue:
         self._closed = False
         self.paused: AccountError | None = None
         self._probe_at = 0.0
+        self._probe_every = 0.0
 
     def put(self, job: Job, *, front: bool = False) -> None:
         with self._cond:
@@ -111,6 +121,7 @@ class JobQueue:
         with self._cond:
             newly = self.paused is None
             self.paused = error
+            self._probe_every = probe_in
             self._probe_at = self.clock() + probe_in
             return newly
 
@@ -148,17 +159,19 @@ class JobQueue:
                     if self._ready:
                         return self._ready.popleft()
                 elif self._ready and self._probe_at <= now:
-                    self._probe_at = float("inf")  # one probe at a time
+                    # The next probe is due one interval later whatever becomes of this one
+                    # (it may hit a 500, turn out to be a bad file, or hang): never stuck.
+                    self._probe_at = now + self._probe_every
                     job = self._ready.popleft()
                     job.probe = True
                     return job
-                elif self._probe_at != float("inf"):
+                else:
                     wake = self._probe_at if wake is None else min(wake, self._probe_at)
                 self._cond.wait(None if wake is None else max(0.0, wake - now))
             return None
 
 
-class _Parked(Exception):  # noqa: N818 - control flow inside a worker, never escapes
+class _Parked(Exception):
     """The job went back to the queue; the worker moves on."""
 
 
@@ -178,7 +191,8 @@ class Pipeline:
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._identities: dict[str, tuple[int, str]] = {}  # identity → job sending it
+        # content identity → the job whose request will produce it
+        self._identities: dict[str, tuple[int, str]] = {}
         self._bad_destinations: set[str] = set()
         self._format_warned: set[str] = set()
         self.in_flight = 0
@@ -232,7 +246,7 @@ class Pipeline:
                 self._advance(job)
             except _Parked:
                 pass
-            except Exception as exc:  # a bug must not kill the worker nor lose the file
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker nor lose the file
                 self._internal_error(job, exc)
             finally:
                 with self._lock:
@@ -405,7 +419,10 @@ class Pipeline:
             self._retry_later(job, exc)
             return
         self.limiter.succeeded()
-        if self.queue.resume():
+        # Only the probe was sent while paused; an older request's success says nothing
+        # about the account now.
+        if job.probe and self.queue.resume():
+            self.journal.set_meta("paused", None)
             log.warning("account.resumed", hint="the API accepts requests again")
         content_sha = hashlib.sha256(result.content).hexdigest()
         spool = self.journal.spool_dir / f"{record.id}.{ext}"
@@ -567,7 +584,7 @@ class Pipeline:
 
     def _to_failing(self, record: FileRecord, reason: str, message: str,
                     status: int | None = None, *, attempts: int | None = None) -> None:
-        changes: dict[str, object] = {"state": FAILING, "reason": reason, "message": message,
+        changes: dict[str, Any] = {"state": FAILING, "reason": reason, "message": message,
                                       "status": status}
         if attempts is not None:
             changes["attempts"] = attempts
@@ -656,10 +673,8 @@ class Pipeline:
         self._park_quietly(job, self.config.retry.backoff_seconds * attempts)
 
     def _park_quietly(self, job: Job, delay: float) -> None:
-        try:
+        with contextlib.suppress(_Parked):
             self._park(job, delay)
-        except _Parked:
-            pass
 
     def snapshot(self) -> dict[str, object]:
         paused = self.queue.paused

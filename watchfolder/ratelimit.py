@@ -70,13 +70,17 @@ class RateLimiter:
                 return False
 
     def rate_limited(self, retry_after: float | None) -> float:
-        """The server said 429: hold every send; return the delay applied."""
+        """The server said 429: hold every send; return the delay applied.
+
+        `retry_after` is the server's wish, already capped by the caller; without one we back
+        off exponentially (up to `max_backoff`) until a request succeeds again.
+        """
         with self._lock:
             if retry_after is None:
                 self._strikes += 1
                 delay = min(self.max_backoff, self.backoff * 2 ** (self._strikes - 1))
             else:
-                delay = min(self.max_backoff, max(0.0, retry_after))
+                delay = max(0.0, retry_after)  # the caller caps what the server asks for
             self._blocked_until = max(self._blocked_until, self.clock() + delay)
             return delay
 
