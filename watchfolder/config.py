@@ -250,7 +250,7 @@ class _Checker:
 def _close_match(word: str, options: set[str]) -> str | None:
     import difflib
 
-    found = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.75)
+    found = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.5)
     return found[0] if found else None
 
 

@@ -7,6 +7,7 @@ belong to cli.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -78,7 +79,7 @@ class Daemon:
         """Put every unfinished file back in the queue; clear temp files a crash left."""
         assert self.intake is not None
         by_path = {str(inbox.path): index for index, inbox in enumerate(self.config.inboxes)}
-        referenced = set()
+        referenced: set[str] = set()
         count = 0
         for record in journal.unfinished():
             if record.spool:
@@ -183,15 +184,12 @@ def prepare_folders(config: Config) -> None:
 def _clear_temp_files(inbox: InboxConfig, rel: str, state: str) -> None:
     """Remove the hidden temp files a crash can leave where this file was being written."""
     parent = PurePosixPath(rel).parent.parts
-    roots = {FETCHED: [inbox.outbox], STORED: [inbox.archive], FAILING: [inbox.errors]}
-    for root in roots.get(state, []):
-        if root is None:
-            continue
-        folder = Path(root).joinpath(*parent)
-        try:
-            entries = list(folder.iterdir())
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(".tmp"):
-                entry.unlink(missing_ok=True)
+    roots: dict[str, Path | None] = {FETCHED: inbox.outbox, STORED: inbox.archive,
+                                     FAILING: inbox.errors}
+    root = roots.get(state)
+    if root is not None:
+        folder = root.joinpath(*parent)
+        with contextlib.suppress(OSError):
+            for entry in list(folder.iterdir()):
+                if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(".tmp"):
+                    entry.unlink(missing_ok=True)

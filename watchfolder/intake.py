@@ -18,8 +18,9 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -49,7 +50,7 @@ class Intake:
             if inbox.archive is None:
                 for rel, signature in journal.kept_in_place(str(inbox.path)).items():
                     self.kept[(index, rel)] = signature
-        self.messages: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
+        self.messages: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._missing: set[int] = set()
         self._thread: threading.Thread | None = None
         self.watcher: Watcher | None = None
@@ -114,25 +115,24 @@ class Intake:
                 self._handle(message)
             complete, vanished = self.tracker.check_due(self._look)
             for key in complete:
-                index, rel = key  # type: ignore[misc]
-                self.submit(Job(index, rel))
-            self.known.difference_update(vanished)  # type: ignore[arg-type]
+                self.submit(Job(*_key(key)))
+            self.known.difference_update(_key(key) for key in vanished)
             if self.watcher is not None and self.clock() >= next_rescan:
                 self._rescan()
                 next_rescan = self.clock() + self.config.rescan_seconds
             self._update_idle()
 
-    def _handle(self, message: tuple[object, ...]) -> None:
+    def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "path":
             _, index, path = message
-            self._consider(index, path)  # type: ignore[arg-type]
+            self._consider(index, path)
         elif kind == "release":
             _, key, kept = message
-            index, rel = key  # type: ignore[misc]
-            self.known.discard(key)  # type: ignore[arg-type]
+            index, rel = key
+            self.known.discard(key)
             if kept is not None:
-                self.kept[key] = kept  # type: ignore[index]
+                self.kept[key] = kept
             # Something may have been dropped under the same name meanwhile.
             self._consider(index, self.config.inboxes[index].path / rel)
         elif kind == "rescan":
@@ -191,8 +191,8 @@ class Intake:
             return
         self.tracker.watch(key, signature, inbox.settle_seconds)
 
-    def _look(self, key: object) -> Signature | None:
-        index, rel = key  # type: ignore[misc]
+    def _look(self, key: Hashable) -> Signature | None:
+        index, rel = _key(key)
         try:
             st = os.lstat(self.config.inboxes[index].path / rel)
         except OSError:
@@ -202,3 +202,9 @@ class Intake:
     def _update_idle(self) -> None:
         if not self.known and self.on_idle is not None:
             self.on_idle()
+
+
+def _key(key: Hashable) -> tuple[int, str]:
+    """The tracker stores any hashable; ours are always (inbox index, rel)."""
+    assert isinstance(key, tuple)
+    return int(key[0]), str(key[1])

@@ -121,7 +121,8 @@ class Journal:
 
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[FileRecord]:
         with self._lock:
-            cur = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM files {sql}", args)
+            query = f"SELECT {', '.join(_COLUMNS)} FROM files {sql}"  # noqa: S608 - our own SQL
+            cur = self._db.execute(query, args)
             return [FileRecord(*row) for row in cur.fetchall()]
 
     # -- files -------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class Journal:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(f"UPDATE files SET {assignments} WHERE id = ?",
+                self._db.execute(f"UPDATE files SET {assignments} WHERE id = ?",  # noqa: S608
                                  (*changes.values(), record.id))
                 if sent:
                     self._db.execute("INSERT INTO sends (t) VALUES (?)", (changes["updated"],))

@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from watchfolder import failpoints
+
 TEMP_PREFIX = ".watchfolder-"
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
@@ -114,12 +116,13 @@ def move_into(src: Path, dest: Path) -> bool:
             # A link is never followed out of the inbox: move the link itself.
             if os.path.lexists(dest):
                 return False
-            os.symlink(os.readlink(src), dest)
+            dest.symlink_to(src.readlink())
             placed = True
         else:
             placed = copy_into(src, dest)
     if not placed:
         return False
+    failpoints.hit("moved-linked")  # both names exist: the instant a crash must survive
     if os.path.lexists(src):
         src.unlink()
     fsync_dir(dest.parent)
@@ -133,7 +136,7 @@ def same_file(a: Path, b: Path) -> bool:
         if a.lstat().st_ino == b.lstat().st_ino and a.lstat().st_dev == b.lstat().st_dev:
             return True
         if a.is_symlink() or b.is_symlink():
-            return a.is_symlink() and b.is_symlink() and os.readlink(a) == os.readlink(b)
+            return a.is_symlink() and b.is_symlink() and a.readlink() == b.readlink()
         return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
     except OSError:
         return False

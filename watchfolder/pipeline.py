@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from watchfolder import __version__
+from watchfolder import __version__, failpoints
 from watchfolder.client import ApiClient
 from watchfolder.config import Config, InboxConfig
 from watchfolder.errors import (
@@ -390,6 +390,7 @@ class Pipeline:
             self._back_to_queue(record)
             raise _Parked
         self.journal.update(record, state=SENDING, sent=True)
+        failpoints.hit("sending")
         try:
             result = self.client.remove_background(
                 data, filename=PurePosixPath(job.rel).name, mime=mime,
@@ -418,6 +419,7 @@ class Pipeline:
         except Retryable as exc:
             self._retry_later(job, exc)
             return
+        failpoints.hit("answered")
         self.limiter.succeeded()
         # Only the probe was sent while paused; an older request's success says nothing
         # about the account now.
@@ -427,8 +429,10 @@ class Pipeline:
         content_sha = hashlib.sha256(result.content).hexdigest()
         spool = self.journal.spool_dir / f"{record.id}.{ext}"
         write_atomic(result.content, spool)
+        failpoints.hit("spooled")
         self.journal.update(record, state=FETCHED, spool=str(spool), result_sha=content_sha,
                             credits=result.credits_remaining, attempts=record.attempts + 1)
+        failpoints.hit("fetched")
         self._note_credits(result.credits_remaining)
 
     def _retry_later(self, job: Job, exc: ApiError) -> None:
@@ -532,8 +536,10 @@ class Pipeline:
             for candidate in itertools.chain(order, candidates(target)):
                 self.journal.update(record, result=str(candidate))
                 if self._guard(inbox.outbox, copy_into, source, candidate):
+                    failpoints.hit("result-placed")
                     break
         self.journal.update(record, state=STORED)
+        failpoints.hit("stored")
         assert record.result is not None and record.result_sha is not None and record.sha256
         self.journal.remember_result(f"{record.sha256}|{record.settings}", record.result,
                                      record.result_sha)
@@ -578,6 +584,7 @@ class Pipeline:
         for candidate in itertools.chain(order, candidates(target)):
             self.journal.update(record, archive=str(candidate))
             if self._guard(archive, move_into, src, candidate):
+                failpoints.hit("archived")
                 return
 
     # -- step: failing → failed ---------------------------------------------------------------
@@ -611,7 +618,9 @@ class Pipeline:
                                                                also_free=(".error.json",))):
                 self.journal.update(record, error_path=str(candidate))
                 self._write_reason(record, src, candidate)
+                failpoints.hit("reason-written")
                 if self._guard(inbox.errors, move_into, src, candidate):
+                    failpoints.hit("error-moved")
                     break
         self.journal.update(record, state=FAILED)
         log.error("file.failed", inbox=str(inbox.path), file=job.rel, reason=record.reason,

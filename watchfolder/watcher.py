@@ -96,7 +96,7 @@ class Watcher:
 
     def start(self) -> None:
         logging.getLogger("watchdog.observers").addHandler(self._spy)
-        for index, inbox in enumerate(self.inboxes):
+        for index in range(len(self.inboxes)):
             self.watch(index)
 
     def watch(self, index: int) -> bool:

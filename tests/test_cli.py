@@ -1,0 +1,240 @@
+"""The command line as users and scripts run it: a real subprocess, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import KEY, Studio, make_image
+from watchfolder.sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def watchfolder(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "watchfolder", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          cwd=cwd, check=False)
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "watchfolder", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def events(stderr: str, name: str) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == name]
+
+
+# -- --once exit codes ------------------------------------------------------------------------
+
+
+def test_once_exits_0_when_all_succeed(studio: Studio, sandbox: Sandbox) -> None:
+    for n in range(3):
+        make_image(studio.inbox / f"f{n}.png", seed=n)
+    done = watchfolder("run", "--config", str(studio.write_config()), "--once")
+    assert done.returncode == 0, done.stderr
+    assert len(studio.files(studio.archive)) == 3
+    assert len(events(done.stderr, "file.done")) == 3
+    assert len(events(done.stderr, "ready")) == 1
+    assert all(line.startswith("{") for line in done.stderr.splitlines()), "JSON lines only"
+
+
+def test_once_exits_1_when_some_failed(studio: Studio, sandbox: Sandbox) -> None:
+    make_image(studio.inbox / "good.png")
+    (studio.inbox / "bad.png").write_text("not an image")
+    done = watchfolder("run", "--config", str(studio.write_config()), "--once")
+    assert done.returncode == 1, done.stderr
+    assert studio.files(studio.errors) == ["bad.png", "bad.png.error.json"]
+    assert studio.files(studio.archive) == ["good.png"]
+
+
+def test_once_exits_3_on_an_account_problem_keeping_files(studio: Studio,
+                                                          sandbox: Sandbox) -> None:
+    sandbox.keys = ["the-only-valid-key"]
+    for n in range(3):
+        make_image(studio.inbox / f"f{n}.png", seed=n)
+    done = watchfolder("run", "--config", str(studio.write_config()), "--once")
+    assert done.returncode == 3, done.stderr
+    assert len(studio.files(studio.inbox)) == 3
+    assert studio.files(studio.errors) == []
+    assert KEY not in done.stderr + done.stdout
+    assert len(events(done.stderr, "account.paused")) == 1
+
+
+def test_once_with_an_empty_inbox_exits_at_once(studio: Studio) -> None:
+    done = watchfolder("run", "--config", str(studio.write_config()), "--once", timeout=20)
+    assert done.returncode == 0, done.stderr
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+
+def test_sigterm_lets_requests_in_flight_finish(studio: Studio, sandbox: Sandbox) -> None:
+    sandbox.latency = 1.0
+    for n in range(3):
+        make_image(studio.inbox / f"f{n}.png", seed=n)
+    proc = start("run", "--config", str(studio.write_config()))
+    head = wait_ready(proc)
+    time.sleep(0.5)  # settle is 0.1 s and each answer takes 1 s: requests are in flight now
+    assert sandbox.requests == []
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=15)
+    stderr = head + stderr
+    assert proc.returncode == 0, stderr
+    done = len(studio.files(studio.archive))
+    waiting = len(studio.files(studio.inbox))
+    assert done >= 1, "the request in flight finished"
+    assert done + waiting == 3, "nothing lost"
+    assert done == len(studio.files(studio.outbox))
+
+
+def wait_ready(proc: subprocess.Popen[str]) -> str:
+    """Read the daemon's log until its `ready` line; return what was read."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if '"event": "ready"' in line:
+            return "".join(seen)
+    pytest.fail("the daemon exited before it was ready:\n" + "".join(seen))
+
+
+def test_sigterm_abandons_a_hung_request_within_the_bound(tmp_path: Path,
+                                                          sandbox: Sandbox) -> None:
+    studio = Studio(tmp_path, sandbox.url, shutdown_timeout_seconds=1,
+                    api={"timeout_seconds": 60})
+    sandbox.hang_seconds = 30
+    sandbox.add_faults("hang")
+    make_image(studio.inbox / "stuck.png")
+    proc = start("run", "--config", str(studio.write_config()))
+    head = wait_ready(proc)
+    time.sleep(0.5)  # the one request is hanging now
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=15)
+    stderr = head + stderr
+    assert proc.returncode == 0, stderr
+    assert time.monotonic() - began < 5
+    assert studio.files(studio.inbox) == ["stuck.png"], "the file waits for the next start"
+    assert events(stderr, "stop.abandoned")
+    again = watchfolder("run", "--config", str(studio.write_config()), "--once")
+    assert again.returncode == 0, again.stderr
+    assert studio.files(studio.archive) == ["stuck.png"]
+
+
+# -- check-config and usage ------------------------------------------------------------------
+
+
+def test_check_config_prints_the_effective_config_without_the_key(studio: Studio) -> None:
+    done = watchfolder("check-config", "--config", str(studio.write_config()))
+    assert done.returncode == 0, done.stderr
+    assert KEY not in done.stdout + done.stderr
+    shown = yaml.safe_load(done.stdout)
+    assert shown["api"]["key"].startswith("<set")
+    assert shown["inboxes"][0]["path"] == str(studio.inbox)
+    assert shown["retry"]["max_attempts"] == 3
+
+
+def test_check_config_reports_every_problem_with_its_path(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    config = {
+        "api": {"key": "${WATCHFOLDER_TEST_UNSET_VAR}", "concurrency": 0, "timout": 3},
+        "inboxes": [
+            {"path": "in", "outbox": "out", "errors": "err", "output_format": "gif"},
+            {"path": "missing", "outbox": "nowhere/deeper/out", "errors": "err2"},
+        ],
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = watchfolder("check-config", "--config", str(path))
+    assert done.returncode == 2
+    err = done.stderr
+    assert "api.key: environment variable WATCHFOLDER_TEST_UNSET_VAR is not set" in err
+    assert "api.concurrency: must be at least 1" in err
+    assert "api.timout: unknown key (did you mean 'timeout_seconds'?)" in err
+    assert "inboxes[0].output_format: must be one of png, webp, jpeg" in err
+    assert "inboxes[1].path: folder" in err and "does not exist" in err
+    assert "inboxes[1].outbox: parent folder" in err
+    assert "6 configuration problems" in err
+
+
+def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("inboxes: []\n")
+    done = watchfolder("run", "--config", str(path))
+    assert done.returncode == 2
+    assert "inboxes: must be a non-empty list" in done.stderr
+
+
+def test_missing_config_file_names_the_fix(tmp_path: Path) -> None:
+    done = watchfolder("run", "--config", str(tmp_path / "nope.yaml"))
+    assert done.returncode == 2
+    assert "file not found" in done.stderr and "daemon.yaml.example" in done.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    assert watchfolder("run").returncode == 2  # --config is required
+    assert watchfolder().returncode == 2
+    assert watchfolder("frobnicate").returncode == 2
+
+
+def test_help_lists_the_commands() -> None:
+    shown = watchfolder("--help").stdout
+    for word in ("run", "check-config", "sandbox", "exit codes"):
+        assert word in shown
+
+
+def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "daemon.yaml.example", tmp_path / "daemon.yaml")
+    (tmp_path / "studio" / "inbox").mkdir(parents=True)
+    done = watchfolder("check-config", "--config", str(tmp_path / "daemon.yaml"),
+                       env={"CLIPDROP_API_KEY": "example-key"})
+    assert done.returncode == 0, done.stderr
+    assert "example-key" not in done.stdout
+
+
+def test_key_file_and_systemd_credential(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "key").write_text("from-a-file\n")
+    base = {"inboxes": [{"path": "in", "outbox": "out", "errors": "err"}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**base, "api": {"key_file": "key"}}))
+    done = watchfolder("check-config", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "key_file" in done.stdout and "from-a-file" not in done.stdout
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "clipdrop-api-key").write_text("from-systemd")
+    path.write_text(yaml.safe_dump(base))
+    done = watchfolder("check-config", "--config", str(path),
+                       env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert done.returncode == 0, done.stderr
+    assert "systemd credential" in done.stdout and "from-systemd" not in done.stdout
+    done = watchfolder("check-config", "--config", str(path), env={"CREDENTIALS_DIRECTORY": ""})
+    assert done.returncode == 2
+    assert "api.key: no API key" in done.stderr
+
+
+def test_inline_key_readable_by_others_is_warned(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"api": {"key": "inline-secret"}, "inboxes": [
+        {"path": "in", "outbox": "out", "errors": "err"}]}))
+    path.chmod(0o644)
+    done = watchfolder("check-config", "--config", str(path))
+    assert "other users can read it" in done.stderr
+    assert "inline-secret" not in done.stderr + done.stdout
+    path.chmod(0o600)
+    assert "other users" not in watchfolder("check-config", "--config", str(path)).stderr
