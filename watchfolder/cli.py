@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     from watchfolder import sandbox
 
     sandbox_parser = commands.add_parser(
-        "sandbox", help="run a local stand-in for the Clipdrop API (no key, no credits)",
+        "sandbox", help="run a local stand-in for the Clipdrop API, for trying and testing",
         description=(sandbox.__doc__ or "").strip().split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sandbox.add_arguments(sandbox_parser)

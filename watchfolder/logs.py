@@ -60,4 +60,5 @@ def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # a library's warning becomes a log line, JSON like the rest
     root.setLevel(max(numeric, logging.WARNING) if numeric < logging.WARNING else numeric)
