@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sandbox.add_arguments(sandbox_parser)
     sandbox_parser.set_defaults(handler=sandbox.run)
+
+    from watchfolder import demo
+
+    demo_parser = commands.add_parser(
+        "demo", help="see it work end to end: sandbox, sample images, no key needed",
+        description="Create a demo folder, start the built-in sandbox API and the daemon, drop "
+                    "sample studio shots (and one broken file) into the inbox and show where "
+                    "each one goes. Keeps watching until Ctrl-C; --once exits after the samples.")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(handler=demo.run)
     return parser
 
 
