@@ -33,7 +33,7 @@ def _too_many_pixels(path: Path) -> None:
 
 def _too_large(path: Path) -> None:
     with path.open("wb") as handle:
-        handle.truncate(30 * 1024 * 1024 + 1)
+        handle.truncate(30_000_001)  # 30 MB + 1 byte, read strictly
 
 
 @pytest.mark.parametrize(("name", "write", "reason"), [
