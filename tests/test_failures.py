@@ -247,3 +247,16 @@ def test_jpeg_result_has_no_alpha_but_right_size(tmp_path: Path, sandbox: Sandbo
         wait_for(lambda: studio.files(studio.outbox) == ["a.jpg"])
     with Image.open(io.BytesIO((studio.outbox / "a.jpg").read_bytes())) as image:
         assert image.format == "JPEG" and image.size == (160, 120)
+
+
+def test_wrong_endpoint_pauses_instead_of_failing_every_file(studio: Studio,
+                                                             sandbox: Sandbox) -> None:
+    sandbox.add_faults(404, 404)
+    for n in range(3):
+        make_image(studio.inbox / f"f{n}.png", seed=n)
+    with Running(studio.config()) as daemon:
+        wait_for(lambda: daemon.pipeline and daemon.pipeline.queue.paused, what="paused")
+        assert daemon.pipeline is not None and daemon.pipeline.queue.paused is not None
+        assert daemon.pipeline.queue.paused.reason == "endpoint_missing"
+        wait_for(lambda: len(studio.files(studio.archive)) == 3, what="resumed")
+    assert studio.files(studio.errors) == []

@@ -1,0 +1,160 @@
+"""The pure parts, driven by an injected clock: no sleeping, no threads."""
+
+from __future__ import annotations
+
+import email.utils
+import threading
+from pathlib import Path
+
+import pytest
+
+from watchfolder.client import error_for, parse_retry_after
+from watchfolder.config import Secret
+from watchfolder.errors import (
+    CreditsExhausted,
+    EndpointMissing,
+    FileRejected,
+    KeyMissing,
+    KeyRefused,
+    RateLimited,
+    ServerError,
+)
+from watchfolder.outbox import candidates
+from watchfolder.ratelimit import RateLimiter
+from watchfolder.settle import SettleTracker, is_ignored
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_limiter_never_exceeds_the_limit_in_any_window() -> None:
+    clock = Clock()
+    limiter = RateLimiter(5, window=60.0, margin=0.5, clock=clock)
+    sent = []
+    for _ in range(400):  # drive a backlog: take slots as soon as they are offered
+        wait = limiter.try_acquire()
+        if wait == 0.0:
+            sent.append(clock.now)
+        else:
+            clock.now += wait
+    assert len(sent) >= 30
+    for i, t in enumerate(sent):
+        assert sum(1 for u in sent[i:] if u < t + 60.0) <= 5
+    # ...and it is not slower than it must be: 5 per 60.5 s in the steady state
+    assert sent[-1] - sent[0] <= (len(sent) / 5) * 60.5
+
+
+def test_limiter_counts_sends_from_before_a_restart() -> None:
+    clock = Clock()
+    limiter = RateLimiter(3, clock=clock)
+    limiter.preload([10.0, 20.0, 30.0])  # three sends 10-30 s ago
+    wait = limiter.try_acquire()
+    assert wait == pytest.approx(60.5 - 30.0)
+
+
+def test_limiter_429_holds_everyone_and_backs_off_without_retry_after() -> None:
+    clock = Clock()
+    limiter = RateLimiter(100, backoff=2.0, max_backoff=10.0, clock=clock)
+    assert limiter.rate_limited(7.0) == 7.0
+    assert limiter.try_acquire() == pytest.approx(7.0)
+    assert [limiter.rate_limited(None) for _ in range(5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+    limiter.succeeded()
+    assert limiter.rate_limited(None) == 2.0
+
+
+def test_limiter_acquire_returns_false_when_stopped() -> None:
+    limiter = RateLimiter(1)
+    stop = threading.Event()
+    assert limiter.acquire(stop) is True
+    stop.set()
+    assert limiter.acquire(stop) is False
+
+
+def test_settle_needs_two_equal_looks_settle_seconds_apart() -> None:
+    clock = Clock()
+    tracker = SettleTracker(clock)
+    sizes = {"a": (10, 1)}
+    tracker.watch("a", sizes["a"], 2.0)
+    clock.now += 1.0
+    assert tracker.check_due(sizes.get) == ([], [])
+    clock.now += 1.0
+    sizes["a"] = (20, 2)  # still growing at the first look
+    assert tracker.check_due(sizes.get) == ([], [])
+    assert tracker.next_due() == pytest.approx(clock.now + 2.0)
+    clock.now += 2.0
+    assert tracker.check_due(sizes.get) == (["a"], [])
+    assert len(tracker) == 0
+
+
+def test_settle_drops_files_that_vanish() -> None:
+    clock = Clock()
+    tracker = SettleTracker(clock)
+    tracker.watch("gone", (1, 1), 0.5)
+    clock.now += 1
+    assert tracker.check_due(lambda key: None) == ([], ["gone"])
+    assert tracker.next_due() is None
+
+
+def test_settle_forget_then_watch_again_uses_the_new_deadline() -> None:
+    clock = Clock()
+    tracker = SettleTracker(clock)
+    tracker.watch("a", (1, 1), 5.0)
+    tracker.forget("a")
+    clock.now += 1
+    tracker.watch("a", (1, 1), 5.0)
+    clock.now += 4.5  # the old deadline passed, the new one not
+    assert tracker.check_due(lambda key: (1, 1)) == ([], [])
+    clock.now += 0.5
+    assert tracker.check_due(lambda key: (1, 1)) == (["a"], [])
+
+
+@pytest.mark.parametrize(("name", "ignored"), [
+    ("photo.jpg", False), ("PHOTO.JPG", False), ("my shot.png", False),
+    (".DS_Store", True), (".hidden.png", True), ("x.jpg.part", True), ("x.JPG.PART", True),
+    ("x.crdownload", True), ("x.tmp", True), ("~$draft.png", True), ("backup.png~", True),
+    ("Thumbs.db", True), ("x.partial", True),
+])
+def test_ignored_names(name: str, ignored: bool) -> None:
+    assert is_ignored(name) is ignored
+
+
+def test_candidates_follow_the_collision_rule(tmp_path: Path) -> None:
+    (tmp_path / "x.png").write_text("")
+    (tmp_path / "x-1.png").write_text("")
+    (tmp_path / "x-2.png.error.json").write_text("")
+    names = candidates(tmp_path / "x.png", also_free=("", ".error.json"))
+    assert next(names).name == "x-3.png"
+
+
+def test_retry_after_forms() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("5", now=now) == 5.0
+    assert parse_retry_after(" 2.5 ", now=now) == 2.5
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert parse_retry_after(date, now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (400, FileRejected), (401, KeyMissing), (402, CreditsExhausted), (403, KeyRefused),
+    (404, EndpointMissing), (406, FileRejected), (413, FileRejected), (429, RateLimited),
+    (500, ServerError), (503, ServerError), (408, ServerError),
+])
+def test_every_status_maps_to_its_policy(status: int, kind: type) -> None:
+    error = error_for(status, "message", "3")
+    assert type(error) is kind
+    assert error.status == status
+
+
+def test_secret_never_prints_itself() -> None:
+    secret = Secret("sk-very-secret")
+    assert "very" not in repr(secret) and "very" not in str(secret)
+    assert "very" not in f"{secret} {[secret]} {({'k': secret})}"
+    assert secret.reveal() == "sk-very-secret"
