@@ -322,7 +322,7 @@ class Pipeline:
             owner = self._identities.setdefault(identity, job.key)
         if owner != job.key:
             # The same content is on its way already: wait for that result and reuse it.
-            self._park(job, 0.5)
+            self._park(job, 2.0)
         job.identity = identity
         self._request(job, data, info.mime, info.width, info.height)
 
@@ -414,7 +414,8 @@ class Pipeline:
                 log.warning("api.format_refused", output_format=inbox.output_format,
                             inbox=str(inbox.path),
                             hint="the API refused this output_format; set another one")
-            self._to_failing(record, exc.reason, exc.message, exc.status, attempts=1)
+            self._to_failing(record, exc.reason, exc.message, exc.status,
+                             attempts=record.attempts + 1)
             return
         except Retryable as exc:
             self._retry_later(job, exc)
