@@ -260,3 +260,17 @@ def test_wrong_endpoint_pauses_instead_of_failing_every_file(studio: Studio,
         assert daemon.pipeline.queue.paused.reason == "endpoint_missing"
         wait_for(lambda: len(studio.files(studio.archive)) == 3, what="resumed")
     assert studio.files(studio.errors) == []
+
+
+def test_inbox_deleted_while_running_is_watched_again(tmp_path: Path, sandbox: Sandbox,
+                                                      log_lines: LogCapture) -> None:
+    studio = Studio(tmp_path, sandbox.url, rescan_seconds=0.2)
+    with Running(studio.config()) as daemon:
+        shutil.rmtree(studio.inbox)
+        wait_for(lambda: log_lines.events("inbox.missing"), what="the loss reported")
+        studio.inbox.mkdir()
+        wait_for(lambda: log_lines.events("inbox.back"), what="the return noticed")
+        wait_for(lambda: daemon.watcher is not None and daemon.watcher.alive(),
+                 what="a live watch again")
+        make_image(studio.inbox / "after.png")
+        wait_for(lambda: studio.files(studio.archive) == ["after.png"], what="processing")
