@@ -61,3 +61,4 @@ def test_crash_at_each_step_then_restart(tmp_path: Path, sandbox: Sandbox, point
     assert hidden == [], "no temp file left behind"
     # concurrency 1: at most the one request in flight at the crash is paid twice
     assert GOOD <= sandbox.count(200) <= GOOD + 1
+    assert os.listdir(studio.root / "state" / "spool") == [], "no result left in the spool"

@@ -17,10 +17,13 @@ from types import FrameType
 import structlog
 import yaml
 
-from watchfolder import __version__, logs
+from watchfolder import __version__, logs, status
 from watchfolder.config import Config, inline_key_readable_by_others, load_config
 from watchfolder.daemon import EXIT_USAGE, Daemon
 from watchfolder.errors import ConfigError
+from watchfolder.notify import Notifier, supervise
+from watchfolder.requeue import requeue
+from watchfolder.status import load_config_without_key
 
 log = structlog.get_logger("watchfolder")
 
@@ -35,6 +38,8 @@ examples:
   watchfolder check-config --config daemon.yaml    validate and show the configuration
   watchfolder run --config daemon.yaml             run until SIGTERM / Ctrl-C
   watchfolder run --config daemon.yaml --once      process what is there now, then exit
+  watchfolder status --config daemon.yaml          waiting, in flight, done, failed, paused
+  watchfolder requeue --config daemon.yaml         put failed files back in their inbox
   watchfolder sandbox --port 8765                  a local stand-in for the API
 
 exit codes: 0 ok, 1 some files failed (--once), 2 usage/config error,
@@ -51,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="watch the inboxes and process files",
         description="Watch the configured inboxes and process every complete file. Runs until "
-                    "SIGTERM or SIGINT (a second signal forces the exit).")
+                    "SIGTERM or SIGINT (a second signal forces the exit); SIGHUP re-reads the "
+                    "configuration. Speaks systemd's sd_notify when $NOTIFY_SOCKET is set.")
     _config_argument(run)
     run.add_argument("--once", action="store_true",
                      help="process the files in the inboxes now, wait for them, then exit "
@@ -67,6 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "every problem when it is invalid.")
     _config_argument(check)
     check.set_defaults(handler=cmd_check_config)
+
+    status_parser = commands.add_parser(
+        "status", help="show what is waiting, in flight, done today, failed, paused",
+        description="Show what the daemon is doing (or left when it stopped): files waiting, "
+                    "in flight and new in the inboxes, done and failed today with the last "
+                    "reasons, the pause and its reason, the credits last seen. Reads the journal "
+                    "read-only; works whether the daemon runs or not, and needs no API key.")
+    _config_argument(status_parser)
+    status_parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    status_parser.set_defaults(handler=cmd_status)
+
+    requeue_parser = commands.add_parser(
+        "requeue", help="put files from errors back into their inbox",
+        description="Move failed files from the errors folders back into their inbox at their "
+                    "original relative path and remove their reason file, once the cause is "
+                    "fixed. Never overwrites a file already in the inbox (it is skipped and "
+                    "reported). Exits 1 if some file was skipped.")
+    _config_argument(requeue_parser)
+    requeue_parser.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                                help="files in errors, or their .error.json (default: everything "
+                                     "in every errors folder)")
+    requeue_parser.add_argument("--dry-run", action="store_true",
+                                help="say what would be moved, move nothing")
+    requeue_parser.set_defaults(handler=cmd_requeue)
 
     from watchfolder import sandbox
 
@@ -148,16 +178,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in _key_warnings(config):
         log.warning("config.key_readable", message=warning)
     daemon = Daemon(config, once=args.once)
+    notifier = Notifier.from_environment()
     signals = _SignalState(daemon)
     signals.install()
+    notifier.status("starting: checking folders, opening the journal, scanning the inboxes")
     try:
         daemon.start()
     except ConfigError as exc:
+        notifier.status(f"not started: {exc.problems[0]}")
         _print_problems(args.config, exc.problems)
         return EXIT_USAGE
-    daemon.finished.wait()
-    daemon.stop()
+    try:
+        supervise(daemon, notifier, None if args.once else lambda: _reload(args, daemon))
+    finally:
+        daemon.stop()  # also after a bug in a reload: requests in flight may still finish
     return daemon.exit_code()
+
+
+def _reload(args: argparse.Namespace, daemon: Daemon) -> bool:
+    """Re-read the configuration; an invalid one is refused and the running one stays."""
+    log.info("reload.requested", config=str(args.config))
+    try:
+        config = load_config(args.config)
+        daemon.reload(config)
+    except ConfigError as exc:
+        problems = exc.problems
+    else:
+        problems = []
+    if problems:
+        log.error("reload.rejected", config=str(args.config), problems=problems,
+                  hint="the previous configuration keeps running; fix the file and reload again")
+        return False
+    logs.configure(args.log_format or config.log.format, config.log.level)
+    for warning in _key_warnings(config):
+        log.warning("config.key_readable", message=warning)
+    return True
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        config = load_config_without_key(args.config)
+        report = status.collect(config)
+    except ConfigError as exc:
+        _print_problems(args.config, exc.problems)
+        return EXIT_USAGE
+    print(status.to_json(report) if args.json else status.render(report))
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    try:
+        config = load_config_without_key(args.config)
+    except ConfigError as exc:
+        _print_problems(args.config, exc.problems)
+        return EXIT_USAGE
+    outcomes = requeue(config, args.paths, dry_run=args.dry_run)
+    for outcome in outcomes:
+        mark = "requeued" if outcome.requeued else "skipped "
+        arrow = f" -> {outcome.target}" if outcome.target else ""
+        print(f"{mark} {outcome.source}{arrow}: {outcome.message}")
+    done = sum(1 for outcome in outcomes if outcome.requeued)
+    skipped = len(outcomes) - done
+    print(f"{done} requeued, {skipped} skipped" + (" (dry run)" if args.dry_run else ""))
+    return 1 if skipped else 0
 
 
 class _SignalState:
@@ -170,6 +253,10 @@ class _SignalState:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
+        self.daemon.request_reload()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1

@@ -52,6 +52,8 @@ class Intake:
                     self.kept[(index, rel)] = signature
         self.messages: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._missing: set[int] = set()
+        # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
+        self.inactive: set[int] = set()
         self._thread: threading.Thread | None = None
         self.watcher: Watcher | None = None
 
@@ -77,7 +79,8 @@ class Intake:
         """Scan every inbox now, in the caller's thread (before `start`); return files found."""
         before = len(self.known)
         for index in range(len(self.config.inboxes)):
-            self._scan_inbox(index)
+            if index not in self.inactive:
+                self._scan_inbox(index)
         self._update_idle()
         return len(self.known) - before
 
@@ -141,6 +144,8 @@ class Intake:
 
     def _rescan(self) -> None:
         for index, inbox in enumerate(self.config.inboxes):
+            if index in self.inactive:
+                continue
             if not inbox.path.is_dir():
                 if index not in self._missing:
                     self._missing.add(index)
@@ -160,6 +165,8 @@ class Intake:
             self._consider(index, path)
 
     def _consider(self, index: int, path: Path) -> None:
+        if index in self.inactive:
+            return
         inbox = self.config.inboxes[index]
         try:
             parts = path.relative_to(inbox.path).parts

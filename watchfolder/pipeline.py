@@ -4,6 +4,11 @@ A `Job` is one file in one inbox. Workers take jobs from the `JobQueue` and adva
 journal state at a time (see journal.py); each step is recorded before its effect, so any step
 can be repeated after a crash without a second result or a lost original.
 
+`api.concurrency` counts requests, not workers: a request holds one of the `RequestSlots`
+from before the limiter is asked until its answer is journaled, while a few spare workers do
+the local steps of other files (reading, journal commits, outbox and archive writes), so
+local work never leaves a slot idle at the rate limit.
+
 Policies, per the API contract:
 - a transient failure (5xx, reset, timeout, broken 200) parks the job in the queue's timer
   heap with exponential backoff and full jitter, so it holds no worker and no request slot;
@@ -27,16 +32,16 @@ import random
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from watchfolder import __version__, failpoints
-from watchfolder.client import ApiClient
+from watchfolder.client import ApiClient, ApiResult
 from watchfolder.config import Config, InboxConfig
 from watchfolder.errors import (
     AccountError,
@@ -71,6 +76,9 @@ from watchfolder.outbox import (
 )
 from watchfolder.ratelimit import RateLimiter
 from watchfolder.settle import Signature
+
+if TYPE_CHECKING:
+    from watchfolder.metrics import Metrics
 
 log = structlog.get_logger("watchfolder")
 
@@ -171,6 +179,45 @@ class JobQueue:
             return None
 
 
+class RequestSlots:
+    """One slot per request that may be in flight (or answered but not yet journaled).
+
+    Held from before the limiter is asked (a slot waited for after the limiter granted would
+    send later than the limiter counted) until the answer is journaled, so at most `size`
+    records are ever `sending`: what a crash can cost stays one credit per slot.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._cond = threading.Condition()
+
+    def acquire(self, stop: threading.Event) -> bool:
+        """Block until a slot is ours (True) or `stop` is set (False)."""
+        with self._cond:
+            while self._free <= 0:
+                if stop.is_set():
+                    return False
+                self._cond.wait()
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Let every waiter look at its stop event again."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+def spare_workers(concurrency: int) -> int:
+    """Workers beyond `concurrency`, for the local steps; each holds at most one file's bytes."""
+    return max(2, concurrency // 4)
+
+
 class _Parked(Exception):
     """The job went back to the queue; the worker moves on."""
 
@@ -188,6 +235,7 @@ class Pipeline:
         self.release = release
         self.on_account_problem = on_account_problem
         self.queue = JobQueue()
+        self.slots = RequestSlots(config.api.concurrency)
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -201,6 +249,7 @@ class Pipeline:
         self.reused = 0
         self.credits: int | None = None
         self._credits_warned = False
+        self.metrics: Metrics | None = None  # set by the daemon when metrics are served
 
     @property
     def inboxes(self) -> tuple[InboxConfig, ...]:
@@ -209,7 +258,8 @@ class Pipeline:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        for n in range(self.config.api.concurrency):
+        concurrency = self.slots.size
+        for n in range(concurrency + spare_workers(concurrency)):
             thread = threading.Thread(target=self._work, name=f"watchfolder-worker-{n}",
                                       daemon=True)
             thread.start()
@@ -219,6 +269,7 @@ class Pipeline:
         """Take no new jobs; requests in flight may finish (see `join`)."""
         self.stopping.set()
         self.queue.close()
+        self.slots.wake()
 
     def join(self, timeout: float) -> bool:
         """Wait up to `timeout` s for workers; False if some are still busy (abandoned)."""
@@ -268,6 +319,10 @@ class Pipeline:
                 self.done += 1
             elif job.record.state == FAILED:
                 self.failed += 1
+        if self.metrics is not None:
+            self.metrics.file_finished(str(self.inboxes[job.index].path), job.record.state,
+                                       reason=job.record.reason,
+                                       reused=bool(job.record.reuse_from))
         kept = None
         if job.record.state == DONE and self.inboxes[job.index].archive is None:
             kept = (job.record.size, job.record.mtime_ns)
@@ -324,7 +379,18 @@ class Pipeline:
             # The same content is on its way already: wait for that result and reuse it.
             self._park(job, 2.0)
         job.identity = identity
-        self._request(job, data, info.mime, info.width, info.height)
+        with self._request_slot(record):
+            self._request(job, data, info.mime, info.width, info.height)
+
+    @contextlib.contextmanager
+    def _request_slot(self, record: FileRecord) -> Iterator[None]:
+        if not self.slots.acquire(self.stopping):
+            self._back_to_queue(record)
+            raise _Parked
+        try:
+            yield
+        finally:
+            self.slots.release()
 
     def _read_source(self, job: Job, src: Path) -> bytes | None:
         """The file's bytes, read without following links; None if the job ended here."""
@@ -392,7 +458,7 @@ class Pipeline:
         self.journal.update(record, state=SENDING, sent=True)
         failpoints.hit("sending")
         try:
-            result = self.client.remove_background(
+            result = self._call_api(
                 data, filename=PurePosixPath(job.rel).name, mime=mime,
                 output_format=inbox.output_format, transparency=inbox.transparency_handling)
             ext = inspect_result(result.content, width, height)
@@ -435,6 +501,21 @@ class Pipeline:
                             credits=result.credits_remaining, attempts=record.attempts + 1)
         failpoints.hit("fetched")
         self._note_credits(result.credits_remaining)
+
+    def _call_api(self, data: bytes, **options: Any) -> ApiResult:
+        """The API call, timed and counted by status for the metrics."""
+        started = time.monotonic()
+        status: int | None = None
+        try:
+            result = self.client.remove_background(data, **options)
+            status = 200
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.api_response(status, time.monotonic() - started)
+        return result
 
     def _retry_later(self, job: Job, exc: ApiError) -> None:
         record = job.record
@@ -507,6 +588,8 @@ class Pipeline:
         if credits is None:
             return
         self.credits = credits
+        # For `watchfolder status`, also after a stop (records finish out of order).
+        self.journal.set_meta("credits", json.dumps({"remaining": credits, "at": time.time()}))
         threshold = self.config.api.low_credits_warning
         if credits < threshold and not self._credits_warned:
             self._credits_warned = True
@@ -539,13 +622,16 @@ class Pipeline:
                 if self._guard(inbox.outbox, copy_into, source, candidate):
                     failpoints.hit("result-placed")
                     break
-        self.journal.update(record, state=STORED)
+        spool = record.spool
+        # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
+        # the next start removes, never a reference that keeps it forever.
+        self.journal.update(record, state=STORED, spool=None)
         failpoints.hit("stored")
         assert record.result is not None and record.result_sha is not None and record.sha256
         self.journal.remember_result(f"{record.sha256}|{record.settings}", record.result,
                                      record.result_sha)
-        if record.spool:
-            Path(record.spool).unlink(missing_ok=True)
+        if spool:
+            Path(spool).unlink(missing_ok=True)
 
     # -- step: stored → done ------------------------------------------------------------------
 
@@ -611,6 +697,8 @@ class Pipeline:
                             reason=record.reason, message=record.message)
                 return
             self._write_reason(record, src, chosen)  # moved before a crash; the reason too
+        elif chosen is not None and os.path.lexists(chosen) and same_file(src, chosen):
+            src.unlink()  # linked before a crash, its reason written before that: finish it
         else:
             target = inbox.errors / job.rel
             self._prepare(inbox.errors, target.parent, "errors")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from watchdog.events import (
@@ -87,8 +87,9 @@ class Watcher:
     """Watchdog observers for every inbox: native inotify, or polling for network shares."""
 
     def __init__(self, inboxes: tuple[InboxConfig, ...], deliver: Callable[[int, Path], None],
-                 on_overflow: Callable[[], None]) -> None:
+                 on_overflow: Callable[[], None], *, inactive: Collection[int] = ()) -> None:
         self.inboxes = inboxes
+        self.inactive = frozenset(inactive)  # slots of inboxes a reload removed: not watched
         self.deliver = deliver
         self._observers: list[BaseObserver] = []
         self._watched: dict[int, BaseObserver] = {}
@@ -97,7 +98,8 @@ class Watcher:
     def start(self) -> None:
         logging.getLogger("watchdog.observers").addHandler(self._spy)
         for index in range(len(self.inboxes)):
-            self.watch(index)
+            if index not in self.inactive:
+                self.watch(index)
 
     def watch(self, index: int) -> bool:
         """(Re)schedule one inbox; False when its folder is missing right now."""
@@ -126,7 +128,8 @@ class Watcher:
             all(emitter.is_alive() for emitter in observer.emitters)
 
     def alive(self) -> bool:
-        return all(self.healthy(index) for index in range(len(self.inboxes)))
+        return all(self.healthy(index) for index in range(len(self.inboxes))
+                   if index not in self.inactive)
 
     def _stop(self, observers: list[BaseObserver]) -> None:
         for observer in observers:
