@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -157,3 +160,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = ""
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.02)
+
+
+def run_watchfolder(*args: str, env: dict[str, str] | None = None, without: tuple[str, ...] = (),
+                    timeout: float = 60, cwd: Path | None = None
+                    ) -> subprocess.CompletedProcess[str]:
+    """`python -m watchfolder ARGS` as a user runs it; `without` drops environment variables."""
+    environment = {k: v for k, v in os.environ.items() if k not in without}
+    return subprocess.run([sys.executable, "-m", "watchfolder", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**environment, **(env or {})},
+                          cwd=cwd, check=False)

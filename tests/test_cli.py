@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,17 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import KEY, Studio, make_image
+from tests.conftest import KEY, Studio, make_image, run_watchfolder
 from watchfolder.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def watchfolder(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
-                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "watchfolder", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})},
-                          cwd=cwd, check=False)
+watchfolder = run_watchfolder
 
 
 def start(*args: str) -> subprocess.Popen[str]:

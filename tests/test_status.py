@@ -4,13 +4,11 @@ folders, a daemon running or stopped, the journal read without being changed."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import KEY, Running, Studio, make_image, wait_for
+from tests.conftest import KEY, Running, Studio, make_image, run_watchfolder, wait_for
 from tests.test_service import DaemonProcess
 from watchfolder.requeue import requeue
 from watchfolder.sandbox import Sandbox
@@ -18,10 +16,8 @@ from watchfolder.sandbox import Sandbox
 
 def watchfolder(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     # No key anywhere in the environment: status and requeue must not need it.
-    env = {k: v for k, v in os.environ.items() if k not in ("CLIPDROP_API_KEY",
-                                                              "CREDENTIALS_DIRECTORY")}
-    return subprocess.run([sys.executable, "-m", "watchfolder", *args], capture_output=True,
-                          text=True, timeout=30, env=env, cwd=cwd, check=False)
+    return run_watchfolder(*args, cwd=cwd, timeout=30,
+                           without=("CLIPDROP_API_KEY", "CREDENTIALS_DIRECTORY"))
 
 
 def status_json(config: Path) -> dict[str, Any]:
