@@ -274,3 +274,17 @@ def test_inbox_deleted_while_running_is_watched_again(tmp_path: Path, sandbox: S
                  what="a live watch again")
         make_image(studio.inbox / "after.png")
         wait_for(lambda: studio.files(studio.archive) == ["after.png"], what="processing")
+
+
+def test_low_credits_are_warned_once(tmp_path: Path, sandbox: Sandbox,
+                                     log_lines: LogCapture) -> None:
+    studio = Studio(tmp_path, sandbox.url, api={"low_credits_warning": 8, "concurrency": 1})
+    sandbox.set_credits(KEY, 10)
+    for n in range(5):
+        make_image(studio.inbox / f"f{n}.png", seed=n)
+    with Running(studio.config()):
+        wait_for(lambda: len(studio.files(studio.archive)) == 5, what="five done")
+    warnings = log_lines.events("credits.low")
+    assert len(warnings) == 1
+    assert warnings[0]["credits_remaining"] == 7
+    assert sorted(e["credits_remaining"] for e in log_lines.events("file.done")) == [5, 6, 7, 8, 9]
