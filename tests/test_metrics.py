@@ -102,9 +102,14 @@ def test_reload_turns_metrics_on_and_off(studio: Studio, sandbox: Sandbox) -> No
         daemon.reload(studio.config())
         make_image(studio.inbox / "after.png", seed=1)
         wait_for(lambda: len(studio.files(studio.archive)) == 2, what="after.png")
-        _, samples = scrape(daemon)
-        assert value(samples, "watchfolder_files_total", inbox=str(studio.inbox),
-                     outcome="done") == 1, "counted from the moment metrics were turned on"
+
+        def done_count() -> float | None:
+            return value(scrape(daemon)[1], "watchfolder_files_total",
+                         inbox=str(studio.inbox), outcome="done")
+
+        # The move to the archive comes just before the file is counted: wait for the count.
+        wait_for(lambda: done_count() is not None, what="after.png counted")
+        assert done_count() == 1, "counted from the moment metrics were turned on"
         address = daemon.metrics.address if daemon.metrics else None
         studio.data.pop("metrics")
         daemon.reload(studio.config())
