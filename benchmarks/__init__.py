@@ -1,0 +1,1 @@
+"""watchfolder's benchmark harness: `python -m benchmarks.run` (see run.py)."""

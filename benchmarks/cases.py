@@ -1,0 +1,389 @@
+"""The benchmark cases. Each runs in a process of its own and prints one JSON result line:
+
+    python -m benchmarks.cases CASE '{"param": value, ...}'
+
+run.py starts them (several at once where they do not disturb each other) and builds the
+table. Every case makes its folders under a fresh temporary folder on the disk and removes
+them afterwards; the sandbox runs in the case's process, the daemon in a child process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    KEY,
+    REPO,
+    DaemonProcess,
+    Profiler,
+    count_between,
+    count_files,
+    cpu_seconds,
+    max_in_window,
+    names,
+    percentile,
+    status_kb,
+    studio_config,
+    task_totals,
+    write_images,
+)
+from benchmarks.naive import naive_loop
+from watchfolder.sandbox import Sandbox
+
+Result = dict[str, Any]
+INOTIFY_QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+@contextlib.contextmanager
+def workspace(name: str) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix=f"watchfolder-bench-{name}-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _profile_path(params: dict[str, Any], name: str) -> Path | None:
+    folder = params.get("profile")
+    return Path(folder) / f"{name}.txt" if folder else None
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, every: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def _land(staging: Path, inbox: Path, name: str) -> float:
+    """Drop one complete file the way a well-behaved sender does: rename it into the inbox."""
+    os.rename(staging / name, inbox / name)
+    return time.monotonic()
+
+
+# -- throughput --------------------------------------------------------------------------------
+
+def throughput(params: dict[str, Any]) -> Result:
+    """A backlog drained at the limit, and the naive loop beside it against its own sandbox.
+
+    Rate = k x limit / (t[(k+1) x limit] - t[limit]), t[i] the sandbox's receipt time of the
+    i-th accepted request (from 0): the time k whole windows of `limit` requests take, counted
+    from the first request the limit held back. Whole windows make the figure independent of
+    how bursty the sending is (a sliding window lets each window's requests go as fast as the
+    workers can send them), and the first window, a burst by design, is left out.
+    """
+    rpm, latency, conc = params["rpm"], params["latency"], params["concurrency"]
+    windows = params["windows"]
+    name = f"throughput-{rpm}rpm-{latency:g}s-c{conc}"
+    need = (windows + 1) * rpm + 1
+    with workspace(name) as root, \
+            Sandbox(rpm=rpm, latency=latency) as api, Sandbox(rpm=rpm, latency=latency) as api2:
+        config = studio_config(root, api.url, rpm=rpm, concurrency=conc)
+        write_images(root / "inbox0", names("w", need + rpm))
+        daemon = DaemonProcess(root, config)
+        stop = threading.Event()
+        naive = None
+        if params.get("naive", True):
+            write_images(root / "naive-in", names("n", need), start=10_000_000)
+            naive = threading.Thread(target=naive_loop, args=(
+                api2.url, KEY, root / "naive-in", root / "naive-out", rpm, stop))
+        daemon.start()
+        if naive is not None:
+            naive.start()
+        profiler = Profiler(daemon.pid, _profile_path(params, name), wall=True)
+        _wait(lambda: bool(api.requests), 120, 0.01)
+        t1 = api.requests[0].time
+        # 15% slack for a daemon slower than its limit; then the figure uses what came.
+        deadline = t1 + (windows + 1) * 60.5 * 1.15 + 30
+        _wait(lambda: sum(1 for r in api.requests if r.status == 200) >= need,
+              deadline - time.monotonic(), 0.2)
+        cpu = cpu_seconds(daemon.pid)
+        profiler.stop()
+        stop.set()
+        daemon.stop()
+        if naive is not None:
+            naive.join()
+        ours = list(api.requests)
+        theirs = list(api2.requests)
+    ok = sorted(r.time for r in ours if r.status == 200)
+    last = min(len(ok), need) - 1
+    rate = (last - rpm) / (ok[last] - ok[rpm]) * 60 if last > rpm else 0.0
+    result = {
+        "rpm": rpm, "latency": latency, "concurrency": conc, "windows": windows,
+        "span_s": ok[last] - ok[rpm] if last > rpm else 0.0, "counted": max(0, last - rpm),
+        "rate": rate, "fraction": rate / rpm,
+        "first_minute": count_between([r.time for r in ours], t1, t1 + 60),
+        "max_window": max_in_window([r.time for r in ours]),
+        "status_429": sum(1 for r in ours if r.status == 429),
+        "errors": sum(1 for r in ours if r.status not in (200, 429)),
+        "requests": len(ours), "cpu_ms_per_request": 1000 * cpu / max(1, len(ours)),
+    }
+    if naive is not None:
+        # The loop sends evenly: its rate is the spacing of its requests after the first
+        # minute, over the same stretch of time.
+        times = sorted(r.time for r in theirs if r.status == 200)
+        steady = [t for t in times if t >= times[0] + 60]
+        naive_rate = ((len(steady) - 1) / (steady[-1] - steady[0]) * 60
+                      if len(steady) > 1 else 0.0)
+        result.update(naive_rate=naive_rate, naive_fraction=naive_rate / rpm,
+                      naive_429=sum(1 for r in theirs if r.status == 429),
+                      ratio=rate / naive_rate if naive_rate else float("inf"))
+    return result
+
+
+# -- the limit at start-up, after a pause and across a restart -----------------------------------
+
+def limit_safety(params: dict[str, Any]) -> Result:
+    """Bursts against the window: a backlog at start-up, a batch after an idle pause, then a
+    restart with more waiting (the journal's send times must hold the new process back).
+
+    With concurrency 8 and 0.2 s latency the workers could send 40 requests a second, so only
+    the limiter stands between each burst and a 429.
+    """
+    rpm, latency, conc = params["rpm"], params["latency"], params["concurrency"]
+    batch = params["batch"]
+    with workspace("limit") as root, Sandbox(rpm=rpm, latency=latency) as api:
+        config = studio_config(root, api.url, rpm=rpm, concurrency=conc)
+        inbox, staging = root / "inbox0", root / "staging"
+        write_images(inbox, names("a", batch))
+        write_images(staging, names("b", batch) + names("c", batch), start=1_000_000)
+        daemon = DaemonProcess(root, config)
+        daemon.start()
+        t0 = time.monotonic()
+        _wait(lambda: len(api.requests) >= batch, 60)
+        time.sleep(max(0.0, t0 + params["pause"] - time.monotonic()))  # idle: nothing to do
+        for name in names("b", batch):
+            _land(staging, inbox, name)
+        time.sleep(10)
+        daemon.stop()  # a restart with sends of the last minute in the journal
+        for name in names("c", batch):
+            _land(staging, inbox, name)
+        daemon.start()
+        total = 3 * batch
+        finished = _wait(lambda: count_files(root / "archive0") >= total, params["timeout"], 0.5)
+        daemon.stop()
+        times = [r.time for r in api.requests]
+        statuses = [r.status for r in api.requests]
+    return {"rpm": rpm, "concurrency": conc, "latency": latency, "files": total,
+            "processed": finished, "requests": len(times),
+            "max_window": max_in_window(times), "status_429": statuses.count(429),
+            "seconds": round(max(times) - min(times), 1) if times else 0.0}
+
+
+# -- reaction ------------------------------------------------------------------------------------
+
+def reaction(params: dict[str, Any]) -> Result:
+    """Files renamed into the inbox one at a time; time until the sandbox sees each upload."""
+    count, settle = params["files"], params["settle"]
+    with workspace("reaction") as root, Sandbox(rpm=600, latency=0.2) as api:
+        config = studio_config(root, api.url, rpm=600, concurrency=8)
+        config["inboxes"][0]["settle_seconds"] = settle
+        inbox, staging = root / "inbox0", root / "staging"
+        files = names("r", count)
+        write_images(staging, files)
+        daemon = DaemonProcess(root, config)
+        daemon.start()
+        profiler = Profiler(daemon.pid, _profile_path(params, "reaction"))
+        rng = random.Random(5)
+        landed = {}
+        for name in files:
+            landed[name] = _land(staging, inbox, name)
+            time.sleep(rng.uniform(0.5, 1.5))  # a steady trickle, well inside the limit
+        _wait(lambda: len(api.requests) >= count, 60)
+        profiler.stop()
+        daemon.stop()
+        seen = {r.filename: r.time for r in api.requests}
+    delays = [seen[name] - landed[name] for name in files if name in seen]
+    return {"files": count, "settle": settle, "uploaded": len(delays),
+            "median": statistics.median(delays), "p95": percentile(delays, 0.95),
+            "max": max(delays), "min": min(delays)}
+
+
+# -- idle ------------------------------------------------------------------------------------------
+
+def idle(params: dict[str, Any]) -> Result:
+    """Several inboxes (one on the polling observer), nothing to do: CPU and wake-ups."""
+    seconds, inboxes = params["seconds"], params["inboxes"]
+    with workspace("idle") as root, Sandbox(rpm=60) as api:
+        config = studio_config(root, api.url, rpm=60, concurrency=8, inboxes=inboxes,
+                               polling=(inboxes - 1,))
+        daemon = DaemonProcess(root, config)
+        daemon.start()
+        profiler = Profiler(daemon.pid, _profile_path(params, "idle"))
+        time.sleep(5)  # start-up is not idleness
+        cpu0, (run0, sw0), t0 = cpu_seconds(daemon.pid), task_totals(daemon.pid), time.monotonic()
+        time.sleep(seconds)
+        cpu1, (run1, sw1), t1 = cpu_seconds(daemon.pid), task_totals(daemon.pid), time.monotonic()
+        threads = len(list(Path(f"/proc/{daemon.pid}/task").iterdir()))
+        profiler.stop()
+        daemon.stop()
+    span = t1 - t0
+    return {"inboxes": inboxes, "polling_inboxes": 1, "seconds": round(span, 1),
+            "core_percent": 100 * (run1 - run0) / span,
+            "core_percent_ticks": 100 * (cpu1 - cpu0) / span,
+            "wakeups_per_s": (sw1 - sw0) / span, "threads": threads}
+
+
+# -- scale ---------------------------------------------------------------------------------------
+
+def startup(params: dict[str, Any]) -> Result:
+    """`count` files waiting at start-up: time until all are queued, memory, none missed."""
+    count = params["files"]
+    with workspace("startup") as root, Sandbox(rpm=60, latency=0.2) as api:
+        config = studio_config(root, api.url, rpm=60, concurrency=8)
+        files = names("s", count)
+        write_images(root / "inbox0", files)
+        (root / "expected.txt").write_text("\n".join(files), encoding="utf-8")
+        daemon = DaemonProcess(root, config, argv=[sys.executable, "-m", "benchmarks.probe"])
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.probe", str(daemon.config_path),
+             str(root / "expected.txt"), str(daemon.log_path)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+        profiler = None
+        events = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            event = json.loads(line)
+            events[event["event"]] = event
+            if event["event"] == "imported":
+                profiler = Profiler(proc.pid, _profile_path(params, "startup"), rate=200)
+        proc.wait()
+        if profiler is not None:
+            profiler.stop()
+    ready, queued = events["ready"], events["queued"]
+    return {"files": count, "settle": 2.0,
+            "imports_s": events["imported"]["t"] - started,
+            "ready_s": ready["t"] - started, "scan_s": ready["start_s"],
+            "queued_s": queued["t"] - started, "after_settle_s": queued["t"] - ready["t"],
+            "rss_mb": queued["rss_kb"] / 1024, "hwm_mb": queued["hwm_kb"] / 1024,
+            "missed": queued["missed"], "extra": queued["extra"],
+            "in_queue": queued["in_queue"], "done": queued["done"]}
+
+
+def _unlimited(root: Path, url: str) -> dict[str, Any]:
+    # The sandbox is unlimited here: this measures intake and the per-file work, not the API.
+    return studio_config(root, url, rpm=1_000_000, concurrency=8)
+
+
+def drop_while_running(params: dict[str, Any]) -> Result:
+    """`count` files renamed into a running daemon's inbox at once; all must be processed.
+
+    With `queue_limit`, fs.inotify.max_queued_events is lowered while the daemon creates its
+    inotify instance (the limit is taken at creation), so the kernel queue overflows for
+    certain and the overflow → rescan path is what delivers most files.
+    """
+    count, limit = params["files"], params.get("queue_limit")
+    with workspace("drop") as root, Sandbox(rpm=0) as api:
+        daemon = DaemonProcess(root, _unlimited(root, api.url))
+        inbox, staging = root / "inbox0", root / "staging"
+        files = names("d", count)
+        write_images(staging, files)
+        original = None
+        if limit and os.access(INOTIFY_QUEUE, os.W_OK):
+            original = INOTIFY_QUEUE.read_text().strip()
+            INOTIFY_QUEUE.write_text(str(limit))
+        try:
+            daemon.start()
+        finally:
+            if original is not None:
+                INOTIFY_QUEUE.write_text(original)
+        profiler = Profiler(daemon.pid, _profile_path(params, f"drop-{limit or 'default'}"))
+        t0 = time.monotonic()
+        for name in files:
+            os.rename(staging / name, inbox / name)
+        dropped = time.monotonic() - t0
+        archive = root / "archive0"
+        finished = _wait(lambda: count_files(archive) >= count, params["timeout"], 0.2)
+        elapsed = time.monotonic() - t0
+        profiler.stop()
+        rss = status_kb(daemon.pid, "VmHWM") / 1024
+        daemon.stop()
+        events = daemon.read_events()
+        result = {"files": count, "queue_limit": limit if original else None,
+                  "drop_s": dropped, "all_processed": finished, "seconds": elapsed,
+                  "archived": count_files(archive), "outbox": count_files(root / "outbox0"),
+                  "errors": count_files(root / "errors0"),
+                  "requests": sum(1 for r in api.requests if r.status == 200),
+                  # watchdog's own warning, once per overflow (the spy turns it into a rescan)
+                  "overflows": sum(1 for e in events
+                                   if "events were lost" in str(e.get("event", ""))),
+                  "rescans": sum(1 for e in events if e.get("event") == "intake.rescan"),
+                  "hwm_mb": rss}
+    result["missed"] = count - result["archived"]
+    return result
+
+
+def memory(params: dict[str, Any]) -> Result:
+    """`count` files through one daemon, fed a few hundred at a time; RSS along the way."""
+    count, first, batch = params["files"], params["first"], params["batch"]
+    with workspace("memory") as root, Sandbox(rpm=0) as api:
+        daemon = DaemonProcess(root, _unlimited(root, api.url))
+        inbox, staging, archive = root / "inbox0", root / "staging", root / "archive0"
+        files = names("m", count)
+        write_images(staging, files)
+        daemon.start()
+        profiler = Profiler(daemon.pid, _profile_path(params, "memory"))
+        t0 = time.monotonic()
+        fed = 0
+        samples: list[tuple[int, float]] = []
+        step = max(1, count // 10)
+        next_sample = first
+        deadline = t0 + params["timeout"]
+        while time.monotonic() < deadline:
+            done = count_files(archive)
+            if done >= next_sample:
+                samples.append((done, status_kb(daemon.pid, "VmRSS") / 1024))
+                next_sample = first + step * math.ceil((done - first + 1) / step)
+            if done >= count:
+                break
+            if fed < count and count_files(inbox) < batch:
+                for name in files[fed:fed + batch]:
+                    os.rename(staging / name, inbox / name)
+                fed = min(count, fed + batch)
+            time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+        hwm = status_kb(daemon.pid, "VmHWM") / 1024
+        profiler.stop()
+        daemon.stop()
+        processed = count_files(archive)
+    at_first = samples[0][1] if samples else float("nan")
+    at_end = samples[-1][1] if samples and samples[-1][0] >= count else float("nan")
+    return {"files": count, "processed": processed, "seconds": elapsed,
+            "first": first, "rss_first_mb": at_first, "rss_end_mb": at_end,
+            "growth_mb": at_end - at_first, "hwm_mb": hwm,
+            "samples": [(n, round(mb, 1)) for n, mb in samples]}
+
+
+CASES: dict[str, Callable[[dict[str, Any]], Result]] = {
+    "throughput": throughput, "limit_safety": limit_safety, "reaction": reaction,
+    "idle": idle, "startup": startup, "drop": drop_while_running, "memory": memory,
+}
+
+
+def main(argv: list[str]) -> int:
+    name, params = argv[0], json.loads(argv[1]) if len(argv) > 1 else {}
+    result = CASES[name](params)
+    print(json.dumps({"case": name, "params": params, "result": result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
