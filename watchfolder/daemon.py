@@ -372,9 +372,6 @@ class Waker:
                 pass
         return bool(ready)
 
-    def clear(self) -> None:
-        """Nothing to do: `wait` drains what woke it."""
-
     def close(self) -> None:
         pair, self._pair = self._pair, None
         if pair is not None:

@@ -174,18 +174,6 @@ class Journal:
                 "AND archive IS NULL ORDER BY id", (inbox, DONE))
             return {rel: (size, mtime) for rel, size, mtime in cur.fetchall()}
 
-    def recent(self, since: float, states: tuple[str, ...]) -> list[FileRecord]:
-        marks = ", ".join("?" for _ in states)
-        return self._rows(f"WHERE updated >= ? AND state IN ({marks}) ORDER BY id",
-                          (since, *states))
-
-    def counts(self, since: float = 0.0) -> dict[str, int]:
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT state, COUNT(*) FROM files WHERE state NOT IN (?, ?, ?) OR updated >= ? "
-                "GROUP BY state", (*FINAL, since))
-            return dict(cur.fetchall())
-
     # -- results, sends, meta -----------------------------------------------------------------
 
     def find_result(self, identity: str) -> tuple[str, str] | None:

@@ -147,8 +147,7 @@ def supervise(daemon: Daemon, notifier: Notifier,
         if text != shown:
             notifier.status(text)
             shown = text
-        daemon.wake.wait(tick)
-        daemon.wake.clear()
+        daemon.wake.wait(tick)  # drains what woke it: nothing to clear
         if daemon.finished.is_set():
             break
         if daemon.reload_requested:

@@ -87,9 +87,3 @@ class RateLimiter:
     def succeeded(self) -> None:
         with self._lock:
             self._strikes = 0
-
-    def in_window(self) -> int:
-        """Sends counted in the current window (for status)."""
-        now = self.clock()
-        with self._lock:
-            return sum(1 for t in self._sent if t > now - self.window - self.margin)
