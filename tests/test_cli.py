@@ -233,3 +233,22 @@ def test_inline_key_readable_by_others_is_warned(tmp_path: Path) -> None:
     assert "inline-secret" not in done.stderr + done.stdout
     path.chmod(0o600)
     assert "other users" not in watchfolder("check-config", "--config", str(path)).stderr
+
+
+def test_a_second_signal_forces_the_exit(tmp_path: Path, sandbox: Sandbox) -> None:
+    studio = Studio(tmp_path, sandbox.url, shutdown_timeout_seconds=60,
+                    api={"timeout_seconds": 60})
+    sandbox.hang_seconds = 30
+    sandbox.add_faults("hang")
+    make_image(studio.inbox / "stuck.png")
+    proc = start("run", "--config", str(studio.write_config()))
+    wait_ready(proc)
+    time.sleep(0.5)  # the request hangs; a graceful stop would wait up to 60 s for it
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=15)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert time.monotonic() - began < 5
+    assert studio.files(studio.inbox) == ["stuck.png"], "forced, yet nothing lost"

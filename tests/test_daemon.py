@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,67 @@ def test_ready_and_summary_lines(studio: Studio, sandbox: Sandbox, log_lines: Lo
     assert done["attempts"] == 1
     assert done["credits_remaining"] == 49
     assert isinstance(done["ms"], int)
+
+
+def test_result_extension_follows_what_the_api_returned(tmp_path: Path,
+                                                        sandbox: Sandbox) -> None:
+    # An already cut-out PNG with output_format webp: in return_input_if_non_opaque mode the
+    # API hands the PNG back as it is, so the result must be named .png, not .webp.
+    studio = Studio(tmp_path, sandbox.url, inbox={"output_format": "webp"})
+    image = Image.new("RGBA", (64, 48), (255, 0, 0, 255))
+    image.putpixel((0, 0), (0, 0, 0, 0))
+    image.save(studio.inbox / "cutout.png")
+    with Running(studio.config()):
+        wait_for(lambda: studio.files(studio.archive) == ["cutout.png"], what="the file")
+    assert studio.files(studio.outbox) == ["cutout.png"]
+    assert (studio.outbox / "cutout.png").read_bytes() == (studio.archive / "cutout.png"
+                                                           ).read_bytes()
+
+
+def test_hidden_folders_are_not_entered(studio: Studio, sandbox: Sandbox) -> None:
+    make_image(studio.inbox / ".sync" / "inside.png")
+    make_image(studio.inbox / "visible" / "shown.png", seed=1)
+    with Running(studio.config()):
+        wait_for(lambda: studio.files(studio.archive) == ["visible/shown.png"])
+    assert sandbox.count() == 1
+    assert (studio.inbox / ".sync" / "inside.png").exists()
+
+
+def test_a_file_replaced_while_it_is_sent_is_processed_again(tmp_path: Path,
+                                                             sandbox: Sandbox,
+                                                             log_lines: LogCapture) -> None:
+    studio = Studio(tmp_path, sandbox.url)
+    sandbox.latency = 1.0
+    make_image(studio.inbox / "shot.png", seed=1)
+    with Running(studio.config()):
+        journal = sqlite3.connect(studio.root / "state" / "journal.sqlite3", timeout=5)
+
+        def state() -> str | None:
+            row = journal.execute("SELECT state FROM files WHERE rel = 'shot.png' "
+                                  "ORDER BY id DESC").fetchone()
+            return row[0] if row else None
+
+        wait_for(lambda: state() == "sending", what="the request in flight")
+        make_image(studio.inbox / "shot.png", size=(200, 100), seed=2)  # a new version
+        wait_for(lambda: len(studio.files(studio.outbox)) == 2, what="both versions")
+        wait_for(lambda: studio.files(studio.archive) == ["shot.png"], what="the archive")
+        journal.close()
+    assert log_lines.events("file.changed")
+    assert studio.files(studio.outbox) == ["shot-1.png", "shot.png"]
+    with Image.open(studio.archive / "shot.png") as archived:
+        assert archived.size == (200, 100), "the archive holds the version that was processed"
+    assert sandbox.count(200) == 2
+
+
+def test_a_file_removed_while_waiting_is_forgotten(studio: Studio, sandbox: Sandbox,
+                                                   log_lines: LogCapture) -> None:
+    sandbox.set_credits(None, 0)
+    make_image(studio.inbox / "gone.png")
+    with Running(studio.config()) as daemon:
+        wait_for(lambda: daemon.pipeline and daemon.pipeline.queue.paused, what="paused")
+        (studio.inbox / "gone.png").unlink()
+        sandbox.set_credits(None, 10)
+        wait_for(lambda: log_lines.events("file.gone"), what="file.gone")
+    assert studio.files(studio.errors) == []
+    assert studio.files(studio.outbox) == []
+    assert sandbox.count(200) == 0
