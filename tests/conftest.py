@@ -5,9 +5,11 @@ Nothing here is mocked. Intervals are shrunk through the configuration instead o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -112,6 +114,15 @@ class Studio:
             return []
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                       if p.is_file() and not p.name.startswith("."))
+
+    def states(self) -> list[str]:
+        """The journal's state of every file so far (read-only; [] before the first run)."""
+        path = self.root / "state" / "journal.sqlite3"
+        if not path.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                timeout=5)) as db:
+            return [state for (state,) in db.execute("SELECT state FROM files ORDER BY id")]
 
     def reason(self, rel: str) -> dict[str, Any]:
         return json.loads((self.errors / f"{rel}.error.json").read_text(encoding="utf-8"))

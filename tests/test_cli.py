@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import KEY, Studio, make_image, run_watchfolder
+from tests.conftest import KEY, Studio, make_image, run_watchfolder, wait_for
 from watchfolder.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,8 +82,8 @@ def test_sigterm_lets_requests_in_flight_finish(studio: Studio, sandbox: Sandbox
         make_image(studio.inbox / f"f{n}.png", seed=n)
     proc = start("run", "--config", str(studio.write_config()))
     head = wait_ready(proc)
-    time.sleep(0.5)  # settle is 0.1 s and each answer takes 1 s: requests are in flight now
-    assert sandbox.requests == []
+    wait_for(lambda: "sending" in studio.states(), what="a request in flight")
+    assert sandbox.requests == [], "each answer takes 1 s: none has come back yet"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=15)
     stderr = head + stderr
@@ -115,7 +115,7 @@ def test_sigterm_abandons_a_hung_request_within_the_bound(tmp_path: Path,
     make_image(studio.inbox / "stuck.png")
     proc = start("run", "--config", str(studio.write_config()))
     head = wait_ready(proc)
-    time.sleep(0.5)  # the one request is hanging now
+    wait_for(lambda: "sending" in studio.states(), what="the hanging request")
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=15)
@@ -243,7 +243,8 @@ def test_a_second_signal_forces_the_exit(tmp_path: Path, sandbox: Sandbox) -> No
     make_image(studio.inbox / "stuck.png")
     proc = start("run", "--config", str(studio.write_config()))
     wait_ready(proc)
-    time.sleep(0.5)  # the request hangs; a graceful stop would wait up to 60 s for it
+    # the request hangs; a graceful stop would wait up to 60 s for it
+    wait_for(lambda: "sending" in studio.states(), what="the hanging request")
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -296,18 +295,10 @@ def test_a_file_replaced_while_it_is_sent_is_processed_again(tmp_path: Path,
     sandbox.latency = 1.0
     make_image(studio.inbox / "shot.png", seed=1)
     with Running(studio.config()):
-        journal = sqlite3.connect(studio.root / "state" / "journal.sqlite3", timeout=5)
-
-        def state() -> str | None:
-            row = journal.execute("SELECT state FROM files WHERE rel = 'shot.png' "
-                                  "ORDER BY id DESC").fetchone()
-            return row[0] if row else None
-
-        wait_for(lambda: state() == "sending", what="the request in flight")
+        wait_for(lambda: studio.states() == ["sending"], what="the request in flight")
         make_image(studio.inbox / "shot.png", size=(200, 100), seed=2)  # a new version
         wait_for(lambda: len(studio.files(studio.outbox)) == 2, what="both versions")
         wait_for(lambda: studio.files(studio.archive) == ["shot.png"], what="the archive")
-        journal.close()
     assert log_lines.events("file.changed")
     assert studio.files(studio.outbox) == ["shot-1.png", "shot.png"]
     with Image.open(studio.archive / "shot.png") as archived:
