@@ -201,22 +201,18 @@ def test_outbox_deleted_while_running_then_back(studio: Studio, sandbox: Sandbox
     assert studio.files(studio.outbox) == ["second.png"]
 
 
-def test_errors_folder_missing_keeps_the_file_waiting(studio: Studio, sandbox: Sandbox) -> None:
+def test_errors_folder_missing_keeps_the_file_waiting(studio: Studio, sandbox: Sandbox,
+                                                      log_lines: LogCapture) -> None:
     with Running(studio.config()):
         shutil.rmtree(studio.errors)
         (studio.inbox / "bad.png").write_text("nope")
-        wait_for(lambda: not studio.errors.exists() and (studio.inbox / "bad.png").exists())
-        threading_wait(0.5)
-        assert (studio.inbox / "bad.png").exists()
+        reported = wait_for(lambda: log_lines.events("destination.unavailable"),
+                            what="the missing errors folder reported")
+        assert reported[0]["folder"] == str(studio.errors)
+        assert (studio.inbox / "bad.png").exists(), "the file waits in the inbox"
         studio.errors.mkdir()
         wait_for(lambda: (studio.errors / "bad.png.error.json").exists(), timeout=15)
     assert not (studio.inbox / "bad.png").exists()
-
-
-def threading_wait(seconds: float) -> None:
-    import threading
-
-    threading.Event().wait(seconds)
 
 
 def test_results_are_validated_before_anything_is_written(studio: Studio,
