@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import structlog
 
 from watchfolder.client import error_for, parse_retry_after
 from watchfolder.config import Secret
@@ -158,3 +159,20 @@ def test_secret_never_prints_itself() -> None:
     assert "very" not in repr(secret) and "very" not in str(secret)
     assert "very" not in f"{secret} {[secret]} {({'k': secret})}"
     assert secret.reveal() == "sk-very-secret"
+
+
+def test_logs_scrub_the_key_but_not_every_letter_of_a_toy_key() -> None:
+    import io
+
+    from watchfolder import logs
+
+    stream = io.StringIO()
+    logs.configure("json", "info", stream=stream)
+    logs.add_secret("sk-live-0123456789abcdef")
+    logs.add_secret("k")
+    structlog.get_logger("t").info("probe", url="https://clipdrop-api.co/x",
+                                   oops="header sk-live-0123456789abcdef leaked")
+    line = stream.getvalue()
+    assert "sk-live-0123456789abcdef" not in line and "header *** leaked" in line
+    assert "https://clipdrop-api.co/x" in line, "a one-letter key must not blank every k"
+    logs.configure("json", "warning")

@@ -15,9 +15,15 @@ import structlog
 _secrets: set[str] = set()
 
 
+# Scrubbing a very short "key" (a placeholder like `k` in a test config) would blank every
+# letter it matches in every line; real API keys are long random strings. Such a key still never
+# reaches a log through the config: `Secret` prints as '***'.
+MIN_SCRUBBED_LENGTH = 8
+
+
 def add_secret(value: str) -> None:
     """Never let `value` reach a log line, whatever field or traceback it hides in."""
-    if value:
+    if len(value) >= MIN_SCRUBBED_LENGTH:
         _secrets.add(value)
 
 
