@@ -106,9 +106,10 @@ def wait_ready(proc: subprocess.Popen[str]) -> str:
     pytest.fail("the daemon exited before it was ready:\n" + "".join(seen))
 
 
-def test_sigterm_abandons_a_hung_request_within_the_bound(tmp_path: Path,
-                                                          sandbox: Sandbox) -> None:
-    studio = Studio(tmp_path, sandbox.url, shutdown_timeout_seconds=1,
+def hung_daemon(tmp_path: Path, sandbox: Sandbox, shutdown_timeout: float
+                ) -> tuple[Studio, subprocess.Popen[str], str]:
+    """A daemon subprocess whose one request hangs; returns it with its log so far."""
+    studio = Studio(tmp_path, sandbox.url, shutdown_timeout_seconds=shutdown_timeout,
                     api={"timeout_seconds": 60})
     sandbox.hang_seconds = 30
     sandbox.add_faults("hang")
@@ -116,6 +117,12 @@ def test_sigterm_abandons_a_hung_request_within_the_bound(tmp_path: Path,
     proc = start("run", "--config", str(studio.write_config()))
     head = wait_ready(proc)
     wait_for(lambda: "sending" in studio.states(), what="the hanging request")
+    return studio, proc, head
+
+
+def test_sigterm_abandons_a_hung_request_within_the_bound(tmp_path: Path,
+                                                          sandbox: Sandbox) -> None:
+    studio, proc, head = hung_daemon(tmp_path, sandbox, shutdown_timeout=1)
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=15)
@@ -236,15 +243,8 @@ def test_inline_key_readable_by_others_is_warned(tmp_path: Path) -> None:
 
 
 def test_a_second_signal_forces_the_exit(tmp_path: Path, sandbox: Sandbox) -> None:
-    studio = Studio(tmp_path, sandbox.url, shutdown_timeout_seconds=60,
-                    api={"timeout_seconds": 60})
-    sandbox.hang_seconds = 30
-    sandbox.add_faults("hang")
-    make_image(studio.inbox / "stuck.png")
-    proc = start("run", "--config", str(studio.write_config()))
-    wait_ready(proc)
-    # the request hangs; a graceful stop would wait up to 60 s for it
-    wait_for(lambda: "sending" in studio.states(), what="the hanging request")
+    # a graceful stop would wait up to 60 s for the hanging request
+    studio, proc, _ = hung_daemon(tmp_path, sandbox, shutdown_timeout=60)
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
