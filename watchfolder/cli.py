@@ -19,11 +19,10 @@ import yaml
 
 from watchfolder import __version__, logs, status
 from watchfolder.config import Config, inline_key_readable_by_others, load_config
-from watchfolder.daemon import EXIT_USAGE, Daemon
-from watchfolder.errors import ConfigError
-from watchfolder.notify import Notifier, supervise
+from watchfolder.daemon import EXIT_USAGE, Daemon, supervise
+from watchfolder.errors import ConfigError, StartupError
+from watchfolder.notify import Notifier
 from watchfolder.requeue import requeue
-from watchfolder.status import load_config_without_key
 
 log = structlog.get_logger("watchfolder")
 
@@ -188,6 +187,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         notifier.status(f"not started: {exc.problems[0]}")
         _print_problems(args.config, exc.problems)
         return EXIT_USAGE
+    except StartupError as exc:
+        notifier.status(f"not started: {exc.message}")
+        print(f"watchfolder: cannot start: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         supervise(daemon, notifier, None if args.once else lambda: _reload(args, daemon))
     finally:
@@ -201,7 +204,7 @@ def _reload(args: argparse.Namespace, daemon: Daemon) -> bool:
     try:
         config = load_config(args.config)
         daemon.reload(config)
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         problems = exc.problems
     else:
         problems = []
@@ -217,10 +220,14 @@ def _reload(args: argparse.Namespace, daemon: Daemon) -> bool:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        config = load_config_without_key(args.config)
-        report = status.collect(config)
+        config = load_config(args.config, read_key=False)
     except ConfigError as exc:
         _print_problems(args.config, exc.problems)
+        return EXIT_USAGE
+    try:
+        report = status.collect(config)
+    except StartupError as exc:
+        print(f"watchfolder: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     print(status.to_json(report) if args.json else status.render(report))
     return 0
@@ -228,7 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     try:
-        config = load_config_without_key(args.config)
+        config = load_config(args.config, read_key=False)
     except ConfigError as exc:
         _print_problems(args.config, exc.problems)
         return EXIT_USAGE

@@ -24,6 +24,7 @@ from watchfolder.errors import (
     CreditsExhausted,
     EndpointMissing,
     FileRejected,
+    FormatNotAcceptable,
     KeyMissing,
     KeyRefused,
     RateLimited,
@@ -124,9 +125,8 @@ def error_for(status: int, message: str, retry_after: str | None = None) -> ApiE
         return EndpointMissing(f"api.url does not look like the remove-background endpoint "
                                f"(HTTP {status}): {message}", status)
     if status == 406:
-        error = FileRejected(f"the API refused the requested output format: {message}", status)
-        error.reason = "format_not_acceptable"
-        return error
+        return FormatNotAcceptable(f"the API refused the requested output format: {message}",
+                                   status)
     if status == 429:
         return RateLimited(f"rate limited: {message}", status, parse_retry_after(retry_after))
     if status == 408 or status >= 500:

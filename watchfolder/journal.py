@@ -28,6 +28,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from watchfolder.errors import JournalUnreadable
+
+JOURNAL_NAME = "journal.sqlite3"
+
 QUEUED, SENDING, FETCHED, STORED, DONE = "queued", "sending", "fetched", "stored", "done"
 FAILING, FAILED, GONE = "failing", "failed", "gone"
 FINAL = (DONE, FAILED, GONE)
@@ -99,31 +103,59 @@ _COLUMNS = [f.name for f in fields(FileRecord)]
 class Journal:
     """Thread-safe access to the journal database; every write is committed durably."""
 
-    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
-        self.path = Path(state_dir) / "journal.sqlite3"
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / JOURNAL_NAME
         self.spool_dir = Path(state_dir) / "spool"
         self._lock = threading.Lock()
-        if readonly:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                       check_same_thread=False, timeout=5)
-            return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed step survives power loss too, not only a process crash.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed step survives power loss too, not only a process crash.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise JournalUnreadable(f"cannot open the journal {self.path}: {exc}") from None
+
+    @classmethod
+    def for_reading(cls, state_dir: Path, *, live: bool) -> Journal | None:
+        """Open the journal without ever changing it (for `status`); None if there is none.
+
+        While the daemon runs (or its `-wal` file exists) it is opened `mode=ro`; after a clean
+        stop `immutable=1`, because a read-only open of a WAL database would create `-wal` and
+        `-shm` files owned by whoever reads (root, say), which the daemon could not write.
+        """
+        path = Path(state_dir) / JOURNAL_NAME
+        if not path.exists():
+            return None
+        self = cls.__new__(cls)
+        self.path = path
+        self.spool_dir = Path(state_dir) / "spool"
+        self._lock = threading.Lock()
+        mode = "mode=ro" if live or Path(f"{path}-wal").exists() else "immutable=1"
+        try:
+            self._db = sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True,
+                                       check_same_thread=False, timeout=5)
+        except sqlite3.Error as exc:
+            raise JournalUnreadable(f"cannot read the journal {path}: {exc} (run status as "
+                                    f"the daemon's user or a member of its group)") from None
+        return self
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[FileRecord]:
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            query = f"SELECT {', '.join(_COLUMNS)} FROM files {sql}"  # noqa: S608 - our own SQL
-            cur = self._db.execute(query, args)
-            return [FileRecord(*row) for row in cur.fetchall()]
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise JournalUnreadable(f"cannot read the journal {self.path}: {exc}") from None
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[FileRecord]:
+        query = f"SELECT {', '.join(_COLUMNS)} FROM files {sql}"  # noqa: S608 - our own SQL
+        return [FileRecord(*row) for row in self._query(query, args)]
 
     # -- files -------------------------------------------------------------------------------
 
@@ -139,11 +171,15 @@ class Journal:
         return FileRecord(id=row_id, inbox=inbox, rel=rel, state=QUEUED, size=size,
                           mtime_ns=mtime_ns, settings=settings, created=now, updated=now)
 
-    def update(self, record: FileRecord, *, sent: bool = False, **changes: Any) -> None:
-        """Apply changes to the record and commit them (with a send time when `sent`)."""
+    def update(self, record: FileRecord, *, sent: bool = False,
+               remember: tuple[str, str, str] | None = None, **changes: Any) -> None:
+        """Commit `changes` to the record, then apply them to the object.
+
+        `sent` also journals a send time (the rate limit survives a restart); `remember`
+        (identity, path, sha256) records a result for reuse in the same transaction. The
+        object changes only once the commit succeeded, so memory and disk always agree.
+        """
         changes["updated"] = time.time()
-        for name, value in changes.items():
-            setattr(record, name, value)
         assignments = ", ".join(f"{name} = ?" for name in changes)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -152,10 +188,15 @@ class Journal:
                                  (*changes.values(), record.id))
                 if sent:
                     self._db.execute("INSERT INTO sends (t) VALUES (?)", (changes["updated"],))
+                if remember is not None:
+                    self._db.execute("INSERT OR REPLACE INTO results (identity, path, sha256) "
+                                     "VALUES (?, ?, ?)", remember)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        for name, value in changes.items():
+            setattr(record, name, value)
 
     def active(self, inbox: str, rel: str) -> FileRecord | None:
         """The unfinished record for this path, if any."""
@@ -166,13 +207,34 @@ class Journal:
     def unfinished(self) -> list[FileRecord]:
         return self._rows("WHERE state NOT IN (?, ?, ?) ORDER BY id", FINAL)
 
-    def kept_in_place(self, inbox: str) -> dict[str, tuple[int, int]]:
-        """rel → (size, mtime_ns) of files finished without an archive (they stay put)."""
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT rel, size, mtime_ns FROM files WHERE inbox = ? AND state = ? "
-                "AND archive IS NULL ORDER BY id", (inbox, DONE))
-            return {rel: (size, mtime) for rel, size, mtime in cur.fetchall()}
+    def kept_in_place(self, inbox: str | None = None) -> dict[str, dict[str, tuple[int, int]]]:
+        """inbox → rel → (size, mtime_ns) of files finished without an archive (they stay put)."""
+        where, args = ("AND inbox = ?", (DONE, inbox)) if inbox else ("", (DONE,))
+        kept: dict[str, dict[str, tuple[int, int]]] = {}
+        for box, rel, size, mtime in self._query(
+                f"SELECT inbox, rel, size, mtime_ns FROM files WHERE state = ? "  # noqa: S608
+                f"AND archive IS NULL {where} ORDER BY id", args):
+            kept.setdefault(box, {})[rel] = (size, mtime)
+        return kept
+
+    # -- for status (read-only) ----------------------------------------------------------------
+
+    def unfinished_paths(self) -> list[tuple[str, str, str]]:
+        """(inbox, rel, state) of every unfinished record."""
+        marks = ", ".join("?" for _ in FINAL)
+        return [(inbox, rel, state) for inbox, rel, state in self._query(
+            f"SELECT inbox, rel, state FROM files WHERE state NOT IN ({marks})",  # noqa: S608
+            FINAL)]
+
+    def finished_since(self, since: float) -> list[tuple[str, str, int]]:
+        """(inbox, final state, count) of records finished at or after `since`."""
+        marks = ", ".join("?" for _ in FINAL)
+        return [(inbox, state, count) for inbox, state, count in self._query(
+            f"SELECT inbox, state, COUNT(*) FROM files WHERE state IN ({marks}) "  # noqa: S608
+            "AND updated >= ? GROUP BY inbox, state", (*FINAL, since))]
+
+    def recent_failures(self, limit: int) -> list[FileRecord]:
+        return self._rows("WHERE state = ? ORDER BY updated DESC LIMIT ?", (FAILED, limit))
 
     # -- results, sends, meta -----------------------------------------------------------------
 
@@ -181,11 +243,6 @@ class Journal:
             row = self._db.execute("SELECT path, sha256 FROM results WHERE identity = ?",
                                    (identity,)).fetchone()
         return (row[0], row[1]) if row else None
-
-    def remember_result(self, identity: str, path: str, sha256: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO results (identity, path, sha256) "
-                             "VALUES (?, ?, ?)", (identity, path, sha256))
 
     def recent_sends(self, window: float = 60.0) -> list[float]:
         """Wall-clock times of requests sent in the last `window` seconds (oldest first)."""
@@ -201,5 +258,4 @@ class Journal:
             self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
 
     def meta(self) -> dict[str, str | None]:
-        with self._lock:
-            return dict(self._db.execute("SELECT k, v FROM meta").fetchall())
+        return dict(self._query("SELECT k, v FROM meta"))  # type: ignore[arg-type]

@@ -6,22 +6,32 @@
   `link()`, which fails instead of overwriting, so two writers cannot clobber each other; where
   hard links are not supported (some SMB/FAT mounts) it falls back to exists-check + rename.
 - `candidates`: `x.png`, `x-1.png`, `x-2.png`, ... the collision rule.
-
-The caller records the chosen name in the journal *before* placing a file there; after a crash
-it recognises its own file by content and does not pick `x-1.png` for it.
+- `Destinations.place`: the one way a file goes to the outbox, the archive or errors. Each
+  name is journaled *before* the file is placed there, so after a crash the caller's `ours`
+  recognises its own file (by content) and no `x-1.png` twin is made; a folder that is missing
+  or unwritable raises `DestinationError` and is reported once until it recovers.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import shutil
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import structlog
 
 from watchfolder import failpoints
+from watchfolder.errors import DestinationError
+
+log = structlog.get_logger("watchfolder")
+T = TypeVar("T")
 
 TEMP_PREFIX = ".watchfolder-"
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
@@ -140,3 +150,78 @@ def same_file(a: Path, b: Path) -> bool:
         return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
     except OSError:
         return False
+
+
+def folder_problem(folder: Path, name: str) -> str | None:
+    """Why we cannot write in `folder` (the outbox, say), or None when we can."""
+    if not folder.is_dir():
+        return f"the {name} folder {folder} is missing (deleted or not mounted)"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the {name} folder {folder} is not writable by this user"
+    return None
+
+
+class Destinations:
+    """The folders results, originals and failures go to, and whether each is usable.
+
+    A root (an outbox, archive or errors folder) is never recreated while the daemon runs: it
+    may be an unmounted share. A problem is logged once (`destination.unavailable`) until the
+    root works again (`destination.recovered`).
+    """
+
+    def __init__(self) -> None:
+        self._bad: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def check(self, root: Path, name: str) -> None:
+        """Raise DestinationError (reported) unless `root` exists and is writable."""
+        problem = folder_problem(root, name)
+        if problem is not None:
+            self._problem(root, problem)
+        self._ok(root)
+
+    def guard(self, root: Path, action: Callable[..., T], *args: object) -> T:
+        """Run a filesystem action below `root`; an OSError becomes a DestinationError."""
+        try:
+            result = action(*args)
+        except OSError as exc:
+            self._problem(root, f"cannot write in {root}: {exc.strerror or exc} "
+                                f"({type(exc).__name__})")
+        self._ok(root)
+        return result
+
+    def place(self, root: Path, name: str, target: Path, chosen: Path | None, *,
+              claim: Callable[[Path], None], put: Callable[[Path], bool],
+              ours: Callable[[Path], bool], also_free: tuple[str, ...] = ()) -> Path:
+        """Put a file at `target`, or at the first free `-N` name; return where it went.
+
+        `chosen` is the name journaled by an earlier try: if `ours` recognises the file there,
+        it was placed before a crash and nothing is done. Otherwise every name is `claim`ed
+        (journaled) before `put` tries it; `put` returns False when the name is taken.
+        """
+        if chosen is not None and os.path.lexists(chosen) and ours(chosen):
+            return chosen
+        self.check(root, name)
+        self.guard(root, target.parent.mkdir, 0o777, True, True)
+        first = [chosen] if chosen is not None and not os.path.lexists(chosen) else []
+        for candidate in itertools.chain(first, candidates(target, also_free=also_free)):
+            claim(candidate)
+            if self.guard(root, put, candidate):
+                return candidate
+        raise AssertionError("candidates() never ends")  # pragma: no cover
+
+    def _problem(self, root: Path, message: str) -> NoReturn:
+        with self._lock:
+            new = root not in self._bad
+            self._bad.add(root)
+        if new:
+            log.error("destination.unavailable", folder=str(root), message=message,
+                      hint="files wait in the inbox until it is back")
+        raise DestinationError(message)
+
+    def _ok(self, root: Path) -> None:
+        with self._lock:
+            was_bad = root in self._bad
+            self._bad.discard(root)
+        if was_bad:
+            log.warning("destination.recovered", folder=str(root))

@@ -20,6 +20,11 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """The longest wait before the `attempt`-th retry: base, 2 x base, 4 x base, ... up to cap."""
+    return min(cap, base * 2 ** (attempt - 1))
+
+
 class RateLimiter:
     def __init__(self, limit: int, *, window: float = 60.0, margin: float = 0.5,
                  backoff: float = 2.0, max_backoff: float = 300.0,
@@ -78,7 +83,7 @@ class RateLimiter:
         with self._lock:
             if retry_after is None:
                 self._strikes += 1
-                delay = min(self.max_backoff, self.backoff * 2 ** (self._strikes - 1))
+                delay = backoff(self._strikes, self.backoff, self.max_backoff)
             else:
                 delay = max(0.0, retry_after)  # the caller caps what the server asks for
             self._blocked_until = max(self._blocked_until, self.clock() + delay)
