@@ -21,6 +21,7 @@ the rate limit), and a small key/value table for status (pause reason, credits l
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -100,6 +101,26 @@ class FileRecord:
 _COLUMNS = [f.name for f in fields(FileRecord)]
 
 
+# File names are bytes on Linux: one that is not valid UTF-8 (from an old Windows or Mac
+# client, a zip archive) reaches Python as a str with surrogate escapes, which SQLite's UTF-8
+# text cannot hold. Such a value is stored as the BLOB of its bytes and read back as the same
+# str, so every name round-trips exactly; valid names stay readable TEXT.
+def _in(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(os.fsencode(a) if isinstance(a, str) and not _is_utf8(a) else a for a in args)
+
+
+def _out(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(os.fsdecode(v) if isinstance(v, bytes) else v for v in row)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Journal:
     """Thread-safe access to the journal database; every write is committed durably."""
 
@@ -149,7 +170,7 @@ class Journal:
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
-                return self._db.execute(sql, args).fetchall()
+                return [_out(row) for row in self._db.execute(sql, _in(args)).fetchall()]
             except sqlite3.DatabaseError as exc:
                 raise JournalUnreadable(f"cannot read the journal {self.path}: {exc}") from None
 
@@ -165,7 +186,7 @@ class Journal:
             cur = self._db.execute(
                 "INSERT INTO files (inbox, rel, state, size, mtime_ns, settings, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (inbox, rel, QUEUED, size, mtime_ns, settings, now, now))
+                _in((inbox, rel, QUEUED, size, mtime_ns, settings, now, now)))
             row_id = cur.lastrowid
         assert row_id is not None
         return FileRecord(id=row_id, inbox=inbox, rel=rel, state=QUEUED, size=size,
@@ -185,12 +206,12 @@ class Journal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(f"UPDATE files SET {assignments} WHERE id = ?",  # noqa: S608
-                                 (*changes.values(), record.id))
+                                 _in((*changes.values(), record.id)))
                 if sent:
                     self._db.execute("INSERT INTO sends (t) VALUES (?)", (changes["updated"],))
                 if remember is not None:
                     self._db.execute("INSERT OR REPLACE INTO results (identity, path, sha256) "
-                                     "VALUES (?, ?, ?)", remember)
+                                     "VALUES (?, ?, ?)", _in(remember))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -239,10 +260,8 @@ class Journal:
     # -- results, sends, meta -----------------------------------------------------------------
 
     def find_result(self, identity: str) -> tuple[str, str] | None:
-        with self._lock:
-            row = self._db.execute("SELECT path, sha256 FROM results WHERE identity = ?",
-                                   (identity,)).fetchone()
-        return (row[0], row[1]) if row else None
+        rows = self._query("SELECT path, sha256 FROM results WHERE identity = ?", (identity,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def recent_sends(self, window: float = 60.0) -> list[float]:
         """Wall-clock times of requests sent in the last `window` seconds (oldest first)."""

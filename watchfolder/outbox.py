@@ -37,15 +37,62 @@ TEMP_PREFIX = ".watchfolder-"
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
+REASON_SUFFIX = ".error.json"  # beside a failed file in errors: why it failed
+NAME_MAX = 255  # bytes in one name, on every filesystem we write to (ext4, XFS, NFS, SMB)
+
+
 def candidates(path: Path, *, also_free: tuple[str, ...] = ()) -> Iterator[Path]:
-    """`path`, then `stem-1.ext`, `stem-2.ext`, ...; skips names where `name+suffix` is taken."""
+    """`path`, then `stem-1.ext`, `stem-2.ext`, ...; skips names where `name+suffix` is taken.
+
+    A name too long for the filesystem (with the longest of `also_free` after it) is shortened
+    to fit: the start of its stem, `~` and 8 hex digits of the full name's hash (unique and
+    still recognisable), then its `-N` and extension.
+    """
     stem, suffix = path.stem, path.suffix
+    room = NAME_MAX - max((len(os.fsencode(extra)) for extra in also_free), default=0)
     n = 0
     while True:
-        candidate = path if n == 0 else path.with_name(f"{stem}-{n}{suffix}")
-        if not any(Path(f"{candidate}{extra}").exists() for extra in also_free):
+        tail = f"{'' if n == 0 else f'-{n}'}{suffix}"
+        candidate = path.with_name(fit_name(stem, tail, room))
+        if not any(os.path.lexists(f"{candidate}{extra}") for extra in also_free):
             yield candidate
         n += 1
+
+
+def fit_name(stem: str, tail: str, room: int = NAME_MAX) -> str:
+    """`stem + tail`, or, when longer than `room` bytes, a shortened stem that makes it fit."""
+    name = stem + tail
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    mark = "~" + hashlib.sha256(os.fsencode(stem)).hexdigest()[:8]
+    keep = room - len(os.fsencode(mark + tail))
+    whole = os.fsencode(stem)
+    head = whole[:keep]
+    if _is_utf8(whole):
+        head = head.decode("utf-8", "ignore").encode()  # never half a character
+    return os.fsdecode(head) + mark + tail
+
+
+def free_folder(root: Path, folder: Path) -> Path:
+    """`folder` below `root`, where a part taken by a file (an earlier result named like this
+    folder) is replaced by its first `-1`, `-2`, ... variant that is free or a folder."""
+    current = root
+    for part in folder.relative_to(root).parts:
+        for candidate in candidates(current / part):
+            if not os.path.lexists(candidate) or (candidate.is_dir()
+                                                  and not candidate.is_symlink()):
+                current = candidate
+                break
+    return current
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def sha256_file(path: Path) -> str:
@@ -173,9 +220,15 @@ class Destinations:
         self._bad: set[Path] = set()
         self._lock = threading.Lock()
 
-    def check(self, root: Path, name: str) -> None:
-        """Raise DestinationError (reported) unless `root` exists and is writable."""
+    def check(self, root: Path, name: str, need: int = 0) -> None:
+        """Raise DestinationError (reported) unless `root` exists, is writable and has `need`
+        bytes free."""
         problem = folder_problem(root, name)
+        if problem is None and need:
+            free = shutil.disk_usage(root).free
+            if free < need:
+                problem = (f"the {name} folder {root} is full: {free / 1e6:.1f} MB free, "
+                           f"about {need / 1e6:.1f} MB needed")
         if problem is not None:
             self._problem(root, problem)
         self._ok(root)
@@ -192,16 +245,21 @@ class Destinations:
 
     def place(self, root: Path, name: str, target: Path, chosen: Path | None, *,
               claim: Callable[[Path], None], put: Callable[[Path], bool],
-              ours: Callable[[Path], bool], also_free: tuple[str, ...] = ()) -> Path:
+              ours: Callable[[Path], bool], also_free: tuple[str, ...] = (),
+              need: int = 0) -> Path:
         """Put a file at `target`, or at the first free `-N` name; return where it went.
 
         `chosen` is the name journaled by an earlier try: if `ours` recognises the file there,
         it was placed before a crash and nothing is done. Otherwise every name is `claim`ed
-        (journaled) before `put` tries it; `put` returns False when the name is taken.
+        (journaled) before `put` tries it; `put` returns False when the name is taken. `need`
+        is the bytes the file takes where it lands (0 for a move within one filesystem).
         """
         if chosen is not None and os.path.lexists(chosen) and ours(chosen):
             return chosen
-        self.check(root, name)
+        self.check(root, name, need)
+        # A name clash is this file's problem, never the destination's: resolved like any
+        # collision (`clash-1.png/`), while a real write error stays a DestinationError.
+        target = self.guard(root, free_folder, root, target.parent) / target.name
         self.guard(root, target.parent.mkdir, 0o777, True, True)
         first = [chosen] if chosen is not None and not os.path.lexists(chosen) else []
         for candidate in itertools.chain(first, candidates(target, also_free=also_free)):

@@ -75,7 +75,10 @@ from watchfolder.journal import (
     FileRecord,
     Journal,
 )
+from watchfolder.logs import readable
 from watchfolder.outbox import (
+    NAME_MAX,
+    REASON_SUFFIX,
     Destinations,
     copy_into,
     move_into,
@@ -380,9 +383,11 @@ class Pipeline:
                                      "result_sha": result_sha})
         if not self.twins.claim(identity, work.job):
             return Park(twin=True, changes=seen)
-        for name, root in (("outbox", work.inbox.outbox), ("archive", work.inbox.archive)):
-            if root is not None:
-                self.destinations.check(root, name)
+        # No request while the answer would have nowhere to go (an RGBA image of the input's
+        # size bounds what the outbox must hold).
+        self.destinations.check(work.inbox.outbox, "outbox", info.width * info.height * 4)
+        if work.inbox.archive is not None:
+            self.destinations.check(work.inbox.archive, "archive")
         if not self.slots.acquire(self.stopping):
             return Park()
         work.holds_slot = True
@@ -439,7 +444,7 @@ class Pipeline:
         back = {"state": QUEUED}
         try:
             result = self._call_api(
-                work.data, filename=PurePosixPath(work.job.rel).name, mime=info.mime,
+                work.data, filename=_sendable(PurePosixPath(work.job.rel).name), mime=info.mime,
                 output_format=inbox.output_format, transparency=inbox.transparency_handling)
             ext = inspect_result(result.content, info.width, info.height)
         except RateLimited as exc:
@@ -561,7 +566,7 @@ class Pipeline:
         placed = self.destinations.place(
             inbox.outbox, "outbox", target, chosen, ours=ours,
             claim=lambda name: self.journal.update(record, result=str(name)),
-            put=lambda name: copy_into(source, name))
+            put=lambda name: copy_into(source, name), need=source.stat().st_size)
         failpoints.hit("result-placed")
         spool = Path(record.spool) if record.spool else None
         # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
@@ -576,20 +581,34 @@ class Pipeline:
     def _finish(self, work: Work) -> Outcome:
         """Move the original to the archive (or leave it in place, remembered as done)."""
         record, archive, src = work.record, work.inbox.archive, work.src
+        if os.path.lexists(src) and self._replaced(work):
+            log.warning("file.changed", **work.log_fields(),
+                        hint="replaced while processing; the new version is processed next")
+            # Done for the content that was sent; the new content under this name is new work
+            # (size -1: no signature of a kept file matches it, now or after a restart).
+            return Advance(DONE, {"size": -1})
         if archive is not None and os.path.lexists(src):
-            st = src.lstat()
-            if (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns):
-                log.warning("file.changed", **work.log_fields(),
-                            hint="replaced while processing; the new version is processed next")
-            else:
-                chosen = Path(record.archive) if record.archive else None
-                self.destinations.place(
-                    archive, "archive", archive / work.job.rel, chosen,
-                    ours=lambda name: _moved(src, name),
-                    claim=lambda name: self.journal.update(record, archive=str(name)),
-                    put=lambda name: move_into(src, name))
-                failpoints.hit("archived")
+            chosen = Path(record.archive) if record.archive else None
+            self.destinations.place(
+                archive, "archive", archive / work.job.rel, chosen,
+                ours=lambda name: _moved(src, name),
+                claim=lambda name: self.journal.update(record, archive=str(name)),
+                put=lambda name: move_into(src, name))
+            failpoints.hit("archived")
         return Advance(DONE)
+
+    @staticmethod
+    def _replaced(work: Work) -> bool:
+        """The file at the source's path is not the content that was sent (by size and mtime,
+        then by hash: some tools replace a file keeping both)."""
+        record = work.record
+        try:
+            st = work.src.lstat()
+        except FileNotFoundError:
+            return False
+        if (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns):
+            return True
+        return stat.S_ISREG(st.st_mode) and _sha_or_none(work.src) != record.sha256
 
     # -- step: failing → failed | gone --------------------------------------------------------
 
@@ -605,10 +624,10 @@ class Pipeline:
             inbox.errors, "errors", inbox.errors / work.job.rel, chosen,
             ours=lambda name: not os.path.lexists(src) or _moved(src, name),
             claim=lambda name: self.journal.update(record, error_path=str(name)),
-            put=lambda name: move_into(src, name), also_free=(".error.json",))
+            put=lambda name: move_into(src, name), also_free=(REASON_SUFFIX,))
         failpoints.hit("error-moved")
-        self.destinations.guard(inbox.errors, write_atomic, _reason(record, src),
-                                Path(f"{placed}.error.json"))
+        self.destinations.guard(inbox.errors, write_atomic, _reason(record, src, placed),
+                                Path(f"{placed}{REASON_SUFFIX}"))
         failpoints.hit("reason-written")
         return Advance(FAILED)
 
@@ -649,20 +668,26 @@ def spare_workers(concurrency: int) -> int:
     return max(2, concurrency // 4)
 
 
-def _reason(record: FileRecord, src: Path) -> bytes:
+def _reason(record: FileRecord, src: Path, placed: Path) -> bytes:
     """The `.error.json` beside a failed file: why, and where it came from."""
-    report = {
+    report: dict[str, Any] = {
         "reason": record.reason,
-        "message": record.message,
+        "message": record.message and readable(record.message),
         "status": record.status,
         "attempts": record.attempts,
-        "source": str(src),
+        "source": readable(str(src)),
         "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inbox": record.inbox,
-        "file": record.rel,
+        "inbox": readable(record.inbox),
+        "file": readable(record.rel),
         "sha256": record.sha256,
         "watchfolder": __version__,
     }
+    raw = os.fsencode(record.rel)
+    if readable(record.rel) != record.rel:
+        report["file_bytes"] = raw.hex()  # the exact name, for requeue
+    if placed.name != src.name and len(os.fsencode(src.name + REASON_SUFFIX)) > NAME_MAX:
+        report["renamed"] = (f"the name is too long for the errors folder with "
+                             f"'{REASON_SUFFIX}' after it: shortened to {readable(placed.name)}")
     return (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
 
 
@@ -678,6 +703,11 @@ def _inside(root: Path, folder: Path) -> bool:
     real_root = os.path.realpath(root)
     real = os.path.realpath(folder)
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _sendable(name: str) -> str:
+    """The name for the request's multipart header, which must be UTF-8."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _moved(src: Path, dest: Path) -> bool:
