@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -105,3 +106,14 @@ def test_manifest_id_is_stable_for_one_processing_and_new_for_a_new_drop() -> No
     assert len(first) == 36
     with pytest.raises(ValueError):
         manifest_id()
+
+
+def test_a_file_name_that_is_not_utf8_survives_the_round_trip() -> None:
+    raw_name = b"/srv/studio/inbox/caf\xe9.jpg"  # Latin-1, as an old camera share writes it
+    path = os.fsdecode(raw_name)
+    manifest = build_manifest(
+        manifest_id="m-3", event="failed", source=SourceFacts(path=path), credits_spent=0,
+        credits_remaining=None, finished_at=FINISHED, reason="undecodable", message="x")
+    data = manifest_json(manifest)
+    data.decode("utf-8")  # still valid UTF-8
+    assert os.fsencode(json.loads(data)["source"]["path"]) == raw_name

@@ -442,7 +442,10 @@ class HookRunner:
 
     def _work(self) -> None:
         while (run := self._next()) is not None:
-            self._run(run)
+            try:
+                self._run(run)
+            except Exception:  # one hook must not take a worker down (logged with its trace)
+                log.exception("hook.error", hook=run.argv[0], id=run.delivery_id)
 
     def _next(self) -> _HookRun | None:
         with self._cond:
@@ -527,7 +530,8 @@ class HookRunner:
 
     def _environment(self, run: _HookRun) -> dict[str, str]:
         env = {name: value for name, value in os.environ.items()
-               if not name.startswith("WATCHFOLDER_") and Secret(value) not in self._withhold}
+               if not name.startswith("WATCHFOLDER_")
+               and Secret(value.strip()) not in self._withhold}
         env.update(run.variables)
         return env
 
@@ -719,7 +723,12 @@ class DeliveryQueue:
                     # Capped: a wall clock that jumps must not leave a delivery unseen long.
                     self._wake.wait(min(wait, 30.0))
                     continue
-                self._attempt(client, *due)
+                try:
+                    self._attempt(client, *due)
+                except sqlite3.Error:
+                    # The state folder is full or unwritable: keep the thread, try again soon.
+                    log.exception("webhook.error", path=str(self.path))
+                    self._stopping.wait(5.0)
         finally:
             client.close()
             with self._lock:

@@ -143,5 +143,8 @@ def build_manifest(*, manifest_id: str, event: str, source: SourceFacts,
 
 def manifest_json(manifest: Mapping[str, Any]) -> bytes:
     """The manifest's bytes: UTF-8 JSON, keys in the builder's order, ending with a newline."""
-    text = json.dumps(manifest, ensure_ascii=False, indent=2, allow_nan=False)
-    return (text + "\n").encode("utf-8")
+    text = json.dumps(manifest, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+    # A file name that is not valid UTF-8 reaches us with surrogate escapes (PEP 383); as
+    # \udcXX escapes they stay valid JSON, and a Python reader gets the original bytes back with
+    # os.fsencode.
+    return text.encode("utf-8", errors="backslashreplace")
