@@ -17,6 +17,15 @@ file stays where the pipeline put it.
                    but a 2xx is retried with exponential backoff and jitter (about 1 s, then up
                    to 5 min between tries) for `max_age_hours`, then dropped with an error log.
 
+Wiring, per finished (done or failed) file, in this order:
+
+    manifest = build_manifest(...); body = manifest_json(manifest)     # manifest.py
+    place the outputs, then the manifest file (done only)
+    deliveries.enqueue(manifest["id"], body)    # durable; before the journal says final
+    place the .done marker; journal: done / failed
+    hooks.submit(manifest, manifest_path, body) # returns at once
+    at stop: hooks.join(t); deliveries.join(t); deliveries.close()
+
 Exceptions (see errors.py for the rest of the tree):
 
     WatchfolderError
@@ -352,6 +361,7 @@ class HookRunner:
         self._stopping = False
         self._running: set[subprocess.Popen[bytes]] = set()
         self._killed_at_shutdown: set[int] = set()
+        self._shutdown_signal: signal.Signals | None = None
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -435,6 +445,7 @@ class HookRunner:
 
     def _signal_running(self, sig: signal.Signals) -> None:
         with self._cond:
+            self._shutdown_signal = sig
             running = list(self._running)
             self._killed_at_shutdown.update(proc.pid for proc in running)
         for proc in running:
@@ -459,6 +470,10 @@ class HookRunner:
             return None
 
     def _run(self, run: _HookRun) -> None:
+        with self._cond:
+            if self._stopping:  # taken just before stop: do not start it now
+                self._dropped(run)
+                return
         run.tries += 1
         bound = log.bind(hook=run.argv[0], hook_event=run.event, id=run.delivery_id,
                          source=run.source, attempt=run.tries)
@@ -477,6 +492,11 @@ class HookRunner:
                 return
             with self._cond:
                 self._running.add(proc)
+                late = self._shutdown_signal  # join signalled while we were starting it
+                if late is not None:
+                    self._killed_at_shutdown.add(proc.pid)
+            if late is not None:
+                _signal_group(proc, late)
             try:
                 code = proc.wait(timeout=self.settings.timeout_seconds)
                 timed_out = False
@@ -718,17 +738,17 @@ class DeliveryQueue:
         try:
             while not self._stopping.is_set():
                 self._wake.clear()  # before looking, so an enqueue from now on wakes us
-                due, wait = self._next_due()
-                if due is None:
-                    # Capped: a wall clock that jumps must not leave a delivery unseen long.
-                    self._wake.wait(min(wait, 30.0))
-                    continue
                 try:
-                    self._attempt(client, *due)
+                    due, wait = self._next_due()
+                    if due is not None:
+                        self._attempt(client, *due)
+                        continue
                 except sqlite3.Error:
                     # The state folder is full or unwritable: keep the thread, try again soon.
                     log.exception("webhook.error", path=str(self.path))
-                    self._stopping.wait(5.0)
+                    wait = 5.0
+                # Capped: a wall clock that jumps must not leave a delivery unseen for long.
+                self._wake.wait(min(wait, 30.0))
         finally:
             client.close()
             with self._lock:
