@@ -172,6 +172,7 @@ class Config:
                               shown="`$STATE_DIRECTORY`, else `~/.local/state/watchfolder`")
     rescan_seconds: float = number(60.0, 0.05)
     shutdown_timeout_seconds: float = number(20.0, 0)
+    journal_retention_days: float = number(30.0, 1)
     inboxes: tuple[InboxConfig, ...] = special(())
     source: Path | None = not_a_key(None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import os
 import select
 import socket
 import threading
@@ -64,6 +65,7 @@ class Daemon:
         self._watch_lost: dict[int, float] = {}  # inbox slot → when its watch was seen dead
         # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
         self.inactive: set[int] = set()
+        self._next_prune = 0.0
         logs.add_secret(config.api.key.reveal())
 
     # -- start --------------------------------------------------------------------------------
@@ -153,6 +155,17 @@ class Daemon:
 
     # -- running ------------------------------------------------------------------------------
 
+    def housekeeping(self) -> None:
+        """At start and once a day: forget what the journal no longer needs."""
+        now = time.monotonic()
+        if self.journal is None or now < self._next_prune:
+            return
+        self._next_prune = now + 86400.0
+        days = self.config.journal_retention_days
+        forgotten = self.journal.prune(time.time() - days * 86400.0, still_in_place)
+        if forgotten:
+            log.info("journal.pruned", records=forgotten, older_than_days=days)
+
     def request_stop(self) -> None:
         """Ask `run`'s caller to stop (signal handlers call this; it only sets a flag)."""
         self.finished.set()
@@ -167,7 +180,9 @@ class Daemon:
         """The pipeline's counters plus `healthy` (for STATUS= and metrics); {} before start."""
         if self.pipeline is None:
             return {}
-        return {**self.pipeline.snapshot(), "healthy": not self.problems()}
+        pending = len(self.intake.known) if self.intake is not None else 0
+        return {**self.pipeline.snapshot(), "healthy": not self.problems(),
+                "pending": pending, "rate_wait_s": self.pipeline.limiter.wait_time()}
 
     def exit_code(self) -> int:
         if self.account_error is not None and self.once:
@@ -332,12 +347,14 @@ class Daemon:
 
 def supervise(daemon: Daemon, notifier: Notifier,
               reload: Callable[[], bool] | None = None, *,
-              status_seconds: float = STATUS_SECONDS) -> None:
+              status_seconds: float = STATUS_SECONDS,
+              on_tick: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Run the main loop of a started daemon until a stop is requested.
 
     `reload` re-reads the configuration and returns whether it was applied; None (--once)
     ignores reload requests. Signal handlers only set the daemon's flags; everything they
-    ask for happens here, in the main thread.
+    ask for happens here, in the main thread. `on_tick` gets the snapshot at every turn (the
+    progress line of `run --once` on a terminal).
     """
     tick = min(status_seconds, notifier.ping_interval or status_seconds)
     note: str | None = None
@@ -345,6 +362,7 @@ def supervise(daemon: Daemon, notifier: Notifier,
     withheld = False
     notifier.ready(shown)
     while True:
+        daemon.housekeeping()
         problems = daemon.problems()
         if not problems:
             notifier.watchdog()
@@ -356,6 +374,8 @@ def supervise(daemon: Daemon, notifier: Notifier,
             log.critical("watchdog.withheld", problems=problems,
                          hint="systemd restarts the service when its WatchdogSec= expires; "
                               "without systemd, restart watchfolder")
+        if on_tick is not None:
+            on_tick(daemon.snapshot())
         text = _summary(daemon, note, problems)
         if text != shown:
             notifier.status(text)
@@ -453,6 +473,15 @@ def prepare_folders(config: Config) -> None:
             problems.append(f"{where}: {problem} (fix its owner or group permissions)")
     if problems:
         raise ConfigError(problems)
+
+
+def still_in_place(inbox: str, rel: str, size: int, mtime_ns: int) -> bool:
+    """The file a kept-in-place record describes is still at its path, unchanged."""
+    try:
+        st = os.lstat(Path(inbox) / rel)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
 
 
 def _clear_temp_files(inbox: InboxConfig, rel: str, state: str) -> None:

@@ -25,11 +25,18 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from watchfolder.errors import JournalUnreadable
+
+
+def _damaged(path: Path, detail: str) -> str:
+    return (f"the journal {path} is damaged or unreadable ({detail}). If the disk is fine, "
+            f"move it aside and rebuild what the folders tell with `watchfolder reset-journal`; "
+            f"files in the inboxes then simply wait again")
 
 JOURNAL_NAME = "journal.sqlite3"
 
@@ -66,7 +73,8 @@ CREATE INDEX IF NOT EXISTS files_by_state ON files (state);
 CREATE TABLE IF NOT EXISTS results (
     identity TEXT PRIMARY KEY,
     path TEXT NOT NULL,
-    sha256 TEXT NOT NULL
+    sha256 TEXT NOT NULL,
+    t REAL
 );
 CREATE TABLE IF NOT EXISTS sends (t REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
@@ -136,8 +144,16 @@ class Journal:
             # FULL: a committed step survives power loss too, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            if "t" not in {row[1] for row in self._db.execute("PRAGMA table_info(results)")}:
+                # Journals of 0.1: their results count as made now for retention.
+                self._db.execute("ALTER TABLE results ADD COLUMN t REAL")
+                self._db.execute("UPDATE results SET t = ?", (time.time(),))
+            damage = [row[0] for row in self._db.execute("PRAGMA quick_check")]
         except sqlite3.Error as exc:
-            raise JournalUnreadable(f"cannot open the journal {self.path}: {exc}") from None
+            raise JournalUnreadable(_damaged(self.path, str(exc))) from None
+        if damage != ["ok"]:
+            self._db.close()
+            raise JournalUnreadable(_damaged(self.path, "; ".join(damage[:3])))
 
     @classmethod
     def for_reading(cls, state_dir: Path, *, live: bool) -> Journal | None:
@@ -210,8 +226,8 @@ class Journal:
                 if sent:
                     self._db.execute("INSERT INTO sends (t) VALUES (?)", (changes["updated"],))
                 if remember is not None:
-                    self._db.execute("INSERT OR REPLACE INTO results (identity, path, sha256) "
-                                     "VALUES (?, ?, ?)", _in(remember))
+                    self._db.execute("INSERT OR REPLACE INTO results (identity, path, sha256, t)"
+                                     " VALUES (?, ?, ?, ?)", _in((*remember, time.time())))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -262,6 +278,36 @@ class Journal:
     def find_result(self, identity: str) -> tuple[str, str] | None:
         rows = self._query("SELECT path, sha256 FROM results WHERE identity = ?", (identity,))
         return (rows[0][0], rows[0][1]) if rows else None
+
+    def prune(self, older_than: float, still_kept: Callable[[str, str, int, int], bool]) -> int:
+        """Forget finished records and reusable results last changed before `older_than`.
+
+        A file finished in place (no archive) is forgotten only once `still_kept(inbox, rel,
+        size, mtime_ns)` says it is no longer there: its record is what keeps it from being
+        sent again. Returns how many records went.
+        """
+        kept = self._query(
+            "SELECT id, inbox, rel, size, mtime_ns FROM files WHERE state = ? AND archive IS "
+            "NULL AND updated < ?", (DONE, older_than))
+        keep_ids = [row_id for row_id, inbox, rel, size, mtime in kept
+                    if still_kept(inbox, rel, size, mtime)]
+        marks = ", ".join("?" for _ in FINAL)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("CREATE TEMP TABLE IF NOT EXISTS keep (id INTEGER PRIMARY KEY)")
+                self._db.execute("DELETE FROM keep")
+                self._db.executemany("INSERT INTO keep (id) VALUES (?)",
+                                     [(row_id,) for row_id in keep_ids])
+                gone = self._db.execute(
+                    f"DELETE FROM files WHERE state IN ({marks}) AND updated < ? "  # noqa: S608
+                    "AND id NOT IN (SELECT id FROM keep)", (*FINAL, older_than)).rowcount
+                self._db.execute("DELETE FROM results WHERE t < ?", (older_than,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return gone
 
     def recent_sends(self, window: float = 60.0) -> list[float]:
         """Wall-clock times of requests sent in the last `window` seconds (oldest first)."""

@@ -65,6 +65,18 @@ class RateLimiter:
             self._sent.append(now)
             return 0.0
 
+    def wait_time(self) -> float:
+        """How long the next request would wait now (0.0: it could go at once); takes nothing."""
+        now = self.clock()
+        with self._lock:
+            span = self.window + self.margin
+            if now < self._blocked_until:
+                return self._blocked_until - now
+            recent = [t for t in self._sent if t > now - span]
+            if len(recent) >= self.limit:
+                return recent[len(recent) - self.limit] + span - now
+            return 0.0
+
     def acquire(self, stop: threading.Event) -> bool:
         """Block until a slot is ours (True) or `stop` is set (False)."""
         while True:

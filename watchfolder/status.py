@@ -159,7 +159,7 @@ def _count_reasons(errors: Path) -> int:
 # -- rendering --------------------------------------------------------------------------------
 
 
-def render(report: dict[str, Any]) -> str:
+def render(report: dict[str, Any], config: Path | None = None) -> str:
     """The report for people: a headline, then per inbox, then the last failures."""
     lines = []
     if report["running"]:
@@ -196,7 +196,7 @@ def render(report: dict[str, Any]) -> str:
     if report["in_errors"]:
         lines.append("")
         lines.append(f"{report['in_errors']} file(s) in errors; once the cause is fixed: "
-                     f"watchfolder requeue --config FILE [PATH...]")
+                     f"watchfolder requeue --config {config or 'FILE'} [PATH...]")
     return "\n".join(lines)
 
 
