@@ -294,3 +294,20 @@ def test_run_once_without_a_terminal_prints_no_progress(studio: Studio) -> None:
     assert " done |" not in done.stderr
     for line in done.stderr.splitlines():
         json.loads(line)  # JSON lines only
+
+
+def test_a_key_in_the_wrong_section_says_where_it_belongs(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "settle_seconds": 3, "api": {"key": KEY, "level": "debug"},
+        "inboxes": [{"path": "in", "outbox": "out", "errors": "err", "rescan_seconds": 5}]}))
+    done = watchfolder("check-config", "--config", str(path))
+    assert done.returncode == 2
+    assert "settle_seconds: unknown key (it belongs under inboxes[])" in done.stderr
+    assert "api.level: unknown key (it belongs under log)" in done.stderr
+    assert "inboxes[0].rescan_seconds: unknown key (it belongs under the top level)" in done.stderr
+    assert "rescan_seconds'?" not in done.stderr
+    assert "check-config --config" not in done.stderr, "check-config does not suggest itself"
+    run = watchfolder("run", "--config", str(path))
+    assert f"watchfolder check-config --config {path}" in run.stderr
