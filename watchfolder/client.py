@@ -4,17 +4,29 @@ Everything `requests` can raise is turned into our own exceptions here (see erro
 every status of the contract (../shared/clipdrop-api.md) maps to exactly one of them. The key
 is sent in a header and never put in a message: exceptions are raised `from None` so that no
 request object rides along in a traceback.
+
+`timeout` bounds the whole request (connect, upload, headers, every byte of the answer).
+Socket timeouts only bound the wait for the next byte, so a server trickling one byte a second
+would hold a request slot for as long as it likes; a timer shuts the connection's socket down
+when the request's time is up (see `_Deadline`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from watchfolder import __version__
 from watchfolder.config import OUTPUT_FORMATS, Secret
@@ -51,7 +63,7 @@ class ApiClient:
                  connect_timeout: float = 10.0) -> None:
         self.url = url
         self._key = key
-        self.timeout = (connect_timeout, timeout)
+        self.timeout = (min(connect_timeout, timeout), timeout)
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -61,6 +73,9 @@ class ApiClient:
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
+            adapter = _DeadlineAdapter()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
@@ -75,24 +90,24 @@ class ApiClient:
     def remove_background(self, data: bytes, *, filename: str, mime: str,
                           output_format: str = "png",
                           transparency: str = "return_input_if_non_opaque") -> ApiResult:
-        """POST the original bytes; return the result or raise an ApiError subclass."""
+        """POST the original bytes; return the result or raise an ApiError subclass.
+
+        The whole call takes at most `timeout` seconds, or raises TransportError.
+        """
         headers = {"x-api-key": self._key.reveal(), "Accept": OUTPUT_FORMATS[output_format]}
         started = time.monotonic()
-        try:
-            response = self._session().post(
-                self.url,
-                headers=headers,
-                files={"image_file": (filename, data, mime)},
-                data={"transparency_handling": transparency},
-                timeout=self.timeout,
-            )
-            content = response.content
-        except requests.Timeout:
-            raise TransportError(f"no answer within {self.timeout[1]:g} s (timed out)") from None
-        except requests.ConnectionError as exc:
-            raise TransportError(f"connection failed: {_short(exc)}") from None
-        except requests.RequestException as exc:
-            raise TransportError(f"transfer failed: {_short(exc)}") from None
+        with _Deadline(self.timeout[1]) as deadline:
+            try:
+                response = self._session().post(
+                    self.url,
+                    headers=headers,
+                    files={"image_file": (filename, data, mime)},
+                    data={"transparency_handling": transparency},
+                    timeout=self.timeout,
+                )
+                content = response.content
+            except (requests.RequestException, OSError) as exc:
+                raise self._transport_error(exc, deadline) from None
         seconds = time.monotonic() - started
         status = response.status_code
         if status == 200:
@@ -108,6 +123,143 @@ class ApiClient:
             )
         raise error_for(status, _error_message(response, content),
                         response.headers.get("Retry-After"))
+
+
+    def _transport_error(self, exc: BaseException, deadline: _Deadline) -> TransportError:
+        if deadline.expired:
+            return TransportError(deadline.message())
+        if isinstance(exc, requests.ConnectTimeout):
+            return TransportError(f"could not connect within {self.timeout[0]:g} s (timed out)")
+        if isinstance(exc, requests.Timeout):
+            return TransportError(f"no answer within {self.timeout[1]:g} s (timed out)")
+        if isinstance(exc, requests.ConnectionError):
+            return TransportError(f"connection failed: {_short(exc)}")
+        return TransportError(f"transfer failed: {_short(exc)}")
+
+
+# -- the deadline ---------------------------------------------------------------------------------
+#
+# urllib3 runs each request on one connection, on the calling thread. Our connection classes
+# tell the thread's current deadline which socket the request uses (when the socket is made,
+# after the TLS handshake wraps it, and on each request over a kept-alive connection), so
+# that the deadline's timer can shut that socket down: a read or write blocked in it returns
+# at once, whatever stage the request is at (TLS handshake, upload, headers, body). The
+# socket itself is kept, not the connection: http.client hands it over to the response and
+# forgets it when the answer says `Connection: close`. An SSLSocket is shut down through the
+# plain socket method, so its TLS state is not touched from the timer's thread.
+
+_current = threading.local()
+
+
+class _Deadline:
+    """The time limit of one request: a timer that aborts its connection when it is over."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._socket: socket.socket | None = None
+        self._finished = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.name = "watchfolder-api-deadline"
+        self._timer.daemon = True
+
+    def message(self) -> str:
+        return (f"no complete answer within {self.seconds:g} s (api.timeout_seconds bounds "
+                f"the whole request); connection dropped")
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._finished = True
+        _current.deadline = None
+        self._timer.cancel()
+        self._timer.join()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._socket = sock
+            if self.expired:
+                _shut_down(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.expired = True
+            if self._socket is not None:
+                _shut_down(self._socket)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _attach(sock: socket.socket | None) -> None:
+    deadline: _Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.attach(sock)
+
+
+class _DeadlineHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _attach(sock)  # from now on, whatever the TLS handshake or the upload does
+        return sock
+
+    def connect(self) -> None:
+        super().connect()
+        _attach(self.sock)  # TLS wraps the socket in a new object
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self.sock)  # a kept-alive connection does not connect again
+        super().request(*args, **kwargs)
+
+
+class _DeadlineHTTPSConnection(_DeadlineHTTPConnection, HTTPSConnection):
+    """The same hooks in front of urllib3's TLS connection (its connect() calls _new_conn())."""
+
+
+class _DeadlineHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_POOLS = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter with connection pools whose connections report to the deadline."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.ProxyManager:
+        manager: urllib3.ProxyManager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+    def close(self) -> None:
+        # urllib3 2 closes a pool's connections only when the pool is garbage-collected, and
+        # a kept exception (its traceback holds the response, the response its pool) can keep
+        # it alive with a socket open: close them now.
+        for manager in (self.poolmanager, *self.proxy_manager.values()):
+            for key in manager.pools.keys():  # noqa: SIM118 (the container cannot iterate)
+                pool = manager.pools.get(key)
+                if pool is not None:
+                    pool.close()
+        super().close()
 
 
 def error_for(status: int, message: str, retry_after: str | None = None) -> ApiError:
