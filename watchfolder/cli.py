@@ -23,7 +23,7 @@ from watchfolder.daemon import EXIT_USAGE, STATUS_SECONDS, Daemon, supervise
 from watchfolder.errors import ConfigError, JournalUnreadable, StartupError
 from watchfolder.notify import Notifier
 from watchfolder.progress import ProgressLine
-from watchfolder.requeue import requeue
+from watchfolder.requeue import report, requeue
 from watchfolder.reset import reset_journal
 
 log = structlog.get_logger("watchfolder")
@@ -247,6 +247,7 @@ def _reload(args: argparse.Namespace, daemon: Daemon) -> bool:
 
 
 def cmd_reset_journal(args: argparse.Namespace) -> int:
+    logs.configure(None, "warning")  # stderr: stdout is the command's answer
     try:
         config = load_config(args.config, read_key=False)
     except ConfigError as exc:
@@ -264,6 +265,7 @@ def cmd_reset_journal(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    logs.configure(None, "warning")  # stderr: stdout is the command's answer
     try:
         config = load_config(args.config, read_key=False)
     except ConfigError as exc:
@@ -279,20 +281,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    logs.configure(None, "warning")  # stderr: stdout is the command's answer
     try:
         config = load_config(args.config, read_key=False)
     except ConfigError as exc:
         _print_problems(args.config, exc.problems)
         return EXIT_USAGE
     outcomes = requeue(config, args.paths, dry_run=args.dry_run)
-    for outcome in outcomes:
-        mark = "requeued" if outcome.requeued else "skipped "
-        arrow = f" -> {outcome.target}" if outcome.target else ""
-        print(f"{mark} {outcome.source}{arrow}: {outcome.message}")
-    done = sum(1 for outcome in outcomes if outcome.requeued)
-    skipped = len(outcomes) - done
-    print(f"{done} requeued, {skipped} skipped" + (" (dry run)" if args.dry_run else ""))
-    return 1 if skipped else 0
+    for line in report(outcomes, dry_run=args.dry_run, config=args.config):
+        print(line)
+    return 1 if any(not outcome.requeued for outcome in outcomes) else 0
 
 
 class _SignalState:

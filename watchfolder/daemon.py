@@ -71,19 +71,36 @@ class Daemon:
     # -- start --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        config = self.config
-        prepare_folders(config)
-        self._lock = DaemonLock.acquire(config.state_dir)
+        """Start everything, or (on any error) stop what was started and raise."""
+        prepare_folders(self.config)
+        self._lock = DaemonLock.acquire(self.config.state_dir)
         try:
-            if config.metrics.listen:
-                self.metrics = Metrics(self.snapshot)
-                self.metrics.serve(config.metrics.listen)
-            self.journal = journal = Journal(config.state_dir)
+            self._start()
         except BaseException:
-            if self.metrics is not None:
-                self.metrics.close()
-            self._lock.release()
+            self._abort()
             raise
+
+    def _abort(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.intake is not None:
+            self.intake.stop()
+        if self.pipeline is not None:
+            self.pipeline.stop()
+            self.pipeline.join(self.config.shutdown_timeout_seconds)
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.journal is not None:
+            self.journal.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _start(self) -> None:
+        config = self.config
+        if config.metrics.listen:
+            self.metrics = Metrics(self.snapshot)
+            self.metrics.serve(config.metrics.listen)
+        self.journal = journal = Journal(config.state_dir)
         journal.set_meta("paused", None)  # a pause belongs to the process that saw it
         self.client = ApiClient(config.api.url, config.api.key,
                                 timeout=config.api.timeout_seconds,

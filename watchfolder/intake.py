@@ -30,7 +30,7 @@ from watchfolder.config import Config
 from watchfolder.jobqueue import Job
 from watchfolder.journal import Journal
 from watchfolder.settle import SettleTracker, Signature, is_ignored
-from watchfolder.watcher import Watcher, scan
+from watchfolder.watcher import SCAN_ERRORS, Watcher, scan
 
 log = structlog.get_logger("watchfolder")
 
@@ -179,7 +179,7 @@ class Intake:
         for index, inbox in enumerate(self.config.inboxes):
             if index in self.inactive:
                 continue
-            if not inbox.path.is_dir():
+            if not _is_dir(inbox.path):
                 if index not in self._missing:
                     self._missing.add(index)
                     log.error("inbox.missing", inbox=str(inbox.path),
@@ -216,6 +216,9 @@ class Intake:
             st = path.lstat()
         except (FileNotFoundError, NotADirectoryError):
             return
+        except OSError as exc:  # a name too long, a stale NFS handle, an I/O error: this path's
+            SCAN_ERRORS.report(path, exc, "lstat")
+            return
         if stat.S_ISDIR(st.st_mode):
             # A folder moved in brings files that produced no events of their own.
             if inbox.recursive:
@@ -242,6 +245,17 @@ class Intake:
     def _update_idle(self) -> None:
         if not self.known and self.on_idle is not None:
             self.on_idle()
+
+
+def _is_dir(path: Path) -> bool:
+    """A folder we can look into; a stale share or an I/O error counts as missing (reported)."""
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        SCAN_ERRORS.report(path, exc, "stat")
+        return False
 
 
 def _key(key: Hashable) -> tuple[int, str]:

@@ -91,18 +91,19 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
             journal.close()
     for inbox in config.inboxes:
         entry = inboxes[str(inbox.path)]
-        entry["new"] = _count_new(inbox.path, inbox.recursive, known.get(str(inbox.path), set()),
-                                  kept.get(str(inbox.path), {}))
+        entry["new"], entry["ignored"] = _count_new(
+            inbox.path, inbox.recursive, known.get(str(inbox.path), set()),
+            kept.get(str(inbox.path), {}))
     report["inboxes"] = list(inboxes.values())
-    for name in ("waiting", "in_flight", "new", "done_today", "failed_today", "gone_today",
-                 "in_errors"):
+    for name in ("waiting", "in_flight", "new", "ignored", "done_today", "failed_today",
+                 "gone_today", "in_errors"):
         report[name] = sum(entry[name] for entry in inboxes.values())
     return report
 
 
 def _inbox_entry(path: str, *, configured: bool) -> dict[str, Any]:
     return {"path": path, "configured": configured, "waiting": 0, "in_flight": 0, "new": 0,
-            "done_today": 0, "failed_today": 0, "gone_today": 0, "in_errors": 0}
+            "ignored": 0, "done_today": 0, "failed_today": 0, "gone_today": 0, "in_errors": 0}
 
 
 def _read_journal(journal: Journal, report: dict[str, Any],
@@ -134,10 +135,13 @@ def _iso(timestamp: float) -> str:
 
 
 def _count_new(root: Path, recursive: bool, known: set[str],
-               kept: dict[str, tuple[int, int]]) -> int:
-    """Files in the inbox the journal has no unfinished record for (and not kept in place)."""
+               kept: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """Files in the inbox the journal has no unfinished record for (and not kept in place),
+    and files ignored for their names (dot-files like macOS `._*` and `.DS_Store`, temp names),
+    which pile up unseen on SMB shares."""
     count = 0
-    for path in scan(root, recursive=recursive):
+    ignored: list[str] = []
+    for path in scan(root, recursive=recursive, ignored=ignored):
         rel = path.relative_to(root).as_posix()
         if rel in known:
             continue
@@ -147,7 +151,7 @@ def _count_new(root: Path, recursive: bool, known: set[str],
                 if (st.st_size, st.st_mtime_ns) == kept[rel]:
                     continue
         count += 1
-    return count
+    return count, len(ignored)
 
 
 def _count_reasons(errors: Path) -> int:
@@ -186,6 +190,9 @@ def render(report: dict[str, Any], config: Path | None = None) -> str:
         lines.append(f"  {entry['waiting']} waiting, {entry['in_flight']} in flight, "
                      f"{entry['new']} new, {entry['done_today']} done today, "
                      f"{entry['failed_today']} failed today, {entry['in_errors']} in errors")
+        if entry["ignored"]:
+            lines.append(f"  {entry['ignored']} ignored for their names (hidden like ._* and "
+                         f".DS_Store, or temporary); never processed, safe to delete")
     if report["recent_failures"]:
         lines.append("")
         lines.append("last failures:")

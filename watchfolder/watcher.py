@@ -82,18 +82,23 @@ SCAN_ERRORS = ScanErrors()
 _VANISHED = (FileNotFoundError, NotADirectoryError)
 
 
-def scan(root: Path, *, recursive: bool, errors: ScanErrors = SCAN_ERRORS) -> Iterator[Path]:
+def scan(root: Path, *, recursive: bool, errors: ScanErrors = SCAN_ERRORS,
+         ignored: list[str] | None = None) -> Iterator[Path]:
     """Every non-ignored entry below `root` that is not a folder we descend into.
 
     Symlinks are yielded (never followed) so they can be explained in errors; folders are
     walked only when `recursive`, hidden and temporary folders never. Never raises OSError:
-    a folder or entry that cannot be read is reported to `errors` and skipped.
+    a folder or entry that cannot be read is reported to `errors` and skipped. The paths of
+    ignored entries (dot-files such as macOS `._*` and `.DS_Store`, temp names) are appended
+    to `ignored` when given.
     """
     stack = [root]
     while stack:
         folder = stack.pop()
         for entry in _entries(folder, errors):
             if is_ignored(entry.name):
+                if ignored is not None:
+                    ignored.append(entry.path)
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)  # may lstat (DT_UNKNOWN: NFS, XFS)
