@@ -51,6 +51,13 @@ Image.MAX_IMAGE_PIXELS = None
 pyvips.cache_set_max(0)
 pyvips.cache_set_max_mem(0)
 pyvips.cache_set_max_files(0)
+# pyvips forwards libvips's log to Python's logging through a callback, which libvips calls
+# from its own worker threads when a damaged file makes it warn; each such thread then stays
+# registered as a threading._DummyThread for good. Failures reach us as exceptions with the
+# same text, so the log goes to GLib's default handler (stderr) instead.
+_remove_vips_log_handler = getattr(pyvips, "_remove_log_handler", None)
+if _remove_vips_log_handler is not None:
+    _remove_vips_log_handler()
 
 API_FORMATS = {"jpeg": ("image/jpeg", "jpg"), "png": ("image/png", "png"),
                "webp": ("image/webp", "webp")}

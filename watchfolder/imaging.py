@@ -38,6 +38,10 @@ PROXY_QUALITIES = (92, 85, 75)  # JPEG qualities tried in turn to stay under 30 
 JPEG_QUALITY, WEBP_QUALITY = 92, 90
 PNG_COMPRESSION = 6  # zlib level; see BENCHMARKS for the time/size trade
 WEBP_MAX_SIDE, JPEG_MAX_SIDE = 16383, 65535
+# Perceptual, as Pillow and most viewers: for matrix profiles (Adobe RGB, ProPhoto) it is
+# the same as relative colorimetric; for CMYK it keeps the shadows (relative colorimetric
+# without black-point compensation lifts them).
+INTENT = "perceptual"
 _KEEP = 1 | 2 | 4 | 8  # libvips ForeignKeep: exif, xmp, iptc, icc (not "other")
 _BIGTIFF_ABOVE = 3_500_000_000  # uncompressed bytes; classic TIFF offsets stop at 4 GiB
 
@@ -84,7 +88,7 @@ def proxy_box(source: Source) -> tuple[int, int]:
     return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
-def make_proxy(path: Path, source: Source, dest: Path) -> Proxy:
+def make_proxy(path: Path, source: Source, dest: Path, *, max_bytes: int = MAX_BYTES) -> Proxy:
     """Write the proxy of `source` to `dest` (atomically) as a high-quality JPEG.
 
     Upright, converted to sRGB through the embedded profile (CMYK included), 8-bit, any
@@ -100,14 +104,17 @@ def make_proxy(path: Path, source: Source, dest: Path) -> Proxy:
             box = (box[0] - 1, box[1] - 1)
             image = _proxy_image(path, source, box)
         for quality in PROXY_QUALITIES:
+            # A streamed image is read once: each encoding needs a fresh pipeline.
+            image = _proxy_image(path, source, box)
             try:
                 size = atomic.write_atomically(dest, _jpeg_writer(image, quality))
             except pyvips.Error as exc:
                 raise _decode_error(exc) from None
-            if size <= MAX_BYTES:
+            if size <= max_bytes:
                 return Proxy("image/jpeg", image.width, image.height, size)
         box = (box[0] * 4 // 5, box[1] * 4 // 5)  # noise beats JPEG: fewer pixels
-    raise InputRejected("too_large", "no proxy under 30 MB could be made of this image")
+    raise InputRejected("too_large", f"no proxy under {max_bytes / 1e6:.1f} MB could be made "
+                                     f"of this image")
 
 
 def _jpeg_writer(image: pyvips.Image, quality: int) -> Callable[[Path], None]:
@@ -121,7 +128,8 @@ def _jpeg_writer(image: pyvips.Image, quality: int) -> Callable[[Path], None]:
 def _proxy_image(path: Path, source: Source, box: tuple[int, int]) -> pyvips.Image:
     profile = {}
     if source.colour == "cmyk" or (source.icc is not None and not source.icc_srgb):
-        profile = {"output_profile": "srgb"}  # through the embedded (or a CMYK) profile
+        # Through the embedded profile (or libvips's CMYK one), after shrinking.
+        profile = {"output_profile": "srgb", "intent": INTENT}
     width, height = box
     try:
         if source.format == "heic":
@@ -141,7 +149,7 @@ def _proxy_image(path: Path, source: Source, box: tuple[int, int]) -> pyvips.Ima
         peak = 65535 if image.format == "ushort" else 255
         image = image.flatten(background=[peak] * colour_bands, max_alpha=peak)
     if image.interpretation == "cmyk":  # a CMYK file whose profile libvips would not take
-        image = image.icc_transform("srgb", input_profile="cmyk")
+        image = image.icc_transform("srgb", input_profile="cmyk", intent=INTENT)
     return image.colourspace("srgb").cast("uchar")
 
 
@@ -282,16 +290,14 @@ def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, 
         elif fmt == "webp":
             image.webpsave(target, Q=quality or WEBP_QUALITY, keep=_KEEP)
         elif fmt == "jpeg":
-            meta.with_iptc(image, metadata.iptc, photoshop=True).jpegsave(
+            meta.with_iptc(image, metadata.iptc).jpegsave(
                 target, Q=quality or JPEG_QUALITY, optimize_coding=True, keep=_KEEP)
         else:
             big = image.width * image.height * image.bands * (
                 2 if image.format == "ushort" else 1) > _BIGTIFF_ABOVE
-            meta.with_iptc(image, metadata.iptc, photoshop=False).tiffsave(
-                target, compression="deflate", predictor="horizontal", bigtiff=big,
-                keep=_KEEP)
-            if metadata.exif:
-                meta.add_tiff_exif(temp, metadata.exif)
+            image.tiffsave(target, compression="deflate", predictor="horizontal",
+                           bigtiff=big, keep=_KEEP)
+            meta.add_tiff_metadata(temp, metadata.exif, metadata.iptc)
 
     try:
         size = atomic.write_atomically(dest, save)
@@ -316,7 +322,8 @@ def _to_srgb(image: pyvips.Image) -> pyvips.Image:
     depth = 16 if image.format == "ushort" else 8
     if image.get_typeof("icc-profile-data") or image.interpretation == "cmyk":
         fallback = "cmyk" if image.interpretation == "cmyk" else "srgb"
-        return image.icc_transform("srgb", input_profile=fallback, embedded=True, depth=depth)
+        return image.icc_transform("srgb", input_profile=fallback, embedded=True, depth=depth,
+                                   intent=INTENT)
     return image.colourspace("rgb16" if depth == 16 else "srgb")
 
 

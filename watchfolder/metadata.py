@@ -45,6 +45,7 @@ _IFD0_CAPTURE = {
 }
 _EXIF_DROPPED = {0x927C, 0xA005}  # MakerNote (self-relative offsets), Interop pointer
 _ORIENTATION = 0x0112
+_IPTC_TAG = 33723
 
 
 @dataclass(frozen=True)
@@ -172,34 +173,40 @@ def attach(image: pyvips.Image, metadata: Metadata, *, exif_prefix: bool = True)
     return out
 
 
-def with_iptc(image: pyvips.Image, iptc: bytes | None, *, photoshop: bool) -> pyvips.Image:
-    """Set libvips's iptc-data the way its JPEG (Photoshop block) or TIFF (IIM) saver
-    writes it verbatim."""
+def with_iptc(image: pyvips.Image, iptc: bytes | None) -> pyvips.Image:
+    """Set libvips's iptc-data the way its JPEG saver writes it verbatim (APP13 holds a
+    Photoshop resource block)."""
     if not iptc:
         return image
     out = image.copy()
-    out.set_type(pyvips.GValue.blob_type, "iptc-data",
-                 photoshop_from_iim(iptc) if photoshop else iptc)
+    out.set_type(pyvips.GValue.blob_type, "iptc-data", photoshop_from_iim(iptc))
     return out
 
 
-def add_tiff_exif(path: Path, exif: bytes) -> bool:
-    """Add capture tags and an EXIF sub-IFD to the first directory of a TIFF we wrote.
+def add_tiff_metadata(path: Path, exif: bytes | None, iptc: bytes | None) -> bool:
+    """Add capture tags, an EXIF sub-IFD and IPTC to the first directory of a TIFF we wrote.
 
-    libvips writes no EXIF into TIFF. The new tags and their data are appended, then a
+    libvips writes no EXIF into TIFF, and cuts IPTC to a quarter (it counts the tag in
+    32-bit words, libtiff in bytes). The new tags and their data are appended, then a
     merged copy of the first directory, and the header is pointed at it; the image data is
     not touched. Returns False (and changes nothing) for BigTIFF.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        parsed = Image.Exif()
-        parsed.load(_EXIF_PREFIX + exif)
-        tags = {tag: value for tag, value in parsed.items()
-                if tag not in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo, _ORIENTATION)}
-        for pointer in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
-            sub = dict(parsed.get_ifd(pointer))
-            if sub:
-                tags[pointer] = sub
+    tags: dict[int, object] = {}
+    if exif:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = Image.Exif()
+            parsed.load(_EXIF_PREFIX + exif)
+            tags = {tag: value for tag, value in parsed.items()
+                    if tag not in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo, _ORIENTATION)}
+            for pointer in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
+                sub = dict(parsed.get_ifd(pointer))
+                if sub:
+                    tags[pointer] = sub
+    if iptc:
+        tags[_IPTC_TAG] = iptc
+    if not tags:
+        return True
     with path.open("r+b") as handle:
         reader = containers.TiffReader(handle)
         if reader.big:
@@ -210,6 +217,8 @@ def add_tiff_exif(path: Path, exif: bytes) -> bool:
         for tag, value in tags.items():
             if tag not in old:
                 ifd[tag] = value
+                if tag == _IPTC_TAG:
+                    ifd.tagtype[tag] = 7  # UNDEFINED: bytes as they are
         end = _append_at_even(handle)
         extra = ifd.tobytes(end)  # offsets inside are absolute, for this position
         handle.write(extra)
