@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+PNG_COMPRESSION = 3  # imaging.PNG_COMPRESSION, for the Pillow side too (no libvips import)
 
 # name: (width, height, kind, orientation)
 FULL = {
@@ -61,7 +62,7 @@ def make_input(folder: Path, name: str, width: int, height: int, kind: str,
     if path.exists():
         return path
     # Draw small, scale up in libvips: a 100 MP Pillow drawing would take a minute.
-    small = studio_image(width // 8, height // 8, "white" if kind == "jpeg" else "grey",
+    small = studio_image(-(-width // 8), -(-height // 8), "white" if kind == "jpeg" else "grey",
                          "mug" if kind == "jpeg" else "bottle", 5, colour="red")
     base = pyvips.Image.new_from_memory(small.tobytes(), small.width, small.height, 3, "uchar")
     base = base.resize(8, kernel="linear").crop(0, 0, width, height).copy(
@@ -152,7 +153,7 @@ def run_pillow(original: Path, answer: Path, out: Path, box: tuple[int, int]) ->
         alpha = mask_source.getchannel("A").resize(image.size, Image.Resampling.BICUBIC)
     image.putalpha(alpha)
     del alpha
-    image.save(out, "PNG", compress_level=6, icc_profile=icc, exif=exif.tobytes())
+    image.save(out, "PNG", compress_level=PNG_COMPRESSION, icc_profile=icc, exif=exif.tobytes())
     times["compose"] = time.perf_counter() - mark
     times["total"] = time.perf_counter() - start
     return {"times": times, "proxy": list(box), "bits": 8, "size": list(image.size),
