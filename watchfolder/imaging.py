@@ -171,11 +171,13 @@ class Cutout:
 
     `image` is upright, at the original's size, in its colour space (RGB, grey or CMYK) and
     bit depth (uchar or ushort), with the alpha as its last band. `metadata.icc` is the
-    profile of those colours.
+    profile of those colours. `image` streams from the files and can be computed once: make
+    a new Cutout for each output (it costs nothing until written).
     """
 
     image: pyvips.Image
     metadata: Metadata
+    answer: Path  # the API's answer it took its alpha from (recipes find the subject in it)
 
 
 def cutout(original: Path, source: Source, answer: Path) -> Cutout:
@@ -194,7 +196,7 @@ def cutout(original: Path, source: Source, answer: Path) -> Cutout:
     colours = image.extract_band(0, n=source.colour_bands)
     peak = 65535 if source.bits == 16 else 255
 
-    alpha = _answer_alpha(Path(answer), width, height, sixteen=source.bits == 16)
+    alpha = answer_alpha(Path(answer), width, height, sixteen=source.bits == 16)
     if image.bands > source.colour_bands:  # the original's own transparency
         own = image[source.colour_bands].cast("float")
         alpha = (own * alpha.cast("float") / peak + 0.5).cast(alpha.format)
@@ -203,11 +205,12 @@ def cutout(original: Path, source: Source, answer: Path) -> Cutout:
                       ("grey", 16): "grey16"}.get((source.colour, source.bits), "cmyk")
     result = colours.bandjoin(alpha).copy(interpretation=interpretation)
     metadata = replace(meta.read_metadata(original), icc=source.icc)
-    return Cutout(meta.attach(result, metadata), metadata)
+    return Cutout(meta.attach(result, metadata), metadata, Path(answer))
 
 
-def _answer_alpha(answer: Path, width: int, height: int, *, sixteen: bool) -> pyvips.Image:
-    """The answer's alpha at `width` x `height`: bicubic upsampling, clipped to range."""
+def answer_alpha(answer: Path, width: int, height: int, *, sixteen: bool = False) -> pyvips.Image:
+    """The answer's alpha at `width` x `height` (uchar, or ushort when `sixteen`), scaled
+    up with libvips's upsampling interpolator and clipped to range; lazy and streaming."""
     try:
         mask_source = pyvips.Image.new_from_file(str(answer), access="sequential",
                                                  fail_on=FAIL_ON)
@@ -274,12 +277,15 @@ def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, 
                             f"{fmt.upper()} holds at most {limit} pixels a side and the "
                             f"result is {image.width}x{image.height}; choose png or tiff")
     colour_bands = _colour_bands(image)
-    if metadata.icc is not None and meta.icc_space(metadata.icc) != \
-            {1: b"GRAY", 3: b"RGB ", 4: b"CMYK"}[colour_bands]:
-        metadata = replace(metadata, icc=None)  # e.g. a mask: the profile is not its
+    space = {1: b"GRAY", 3: b"RGB ", 4: b"CMYK"}[colour_bands]
+    if metadata.icc is not None and meta.icc_space(metadata.icc) != space:
+        # A step changed the colour space (a mask, CMYK made RGB): the image's own profile
+        # if it has a fitting one, else none.
+        own = _blob(image, "icc-profile-data")
+        metadata = replace(metadata, icc=own if own and meta.icc_space(own) == space else None)
     image = meta.attach(image, metadata)
     if (colour_bands == 4 and fmt != "tiff") or (colour_bands == 1 and fmt == "webp"):
-        image = _to_srgb(image)
+        image = to_srgb(image)
         metadata = replace(metadata, icc=_blob(image, "icc-profile-data"))
     if fmt == "jpeg" and image.hasalpha():
         peak = 65535 if image.format == "ushort" else 255
@@ -320,7 +326,7 @@ def _colour_bands(image: pyvips.Image) -> int:
     return 3
 
 
-def _to_srgb(image: pyvips.Image) -> pyvips.Image:
+def to_srgb(image: pyvips.Image) -> pyvips.Image:
     """RGB through the image's profile (or libvips's CMYK fallback), keeping depth and
     alpha; the result carries the sRGB profile."""
     depth = 16 if image.format == "ushort" else 8
