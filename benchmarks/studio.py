@@ -11,11 +11,14 @@ within 25 MP, JPEG), then the full-size composite (the original's pixels, the an
 scaled up) written as PNG. The answer is made once per case by the sandbox from the proxy,
 outside the timing, and both sides compose with the same answer.
 
-Each case runs in its own process, so its peak RSS is its own (ru_maxrss from wait4: the
-kernel's count, mapped files included). The Pillow side is what a careful Pillow program
-does: exif_transpose, ImageCms to sRGB, LANCZOS to 25 MP, the answer's alpha scaled up with
-BICUBIC, putalpha, PNG with the profile and EXIF. Pillow holds colour at 8 bits, so its
-composite of a 16-bit TIFF is 8-bit (the libvips one keeps 16 bits).
+Each case runs in its own process, so its peak RSS is its own: VmHWM, the kernel's count
+(mapped files included), read by the child at its end. Not ru_maxrss: Linux keeps that
+across exec, so a child forked from this (big) parent would report the parent's size.
+
+The Pillow side is what a careful Pillow program does: exif_transpose, ImageCms to sRGB,
+LANCZOS to 25 MP, the answer's alpha scaled up with BICUBIC, putalpha, PNG with the
+profile and EXIF, at the same zlib level. No numpy is needed for it. Pillow holds colour at
+8 bits, so its composite of a 16-bit TIFF is 8-bit (the libvips one keeps 16 bits).
 """
 
 from __future__ import annotations
@@ -167,7 +170,16 @@ def child(args: argparse.Namespace) -> None:
         result = run_vips(original, answer, out, args.threads)
     else:
         result = run_pillow(original, answer, out, (args.box[0], args.box[1]))
+    result["peak_mb"] = peak_rss_mb()
     print(json.dumps(result))
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure(side: str, original: Path, answer: Path, box: tuple[int, int], out: Path,
@@ -177,14 +189,10 @@ def measure(side: str, original: Path, answer: Path, box: tuple[int, int], out: 
                "--box", str(box[0]), str(box[1])]
     if threads:
         command += ["--threads", str(threads)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    stdout = process.stdout.read() if process.stdout else ""
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+    done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
         raise RuntimeError(f"{side} child failed on {original.name}")
-    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_mb"] = usage.ru_maxrss / 1024
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     out.unlink(missing_ok=True)
     return result
 

@@ -83,28 +83,32 @@ class Proxy:
     size: int  # bytes
 
 
-def proxy_box(source: Source) -> tuple[int, int]:
-    """The largest size of the upright source's shape within the API's 25 MP."""
+def proxy_box(source: Source, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The largest size of the upright source's shape within `max_pixels` (the API's 25 MP)."""
     width, height = source.upright
-    if width * height <= MAX_PIXELS:
+    if width * height <= max_pixels:
         return width, height
-    scale = math.sqrt(MAX_PIXELS / (width * height))
+    scale = math.sqrt(max_pixels / (width * height))
     return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
-def make_proxy(path: Path, source: Source, dest: Path, *, max_bytes: int = MAX_BYTES) -> Proxy:
+def make_proxy(path: Path, source: Source, dest: Path, *, max_pixels: int = MAX_PIXELS,
+               max_bytes: int = MAX_BYTES) -> Proxy:
     """Write the proxy of `source` to `dest` (atomically) as a high-quality JPEG.
 
     Upright, converted to sRGB through the embedded profile (CMYK included), 8-bit, any
     transparency flattened onto white (the API then cuts the subject out afresh; the
     original's alpha is kept at compose time), shrunk with lanczos3 to fit 25 MP, and
     re-encoded smaller if it would pass 30 MB. The same input gives the same bytes.
+    A smaller `max_pixels` trades mask resolution for a little speed (a 45 MP JPEG: 0.61 s
+    to 25 MP, 0.44 s to 11 MP, one core).
     Raises InputRejected("corrupt") if the source does not decode.
     """
-    box = proxy_box(source)
+    max_pixels = min(max_pixels, MAX_PIXELS)
+    box = proxy_box(source, max_pixels)
     while min(box) >= 16:
         image = _proxy_image(path, source, box)
-        while image.width * image.height > MAX_PIXELS:  # thumbnail rounds each side
+        while image.width * image.height > max_pixels:  # thumbnail rounds each side
             box = (box[0] - 1, box[1] - 1)
             image = _proxy_image(path, source, box)
         for quality in PROXY_QUALITIES:
