@@ -85,6 +85,7 @@ class Source:
     height: int
     orientation: int  # EXIF / TIFF orientation, 1..8 (1: upright as stored)
     bits: int  # per sample as decoded: 8 or 16 (10- and 12-bit HEIF decode to 16)
+    stored_bits: int  # per sample as stored: 1 to 16
     colour: str  # rgb, grey or cmyk
     alpha: bool
     bands: int  # as decoded, alpha and extra channels included
@@ -178,7 +179,9 @@ def inspect_source(path: Path, *, studio: bool = True) -> Source:
     icc, icc_srgb, icc_name = _profile(header)
     source = Source(
         format=fmt, file_size=file_size, width=width, height=height, orientation=orientation,
-        bits=8 if header.format == "uchar" else 16, colour=colour,
+        bits=8 if header.format == "uchar" else 16,
+        stored_bits=_int_field(header, "bits-per-sample", 8 if header.format == "uchar" else 16),
+        colour=colour,
         alpha=header.bands > _COLOUR_BANDS[colour], bands=header.bands,
         palette=bool(_int_field(header, "palette", 0)), icc=icc, icc_srgb=icc_srgb,
         icc_name=icc_name, pages=_int_field(header, "n-pages", 1), studio_reasons=(),
@@ -239,7 +242,7 @@ def _fidelity_problems(source: Source) -> list[str]:
     """What the API would take but get wrong: depth, colour, orientation."""
     problems = []
     if source.bits > 8:
-        problems.append(f"{source.bits}-bit")
+        problems.append(f"{max(source.stored_bits, 9)}-bit")
     if source.colour == "cmyk":
         problems.append("CMYK")
     elif source.icc is not None and not source.icc_srgb:
@@ -264,7 +267,8 @@ def _refuse_for_api(source: Source, problems: list[tuple[str, str]]) -> None:
         else:
             what.append(f"{source.file_size / 1e6:.1f} MB is over the API's 30 MB")
             fixes.append("export it under 30 MB")
-    size = f"{source.file_size / 1e6:.1f} MB"
+    size = f"{source.file_size / 1e6:.1f} MB" if source.file_size >= 100_000 else \
+        f"{source.file_size / 1e3:.0f} KB"
     message = (f"a {size} {_NAMES[source.format]} of {source.width}x{source.height}: "
                f"{' and '.join(what)}; {', '.join(fixes)} (or turn the studio path on for "
                f"this inbox)")

@@ -4,7 +4,7 @@
     cutout(path, source, answer)     -> Cutout   lazy: the original's own pixels with the
                                                  answer's alpha scaled up to their size
     write_output(image, fmt, dest, metadata) -> Output    png, webp, jpeg or tiff
-    compose(...)                     = write_output(*cutout(...))
+    compose(...)                     cutout, then write_output
 
 Output recipes (issue 11: crop, background, canvas, long edge, mask) are steps on
 `Cutout.image` between `cutout` and `write_output`.
@@ -67,7 +67,7 @@ def configure(threads: int | None = None) -> int:
     return max(1, count)
 
 
-configure()
+configure()  # importing the module sets the default; the daemon may call it again
 
 
 # --------------------------------------------------------------------------- proxy
@@ -107,10 +107,10 @@ def make_proxy(path: Path, source: Source, dest: Path, *, max_pixels: int = MAX_
     max_pixels = min(max_pixels, MAX_PIXELS)
     box = proxy_box(source, max_pixels)
     while min(box) >= 16:
-        image = _proxy_image(path, source, box)
-        while image.width * image.height > max_pixels:  # thumbnail rounds each side
+        probe = _proxy_image(path, source, box)  # lazy: only its size is looked at
+        while probe.width * probe.height > max_pixels:  # thumbnail rounds each side
             box = (box[0] - 1, box[1] - 1)
-            image = _proxy_image(path, source, box)
+            probe = _proxy_image(path, source, box)
         for quality in PROXY_QUALITIES:
             # A streamed image is read once: each encoding needs a fresh pipeline.
             image = _proxy_image(path, source, box)
@@ -141,8 +141,8 @@ def _proxy_image(path: Path, source: Source, box: tuple[int, int]) -> pyvips.Ima
     width, height = box
     try:
         if source.format == "heic":
-            image = open_image(path, source).thumbnail_image(width, height=height, size="down",
-                                                       **profile)
+            image = open_image(path, source).thumbnail_image(width, height=height,
+                                                             size="down", **profile)
         else:
             # Shrink-on-load where the format has it (JPEG decodes at 1/2, 1/4, 1/8 scale);
             # the orientation is applied after shrinking, where it is cheap.
@@ -187,10 +187,11 @@ class Cutout:
 def cutout(original: Path, source: Source, answer: Path) -> Cutout:
     """The original's own pixels with the API answer's alpha scaled up to their size.
 
-    `answer` is the API's answer for the proxy (PNG or WEBP, with alpha). If the original
-    has an alpha of its own, the result keeps the less opaque of the two. Raises BadResult
-    if the answer has no alpha or not the proxy's shape, InputRejected("corrupt") if the
-    original does not open.
+    `answer` is the API's answer for the proxy (PNG or WEBP, with alpha), already checked
+    by inspect_result. If the original has an alpha of its own, the result's is the product
+    of both (clear in either, clear in the result). Raises InputRejected("corrupt") if the
+    original does not open, BadResult if the answer no longer does, ValueError if the answer
+    has no alpha (asked for as JPEG) or not the original's shape: bugs, not bad luck.
     """
     upright = source.orientation == 1
     image = open_image(original, source, access="sequential" if upright else "random")
@@ -214,31 +215,49 @@ def cutout(original: Path, source: Source, answer: Path) -> Cutout:
 
 def answer_alpha(answer: Path, width: int, height: int, *, sixteen: bool = False) -> pyvips.Image:
     """The answer's alpha at `width` x `height` (uchar, or ushort when `sixteen`), scaled
-    up with libvips's upsampling interpolator and clipped to range; lazy and streaming."""
+    up with a bicubic interpolator and clipped to range; lazy and streaming."""
     try:
         mask_source = pyvips.Image.new_from_file(str(answer), access="sequential",
                                                  fail_on=FAIL_ON)
     except pyvips.Error as exc:
         raise BadResult(f"the API's answer does not open: {exc}", 200) from None
     if not mask_source.hasalpha():
-        raise BadResult("the API's answer has no alpha channel (was it asked for JPEG?); "
-                        "the studio path needs PNG or WEBP answers", 200)
+        raise ValueError("the API's answer has no alpha channel (was it asked for JPEG?); "
+                         "the studio path needs PNG or WEBP answers")
     mask = mask_source[mask_source.bands - 1]
     if mask.format == "ushort":
         mask = (mask >> 8).cast("uchar")
     mw, mh = mask.width, mask.height
     if abs(mw / mh - width / height) > 0.02 * width / height + 2 / min(mw, mh):
-        raise BadResult(f"the answer is {mw}x{mh}, not the shape of the {width}x{height} "
-                        f"original", 200)
+        raise ValueError(f"the answer is {mw}x{mh}, not the shape of the {width}x{height} "
+                         f"original")
     if sixteen:  # scale in float so the upsampled edge uses the 16-bit steps
         mask = mask.cast("float") * 257
     if (mw, mh) != (width, height):
-        mask = mask.resize(width / mw, vscale=height / mh, kernel="lanczos3")
-        if (mask.width, mask.height) != (width, height):  # resize rounds each side
-            mask = mask.gravity("north-west", width, height, extend="copy")
+        mask = scale_to(mask, width, height)
     if sixteen:
         mask = (mask + 0.5).cast("ushort")  # cast clips to 0..65535
     return mask
+
+
+def scale_to(image: pyvips.Image, width: int, height: int) -> pyvips.Image:
+    """`image` scaled to exactly `width` x `height`, pixel centres aligned (as Pillow does).
+
+    Up: bicubic interpolation through an affine that maps centre to centre (libvips's
+    resize maps output x to input x/s - 0.5 when enlarging, which moves everything half an
+    output pixel right and down). Down: lanczos3 (resize's reduce is centre-aligned).
+    """
+    sx, sy = width / image.width, height / image.height
+    if (sx, sy) == (1, 1):
+        return image
+    if sx < 1 and sy < 1:
+        image = image.resize(sx, vscale=sy, kernel="lanczos3")
+        if (image.width, image.height) == (width, height):
+            return image
+        return image.gravity("north-west", width, height, extend="copy")  # rounding
+    return image.affine([sx, 0, 0, sy], interpolate=pyvips.Interpolate.new("bicubic"),
+                        odx=(sx - 1) / 2, ody=(sy - 1) / 2, oarea=[0, 0, width, height],
+                        extend="copy")
 
 
 # --------------------------------------------------------------------------- encoding

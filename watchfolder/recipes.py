@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pyvips
 
-from watchfolder.imaging import Cutout, answer_alpha, to_srgb
+from watchfolder.imaging import Cutout, answer_alpha, scale_to, to_srgb
 
 POSITIONS = ("center", "top", "bottom", "left", "right", "top-left", "top-right",
              "bottom-left", "bottom-right")
@@ -100,8 +100,9 @@ def crop(image: pyvips.Image, box: Box) -> pyvips.Image:
 
 
 def fit(image: pyvips.Image, width: int, height: int, *, upscale: bool = True) -> pyvips.Image:
-    """`image` scaled to fit inside `width` x `height` keeping its shape; colour is scaled
-    premultiplied by alpha, so transparent pixels do not bleed into the edge."""
+    """`image` scaled to fit inside `width` x `height` keeping its shape (lanczos3 down,
+    bicubic up); colour is scaled premultiplied by alpha, so transparent pixels do not
+    bleed into the edge."""
     scale = min(width / image.width, height / image.height)
     if not upscale:
         scale = min(scale, 1.0)
@@ -115,10 +116,7 @@ def fit(image: pyvips.Image, width: int, height: int, *, upscale: bool = True) -
     peak = 65535 if fmt == "ushort" else 255
     alpha = image.hasalpha()
     work = image.premultiply(max_alpha=peak) if alpha else image.cast("float")
-    work = work.resize(target[0] / image.width, vscale=target[1] / image.height,
-                       kernel="lanczos3")
-    if (work.width, work.height) != target:
-        work = work.gravity("north-west", *target, extend="copy")
+    work = scale_to(work, *target)
     if alpha:
         work = work.unpremultiply(max_alpha=peak)
     return (work + 0.5).cast(fmt).copy(interpretation=interpretation)
