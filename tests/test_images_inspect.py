@@ -16,7 +16,13 @@ from PIL import Image, TiffImagePlugin
 from watchfolder import containers
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.images import MAX_BYTES, inspect_result, inspect_source, max_answer_bytes
-from watchfolder.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg, studio_image
+from watchfolder.samples import (
+    adobe_rgb_profile,
+    adobe_rgb_tiff,
+    camera_jpeg,
+    studio_image,
+    write_samples,
+)
 
 
 def shot(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
@@ -325,3 +331,20 @@ def test_answer_bound_holds_for_incompressible_answers(tmp_path: Path) -> None:
         (noise.convert("RGB") if fmt == "JPEG" else noise).save(out, fmt, **options)
         assert out.tell() < bound, fmt
     assert max_answer_bytes(5000, 5000) > 100_000_000 > max_answer_bytes(5000, 5000) - 10_000_000
+
+
+def test_demo_samples_include_the_studio_path(tmp_path: Path) -> None:
+    paths = write_samples(tmp_path, studio=True)
+    routes = {p.name: inspect_source(p).reason for p in paths if p.name != "broken.jpg"}
+    assert routes["camera-sideways.jpg"] == "27.0 MP, over the API's 25 MP; EXIF orientation 6"
+    assert routes["retouch-adobe-rgb-16bit.tif"] == (
+        "TIFF; 16-bit; Adobe RGB (1998) compatible profile")
+    assert sum(reason == "" for reason in routes.values()) == 5  # the others go fast
+    assert len(write_samples(tmp_path / "plain")) == 6  # without studio: as before
+
+
+def test_mpo_is_a_jpeg_going_fast(tmp_path: Path) -> None:
+    path = tmp_path / "stereo.jpg"
+    shot().save(path, "MPO", save_all=True, append_images=[shot(seed=1)])
+    source = inspect_source(path)
+    assert (source.format, source.route, source.mime) == ("jpeg", "fast", "image/jpeg")
