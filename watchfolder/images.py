@@ -1,29 +1,522 @@
-"""Local checks of an input before any request is spent, and of a result before it is written.
+"""What an image file is, whether the API takes it as it is, and whether an answer is sound.
 
-Decisions come from the bytes, never the extension. Size and pixel count are read from the
-header before anything is decoded, so a huge file is refused cheaply; then the image must
-decode completely (a truncated upload would waste a credit on a 400 or a broken result).
+Decisions come from the bytes, never the extension. `inspect_source` reads the header with
+libvips (pyvips), which decodes nothing until asked, then decodes the whole image once,
+streaming, so a truncated file is refused before a request is spent:
+
+    inspect_source(path)  -> Source    route "fast" (send the bytes as they are) or "studio"
+                                       (send a proxy, compose at full size: see imaging.py)
+    inspect_result(path, w, h) -> ext  the API's answer: header first (image bombs), then a
+                                       full decode and no bytes after the image's end
+    max_answer_bytes(w, h)             a bound for streaming the answer to disk
+
+Refusals are `InputRejected(reason, message)` with a message that names the fix:
+`empty`, `not_an_image`, `corrupt`, `raw`, `unsupported_format`; with the studio path off,
+also `too_many_pixels` and `too_large`. A bad answer is `BadResult`.
+
+libvips decodes JPEG, PNG, WEBP, TIFF and AVIF; the pyvips-binary wheel has no HEVC
+decoder, so HEIC (phones) is decoded by pillow-heif, whose wheel carries libheif with one.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import math
+import mmap
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
+import pillow_heif
+import pyvips
+from PIL import Image, ImageCms, UnidentifiedImageError
 
+from watchfolder import containers
 from watchfolder.errors import BadResult, InputRejected
 
 MAX_BYTES = 30_000_000  # "30 MB" read strictly, as the sandbox does: no request wasted on a 400
 MAX_PIXELS = 25_000_000
-# Our own MAX_PIXELS check runs on the header before any decoding; Pillow's bomb guard would
-# only warn (or raise) later and less precisely.
+# The studio path streams any size, but a header declaring a gigapixel canvas is more likely
+# a decompression bomb than a photograph (the largest backs are 150 MP); refused, not decoded.
+MAX_SOURCE_PIXELS = 500_000_000
+# libvips stops at errors (a truncated JPEG otherwise decodes with a grey bottom, silently).
+FAIL_ON = "error"
+# Our own pixel limits are checked on the header first; Pillow (used here for headers and
+# metadata only) would otherwise warn, or refuse, on a 150 MP studio file.
 Image.MAX_IMAGE_PIXELS = None
+# libvips's operation cache would keep decoded images alive (memory), and would answer a
+# second open of a path with the first file's pixels even after the file was replaced.
+pyvips.cache_set_max(0)
+pyvips.cache_set_max_mem(0)
+pyvips.cache_set_max_files(0)
+# pyvips forwards libvips's log to Python's logging through a callback, which libvips calls
+# from its own worker threads when a damaged file makes it warn; each such thread then stays
+# registered as a threading._DummyThread for good. Failures reach us as exceptions with the
+# same text, so the log goes to GLib's default handler (stderr) instead.
+_remove_vips_log_handler = getattr(pyvips, "_remove_log_handler", None)
+if _remove_vips_log_handler is not None:
+    _remove_vips_log_handler()
 
-# Pillow format → (MIME type sent to the API, extension of a result in that format)
-FORMATS = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"),
-           "MPO": ("image/jpeg", "jpg"),  # camera JPEGs with a second frame: still JPEG
-           "WEBP": ("image/webp", "webp")}
+API_FORMATS = {"jpeg": ("image/jpeg", "jpg"), "png": ("image/png", "png"),
+               "webp": ("image/webp", "webp")}
+_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "tiff": "TIFF", "heic": "HEIC",
+          "avif": "AVIF"}
+_COLOUR_BANDS = {"grey": 1, "rgb": 3, "cmyk": 4}
+_INTERPRETATIONS = {"b-w": "grey", "grey16": "grey", "srgb": "rgb", "rgb16": "rgb",
+                    "rgb": "rgb", "cmyk": "cmyk"}
+_SRGB_COLORANTS = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))
+
+Route = Literal["fast", "studio"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input image as inspected: enough to route it and to process it.
+
+    `width` x `height` is the stored size; `upright` applies the EXIF orientation.
+    `studio_reasons` says why the API cannot take the file as it is; empty on the fast path.
+    """
+
+    format: str  # jpeg, png, webp, tiff, heic, avif
+    file_size: int
+    width: int
+    height: int
+    orientation: int  # EXIF / TIFF orientation, 1..8 (1: upright as stored)
+    bits: int  # per sample as decoded: 8 or 16 (10- and 12-bit HEIF decode to 16)
+    stored_bits: int  # per sample as stored: 1 to 16
+    colour: str  # rgb, grey or cmyk
+    alpha: bool
+    bands: int  # as decoded, alpha and extra channels included
+    palette: bool
+    icc: bytes | None = field(repr=False)
+    icc_srgb: bool  # untagged counts as sRGB; a tagged file must carry an sRGB profile
+    icc_name: str | None
+    pages: int
+    studio_reasons: tuple[str, ...]
+
+    @property
+    def route(self) -> Route:
+        return "studio" if self.studio_reasons else "fast"
+
+    @property
+    def reason(self) -> str:
+        """Why the studio path, in a few words ("45.0 MP, over the API's 25 MP; 16-bit")."""
+        return "; ".join(self.studio_reasons)
+
+    @property
+    def upright(self) -> tuple[int, int]:
+        """Width and height once the orientation is applied (5..8 swap the sides)."""
+        if self.orientation in (5, 6, 7, 8):
+            return self.height, self.width
+        return self.width, self.height
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1e6
+
+    @property
+    def mime(self) -> str:
+        """The MIME type to send on the fast path."""
+        return API_FORMATS[self.format][0]
+
+    @property
+    def colour_bands(self) -> int:
+        return _COLOUR_BANDS[self.colour]
+
+
+def inspect_source(path: Path, *, studio: bool = True) -> Source:
+    """Inspect an input from its bytes; route it fast or studio, or raise InputRejected.
+
+    With `studio=False` (an inbox that wants the API's exact pixels only), a file the API
+    cannot take as it is raises InputRejected naming every problem at once; files it takes
+    go fast, as they are (16-bit, tagged or rotated ones included, as before the studio path).
+    """
+    path = Path(path)
+    file_size = path.stat().st_size
+    if file_size == 0:
+        raise InputRejected("empty", "the file is empty (0 bytes); was the copy interrupted?")
+    with path.open("rb") as handle:
+        head = handle.read(containers.HEAD_BYTES)
+        sniffed = containers.sniff(head)
+        if sniffed.kind == "tiff":
+            raw = _tiff_raw(handle, head)
+            if raw:
+                _refuse_raw(raw)
+    if sniffed.kind is None:
+        raise InputRejected("not_an_image", "the file is not an image (expected JPEG, PNG, "
+                                            "WEBP, TIFF, HEIC or AVIF)")
+    if sniffed.kind == "raw":
+        _refuse_raw(sniffed.name)
+    if sniffed.kind == "other":
+        raise InputRejected("unsupported_format",
+                            f"{sniffed.name} files are not supported; export it as JPEG, PNG, "
+                            f"WEBP or TIFF")
+
+    header = _header(path)
+    fmt = _format(sniffed.kind, header)
+    width, height = header.width, header.height
+    if width * height > MAX_SOURCE_PIXELS:
+        raise InputRejected("too_many_pixels",
+                            f"the image declares {width}x{height} ({width * height / 1e6:.0f} "
+                            f"MP), more than the {MAX_SOURCE_PIXELS // 1_000_000} MP this "
+                            f"daemon processes; resize it first")
+    if header.format not in ("uchar", "ushort"):
+        depth = "floating-point" if header.format in ("float", "double") else "32-bit"
+        raise InputRejected("unsupported_format",
+                            f"{depth} {_NAMES[fmt]} images are not supported; export it with "
+                            f"8 or 16 bits per channel")
+    colour = _INTERPRETATIONS.get(header.interpretation)
+    if colour is None or header.bands < _COLOUR_BANDS[colour]:
+        raise InputRejected("unsupported_format",
+                            f"{header.interpretation} {_NAMES[fmt]} images are not supported; "
+                            f"export it in RGB, greyscale or CMYK")
+
+    orientation = _int_field(header, "orientation", 1)
+    if fmt in ("heic", "avif") or not 1 <= orientation <= 8:
+        orientation = 1  # HEIF's own transforms are applied by the decoder
+    icc, icc_srgb, icc_name = _profile(header)
+    source = Source(
+        format=fmt, file_size=file_size, width=width, height=height, orientation=orientation,
+        bits=8 if header.format == "uchar" else 16,
+        stored_bits=_int_field(header, "bits-per-sample", 8 if header.format == "uchar" else 16),
+        colour=colour,
+        alpha=header.bands > _COLOUR_BANDS[colour], bands=header.bands,
+        palette=bool(_int_field(header, "palette", 0)), icc=icc, icc_srgb=icc_srgb,
+        icc_name=icc_name, pages=_int_field(header, "n-pages", 1), studio_reasons=(),
+    )
+    api_problems = _api_problems(source)
+    if not studio:
+        if api_problems:
+            _refuse_for_api(source, api_problems)
+        reasons: list[str] = []
+    else:
+        reasons = [text for _, text in api_problems] + _fidelity_problems(source)
+    verify_decodes(path, source)
+    return replace(source, studio_reasons=tuple(reasons))
+
+
+def _refuse_raw(name: str) -> None:
+    raise InputRejected("raw", f"a camera raw file ({name}); export a TIFF or JPEG from your "
+                               f"raw developer (Lightroom, Capture One, ...) and drop that")
+
+
+def _header(path: Path) -> pyvips.Image:
+    try:
+        # Opening reads the header only; pixels are decoded when something asks for them.
+        return pyvips.Image.new_from_file(str(path), access="sequential", fail_on=FAIL_ON)
+    except pyvips.Error as exc:
+        raise InputRejected("corrupt", f"the image header is damaged: {_vips_message(exc)}; "
+                                       f"export or copy it again") from None
+
+
+def _format(kind: str, header: pyvips.Image) -> str:
+    if kind == "heif":
+        return "avif" if _str_field(header, "heif-compression", "") == "av1" else "heic"
+    return kind
+
+
+def _int_field(image: pyvips.Image, name: str, default: int) -> int:
+    return int(image.get(name)) if image.get_typeof(name) else default
+
+
+def _str_field(image: pyvips.Image, name: str, default: str) -> str:
+    return str(image.get(name)) if image.get_typeof(name) else default
+
+
+def _api_problems(source: Source) -> list[tuple[str, str]]:
+    """(reason code, short text) for each limit of the API the file breaks, worst first."""
+    problems = []
+    if source.format not in API_FORMATS:
+        problems.append(("unsupported_format", _NAMES[source.format]))
+    if source.width * source.height > MAX_PIXELS:
+        problems.append(("too_many_pixels",
+                         f"{source.megapixels:.1f} MP, over the API's 25 MP"))
+    if source.file_size > MAX_BYTES:
+        problems.append(("too_large", f"{source.file_size / 1e6:.1f} MB, over the API's 30 MB"))
+    return problems
+
+
+def _fidelity_problems(source: Source) -> list[str]:
+    """What the API would take but get wrong: depth, colour, orientation."""
+    problems = []
+    if source.bits > 8:
+        problems.append(f"{max(source.stored_bits, 9)}-bit")
+    if source.colour == "cmyk":
+        problems.append("CMYK")
+    elif source.icc is not None and not source.icc_srgb:
+        problems.append(f"{source.icc_name or 'non-sRGB'} profile")
+    if source.orientation != 1:
+        problems.append(f"EXIF orientation {source.orientation}")
+    return problems
+
+
+def _refuse_for_api(source: Source, problems: list[tuple[str, str]]) -> None:
+    """One refusal naming every problem: a TIFF is not told to shrink before it is told
+    TIFFs are refused anyway."""
+    what, fixes = [], []
+    for code, _ in problems:
+        if code == "unsupported_format":
+            what.append(f"{_NAMES[source.format]} is not accepted")
+            fixes.append("convert it to PNG, JPEG or WEBP")
+        elif code == "too_many_pixels":
+            what.append(f"{source.width}x{source.height} ({source.megapixels:.1f} MP) is over "
+                        f"the API's 25 MP")
+            fixes.append("resize it to 25 MP or less")
+        else:
+            what.append(f"{source.file_size / 1e6:.1f} MB is over the API's 30 MB")
+            fixes.append("export it under 30 MB")
+    size = f"{source.file_size / 1e6:.1f} MB" if source.file_size >= 100_000 else \
+        f"{source.file_size / 1e3:.0f} KB"
+    message = (f"a {size} {_NAMES[source.format]} of {source.width}x{source.height}: "
+               f"{' and '.join(what)}; {', '.join(fixes)} (or turn the studio path on for "
+               f"this inbox)")
+    raise InputRejected(problems[0][0], message)
+
+
+def _profile(header: pyvips.Image) -> tuple[bytes | None, bool, str | None]:
+    """The embedded ICC profile, whether it is sRGB, and its description.
+
+    sRGB is recognised by its colorants (the description varies between vendors); a
+    profile lcms cannot read is ignored, as a viewer would.
+    """
+    if not header.get_typeof("icc-profile-data"):
+        return None, True, None
+    icc = bytes(header.get("icc-profile-data"))
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile
+    except (OSError, ImageCms.PyCMSError, ValueError):
+        return None, True, None
+    name = (profile.profile_description or "").strip() or None
+    if profile.xcolor_space.strip() != "RGB":
+        return icc, False, name
+    colorants = [c[0] for c in (profile.red_colorant, profile.green_colorant,
+                                profile.blue_colorant) if c is not None]
+    if len(colorants) != 3:  # a table-based profile: trust the name
+        return icc, "srgb" in (name or "").lower(), name
+    srgb = all(math.dist(c, want) < 0.005
+               for c, want in zip(colorants, _SRGB_COLORANTS, strict=True))
+    return icc, srgb, name
+
+
+# --------------------------------------------------------------------------- raw detection
+
+_DNG_VERSION, _NEW_SUBFILE_TYPE, _PHOTOMETRIC, _COMPRESSION, _MAKE = 50706, 254, 262, 259, 271
+_CFA_PHOTOMETRIC = {32803, 34892}  # colour filter array, linear raw
+_RAW_COMPRESSION = {6, 34713, 32767, 32769, 32770, 34892, 65000}  # old-JPEG thumbnails, NEF,
+# Sony ARW, lossy DNG, Kodak: found in raw files, not in what raw developers export
+_MAKER_TAGS = {0xC634, 0x7000, 0x7200, 0x7221, 0x828D, 0x828E, 0x8290, 0xC5D8, 0xC6D3}
+# DNGPrivateData (Sony, Pentax), SonyRawFileType, SR2 private/subIFDs, CFA pattern tags,
+# Kodak IFD, Sony/Leica/Epson maker data
+
+
+def _tiff_raw(handle: io.BufferedReader, head: bytes) -> str | None:
+    """The raw format a TIFF-shaped file is, from its tags; None for a real TIFF.
+
+    Raw files are TIFF containers too, but their first directory is a reduced-resolution
+    preview (NewSubfileType 1) or carries DNGVersion or a maker's private tags, and the
+    sensor data hides in SubIFDs with a colour-filter-array photometric.
+    """
+    try:
+        handle.seek(0)
+        reader = containers.TiffReader(handle)
+        first, _ = reader.directory(reader.first)
+        if _DNG_VERSION in first:
+            return "DNG"
+        make = _ascii(handle, reader, first.get(_MAKE))
+        name = _raw_name(make)
+        if first.get(_NEW_SUBFILE_TYPE, None) and first[_NEW_SUBFILE_TYPE].values[:1] == (1,):
+            return name
+        if _MAKER_TAGS & first.keys():
+            return name
+        if set(first[_PHOTOMETRIC].values if _PHOTOMETRIC in first else ()) & _CFA_PHOTOMETRIC:
+            return name
+        if set(first[_COMPRESSION].values if _COMPRESSION in first else ()) & _RAW_COMPRESSION:
+            return name
+        for offset in first[containers.SUBIFDS].values if containers.SUBIFDS in first else ():
+            sub, _ = reader.directory(offset)
+            if set(sub[_PHOTOMETRIC].values if _PHOTOMETRIC in sub else ()) & _CFA_PHOTOMETRIC:
+                return name
+    except (ValueError, OSError, KeyError, IndexError):
+        return None  # not parseable here: libvips will judge it
+    return None
+
+
+def _ascii(handle: io.BufferedReader, reader: containers.TiffReader,
+           entry: containers.TiffEntry | None) -> str:
+    if entry is None or entry.type != 2 or entry.count > 256:
+        return ""
+    data = entry.raw
+    if entry.count > len(entry.raw):
+        handle.seek(int.from_bytes(entry.raw, "little" if reader.order == "<" else "big"))
+        data = handle.read(entry.count)
+    return data[:entry.count].split(b"\0")[0].decode("latin-1").strip()
+
+
+def _raw_name(make: str) -> str:
+    known = {"NIKON": "NEF", "SONY": "ARW", "CANON": "CR2", "PENTAX": "PEF", "SAMSUNG": "SRW",
+             "HASSELBLAD": "3FR", "PHASE ONE": "IIQ", "LEAF": "MOS", "KODAK": "DCR",
+             "EPSON": "ERF", "MAMIYA": "MEF", "LEICA": "RWL", "PANASONIC": "RW2",
+             "OLYMPUS": "ORF", "FUJIFILM": "RAF"}
+    for maker, name in known.items():
+        if make.upper().startswith(maker):
+            return name
+    return "TIFF-based raw"
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def open_image(path: Path, source: Source, *, access: str = "sequential") -> pyvips.Image:
+    """The source's first image as a lazy pyvips image, as stored (not yet upright).
+
+    `sequential` streams top to bottom with a few scanlines in memory; `random` is for
+    rotations, which need to read across the whole height.
+    """
+    if source.format == "heic":
+        return _decode_heic(path)
+    try:
+        return pyvips.Image.new_from_file(str(path), access=access, fail_on=FAIL_ON)
+    except pyvips.Error as exc:
+        raise InputRejected("corrupt", f"the image cannot be read: {_vips_message(exc)}") \
+            from None
+
+
+def _decode_heic(path: Path) -> pyvips.Image:
+    """Decode a HEVC-coded HEIF with libheif (pillow-heif) into a pyvips image in memory.
+
+    libheif decodes whole images; phone photos are 12 to 48 MP, so that is bounded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            heif = pillow_heif.open_heif(str(path), convert_hdr_to_8bit=False)
+            data = heif.data  # decodes
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputRejected("corrupt", f"the HEIC image does not decode completely "
+                                       f"(truncated or corrupt): {exc}") from None
+    mode, (width, height), stride = heif.mode, heif.size, heif.stride
+    bands = {"L": 1, "RGB": 3, "RGBA": 4}[mode.split(";")[0]]
+    sample = 2 if ";16" in mode else 1
+    row = width * bands * sample
+    raw = bytes(data) if stride == row else b"".join(
+        bytes(data[y * stride:y * stride + row]) for y in range(height))
+    image = pyvips.Image.new_from_memory(raw, width, height, bands,
+                                         "ushort" if sample == 2 else "uchar")
+    interpretation = ("grey16" if sample == 2 else "b-w") if bands == 1 else \
+        ("rgb16" if sample == 2 else "srgb")
+    image = image.copy(interpretation=interpretation)
+    icc = heif.info.get("icc_profile")
+    if icc:
+        image.set_type(pyvips.GValue.blob_type, "icc-profile-data", bytes(icc))
+    return image
+
+
+def verify_decodes(path: Path, source: Source) -> None:
+    """Decode the whole image once, streaming; raise InputRejected("corrupt") if it fails.
+
+    A JPEG is decoded at 1/8 scale: every byte of its stream is still read, so truncation
+    is caught, for a fraction of the time and memory.
+    """
+    try:
+        if source.format == "heic":
+            _decode_heic(path)
+            return
+        options = {"shrink": 8} if source.format == "jpeg" else {}
+        image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on=FAIL_ON,
+                                           **options)
+        image.avg()
+    except pyvips.Error as exc:
+        raise InputRejected("corrupt", f"the image does not decode completely (truncated or "
+                                       f"corrupt): {_vips_message(exc)}; copy it again") \
+            from None
+
+
+def _vips_message(exc: pyvips.Error) -> str:
+    lines = [line.strip() for line in str(exc.detail or exc.message).splitlines()
+             if line.strip()]
+    return lines[0] if lines else "unreadable"
+
+
+# --------------------------------------------------------------------------- answers
+
+# PNG's worst case is the raw samples (no compression, 4 bytes a pixel and a filter byte a
+# row) plus zlib's stored-block and chunk framing (< 1 % with 8 KB IDAT chunks); JPEG and
+# lossless WEBP stay under that. The fixed part leaves room for metadata and an ICC profile.
+_ANSWER_SLACK, _ANSWER_FIXED = 1.02, 4 * 1024 * 1024
+
+
+def max_answer_bytes(width: int, height: int) -> int:
+    """A safe upper bound for the size of a cut-out answer of `width` x `height`."""
+    raw = height * (1 + 4 * width)
+    return math.ceil(raw * _ANSWER_SLACK) + _ANSWER_FIXED
+
+
+def inspect_result(answer: Path | bytes, width: int, height: int) -> str:
+    """Check an API answer; return its extension (png, jpg, webp) or raise BadResult.
+
+    The declared size is read from the header before anything is decoded, so an image bomb
+    (a small file declaring a huge canvas) is refused cheaply; then the image must decode
+    completely and nothing may follow its end (PNG after IEND, JPEG after EOI, WEBP after its
+    RIFF length). Bytes are accepted while the pipeline still holds answers in memory.
+    """
+    if isinstance(answer, bytes):
+        return _inspect_answer(answer, width, height, lambda: pyvips.Image.new_from_buffer(
+            answer, "", access="sequential", fail_on=FAIL_ON))
+    path = Path(answer)
+    with path.open("rb") as handle:
+        if path.stat().st_size == 0:
+            raise BadResult("the API answered 200 with an empty body", 200)
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _inspect_answer(data, width, height, lambda: pyvips.Image.new_from_file(
+                str(path), access="sequential", fail_on=FAIL_ON))
+
+
+def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
+                    decoder: Callable[[], pyvips.Image]) -> str:
+    kind = containers.sniff(bytes(data[:64])).kind
+    if kind not in API_FORMATS:
+        raise BadResult("the API answered 200 but the body is not a PNG, JPEG or WEBP image",
+                        200)
+    try:
+        if kind == "png":
+            size = containers.png_size(data)
+            end = containers.png_end(data)
+        elif kind == "jpeg":
+            size = containers.jpeg_size(data)
+        else:
+            size = containers.webp_size(data)
+            end = containers.webp_end(data)
+    except ValueError as exc:
+        raise BadResult(f"the API answered 200 but the body is not a complete image: {exc}",
+                        200) from None
+    if size != (width, height):
+        raise BadResult(f"the result is {size[0]}x{size[1]} but the input is {width}x{height}",
+                        200)
+    try:
+        if kind == "jpeg":  # walking the scans costs a pass: only once the size is right
+            end = containers.jpeg_end(data)
+    except ValueError as exc:
+        raise BadResult(f"the API answered 200 but the body is not a complete image: {exc}",
+                        200) from None
+    if end != len(data):
+        raise BadResult(f"the API's answer has {len(data) - end} bytes after the end of the "
+                        f"image", 200)
+    try:
+        image = decoder()
+        image.avg()
+    except pyvips.Error as exc:
+        raise BadResult(f"the API answered 200 but the body does not decode completely: "
+                        f"{_vips_message(exc)}", 200) from None
+    return API_FORMATS[kind][1]
+
+
+# --------------------------------------------------------------------------- legacy
+
+# Today's pipeline hands over bytes; it keeps working until it is wired to inspect_source.
+_PIL_FORMATS = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"),
+                "MPO": ("image/jpeg", "jpg"), "WEBP": ("image/webp", "webp")}
 
 
 @dataclass(frozen=True)
@@ -35,7 +528,7 @@ class ImageInfo:
 
 
 def inspect_input(data: bytes) -> ImageInfo:
-    """Return what the API needs to know, or raise InputRejected with a reason code."""
+    """Before the studio path: what the API needs to know, or InputRejected. Deprecated."""
     if not data:
         raise InputRejected("empty", "the file is empty (0 bytes); was the copy interrupted?")
     if len(data) > MAX_BYTES:
@@ -50,7 +543,7 @@ def inspect_input(data: bytes) -> ImageInfo:
         raise InputRejected("corrupt", f"the image header is damaged: {exc}") from None
     with image:
         fmt = image.format or "unknown"
-        if fmt not in FORMATS:
+        if fmt not in _PIL_FORMATS:
             raise InputRejected("unsupported_format",
                                 f"{fmt} images are not accepted by the API; convert it to PNG, "
                                 f"JPEG or WEBP")
@@ -61,30 +554,10 @@ def inspect_input(data: bytes) -> ImageInfo:
                                 f"the API accepts at most 25 MP, resize it first")
         try:
             if fmt in ("JPEG", "MPO"):
-                # Decoding at 1/8 scale still reads every byte of the stream, so truncation is
-                # caught, for a fraction of the memory and time.
                 image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             image.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InputRejected("corrupt", f"the image does not decode completely "
                                            f"(truncated or corrupt): {exc}") from None
-    mime, _ = FORMATS[fmt]
+    mime, _ = _PIL_FORMATS[fmt]
     return ImageInfo(format=fmt, mime=mime, width=width, height=height)
-
-
-def inspect_result(data: bytes, width: int, height: int) -> str:
-    """Check a 200 body decodes to an image of the input's size; return its file extension."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt = image.format or "unknown"
-            size = image.size
-            image.load()
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as exc:
-        raise BadResult(f"the API answered 200 but the body is not a complete image: "
-                        f"{type(exc).__name__}", 200) from None
-    if fmt not in FORMATS:
-        raise BadResult(f"the API answered a {fmt} image, not PNG, JPEG or WEBP", 200)
-    if size != (width, height):
-        raise BadResult(f"the result is {size[0]}x{size[1]} but the input is {width}x{height}",
-                        200)
-    return FORMATS[fmt][1]

@@ -11,11 +11,15 @@ from __future__ import annotations
 import io
 import os
 import random
+import struct
+import tempfile
 from pathlib import Path
 
+import pyvips
 from PIL import Image, ImageChops, ImageDraw
 
-__all__ = ["BACKDROPS", "SUBJECTS", "studio_image", "write_samples"]
+__all__ = ["BACKDROPS", "SUBJECTS", "adobe_rgb_profile", "adobe_rgb_tiff", "camera_jpeg",
+           "studio_image", "write_samples"]
 
 Colour = tuple[int, int, int]
 
@@ -152,11 +156,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
     temp.replace(path)  # atomic within one folder, like os.replace
 
 
-def write_samples(folder: Path) -> list[Path]:
+def write_samples(folder: Path, *, studio: bool = False) -> list[Path]:
     """Write five sample shots (JPEG, PNG, WEBP) and one truncated ``broken.jpg``.
 
     Files appear atomically, so a daemon watching ``folder`` never sees half a file.
-    The broken one is there on purpose: a real hot folder receives those too.
+    The broken one is there on purpose: a real hot folder receives those too. With
+    ``studio``, two files for the studio path as well: a 27 MP camera JPEG stored sideways
+    (EXIF orientation 6) and a 16-bit Adobe RGB TIFF.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,4 +177,88 @@ def write_samples(folder: Path) -> list[Path]:
     broken = folder / "broken.jpg"
     _write_atomically(broken, whole[: len(whole) // 3])
     paths.append(broken)
+    if studio:
+        camera = folder / "camera-sideways.jpg"
+        _write_atomically(camera, camera_jpeg())
+        retouch = folder / "retouch-adobe-rgb-16bit.tif"
+        _write_atomically(retouch, adobe_rgb_tiff())
+        paths += [camera, retouch]
     return paths
+
+
+# --------------------------------------------------------------------------- studio files
+
+# EXIF a camera writes: who, what, when; the orientation says "rotate 90° clockwise to view".
+_CAMERA_EXIF = {0x010F: "Canon", 0x0110: "Canon EOS R5", 0x013B: "Watchfolder Studio",
+                0x8298: "(c) Watchfolder Studio", 0x0132: "2024:05:06 07:08:09"}
+_CAMERA_EXIF_IFD = {0x9003: "2024:05:06 07:08:09", 0x829A: (1, 125), 0x8827: 100}
+
+
+def camera_jpeg(width: int = 6000, height: int = 4500, *, seed: int = 7,
+                orientation: int = 6) -> bytes:
+    """A camera-size JPEG (27 MP by default, over the API's 25 MP) of a ``width`` x
+    ``height`` upright shot, stored as a camera held upright stores it: pixels sideways
+    and an EXIF orientation (6, or 8 for the other way round), with capture EXIF."""
+    image = studio_image(width, height, "white", "mug", seed, colour="red")
+    stored = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270,
+              3: Image.Transpose.ROTATE_180, 1: None}[orientation]
+    if stored is not None:
+        image = image.transpose(stored)
+    exif = Image.Exif()
+    for tag, value in _CAMERA_EXIF.items():
+        exif[tag] = value
+    exif[0x0112] = orientation
+    exif[0x8769] = dict(_CAMERA_EXIF_IFD)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def adobe_rgb_tiff(width: int = 3000, height: int = 2000, *, seed: int = 8,
+                   compression: str = "deflate") -> bytes:
+    """A 16-bit TIFF in Adobe RGB (1998), as raw developers export for retouching: the
+    sRGB shot converted through lcms, with the profile embedded."""
+    shot = studio_image(width, height, "grey", "bottle", seed, colour="teal")
+    srgb = pyvips.Image.new_from_memory(shot.tobytes(), width, height, 3, "uchar")
+    with tempfile.TemporaryDirectory() as folder:
+        profile = Path(folder) / "adobe-rgb.icc"
+        profile.write_bytes(adobe_rgb_profile())
+        adobe = srgb.copy(interpretation="srgb").icc_transform(
+            str(profile), input_profile="srgb", embedded=False, depth=16)
+        return bytes(adobe.tiffsave_buffer(compression=compression, predictor="horizontal"))
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def adobe_rgb_profile() -> bytes:
+    """A minimal ICC v2 matrix/TRC profile with Adobe RGB (1998)'s primaries and gamma
+    (563/256), D50-adapted as in Adobe's own profile; lcms and libvips accept it."""
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + _s15(x) + _s15(y) + _s15(z)
+
+    def desc(text: str) -> bytes:
+        ascii_ = text.encode("ascii") + b"\0"
+        return (b"desc\0\0\0\0" + struct.pack(">I", len(ascii_)) + ascii_
+                + b"\0" * 8 + b"\0" * 3 + b"\0" * 67)  # no Unicode, no ScriptCode text
+
+    gamma = b"curv\0\0\0\0" + struct.pack(">IH", 1, 563) + b"\0\0"
+    tags = [(b"desc", desc("Adobe RGB (1998) compatible")),
+            (b"cprt", b"text\0\0\0\0No copyright, use freely\0"),
+            (b"wtpt", xyz(0.96420, 1.0, 0.82491)),
+            (b"rXYZ", xyz(0.60974, 0.31111, 0.01947)),
+            (b"gXYZ", xyz(0.20528, 0.62567, 0.06087)),
+            (b"bXYZ", xyz(0.14919, 0.06322, 0.74457)),
+            (b"rTRC", gamma), (b"gTRC", gamma), (b"bTRC", gamma)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = struct.pack(">I", len(tags)), b""
+    for signature, body in tags:
+        body = body.ljust((len(body) + 3) // 4 * 4, b"\0")
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"none" + bytes((2, 0x10, 0, 0))
+              + b"mntrRGB XYZ " + struct.pack(">6H", 2024, 1, 1, 0, 0, 0) + b"acsp"
+              + b"\0" * 24 + struct.pack(">I", 0) + _s15(0.9642) + _s15(1.0) + _s15(0.82491)
+              + b"none" + b"\0" * 44)
+    return header + table + data

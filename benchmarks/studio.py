@@ -1,0 +1,252 @@
+"""The studio path's local work per file, libvips (watchfolder.imaging) beside Pillow.
+
+    python -m benchmarks.studio                  # 45 MP JPEG (upright and sideways), 100 MP
+                                                 # 16-bit TIFF; about 3 minutes on 2 cores
+    python -m benchmarks.studio --quick          # 12 and 27 MP stand-ins: seconds
+    python -m benchmarks.studio --threads 2      # libvips threads per pipeline (default:
+                                                 # cores - 1, what the daemon uses)
+
+Local work is what the daemon does around the one request: the proxy (upright, sRGB, 8-bit,
+within 25 MP, JPEG), then the full-size composite (the original's pixels, the answer's alpha
+scaled up) written as PNG. The answer is made once per case by the sandbox from the proxy,
+outside the timing, and both sides compose with the same answer.
+
+Each case runs in its own process, so its peak RSS is its own: VmHWM, the kernel's count
+(mapped files included), read by the child at its end. Not ru_maxrss: Linux keeps that
+across exec, so a child forked from this (big) parent would report the parent's size.
+
+The Pillow side is what a careful Pillow program does: exif_transpose, ImageCms to sRGB,
+LANCZOS to 25 MP, the answer's alpha scaled up with BICUBIC, putalpha, PNG with the
+profile and EXIF, at the same zlib level. No numpy is needed for it. Pillow holds colour at
+8 bits, so its composite of a 16-bit TIFF is 8-bit (the libvips one keeps 16 bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_COMPRESSION = 3  # imaging.PNG_COMPRESSION, for the Pillow side too (no libvips import)
+
+# name: (width, height, kind, orientation)
+FULL = {
+    "45 MP JPEG": (8192, 5464, "jpeg", 1),
+    "45 MP JPEG, orientation 6": (8192, 5464, "jpeg", 6),
+    "100 MP 16-bit TIFF": (11608, 8708, "tiff", 1),
+}
+QUICK = {
+    "12 MP JPEG, orientation 6": (4000, 3000, "jpeg", 6),
+    "27 MP 16-bit TIFF": (6000, 4500, "tiff", 1),
+}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_input(folder: Path, name: str, width: int, height: int, kind: str,
+               orientation: int) -> Path:
+    """A studio shot with sensor-like noise (so files compress like photographs do)."""
+    import pyvips  # only here: the children that benchmark Pillow must not load libvips
+
+    from watchfolder.samples import adobe_rgb_profile, studio_image
+
+    path = folder / (name.replace(" ", "_").replace(",", "") + (".jpg" if kind == "jpeg"
+                                                                  else ".tif"))
+    if path.exists():
+        return path
+    # Draw small, scale up in libvips: a 100 MP Pillow drawing would take a minute.
+    small = studio_image(-(-width // 8), -(-height // 8), "white" if kind == "jpeg" else "grey",
+                         "mug" if kind == "jpeg" else "bottle", 5, colour="red")
+    base = pyvips.Image.new_from_memory(small.tobytes(), small.width, small.height, 3, "uchar")
+    base = base.resize(8, kernel="linear").crop(0, 0, width, height).copy(
+        interpretation="srgb")
+    noise = pyvips.Image.gaussnoise(width, height, sigma=2.5, mean=0, seed=1)
+    image = (base.cast("float") + noise).cast("uchar").copy(interpretation="srgb")
+    temp = path.with_suffix(".tmp")
+    if kind == "jpeg":
+        if orientation == 6:
+            image = image.rot270()  # stored sideways, as a camera held upright stores it
+        image = image.copy()
+        image.set_type(pyvips.GValue.gint_type, "orientation", orientation)
+        image.jpegsave(str(temp), Q=92)
+    else:
+        profile = folder / "adobe-rgb.icc"
+        profile.write_bytes(adobe_rgb_profile())
+        adobe = image.icc_transform(str(profile), input_profile="srgb", embedded=False,
+                                    depth=16)
+        adobe.tiffsave(str(temp), compression="deflate", predictor="horizontal")
+    temp.rename(path)
+    return path
+
+
+def make_answer(folder: Path, original: Path) -> tuple[Path, int, int]:
+    """The sandbox's answer for our proxy (made once, untimed, shared by both sides)."""
+    from PIL import Image
+
+    from watchfolder.images import inspect_source
+    from watchfolder.imaging import make_proxy
+    from watchfolder.sandbox import remove_backdrop
+
+    answer = original.with_suffix(".answer.png")
+    proxy_path = original.with_suffix(".proxy.jpg")
+    proxy = make_proxy(original, inspect_source(original), proxy_path)
+    if not answer.exists():
+        with Image.open(proxy_path) as image:
+            remove_backdrop(image).save(answer, "PNG", compress_level=1)
+    return answer, proxy.width, proxy.height
+
+
+# --------------------------------------------------------------------------- children
+
+
+def run_vips(original: Path, answer: Path, out: Path, threads: int | None) -> dict[str, Any]:
+    from watchfolder import imaging
+    from watchfolder.images import inspect_source
+
+    imaging.configure(threads)
+    times = {}
+    start = time.perf_counter()
+    source = inspect_source(original)
+    times["inspect"] = time.perf_counter() - start
+    mark = time.perf_counter()
+    proxy = imaging.make_proxy(original, source, out.with_suffix(".proxy.jpg"))
+    times["proxy"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    result = imaging.compose(original, source, answer, out, "png")
+    times["compose"] = time.perf_counter() - mark
+    times["total"] = time.perf_counter() - start
+    return {"times": times, "proxy": [proxy.width, proxy.height], "bits": result.bits,
+            "size": [result.width, result.height], "bytes": result.size}
+
+
+def run_pillow(original: Path, answer: Path, out: Path, box: tuple[int, int]) -> dict[str, Any]:
+    from PIL import Image, ImageCms, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = None
+    times = {}
+    start = time.perf_counter()
+    with Image.open(original) as opened:
+        opened.load()  # the check that it decodes: Pillow has no streaming decode
+        times["inspect"] = time.perf_counter() - start
+        mark = time.perf_counter()
+        image = ImageOps.exif_transpose(opened)
+        icc = opened.info.get("icc_profile")
+        exif = opened.getexif()
+        exif[0x0112] = 1
+    srgb = image
+    if icc:
+        srgb = ImageCms.profileToProfile(image, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                         ImageCms.createProfile("sRGB"), outputMode="RGB")
+    proxy = srgb.resize(box, Image.Resampling.LANCZOS) if srgb.size != box else srgb
+    proxy.save(out.with_suffix(".proxy.jpg"), "JPEG", quality=92)
+    del srgb, proxy
+    times["proxy"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    with Image.open(answer) as mask_source:
+        alpha = mask_source.getchannel("A").resize(image.size, Image.Resampling.BICUBIC)
+    image.putalpha(alpha)
+    del alpha
+    image.save(out, "PNG", compress_level=PNG_COMPRESSION, icc_profile=icc, exif=exif.tobytes())
+    times["compose"] = time.perf_counter() - mark
+    times["total"] = time.perf_counter() - start
+    return {"times": times, "proxy": list(box), "bits": 8, "size": list(image.size),
+            "bytes": out.stat().st_size}
+
+
+def child(args: argparse.Namespace) -> None:
+    original, answer = Path(args.original), Path(args.answer)
+    out = Path(args.out)
+    if args.side == "vips":
+        result = run_vips(original, answer, out, args.threads)
+    else:
+        result = run_pillow(original, answer, out, (args.box[0], args.box[1]))
+    result["peak_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measure(side: str, original: Path, answer: Path, box: tuple[int, int], out: Path,
+            threads: int | None) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.studio", "--child", side,
+               "--original", str(original), "--answer", str(answer), "--out", str(out),
+               "--box", str(box[0]), str(box[1])]
+    if threads:
+        command += ["--threads", str(threads)]
+    done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{side} child failed on {original.name}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    out.unlink(missing_ok=True)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studio")
+    parser.add_argument("--quick", action="store_true", help="small stand-ins (seconds)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="libvips threads per pipeline (default: cores - 1)")
+    parser.add_argument("--dir", default=None, help="keep inputs here between runs")
+    parser.add_argument("--child", choices=("vips", "pillow"), help=argparse.SUPPRESS)
+    parser.add_argument("--original", help=argparse.SUPPRESS)
+    parser.add_argument("--answer", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--box", type=int, nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.side = args.child
+        child(args)
+        return
+
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="watchfolder-studio-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = QUICK if args.quick else FULL
+    print(f"studio path, local work per file; {os.cpu_count()} cores; inputs in {folder}")
+    header = (f"{'case':28} {'side':7} {'inspect':>8} {'proxy':>7} {'compose':>8} "
+              f"{'total':>7} {'peak RSS':>9}  output")
+    print(header)
+    print("-" * len(header))
+    for name, (width, height, kind, orientation) in cases.items():
+        original = make_input(folder, name, width, height, kind, orientation)
+        answer, pw, ph = make_answer(folder, original)
+        results = {}
+        for side in ("vips", "pillow"):
+            result = measure(side, original, answer, (pw, ph), folder / f"out-{side}.png",
+                             args.threads)
+            results[side] = result
+            t = result["times"]
+            print(f"{name:28} {side:7} {t['inspect']:7.2f}s {t['proxy']:6.2f}s "
+                  f"{t['compose']:7.2f}s {t['total']:6.2f}s {result['peak_mb']:7.0f} MB  "
+                  f"{result['size'][0]}x{result['size'][1]} {result['bits']}-bit PNG, "
+                  f"{result['bytes'] / 1e6:.0f} MB")
+        vips, pillow = results["vips"], results["pillow"]
+        print(f"{'':28} {'ratio':7} Pillow / libvips: time "
+              f"{pillow['times']['total'] / vips['times']['total']:.1f}x, peak RSS "
+              f"{pillow['peak_mb'] / vips['peak_mb']:.1f}x   "
+              f"({os.path.getsize(original) / 1e6:.0f} MB input, proxy {pw}x{ph}, "
+              f"{pw * ph / 1e6:.1f} MP)")
+    print(f"libvips threads per pipeline: {args.threads or max(1, (os.cpu_count() or 2) - 1)}"
+          f"; pixels: {math.prod(next(iter(cases.values()))[:2]) / 1e6:.0f} MP first case")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Recipe steps on a real cut-out: subject box and margin to the pixel, exact canvases,
+long edges, white backgrounds with the subject's own pixels, masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pyvips
+
+from watchfolder.images import inspect_source
+from watchfolder.imaging import Cutout, cutout, write_output
+from watchfolder.recipes import (
+    Box,
+    Recipe,
+    crop,
+    expand,
+    fit,
+    mask_only,
+    on_background,
+    place,
+    render,
+    subject_box,
+)
+from watchfolder.samples import adobe_rgb_tiff
+
+WIDTH, HEIGHT = 600, 400
+SUBJECT = Box(150, 100, 200, 120)  # where the answer's alpha is opaque
+
+
+def make_pair(tmp_path: Path, *, sixteen: bool = False) -> tuple[Path, Path]:
+    """An original and an answer whose alpha is exactly SUBJECT, at the original's size."""
+    original = tmp_path / "original.tif"
+    if sixteen:
+        original.write_bytes(adobe_rgb_tiff(WIDTH, HEIGHT))
+    else:
+        gradient = pyvips.Image.xyz(WIDTH, HEIGHT)
+        rgb = (gradient[0] * 255 / WIDTH).bandjoin(gradient[1] * 255 / HEIGHT).bandjoin(90)
+        rgb.cast("uchar").copy(interpretation="srgb").tiffsave(str(original))
+    alpha = pyvips.Image.black(WIDTH, HEIGHT).draw_rect(
+        255, SUBJECT.left, SUBJECT.top, SUBJECT.width, SUBJECT.height, fill=True)
+    answer = tmp_path / "answer.png"
+    (pyvips.Image.black(WIDTH, HEIGHT, bands=3) + 128).bandjoin(alpha).cast("uchar").copy(
+        interpretation="srgb").pngsave(str(answer))
+    return original, answer
+
+
+def fresh(original: Path, answer: Path) -> Cutout:
+    return cutout(original, inspect_source(original), answer)
+
+
+def computed(image: pyvips.Image) -> pyvips.Image:
+    """The pipeline computed once into memory, so a test can look at it many times (a
+    streamed image can be read once)."""
+    return image.copy_memory()
+
+
+def test_subject_box_and_margins_to_the_pixel(tmp_path: Path) -> None:
+    original, answer = make_pair(tmp_path)
+    assert subject_box(fresh(original, answer)) == SUBJECT
+    assert expand(SUBJECT, 10) == Box(140, 90, 220, 140)
+    assert expand(SUBJECT, percent=5) == Box(140, 94, 220, 132)  # 5 % of 200 and of 120
+    image = computed(render(fresh(original, answer),
+                            Recipe(crop_to_subject=True, margin_percent=5)))
+    assert (image.width, image.height) == (220, 132)
+    alpha = image[3]
+    assert alpha.crop(10, 6, 200, 120).min() == 255  # the subject, whole
+    assert alpha.crop(0, 0, 10, 132).max() == 0 and alpha.crop(0, 0, 220, 6).max() == 0
+    # The colour is the original's own, at the same place.
+    source = pyvips.Image.new_from_file(str(original))
+    assert image.getpoint(10, 6)[:3] == source.getpoint(150, 100)
+
+
+def test_margin_past_the_edge_is_transparent(tmp_path: Path) -> None:
+    original, answer = make_pair(tmp_path)
+    image = computed(crop(fresh(original, answer).image,
+                          Box(-20, -10, WIDTH + 40, HEIGHT + 20)))
+    assert (image.width, image.height) == (WIDTH + 40, HEIGHT + 20)
+    assert image[3].crop(0, 0, 20, HEIGHT + 20).max() == 0
+
+
+@pytest.mark.parametrize(("position", "corner"), [("center", (0, 100)), ("bottom", (0, 200)),
+                                                   ("top", (0, 0))])
+def test_exact_canvas_and_position(tmp_path: Path, position: str,
+                                   corner: tuple[int, int]) -> None:
+    original, answer = make_pair(tmp_path)
+    image = computed(render(fresh(original, answer),
+                            Recipe(crop_to_subject=True, size=(500, 500), position=position)))
+    assert (image.width, image.height) == (500, 500)
+    # 200x120 scaled up to fit 500 wide: 500x300, placed as asked.
+    x, y = corner
+    assert image[3].crop(x, y, 500, 300).min() == 255
+    outside = image[3].crop(0, 0, 500, y) if y else image[3].crop(0, 300, 500, 200)
+    assert outside.max() == 0
+
+
+def test_white_background_keeps_the_subject_pixels(tmp_path: Path) -> None:
+    original, answer = make_pair(tmp_path)
+    image = computed(render(fresh(original, answer), Recipe(background=(255, 255, 255))))
+    assert image.bands == 3
+    assert image.getpoint(5, 5) == [255, 255, 255]
+    source = pyvips.Image.new_from_file(str(original))
+    inside = image.crop(SUBJECT.left, SUBJECT.top, SUBJECT.width, SUBJECT.height)
+    expected = source.crop(SUBJECT.left, SUBJECT.top, SUBJECT.width, SUBJECT.height)
+    assert (inside - expected).abs().max() == 0
+    out = write_output(image, "jpeg", tmp_path / "white.jpg", fresh(original, answer).metadata)
+    decoded = pyvips.Image.new_from_file(str(out.path))
+    assert min(decoded.getpoint(5, 5)) >= 253  # white, to within JPEG's rounding
+
+
+def test_long_edge_never_upscales_and_keeps_16_bits(tmp_path: Path) -> None:
+    original, answer = make_pair(tmp_path, sixteen=True)
+    image = render(fresh(original, answer), Recipe(max_size=300))
+    assert (image.width, image.height, image.format) == (300, 200, "ushort")
+    same = render(fresh(original, answer), Recipe(max_size=5000))
+    assert (same.width, same.height) == (WIDTH, HEIGHT)
+    scaled = fit(fresh(original, answer).image, 1200, 1200)
+    assert (scaled.width, scaled.height) == (1200, 800)
+
+
+def test_mask_only(tmp_path: Path) -> None:
+    original, answer = make_pair(tmp_path, sixteen=True)
+    result = fresh(original, answer)
+    mask = mask_only(result.image)
+    out = write_output(mask, "png", tmp_path / "mask.png", result.metadata)
+    written = computed(pyvips.Image.new_from_file(str(out.path)))
+    assert (written.bands, written.format, written.interpretation) == (1, "ushort", "grey16")
+    assert written.crop(SUBJECT.left, SUBJECT.top, SUBJECT.width, SUBJECT.height).min() == 65535
+    assert written.getpoint(5, 5) == [0]
+    assert not written.get_typeof("icc-profile-data")  # an RGB profile does not fit a mask
+
+
+def test_place_and_background_on_grey(tmp_path: Path) -> None:
+    grey = (pyvips.Image.black(10, 10) + 100).bandjoin(255).cast("uchar").copy(
+        interpretation="b-w")
+    assert on_background(place(grey, 20, 10, "left"), (255, 255, 255)).getpoint(15, 5) == [255]
+    assert on_background(place(grey, 20, 10, "right"), (255, 0, 0)).getpoint(0, 5) == \
+        [255, 0, 0]
+    with pytest.raises(ValueError, match="position"):
+        place(grey, 20, 10, "middle")

@@ -1,0 +1,155 @@
+"""Output recipes (issue 11): steps on a cut-out's lazy image between `imaging.cutout` and
+`imaging.write_output`, all at the original's resolution and streaming like it.
+
+    subject_box(cutout)            the tight box around the visible pixels (full-size alpha)
+    expand(box, pixels, percent)   a margin: percent of the box's width left and right, of its
+                                   height above and below, as remove.bg's crop_margin
+    crop(image, box)               the box, padded with transparency where it leaves the image
+    fit(image, w, h, upscale=)     scaled (premultiplied, lanczos3) to fit inside w x h
+    place(image, w, h, position)   on an exact w x h canvas
+    on_background(image, colour)   flattened onto a colour, edges blended by their alpha
+    mask_only(image)               the alpha alone, as a greyscale image
+    render(cutout, recipe)         the steps above in the order a recipe names them
+
+A recipe's colours are sRGB: a CMYK cut-out is converted through its profile before it is
+flattened or scaled (ink values do not blend like light).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyvips
+
+from watchfolder.imaging import Cutout, answer_alpha, scale_to, to_srgb
+
+POSITIONS = ("center", "top", "bottom", "left", "right", "top-left", "top-right",
+             "bottom-left", "bottom-right")
+SUBJECT_THRESHOLD = 16  # alpha (of 255) from which a pixel counts as part of the subject
+
+Colour = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Box:
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One output's image steps (naming and format are the caller's)."""
+
+    crop_to_subject: bool = False
+    margin_pixels: int = 0
+    margin_percent: float = 0.0
+    size: tuple[int, int] | None = None  # exact canvas; the subject is scaled to fit inside
+    position: str = "center"
+    max_size: int | None = None  # long edge; never upscales
+    background: Colour | None = None  # None: transparent
+    mask: bool = False
+
+
+def render(cutout: Cutout, recipe: Recipe) -> pyvips.Image:
+    """The image of one output: crop, margin, canvas or long edge, then background/mask."""
+    image = cutout.image
+    if recipe.crop_to_subject:  # the margin belongs to the crop, as in remove.bg
+        box = subject_box(cutout) or Box(0, 0, image.width, image.height)
+        image = crop(image, expand(box, recipe.margin_pixels, recipe.margin_percent))
+    if recipe.mask:
+        image = mask_only(image)
+    if recipe.size is not None:
+        image = place(fit(image, *recipe.size), *recipe.size, recipe.position)
+    elif recipe.max_size is not None:
+        image = fit(image, recipe.max_size, recipe.max_size, upscale=False)
+    if recipe.background is not None and not recipe.mask:
+        image = on_background(image, recipe.background)
+    return image
+
+
+def subject_box(cutout: Cutout, threshold: int = SUBJECT_THRESHOLD) -> Box | None:
+    """The smallest box holding every pixel with alpha >= `threshold`, or None (no subject).
+
+    Found on the answer's alpha scaled up to full size, a pipeline of its own: the original
+    is not decoded for it.
+    """
+    width, height = cutout.image.width, cutout.image.height
+    alpha = answer_alpha(cutout.answer, width, height)
+    left, top, box_width, box_height = alpha.find_trim(threshold=threshold - 0.5,
+                                                       background=[0], line_art=True)
+    if box_width <= 0 or box_height <= 0:
+        return None
+    return Box(left, top, box_width, box_height)
+
+
+def expand(box: Box, pixels: int = 0, percent: float = 0.0) -> Box:
+    """`box` grown by `pixels` on every side plus `percent` of its width (left and right)
+    and of its height (above and below)."""
+    dx = pixels + math.floor(box.width * percent / 100 + 0.5)
+    dy = pixels + math.floor(box.height * percent / 100 + 0.5)
+    return Box(box.left - dx, box.top - dy, box.width + 2 * dx, box.height + 2 * dy)
+
+
+def crop(image: pyvips.Image, box: Box) -> pyvips.Image:
+    """The pixels of `box`; where it reaches past the image, transparent (or black)."""
+    return image.embed(-box.left, -box.top, box.width, box.height, extend="background",
+                       background=[0] * image.bands)
+
+
+def fit(image: pyvips.Image, width: int, height: int, *, upscale: bool = True) -> pyvips.Image:
+    """`image` scaled to fit inside `width` x `height` keeping its shape (lanczos3 down,
+    bicubic up); colour is scaled premultiplied by alpha, so transparent pixels do not
+    bleed into the edge."""
+    scale = min(width / image.width, height / image.height)
+    if not upscale:
+        scale = min(scale, 1.0)
+    target = (max(1, min(width, round(image.width * scale))),
+              max(1, min(height, round(image.height * scale))))
+    if target == (image.width, image.height):
+        return image
+    if image.interpretation == "cmyk":
+        image = to_srgb(image)
+    fmt, interpretation = image.format, image.interpretation
+    peak = 65535 if fmt == "ushort" else 255
+    alpha = image.hasalpha()
+    work = image.premultiply(max_alpha=peak) if alpha else image.cast("float")
+    work = scale_to(work, *target)
+    if alpha:
+        work = work.unpremultiply(max_alpha=peak)
+    return (work + 0.5).cast(fmt).copy(interpretation=interpretation)
+
+
+def place(image: pyvips.Image, width: int, height: int,
+          position: str = "center") -> pyvips.Image:
+    """`image` on a transparent `width` x `height` canvas at `position`."""
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, not {position!r}")
+    free_x, free_y = width - image.width, height - image.height
+    x = 0 if "left" in position else free_x if "right" in position else free_x // 2
+    y = 0 if position.startswith("top") else free_y if position.startswith("bottom") \
+        else free_y // 2
+    return image.embed(x, y, width, height, extend="background", background=[0] * image.bands)
+
+
+def on_background(image: pyvips.Image, colour: Colour) -> pyvips.Image:
+    """`image` flattened onto an sRGB colour: each pixel blends by its alpha, so the soft
+    edge stays soft. Greyscale stays grey on a grey colour and becomes RGB otherwise."""
+    if image.interpretation == "cmyk" or (
+            image.interpretation in ("b-w", "grey16") and len(set(colour)) > 1):
+        image = to_srgb(image)
+    if not image.hasalpha():
+        return image
+    fmt, interpretation = image.format, image.interpretation
+    peak = 65535 if fmt == "ushort" else 255
+    background = [c * peak / 255 for c in colour[:image.bands - 1]]
+    flat = image.flatten(background=background, max_alpha=peak)
+    return (flat + 0.5).cast(fmt).copy(interpretation=interpretation)
+
+
+def mask_only(image: pyvips.Image) -> pyvips.Image:
+    """The alpha as a greyscale image (white: subject), at the image's depth."""
+    alpha = image[image.bands - 1]
+    return alpha.copy(interpretation="grey16" if alpha.format == "ushort" else "b-w")
