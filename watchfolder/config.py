@@ -23,7 +23,9 @@ import yaml
 from watchfolder.errors import ConfigError
 
 DEFAULT_URL = "https://clipdrop-api.co/remove-background/v1"
-OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpg"}
+# output_format → what the API is asked for (the Accept header); TIFF is made locally from a PNG
+OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpg",
+                  "tiff": "image/png"}
 TRANSPARENCY_MODES = ("return_input_if_non_opaque", "discard_alpha_layer")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -155,11 +157,13 @@ class InboxConfig:
     settle_seconds: float = number(2.0, 0)
     polling: bool = flag(False)
     polling_interval_seconds: float = number(2.0, 0.05)
+    studio: bool = flag(True)
 
     @property
     def settings_key(self) -> str:
         """The settings that change the result, part of a result's identity."""
-        return f"{self.output_format}|{self.transparency_handling}"
+        return (f"{self.output_format}|{self.transparency_handling}"
+                + ("" if self.studio else "|api-only"))
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ def _damaged(path: Path, detail: str) -> str:
 
 JOURNAL_NAME = "journal.sqlite3"
 
-QUEUED, SENDING, FETCHED, STORED, DONE = "queued", "sending", "fetched", "stored", "done"
+QUEUED, PROXIED, SENDING = "queued", "proxied", "sending"
+FETCHED, STORED, DONE = "fetched", "stored", "done"
 FAILING, FAILED, GONE = "failing", "failed", "gone"
 FINAL = (DONE, FAILED, GONE)
 
@@ -66,7 +67,9 @@ CREATE TABLE IF NOT EXISTS files (
     status INTEGER,
     credits INTEGER,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    route TEXT,
+    proxy TEXT
 );
 CREATE INDEX IF NOT EXISTS files_by_path ON files (inbox, rel);
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state);
@@ -104,6 +107,8 @@ class FileRecord:
     credits: int | None = None
     created: float = 0.0
     updated: float = 0.0
+    route: str | None = None  # "fast" (sent as it is) or "studio" (a proxy is sent)
+    proxy: str | None = None  # the proxy in the spool, while it may still be sent
 
 
 _COLUMNS = [f.name for f in fields(FileRecord)]
@@ -144,6 +149,10 @@ class Journal:
             # FULL: a committed step survives power loss too, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+            for column in ("route", "proxy"):  # journals of 0.1
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
             if "t" not in {row[1] for row in self._db.execute("PRAGMA table_info(results)")}:
                 # Journals of 0.1: their results count as made now for retention.
                 self._db.execute("ALTER TABLE results ADD COLUMN t REAL")

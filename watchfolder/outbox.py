@@ -129,6 +129,14 @@ def write_atomic(data: bytes, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _link_no_clobber(src: Path, dest: Path) -> bool:
     try:
         os.link(src, dest, follow_symlinks=False)
@@ -238,10 +246,14 @@ class Destinations:
         try:
             result = action(*args)
         except OSError as exc:
-            self._problem(root, f"cannot write in {root}: {exc.strerror or exc} "
-                                f"({type(exc).__name__})")
+            self.failed(root, exc)
         self._ok(root)
         return result
+
+    def failed(self, root: Path, exc: OSError) -> NoReturn:
+        """Writing below `root` failed: report it (once) and raise DestinationError."""
+        self._problem(root, f"cannot write in {root}: {exc.strerror or exc} "
+                            f"({type(exc).__name__})")
 
     def place(self, root: Path, name: str, target: Path, chosen: Path | None, *,
               claim: Callable[[Path], None], put: Callable[[Path], bool],
@@ -256,17 +268,47 @@ class Destinations:
         """
         if chosen is not None and os.path.lexists(chosen) and ours(chosen):
             return chosen
-        self.check(root, name, need)
-        # A name clash is this file's problem, never the destination's: resolved like any
-        # collision (`clash-1.png/`), while a real write error stays a DestinationError.
-        target = self.guard(root, free_folder, root, target.parent) / target.name
-        self.guard(root, target.parent.mkdir, 0o777, True, True)
+        target = self.folder_for(root, name, target, need)
         first = [chosen] if chosen is not None and not os.path.lexists(chosen) else []
         for candidate in itertools.chain(first, candidates(target, also_free=also_free)):
             claim(candidate)
             if self.guard(root, put, candidate):
                 return candidate
         raise AssertionError("candidates() never ends")  # pragma: no cover
+
+    def place_new(self, root: Path, name: str, target: Path, chosen: Path | None, *,
+                  produce: Callable[[Path], object], claim: Callable[[Path, str], None],
+                  ours: Callable[[Path], bool], need: int = 0) -> tuple[Path, str]:
+        """`place` a file that `produce` writes (to the path it is given); return where it
+        went and its SHA-256, which `claim` journals with each name it tries.
+
+        The file is written complete and fsynced beside its target before any name is
+        tried, so a reader never sees it partial and a crash leaves only a hidden temp file.
+        """
+        if chosen is not None and os.path.lexists(chosen) and ours(chosen):
+            return chosen, sha256_file(chosen)
+        target = self.folder_for(root, name, target, need)
+        temp = _temp_beside(target)
+        try:
+            self.guard(root, produce, temp)
+            self.guard(root, _fsync_file, temp)
+            sha = sha256_file(temp)
+            placed = self.place(root, name, target, chosen, ours=ours,
+                                claim=lambda candidate: claim(candidate, sha),
+                                put=lambda candidate: _link_no_clobber(temp, candidate))
+        finally:
+            temp.unlink(missing_ok=True)
+        self.guard(root, fsync_dir, placed.parent)
+        return placed, sha
+
+    def folder_for(self, root: Path, name: str, target: Path, need: int = 0) -> Path:
+        """`target` with its folder made below `root` (checked, with `need` bytes free)."""
+        self.check(root, name, need)
+        # A name clash is this file's problem, never the destination's: resolved like any
+        # collision (`clash-1.png/`), while a real write error stays a DestinationError.
+        target = self.guard(root, free_folder, root, target.parent) / target.name
+        self.guard(root, target.parent.mkdir, 0o777, True, True)
+        return target
 
     def _problem(self, root: Path, message: str) -> NoReturn:
         with self._lock:

@@ -33,22 +33,27 @@ Policies, per the API contract:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+import pyvips
 import structlog
+from PIL import Image
 
 from watchfolder import __version__, failpoints
-from watchfolder.client import ApiClient, ApiResult
+from watchfolder.client import ApiClient, ApiResult, max_result_bytes
 from watchfolder.config import Config, InboxConfig
 from watchfolder.errors import (
     AccountError,
@@ -60,7 +65,8 @@ from watchfolder.errors import (
     RateLimited,
     Retryable,
 )
-from watchfolder.images import ImageInfo, inspect_input, inspect_result
+from watchfolder.images import inspect_result, inspect_source, verify_decodes
+from watchfolder.imaging import EXTENSIONS, compose, make_proxy, write_output
 from watchfolder.jobqueue import Job, JobQueue, RequestSlots
 from watchfolder.journal import (
     DONE,
@@ -69,6 +75,7 @@ from watchfolder.journal import (
     FETCHED,
     FINAL,
     GONE,
+    PROXIED,
     QUEUED,
     SENDING,
     STORED,
@@ -76,11 +83,12 @@ from watchfolder.journal import (
     Journal,
 )
 from watchfolder.logs import readable
+from watchfolder.metadata import carry_metadata, read_metadata
 from watchfolder.outbox import (
     NAME_MAX,
     REASON_SUFFIX,
     Destinations,
-    copy_into,
+    fsync_dir,
     move_into,
     same_file,
     sha256_file,
@@ -93,8 +101,6 @@ if TYPE_CHECKING:
     from watchfolder.metrics import Metrics
 
 log = structlog.get_logger("watchfolder")
-
-MAX_READ = 32 * 1024 * 1024  # more than the API takes: enough to say how much too large
 
 
 # -- what a step returns --------------------------------------------------------------------------
@@ -123,6 +129,7 @@ class Park:
     front: bool = False
     twin: bool = False
     changes: Mapping[str, Any] = field(default_factory=dict)
+    lane: str | None = None  # MAIN or LOCAL: the queue to go to (None: the one it came from)
 
 
 Outcome = Advance | Park
@@ -136,6 +143,19 @@ def failing(reason: str, message: str, status: int | None = None, *,
     return Advance(FAILING, changes)
 
 
+MAIN, LOCAL = "main", "local"  # the lanes: requests and light steps / heavy local image work
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What one request sends: the original's bytes (fast path) or its proxy's (studio)."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+
 @dataclass
 class Work:
     """One file in the hands of a worker: its job, its journal record, its inbox."""
@@ -143,8 +163,8 @@ class Work:
     job: Job
     record: FileRecord
     inbox: InboxConfig
-    data: bytes | None = None  # what `prepare` read, for `send` (never across a park)
-    info: ImageInfo | None = None
+    lane: str = MAIN
+    payload: Payload | None = None  # made by `prepare`, sent by `send` (never across a park)
     holds_slot: bool = False
 
     @property
@@ -198,6 +218,11 @@ class Pipeline:
         self.release = release
         self.on_account_problem = on_account_problem
         self.queue = JobQueue()
+        # Heavy local image work (proxies, full-resolution cut-outs) has its own lane and
+        # workers, as many as the cores allow: big files compose there while small files
+        # keep the request slots busy. Proxies go first, so requests are never held back.
+        self.local = JobQueue()
+        self.local_workers = max(1, (os.cpu_count() or 2) - 1)
         self.slots = RequestSlots(config.api.concurrency)
         self.destinations = Destinations()
         self.twins = Twins()
@@ -213,8 +238,8 @@ class Pipeline:
         self.reused = 0
         self.credits: int | None = None
         self._steps: dict[str, Callable[[Work], Outcome]] = {
-            QUEUED: self._prepare, SENDING: self._send, FETCHED: self._store,
-            STORED: self._finish, FAILING: self._fail}
+            QUEUED: self._prepare, PROXIED: self._admit_proxy, SENDING: self._send,
+            FETCHED: self._store, STORED: self._finish, FAILING: self._fail}
 
     @property
     def inboxes(self) -> tuple[InboxConfig, ...]:
@@ -224,9 +249,11 @@ class Pipeline:
 
     def start(self) -> None:
         concurrency = self.slots.size
-        for n in range(concurrency + spare_workers(concurrency)):
-            thread = threading.Thread(target=self._work, name=f"watchfolder-worker-{n}",
-                                      daemon=True)
+        lanes = [(MAIN, self.queue)] * (concurrency + spare_workers(concurrency))
+        lanes += [(LOCAL, self.local)] * self.local_workers
+        for n, (lane, queue) in enumerate(lanes):
+            thread = threading.Thread(target=self._work, args=(lane, queue),
+                                      name=f"watchfolder-{lane}-worker-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -234,6 +261,7 @@ class Pipeline:
         """Take no new jobs; requests in flight may finish (see `join`)."""
         self.stopping.set()
         self.queue.close()
+        self.local.close()
         self.slots.wake()
 
     def join(self, timeout: float) -> bool:
@@ -251,20 +279,21 @@ class Pipeline:
 
     def snapshot(self) -> dict[str, object]:
         paused = self.queue.paused
-        return {"waiting": len(self.queue), "in_flight": self.in_flight, "done": self.done,
-                "failed": self.failed, "reused": self.reused, "credits": self.credits,
+        return {"waiting": len(self.queue) + len(self.local), "in_flight": self.in_flight,
+                "done": self.done, "failed": self.failed, "reused": self.reused,
+                "credits": self.credits,
                 "paused": f"{paused.reason}: {paused.message}" if paused else None}
 
     # -- the worker loop: one file's life -----------------------------------------------------
 
-    def _work(self) -> None:
-        while (job := self.queue.get()) is not None:
+    def _work(self, lane: str, queue: JobQueue) -> None:
+        while (job := queue.get()) is not None:
             with self._busy():
-                self._live(job)
+                self._live(job, lane)
 
-    def _live(self, job: Job) -> None:
+    def _live(self, job: Job, lane: str = MAIN) -> None:
         """Run the file's steps until it is finished or parked."""
-        work = self._open(job)
+        work = self._open(job, lane)
         if work is None:
             return
         record = work.record
@@ -295,7 +324,7 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker nor lose the file
             return self._internal_error(work, exc)
 
-    def _open(self, job: Job) -> Work | None:
+    def _open(self, job: Job, lane: str) -> Work | None:
         """The job's journal record, created for a new file; None if the file is gone."""
         inbox = self.inboxes[job.index]
         try:
@@ -313,7 +342,7 @@ class Pipeline:
             self.release(job, None)
             return None
         job.record = record
-        return Work(job, record, inbox)
+        return Work(job, record, inbox, lane)
 
     def _park(self, work: Work, park: Park) -> None:
         if park.changes:
@@ -322,10 +351,11 @@ class Pipeline:
         job.probe = False
         if park.twin:
             return  # Twins holds it until the first copy is finished
+        queue = self.local if (park.lane or work.lane) == LOCAL else self.queue
         if park.delay > 0:
-            self.queue.put_later(job, park.delay)
+            queue.put_later(job, park.delay)
         else:
-            self.queue.put(job, front=park.front)
+            queue.put(job, front=park.front)
 
     def _finished(self, work: Work) -> None:
         job, record, inbox = work.job, work.record, work.inbox
@@ -355,27 +385,43 @@ class Pipeline:
             kept = (record.size, record.mtime_ns)
         self.release(job, kept)
 
-    # -- step: queued → sending | fetched (reused) | failing | gone -----------------------------
+    # -- step: queued → sending | proxied | fetched (reused) | failing | gone -------------------
 
     def _prepare(self, work: Work) -> Outcome:
-        """Read and check the file; reuse an earlier answer, or take a slot and a send time."""
+        """Check the file; reuse an earlier answer, or make what will be sent.
+
+        The fast path (a file the API takes as it is) goes straight to a request; the studio
+        path makes a proxy first, on the local lane.
+        """
         if self.stopping.is_set():
             return Park()
         if not _inside(work.inbox.path, work.src.parent):
             # Reached through a linked folder: it lives outside the inbox; never touch it.
             log.warning("file.outside_inbox", **work.log_fields())
             return Advance(GONE)
+        record, inbox, src = work.record, work.inbox, work.src
         try:
-            read = self._read(work)
-            if read is None:
+            st = self._check_file(work)
+            if st is None:
                 return self._gone(work, "removed from the inbox before it was processed")
-            data, st = read
-            info = inspect_input(data)
+            source = inspect_source(src, studio=inbox.studio, verify=False)
+            if source.route == "studio" and work.lane != LOCAL:
+                return Park(lane=LOCAL, changes={"route": "studio"})
+            if source.route == "fast":
+                verify_decodes(src, source)
+                data = self._read(work)
+                sha = hashlib.sha256(data).hexdigest()
+            else:
+                sha = sha256_file(src)
         except InputRejected as exc:
             return failing(exc.reason, exc.message)
-        sha = hashlib.sha256(data).hexdigest()
-        seen = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        identity = work.job.identity = f"{sha}|{work.inbox.settings_key}"
+        except FileNotFoundError:
+            return self._gone(work, "removed from the inbox before it was processed")
+        except OSError as exc:
+            return failing("unreadable", f"cannot read the file: {exc.strerror or exc}")
+        seen = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "route": source.route}
+        identity = work.job.identity = f"{sha}|{inbox.settings_key}"
         earlier = self._earlier_result(identity)
         if earlier is not None:
             path, result_sha = earlier
@@ -383,24 +429,24 @@ class Pipeline:
                                      "result_sha": result_sha})
         if not self.twins.claim(identity, work.job):
             return Park(twin=True, changes=seen)
-        # No request while the answer would have nowhere to go (an RGBA image of the input's
-        # size bounds what the outbox must hold).
-        self.destinations.check(work.inbox.outbox, "outbox", info.width * info.height * 4)
-        if work.inbox.archive is not None:
-            self.destinations.check(work.inbox.archive, "archive")
-        if not self.slots.acquire(self.stopping):
-            return Park()
-        work.holds_slot = True
-        if not self.limiter.acquire(self.stopping):
-            return Park()
-        work.data, work.info = data, info
-        return Advance(SENDING, seen, sent=True)
-
-    def _read(self, work: Work) -> tuple[bytes, os.stat_result] | None:
-        """The file's bytes and stat, read without following links; None if it is gone."""
-        src = work.src
+        if source.route == "fast":
+            width, height = source.width, source.height
+            return self._admit(work, Payload(data, source.mime, width, height), seen,
+                               need=width * height * 4)
+        proxy = self.journal.spool_dir / f"{record.id}.proxy.jpg"
         try:
-            st = src.lstat()
+            made = make_proxy(src, source, proxy)
+        except InputRejected as exc:
+            return failing(exc.reason, exc.message)
+        log.info("file.proxy", **work.log_fields(), why=source.reason,
+                 original=f"{source.upright[0]}x{source.upright[1]}",
+                 proxy=f"{made.width}x{made.height}", bytes=made.size)
+        return Advance(PROXIED, {**seen, "proxy": str(proxy)})
+
+    def _check_file(self, work: Work) -> os.stat_result | None:
+        """The file's stat if it is a regular file of ours; None if it is gone."""
+        try:
+            st = work.src.lstat()
         except FileNotFoundError:
             return None
         if stat.S_ISLNK(st.st_mode):
@@ -410,15 +456,49 @@ class Pipeline:
         if not stat.S_ISREG(st.st_mode):
             raise InputRejected("not_a_file", "not a regular file (a device, socket or pipe); "
                                 "only image files can be processed")
-        try:
-            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise InputRejected("unreadable", f"cannot read the file: {exc.strerror}") from None
+        return st
+
+    @staticmethod
+    def _read(work: Work) -> bytes:
+        """The file's bytes (a fast-path file: at most 30 MB), read without following links."""
+        fd = os.open(work.src, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as handle:
-            st = os.fstat(handle.fileno())
-            return handle.read(MAX_READ), st
+            return handle.read()
+
+    # -- step: proxied → sending --------------------------------------------------------------
+
+    def _admit_proxy(self, work: Work) -> Outcome:
+        """Send the proxy made on the local lane (requests are the main lane's work)."""
+        if work.lane != MAIN:
+            return Park(lane=MAIN, front=True)
+        if self.stopping.is_set():
+            return Park()
+        proxy = Path(work.record.proxy or "")
+        try:
+            data = proxy.read_bytes()
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except (OSError, ValueError):
+            # The spool was cleaned by hand (or the proxy is damaged): make it again.
+            return Advance(QUEUED, {"proxy": None})
+        return self._admit(work, Payload(data, "image/jpeg", width, height), {},
+                           need=2 * work.record.size + width * height * 4)
+
+    def _admit(self, work: Work, payload: Payload, changes: Mapping[str, Any], *,
+               need: int) -> Outcome:
+        """Take a request slot and a send time: the request goes out next."""
+        # No request while its answer would have nowhere to go (`need`: about what the
+        # outbox must hold).
+        self.destinations.check(work.inbox.outbox, "outbox", need)
+        if work.inbox.archive is not None:
+            self.destinations.check(work.inbox.archive, "archive")
+        if not self.slots.acquire(self.stopping):
+            return Park(changes=changes)
+        work.holds_slot = True
+        if not self.limiter.acquire(self.stopping):
+            return Park(changes=changes)
+        work.payload = payload
+        return Advance(SENDING, changes, sent=True)
 
     def _earlier_result(self, identity: str) -> tuple[str, str] | None:
         """An outbox file made earlier for the same content and settings, still intact."""
@@ -434,19 +514,25 @@ class Pipeline:
     # -- step: sending → fetched | failing | queued (parked) ----------------------------------
 
     def _send(self, work: Work) -> Outcome:
-        """One request; its answer goes to the spool, fsynced, before it is journaled."""
-        record, inbox = work.record, work.inbox
-        if work.data is None or work.info is None:
+        """One request; its answer is streamed to the spool, fsynced, before it is journaled."""
+        record, inbox, payload = work.record, work.inbox, work.payload
+        if payload is None:
             # Journaled as sending by a run that never finished the request: send it again
             # (the one credit a crash can cost per request in flight).
-            return Advance(QUEUED)
-        info = work.info
-        back = {"state": QUEUED}
+            return Advance(PROXIED if record.proxy else QUEUED)
+        back = {"state": PROXIED if record.proxy else QUEUED}
+        # The studio path composes from the answer's alpha: it asks for PNG; so does a TIFF
+        # output, made locally.
+        asked = "png" if record.route == "studio" or inbox.output_format == "tiff" \
+            else inbox.output_format
+        part = self.journal.spool_dir / f".{record.id}.part"
         try:
             result = self._call_api(
-                work.data, filename=_sendable(PurePosixPath(work.job.rel).name), mime=info.mime,
-                output_format=inbox.output_format, transparency=inbox.transparency_handling)
-            ext = inspect_result(result.content, info.width, info.height)
+                payload.data, filename=_sendable(PurePosixPath(work.job.rel).name),
+                mime=payload.mime, dest=part,
+                max_bytes=max_result_bytes(payload.width, payload.height, len(payload.data)),
+                output_format=asked, transparency=inbox.transparency_handling)
+            ext = inspect_result(part, payload.width, payload.height)
         except RateLimited as exc:
             delay = self.limiter.rate_limited(
                 None if exc.delay is None
@@ -462,7 +548,11 @@ class Pipeline:
                 self._warn_format_refused(inbox)
             return failing(exc.reason, exc.message, exc.status, attempts=record.attempts + 1)
         except Retryable as exc:
-            return self._retry(work, exc)
+            part.unlink(missing_ok=True)
+            return self._retry(work, exc, back)
+        except OSError as exc:  # the spool's disk: full, or gone
+            part.unlink(missing_ok=True)
+            self.destinations.failed(self.journal.spool_dir, exc)
         failpoints.hit("answered")
         self.limiter.succeeded()
         # Only the probe was sent while paused; an older request's success says nothing
@@ -471,13 +561,15 @@ class Pipeline:
             self.journal.set_meta("paused", None)
             log.warning("account.resumed", hint="the API accepts requests again")
         spool = self.journal.spool_dir / f"{record.id}.{ext}"
-        write_atomic(result.content, spool)
+        part.replace(spool)
+        fsync_dir(spool.parent)
         failpoints.hit("spooled")
         self._note_credits(result.credits_remaining)
-        return Advance(FETCHED, {"spool": str(spool),
-                                 "result_sha": hashlib.sha256(result.content).hexdigest(),
+        proxy = Path(record.proxy) if record.proxy else None
+        return Advance(FETCHED, {"spool": str(spool), "result_sha": result.sha256,
                                  "credits": result.credits_remaining,
-                                 "attempts": record.attempts + 1})
+                                 "attempts": record.attempts + 1, "proxy": None},
+                       then=None if proxy is None else lambda: proxy.unlink(missing_ok=True))
 
     def _call_api(self, data: bytes, **options: Any) -> ApiResult:
         """The API call, timed and counted by status for the metrics."""
@@ -494,7 +586,7 @@ class Pipeline:
                 self.metrics.api_response(status, time.monotonic() - started)
         return result
 
-    def _retry(self, work: Work, exc: ApiError) -> Outcome:
+    def _retry(self, work: Work, exc: ApiError, back: Mapping[str, Any]) -> Outcome:
         record = work.record
         attempts = record.attempts + 1
         retry = self.config.retry
@@ -507,9 +599,8 @@ class Pipeline:
             at_least=0.0 if wish is None else min(wish, retry.retry_after_cap_seconds))
         log.info("file.retry", **work.log_fields(), reason=exc.reason, status=exc.status,
                  attempt=attempts, retry_in_s=round(delay, 2), message=exc.message)
-        return Park(delay, changes={"state": QUEUED, "attempts": attempts,
-                                    "reason": exc.reason, "message": exc.message,
-                                    "status": exc.status})
+        return Park(delay, changes={**back, "attempts": attempts, "reason": exc.reason,
+                                    "message": exc.message, "status": exc.status})
 
     def _account_problem(self, exc: AccountError, job: Job) -> None:
         pause = self.config.retry.pause_seconds
@@ -550,31 +641,79 @@ class Pipeline:
     # -- step: fetched → stored ---------------------------------------------------------------
 
     def _store(self, work: Work) -> Outcome:
-        """Copy the answer (spooled, or an earlier identical result) into the outbox."""
+        """Make the result from the answer (spooled, or an earlier identical result) and put
+        it in the outbox."""
         record, inbox = work.record, work.inbox
-        source = Path(record.spool or record.reuse_from or "")
+        answer = Path(record.spool or record.reuse_from or "")
         chosen = Path(record.result) if record.result else None
 
         def ours(path: Path) -> bool:
             return _sha_or_none(path) == record.result_sha
 
-        if not source.is_file() and not (chosen is not None and ours(chosen)):
+        if chosen is not None and os.path.lexists(chosen) and ours(chosen):
+            placed, sha = chosen, record.result_sha or ""  # placed before a crash
+        elif not answer.is_file():
             # The spool or the reused result vanished (cleaned up by hand): ask again.
             return Advance(QUEUED, {"spool": None, "reuse_from": None, "result": None})
-        rel = PurePosixPath(work.job.rel)
-        target = inbox.outbox.joinpath(*rel.parent.parts, rel.stem + source.suffix)
-        placed = self.destinations.place(
-            inbox.outbox, "outbox", target, chosen, ours=ours,
-            claim=lambda name: self.journal.update(record, result=str(name)),
-            put=lambda name: copy_into(source, name), need=source.stat().st_size)
-        failpoints.hit("result-placed")
+        else:
+            maker = self._result_maker(work, answer)
+            if isinstance(maker, Park):
+                return maker
+            produce, ext, need = maker
+            rel = PurePosixPath(work.job.rel)
+            target = inbox.outbox.joinpath(*rel.parent.parts, f"{rel.stem}.{ext}")
+            try:
+                placed, sha = self.destinations.place_new(
+                    inbox.outbox, "outbox", target, chosen, produce=produce, ours=ours,
+                    claim=lambda name, digest: self.journal.update(
+                        record, result=str(name), result_sha=digest), need=need)
+            except InputRejected as exc:  # the original no longer decodes, or too large
+                return failing(exc.reason, exc.message)         # for the asked format
+            failpoints.hit("result-placed")
         spool = Path(record.spool) if record.spool else None
         # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
         # the next start removes, never a reference that keeps it forever.
         return Advance(STORED, {"spool": None},
-                       remember=(f"{record.sha256}|{record.settings}", str(placed),
-                                 record.result_sha or ""),
+                       remember=(f"{record.sha256}|{record.settings}", str(placed), sha),
                        then=None if spool is None else lambda: spool.unlink(missing_ok=True))
+
+    def _result_maker(self, work: Work, answer: Path
+                      ) -> tuple[Callable[[Path], object], str, int] | Park:
+        """How to write the result: (write it to a path, its extension, bytes it needs).
+
+        A reused result is copied. On the fast path the answer is the result, with the
+        original's metadata added (its pixels untouched). The studio path, and TIFF output,
+        encode locally: on the local lane.
+        """
+        record, inbox, src = work.record, work.inbox, work.src
+        size = answer.stat().st_size
+        if record.reuse_from:
+            return partial(shutil.copyfile, answer), answer.suffix[1:], size
+        heavy = record.route == "studio" or inbox.output_format == "tiff"
+        if heavy and work.lane != LOCAL:
+            return Park(lane=LOCAL)
+        if not self._unchanged(work):
+            log.warning("file.changed", **work.log_fields(),
+                        hint="the original changed or vanished after it was sent: the result "
+                             "is the API's answer as it is")
+            return partial(shutil.copyfile, answer), answer.suffix[1:], size
+        if record.route == "studio":
+            fmt = inbox.output_format
+            source = inspect_source(src, studio=True, verify=False)
+            return (partial(compose, src, source, answer, fmt=fmt), EXTENSIONS[fmt],
+                    2 * record.size + 4 * source.width * source.height)
+        if inbox.output_format == "tiff":
+            return partial(_answer_as_tiff, answer, src), "tif", 4 * size
+        return partial(carry_metadata, answer, src), answer.suffix[1:], 2 * size
+
+    @staticmethod
+    def _unchanged(work: Work) -> bool:
+        """The original is still the file that was sent (by size and mtime)."""
+        try:
+            st = work.src.lstat()
+        except FileNotFoundError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == (work.record.size, work.record.mtime_ns)
 
     # -- step: stored → done ------------------------------------------------------------------
 
@@ -615,6 +754,8 @@ class Pipeline:
     def _fail(self, work: Work) -> Outcome:
         """Move the file to errors, then write its reason beside it."""
         record, inbox, src = work.record, work.inbox, work.src
+        if record.proxy:
+            Path(record.proxy).unlink(missing_ok=True)  # never sent, never needed again
         chosen = Path(record.error_path) if record.error_path else None
         if not os.path.lexists(src) and (chosen is None or not os.path.lexists(chosen)):
             return self._gone(work, "removed from the inbox before it was moved to errors",
@@ -703,6 +844,12 @@ def _inside(root: Path, folder: Path) -> bool:
     real_root = os.path.realpath(root)
     real = os.path.realpath(folder)
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _answer_as_tiff(answer: Path, original: Path, dest: Path) -> None:
+    """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
+    image = pyvips.Image.new_from_file(str(answer), access="sequential")
+    write_output(image, "tiff", dest, replace(read_metadata(original), icc=None))
 
 
 def _sendable(name: str) -> str:
