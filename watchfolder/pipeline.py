@@ -65,7 +65,7 @@ from watchfolder.errors import (
     RateLimited,
     Retryable,
 )
-from watchfolder.images import inspect_result, inspect_source, verify_decodes
+from watchfolder.images import inspect_result, inspect_source, verify_decodes, vips_name
 from watchfolder.imaging import EXTENSIONS, compose, make_proxy, write_output
 from watchfolder.jobqueue import Job, JobQueue, RequestSlots
 from watchfolder.journal import (
@@ -848,7 +848,7 @@ def _inside(root: Path, folder: Path) -> bool:
 
 def _answer_as_tiff(answer: Path, original: Path, dest: Path) -> None:
     """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
-    image = pyvips.Image.new_from_file(str(answer), access="sequential")
+    image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
     write_output(image, "tiff", dest, replace(read_metadata(original), icc=None))
 
 
