@@ -1,7 +1,8 @@
 """Command line: argument parsing, exit codes, logging and signals. No business logic here.
 
 Exit codes: 0 success; 1 some files went to errors (--once); 2 usage or configuration error;
-3 an account problem (401/402/403) stopped a --once run with files still waiting.
+3 an account problem (401/402/403) or the daily budget stopped a --once run with files still
+waiting.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ examples:
   watchfolder sandbox --port 8765                  a local stand-in for the API
 
 exit codes: 0 ok, 1 some files failed (--once), 2 usage/config error,
-            3 account problem (bad key, no credits) stopped a --once run"""
+            3 account problem (bad key, no credits) or the daily budget
+              stopped a --once run"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_argument(run)
     run.add_argument("--once", action="store_true",
                      help="process the files in the inboxes now, wait for them, then exit "
-                          "(0 all done, 1 some failed, 3 account problem)")
+                          "(0 all done, 1 some failed, 3 account problem or budget)")
     run.add_argument("--log-format", choices=("json", "console"),
                      help="override log.format from the configuration")
     run.set_defaults(handler=cmd_run)

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from watchfolder import logs, status
+from watchfolder.budget import BudgetReached
 from watchfolder.client import ApiClient
 from watchfolder.config import Config, InboxConfig
 from watchfolder.errors import AccountError, ConfigError
@@ -48,7 +49,7 @@ class Daemon:
     def __init__(self, config: Config, *, once: bool = False) -> None:
         self.config = config
         self.once = once
-        self.account_error: AccountError | None = None
+        self.account_error: AccountError | BudgetReached | None = None
         # Set when the caller should stop: a signal, or (--once) all work done or an account
         # problem.
         self.finished = threading.Event()
@@ -174,7 +175,7 @@ class Daemon:
         assert self.intake is not None
         self.intake.release(job, kept)
 
-    def _account_problem(self, error: AccountError) -> None:
+    def _account_problem(self, error: AccountError | BudgetReached) -> None:
         self.account_error = error
         if self.once:
             self.request_stop()
@@ -182,7 +183,10 @@ class Daemon:
     # -- running ------------------------------------------------------------------------------
 
     def housekeeping(self) -> None:
-        """At start and once a day: forget what the journal no longer needs."""
+        """Every turn of the main loop: end a budget pause that is over. At start and once a
+        day: forget what the journal no longer needs."""
+        if self.pipeline is not None:
+            self.pipeline.check_budget()
         now = time.monotonic()
         if self.journal is None or now < self._next_prune:
             return
@@ -346,6 +350,7 @@ class Daemon:
                 api.url, api.key, timeout=api.timeout_seconds,
                 connect_timeout=api.connect_timeout_seconds)
         pipeline.limiter.set_limit(api.requests_per_minute)
+        pipeline.budget.limit = api.max_credits_per_day
         pipeline.limiter.backoff = config.retry.backoff_seconds
         pipeline.limiter.max_backoff = config.retry.max_backoff_seconds
         # The watches are replaced around the intake, which keeps running: events of a new

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from watchfolder.ratelimit import backoff
 
 if TYPE_CHECKING:
+    from watchfolder.budget import BudgetReached
     from watchfolder.errors import AccountError
     from watchfolder.journal import FileRecord
 
@@ -58,7 +59,7 @@ class JobQueue:
         self._later: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._closed = False
-        self.paused: AccountError | None = None
+        self.paused: AccountError | BudgetReached | None = None
         self._probe_at = 0.0
         self._probe_every = 0.0
 
@@ -83,7 +84,7 @@ class JobQueue:
         """
         return max(self.rng.uniform(0, backoff(attempt, base, cap)), at_least)
 
-    def pause(self, error: AccountError, probe_in: float) -> bool:
+    def pause(self, error: AccountError | BudgetReached, probe_in: float) -> bool:
         """Stop handing out jobs except one probe every `probe_in` s; True if newly paused."""
         with self._cond:
             newly = self.paused is None

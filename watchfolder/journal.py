@@ -320,11 +320,16 @@ class Journal:
                 raise
         return gone
 
+    def sends_since(self, since: float) -> int:
+        """Requests sent at or after `since` (wall clock): the day's spend."""
+        return int(self._query("SELECT COUNT(*) FROM sends WHERE t >= ?", (since,))[0][0])
+
     def recent_sends(self, window: float = 60.0) -> list[float]:
         """Wall-clock times of requests sent in the last `window` seconds (oldest first)."""
         cutoff = time.time() - window
         with self._lock:
-            self._db.execute("DELETE FROM sends WHERE t < ?", (cutoff - 3600,))
+            # Two days are kept: the rate limit needs a minute, the daily budget a day.
+            self._db.execute("DELETE FROM sends WHERE t < ?", (time.time() - 2 * 86400,))
             rows = self._db.execute("SELECT t FROM sends WHERE t >= ? ORDER BY t",
                                     (cutoff,)).fetchall()
         return [t for (t,) in rows]

@@ -165,5 +165,11 @@ class _StateCollector(Collector):
         if paused:
             reason.add_metric([str(paused).split(":", 1)[0]], 1.0)
         yield reason
+        yield GaugeMetricFamily("watchfolder_credits_spent_today", "Requests sent since local "
+                                "midnight (what api.max_credits_per_day counts)",
+                                value=float(snap.get("spent_today") or 0))
+        if snap.get("budget") is not None:
+            yield GaugeMetricFamily("watchfolder_credits_budget", "api.max_credits_per_day",
+                                    value=float(snap["budget"]))
         yield GaugeMetricFamily("watchfolder_healthy", "1 while every worker, the intake and "
                                 "the watches are alive", value=1.0 if snap.get("healthy") else 0.0)

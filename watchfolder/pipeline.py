@@ -54,6 +54,7 @@ import structlog
 from PIL import Image
 
 from watchfolder import __version__, failpoints
+from watchfolder.budget import Budget, BudgetReached
 from watchfolder.client import ApiClient, ApiResult, max_result_bytes
 from watchfolder.config import EXTENSIONS, Config, InboxConfig, OutputConfig
 from watchfolder.errors import (
@@ -221,7 +222,8 @@ class Pipeline:
 
     def __init__(self, config: Config, journal: Journal, client: ApiClient,
                  limiter: RateLimiter, *, release: Callable[[Job, Signature | None], None],
-                 on_account_problem: Callable[[AccountError], None] | None = None) -> None:
+                 on_account_problem: Callable[[AccountError | BudgetReached], None] | None = None
+                 ) -> None:
         self.config = config
         self.journal = journal
         self.client = client
@@ -237,6 +239,7 @@ class Pipeline:
         self.slots = RequestSlots(config.api.concurrency)
         self.destinations = Destinations()
         self.twins = Twins()
+        self.budget = Budget(config.api.max_credits_per_day, journal.sends_since)
         self.stopping = threading.Event()
         self.metrics: Metrics | None = None  # set by the daemon when metrics are served
         self.handoff: HandOff | None = None  # set by the daemon when hooks or a webhook are
@@ -294,7 +297,8 @@ class Pipeline:
         return {"waiting": len(self.queue) + len(self.local), "in_flight": self.in_flight,
                 "done": self.done, "failed": self.failed, "reused": self.reused,
                 "credits": self.credits,
-                "paused": f"{paused.reason}: {paused.message}" if paused else None}
+                "paused": f"{paused.reason}: {paused.message}" if paused else None,
+                **self.budget.snapshot()}
 
     # -- the worker loop: one file's life -----------------------------------------------------
 
@@ -507,6 +511,9 @@ class Pipeline:
         work.holds_slot = True
         if not self.limiter.acquire(self.stopping):
             return Park(changes=changes)
+        if not self.budget.take():
+            self._budget_spent()
+            return Park(front=True, changes=changes)
         work.payload = payload
         return Advance(SENDING, changes, sent=True)
 
@@ -627,6 +634,23 @@ class Pipeline:
             log.debug("account.still_paused", reason=exc.reason, probe=job.probe)
         if self.on_account_problem is not None:
             self.on_account_problem(exc)
+
+    def _budget_spent(self) -> None:
+        """Pause sending until midnight (or a reload that raises the budget): files wait."""
+        reached = self.budget.reached()
+        if self.queue.pause(reached, self.budget.seconds_to_reset()):
+            self.journal.set_meta("paused", f"{reached.reason}: {reached.message}")
+            log.warning("budget.reached", budget=self.budget.limit, message=reached.message,
+                        hint="raise api.max_credits_per_day and reload to go on today")
+        if self.on_account_problem is not None:
+            self.on_account_problem(reached)  # a --once run stops, its files waiting
+
+    def check_budget(self) -> None:
+        """Resume a budget pause once the day turned or the limit was raised (main loop)."""
+        paused = self.queue.paused
+        if isinstance(paused, BudgetReached) and self.budget.open() and self.queue.resume():
+            self.journal.set_meta("paused", None)
+            log.warning("budget.resumed", budget=self.budget.limit)
 
     def _warn_format_refused(self, inbox: InboxConfig) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from watchfolder.budget import midnight_after
 from watchfolder.config import Config
 from watchfolder.journal import DONE, FAILED, GONE, SENDING, Journal
 from watchfolder.lock import daemon_running
@@ -77,6 +78,9 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
         "today_since": midnight.isoformat(timespec="seconds"),
         "paused": None,
         "credits": None,
+        "spent_today": 0,
+        "budget": {"max_credits_per_day": config.api.max_credits_per_day,
+                   "resets_at": midnight_after(now).isoformat(timespec="seconds")},
         "recent_failures": [],
     }
     known: dict[str, set[str]] = {}
@@ -87,6 +91,7 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
         try:
             _read_journal(journal, report, inboxes, known, running, midnight.timestamp())
             kept = journal.kept_in_place()
+            report["spent_today"] = journal.sends_since(midnight.timestamp())
         finally:
             journal.close()
     for inbox in config.inboxes:
@@ -180,6 +185,10 @@ def render(report: dict[str, Any], config: Path | None = None) -> str:
     lines.append(f"  {report['waiting']} waiting, {report['in_flight']} in flight, "
                  f"{report['new']} new in the inboxes; today {report['done_today']} done, "
                  f"{report['failed_today']} failed; {credit_text}")
+    limit = report["budget"]["max_credits_per_day"]
+    lines.append(f"  {report['spent_today']} request(s) sent today" + (
+        f" of a budget of {limit}, renewed at {_short_time(report['budget']['resets_at'])}"
+        if limit else ""))
     if report["paused"]:
         when = "" if report["running"] else " (when it stopped)"
         lines.append(f"  PAUSED{when}: {report['paused']}")
