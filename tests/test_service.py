@@ -3,6 +3,7 @@ systemd, the watchdog, reload on a real SIGHUP, and the shipped unit file."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -516,3 +517,28 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "", done.stderr  # unknown keys and bad values only warn
+
+
+def test_a_full_notify_socket_never_blocks_and_state_changes_wait_their_turn(
+        tmp_path: Path, log_lines: LogCapture) -> None:
+    import socket as socket_module
+
+    path = str(tmp_path / "notify.sock")
+    with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_DGRAM) as systemd:
+        systemd.bind(path)  # PID 1, too busy to read: its queue fills up
+        notifier = Notifier(path, watchdog_seconds=1.0)
+        started = time.monotonic()
+        for _ in range(5000):
+            notifier.watchdog()
+        assert not notifier.ready("ready after all")  # the queue is full: held, not sent
+        assert time.monotonic() - started < 5, "a full queue never blocks the sender"
+        assert log_lines.events("notify.busy")
+        systemd.setblocking(False)
+        received = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received.append(systemd.recv(4096))
+        assert notifier.status("later") is True  # the held READY=1 goes first
+        assert systemd.recv(4096).startswith(b"READY=1")
+        assert systemd.recv(4096) == b"STATUS=later"
+        notifier.close()
