@@ -37,26 +37,24 @@ import io
 import json
 import os
 import re
-import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import pyvips
 import structlog
 from PIL import Image
 
-from watchfolder import __version__, failpoints
+from watchfolder import __version__, failpoints, results
 from watchfolder.budget import Budget, BudgetReached
 from watchfolder.client import ApiClient, ApiResult, max_result_bytes
-from watchfolder.config import EXTENSIONS, Config, InboxConfig, OutputConfig
+from watchfolder.config import Config, InboxConfig
 from watchfolder.errors import (
     AccountError,
     ApiError,
@@ -67,8 +65,8 @@ from watchfolder.errors import (
     RateLimited,
     Retryable,
 )
-from watchfolder.images import inspect_result, inspect_source, verify_decodes, vips_name
-from watchfolder.imaging import Cutout, compose, cutout, make_proxy, write_output
+from watchfolder.images import inspect_result, inspect_source, verify_decodes
+from watchfolder.imaging import make_proxy
 from watchfolder.jobqueue import Job, JobQueue, RequestSlots
 from watchfolder.journal import (
     DONE,
@@ -92,7 +90,6 @@ from watchfolder.manifest import (
     manifest_id,
     manifest_json,
 )
-from watchfolder.metadata import carry_metadata, read_metadata
 from watchfolder.outbox import (
     NAME_MAX,
     REASON_SUFFIX,
@@ -105,7 +102,6 @@ from watchfolder.outbox import (
     write_atomic,
 )
 from watchfolder.ratelimit import RateLimiter
-from watchfolder.recipes import Recipe, render
 from watchfolder.settle import Signature
 
 if TYPE_CHECKING:
@@ -694,10 +690,15 @@ class Pipeline:
         for index in range(count):
             if done[index]:
                 continue  # placed before a crash
-            maker = self._output_maker(work, answer, index, reused)
-            if isinstance(maker, Park):
-                return maker
-            produce, root, target, need = maker
+            if work.lane != LOCAL and results.heavy(record.route, inbox, index, reused):
+                return Park(lane=LOCAL)
+            unchanged = self._unchanged(work)
+            if not unchanged and not reused:
+                log.warning("file.changed", **work.log_fields(),
+                            hint="the original changed or vanished after it was sent: the "
+                                 "result is the API's answer as it is")
+            maker = results.maker(record, inbox, work.job.rel, answer, index, reused,
+                                  unchanged=unchanged)
             entry = placed[index]
 
             def claim(name: Path, digest: str, index: int = index) -> None:
@@ -712,8 +713,8 @@ class Pipeline:
 
             try:
                 path, sha = self.destinations.place_new(
-                    root, "outbox", target, Path(entry[0]) if entry else None,
-                    produce=produce, claim=claim, ours=ours, need=need)
+                    maker.root, "outbox", maker.target, Path(entry[0]) if entry else None,
+                    produce=maker.produce, claim=claim, ours=ours, need=maker.need)
             except InputRejected as exc:  # the original no longer decodes, or too large
                 return failing(exc.reason, exc.message)         # for the asked format
             placed[index] = [str(path), sha]
@@ -726,59 +727,6 @@ class Pipeline:
                        remember=[(_output_identity(identity, index), entry[0], entry[1])
                                  for index, entry in enumerate(placed) if entry],
                        then=None if spool is None else lambda: spool.unlink(missing_ok=True))
-
-    def _output_maker(self, work: Work, answer: Path, index: int, reused: list[str]
-                      ) -> tuple[Callable[[Path], object], Path, Path, int] | Park:
-        """How to make output `index`: (write it to a path, its outbox, its path, bytes).
-
-        A reused result is copied. With no recipe, on the fast path the answer is the result,
-        with the original's metadata added (its pixels untouched). The studio path, TIFF
-        output and recipes encode locally, on the local lane.
-        """
-        record, inbox, src = work.record, work.inbox, work.src
-        spec = inbox.outputs[index] if inbox.outputs else None
-        size = answer.stat().st_size
-
-        def where(ext: str) -> tuple[Path, Path]:
-            root = (spec.outbox if spec else None) or inbox.outbox
-            rel = (spec or DEFAULT_OUTPUT).path(
-                work.job.rel, ext, inbox=inbox.path.name, sha256=record.sha256 or "",
-                date=datetime.now().strftime("%Y-%m-%d"))
-            return root, root / rel
-
-        if reused:
-            earlier = Path(reused[index])
-            return (partial(shutil.copyfile, earlier), *where(earlier.suffix[1:]),
-                    earlier.stat().st_size)
-        fmt = spec.format if spec else inbox.output_format
-        heavy = record.route == "studio" or fmt == "tiff" or spec is not None
-        if heavy and work.lane != LOCAL:
-            return Park(lane=LOCAL)
-        if not self._unchanged(work):
-            log.warning("file.changed", **work.log_fields(),
-                        hint="the original changed or vanished after it was sent: the result "
-                             "is the API's answer as it is")
-            return partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size
-        if spec is not None:
-            cut = self._cutout(work, answer)
-            return (partial(_render, cut, spec), *where(spec.ext),
-                    2 * record.size + 8 * cut.image.width * cut.image.height)
-        if record.route == "studio":
-            source = inspect_source(src, studio=True, verify=False)
-            return (partial(compose, src, source, answer, fmt=fmt), *where(EXTENSIONS[fmt]),
-                    2 * record.size + 4 * source.width * source.height)
-        if fmt == "tiff":
-            return partial(_answer_as_tiff, answer, src), *where("tif"), 4 * size
-        return partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size
-
-    def _cutout(self, work: Work, answer: Path) -> Cutout:
-        """The full-resolution cut-out (studio path), or the answer with the original's
-        metadata (fast path), for the recipe's steps."""
-        if work.record.route == "studio":
-            source = inspect_source(work.src, studio=True, verify=False)
-            return cutout(work.src, source, answer)
-        image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
-        return Cutout(image, replace(read_metadata(work.src), icc=None), answer)
 
     @staticmethod
     def _unchanged(work: Work) -> bool:
@@ -836,12 +784,12 @@ class Pipeline:
         record = work.record
         outputs = []
         for entry in json.loads(record.outputs or "[]") if event == "done" else []:
-            fmt, width, height = _image_facts(Path(entry[0]))
+            fmt, width, height = results.image_facts(Path(entry[0]))
             outputs.append(OutputFacts(entry[0], fmt or Path(entry[0]).suffix[1:], width or 0,
                                        height or 0, entry[1]))
         original = next((Path(p) for p in (record.archive, str(work.src), record.error_path)
                          if p and os.path.lexists(p)), work.src)
-        _, width, height = _image_facts(original, upright=True)
+        _, width, height = results.image_facts(original, upright=True)
         spent = 0 if record.reuse_from or not record.result_sha else 1
         return build_manifest(
             manifest_id=manifest_id(record.inbox, record.rel, record.id, record.created),
@@ -860,9 +808,10 @@ class Pipeline:
         record, inbox = work.record, work.inbox
         rel = PurePosixPath(work.job.rel)
         first = json.loads(record.outputs or "[]")[0][0]
-        intended = inbox.outbox / (inbox.outputs[0] if inbox.outputs else DEFAULT_OUTPUT).path(
+        spec = inbox.outputs[0] if inbox.outputs else results.DEFAULT_OUTPUT
+        intended = inbox.outbox / spec.path(
             work.job.rel, Path(first).suffix[1:], inbox=inbox.path.name,
-            sha256=record.sha256 or "", date=datetime.now().strftime("%Y-%m-%d"))
+            sha256=record.sha256 or "", date=datetime.now().astimezone().strftime("%Y-%m-%d"))
         taken = re.fullmatch(re.escape(Path(intended).stem) + r"(-\d+)", Path(first).stem)
         target = inbox.outbox.joinpath(*rel.parent.parts,
                                        f"{rel.stem}{taken[1] if taken else ''}{suffix}")
@@ -982,20 +931,6 @@ def _inside(root: Path, folder: Path) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
-DEFAULT_OUTPUT = OutputConfig()
-
-
-def _render(cut: Cutout, spec: OutputConfig, dest: Path) -> None:
-    """One output of a recipe, written to `dest`."""
-    image = render(cut, Recipe(
-        crop_to_subject=spec.crop == "subject", margin_pixels=spec.margin_pixels(),
-        margin_percent=spec.margin_percent(), size=spec.size, position=spec.position,
-        max_size=spec.max_size, background=spec.background, mask=spec.mask))
-    if spec.dpi:
-        image = image.copy(xres=spec.dpi / 25.4, yres=spec.dpi / 25.4)
-    write_output(image, spec.format, dest, cut.metadata, quality=spec.quality)
-
-
 def _output_identity(identity: str, index: int) -> str:
     """A result's key for reuse: the content and settings, and which output of the recipe."""
     return identity if index == 0 else f"{identity}#{index}"
@@ -1008,32 +943,9 @@ def _reused(reuse_from: str | None) -> list[str]:
     return json.loads(reuse_from) if reuse_from.startswith("[") else [reuse_from]
 
 
-def _answer_as_tiff(answer: Path, original: Path, dest: Path) -> None:
-    """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
-    image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
-    write_output(image, "tiff", dest, replace(read_metadata(original), icc=None))
-
-
 def _sendable(name: str) -> str:
     """The name for the request's multipart header, which must be UTF-8."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _image_facts(path: Path, *, upright: bool = False) -> tuple[str | None, int | None,
-                                                                 int | None]:
-    """(format, width, height) from an image's header; Nones when it cannot be read."""
-    try:
-        header = pyvips.Image.new_from_file(vips_name(path))
-    except pyvips.Error:
-        return None, None, None
-    loader = str(header.get("vips-loader")) if header.get_typeof("vips-loader") else ""
-    fmt = next((name for name in ("png", "webp", "jpeg", "tiff", "heif") if name in loader),
-               None)
-    width, height = header.width, header.height
-    if upright and header.get_typeof("orientation") and header.get("orientation") in (5, 6, 7,
-                                                                                        8):
-        width, height = height, width
-    return fmt, width, height
 
 
 def _head(path: Path, size: int = 4096) -> bytes:

@@ -1,0 +1,127 @@
+"""Making the outputs of one file from the API's one answer, before they are placed.
+
+    heavy(route, inbox, index, reused)   whether output `index` is local image work (the
+                                         pipeline's local lane): the studio path, TIFF and
+                                         recipes encode; a copy or the fast path do not
+    maker(record, inbox, rel, answer, index, reused, unchanged) -> Maker
+                                         how to write output `index`, where, and the bytes
+                                         it needs
+
+What each output is:
+- reused: a copy of the earlier identical file (no request was sent);
+- no recipe, fast path: the API's answer with the original's capture metadata added, its
+  pixels untouched (imaging's `carry_metadata`); `output_format: tiff` re-encodes it;
+- no recipe, studio path: the full-resolution cut-out of the original (imaging's `compose`);
+- a recipe's output: its steps (recipes.py) on that cut-out, or on the answer (fast path).
+If the original changed or vanished after it was sent, the answer is the result as it is.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import pyvips
+
+from watchfolder.config import EXTENSIONS, InboxConfig, OutputConfig
+from watchfolder.images import inspect_source, vips_name
+from watchfolder.imaging import Cutout, compose, cutout, write_output
+from watchfolder.journal import FileRecord
+from watchfolder.metadata import carry_metadata, read_metadata
+from watchfolder.recipes import Recipe, render
+
+DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext}
+
+
+@dataclass(frozen=True)
+class Maker:
+    produce: Callable[[Path], object]  # writes the output to the path it is given
+    root: Path  # the outbox it goes to
+    target: Path  # its name there, before collisions
+    need: int  # about the bytes it takes
+
+
+def heavy(route: str | None, inbox: InboxConfig, index: int, reused: list[str]) -> bool:
+    if reused:
+        return False
+    return route == "studio" or bool(inbox.outputs) or inbox.output_format == "tiff"
+
+
+def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index: int,
+          reused: list[str], *, unchanged: bool) -> Maker:
+    spec = inbox.outputs[index] if inbox.outputs else None
+    src = inbox.path / rel
+
+    def where(ext: str) -> tuple[Path, Path]:
+        root = (spec.outbox if spec else None) or inbox.outbox
+        name = (spec or DEFAULT_OUTPUT).path(
+            rel, ext, inbox=inbox.path.name, sha256=record.sha256 or "",
+            date=datetime.now().astimezone().strftime("%Y-%m-%d"))
+        return root, root / name
+
+    if reused:
+        earlier = Path(reused[index])
+        return Maker(partial(shutil.copyfile, earlier), *where(earlier.suffix[1:]),
+                     earlier.stat().st_size)
+    size = answer.stat().st_size
+    if not unchanged:
+        return Maker(partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size)
+    if spec is not None:
+        return Maker(partial(_render, record.route, src, answer, spec), *where(spec.ext),
+                     2 * record.size + 8 * size)
+    fmt = inbox.output_format
+    if record.route == "studio":
+        source = inspect_source(src, studio=True, verify=False)
+        return Maker(partial(compose, src, source, answer, fmt=fmt), *where(EXTENSIONS[fmt]),
+                     2 * record.size + 4 * source.width * source.height)
+    if fmt == "tiff":
+        return Maker(partial(_answer_as_tiff, answer, src), *where("tif"), 4 * size)
+    return Maker(partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size)
+
+
+def _cutout(route: str | None, src: Path, answer: Path) -> Cutout:
+    """The full-resolution cut-out (studio path), or the answer with the original's
+    metadata (fast path): what a recipe's steps work on."""
+    if route == "studio":
+        return cutout(src, inspect_source(src, studio=True, verify=False), answer)
+    image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
+    return Cutout(image, replace(read_metadata(src), icc=None), answer)
+
+
+def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, dest: Path) -> None:
+    """One output of a recipe, written to `dest`."""
+    cut = _cutout(route, src, answer)
+    image = render(cut, Recipe(
+        crop_to_subject=spec.crop == "subject", margin_pixels=spec.margin_pixels(),
+        margin_percent=spec.margin_percent(), size=spec.size, position=spec.position,
+        max_size=spec.max_size, background=spec.background, mask=spec.mask))
+    if spec.dpi:
+        image = image.copy(xres=spec.dpi / 25.4, yres=spec.dpi / 25.4)
+    write_output(image, spec.format, dest, cut.metadata, quality=spec.quality)
+
+
+def _answer_as_tiff(answer: Path, original: Path, dest: Path) -> None:
+    """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
+    image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
+    write_output(image, "tiff", dest, replace(read_metadata(original), icc=None))
+
+
+def image_facts(path: Path, *, upright: bool = False) -> tuple[str | None, int | None,
+                                                              int | None]:
+    """(format, width, height) from an image's header; Nones when it cannot be read."""
+    try:
+        header = pyvips.Image.new_from_file(vips_name(path))
+    except pyvips.Error:
+        return None, None, None
+    loader = str(header.get("vips-loader")) if header.get_typeof("vips-loader") else ""
+    fmt = next((name for name in ("png", "webp", "jpeg", "tiff", "heif") if name in loader),
+               None)
+    width, height = header.width, header.height
+    if upright and header.get_typeof("orientation") and header.get("orientation") in (5, 6, 7,
+                                                                                        8):
+        width, height = height, width
+    return fmt, width, height
