@@ -487,3 +487,16 @@ def test_thread_knob() -> None:
     finally:
         imaging.configure()
     assert pyvips.concurrency_get() == imaging.default_threads()
+
+
+def test_fast_path_never_claims_a_profile_the_answer_is_not_in(tmp_path: Path) -> None:
+    # With the studio path off an Adobe RGB JPEG goes as it is; the API answers sRGB pixels.
+    original = tagged_jpeg(tmp_path / "adobe.jpg", adobe_rgb_profile())
+    assert inspect_source(original, studio=False).route == "fast"
+    answer = tmp_path / "answer.png"
+    with Image.open(original) as image:
+        remove_backdrop(image).save(answer, icc_profile=None)  # the API's pixels: untagged
+    carry_metadata(answer, original, tmp_path / "result.png")
+    out = read(tmp_path / "result.png")
+    assert blob(out, "icc-profile-data") is None
+    assert XMP in (blob(out, "xmp-data") or b"")
