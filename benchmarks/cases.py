@@ -123,10 +123,11 @@ def throughput(params: dict[str, Any]) -> Result:
         theirs = list(api2.requests)
     ok = sorted(r.time for r in ours if r.status == 200)
     last = min(len(ok), need) - 1
-    rate = (last - rpm) / (ok[last] - ok[rpm]) * 60 if last > rpm else 0.0
+    # NaN, never 0: fewer requests than one window is a figure not measured (run.py refuses it).
+    rate = (last - rpm) / (ok[last] - ok[rpm]) * 60 if last > rpm else math.nan
     result = {
         "rpm": rpm, "latency": latency, "concurrency": conc, "windows": windows,
-        "span_s": ok[last] - ok[rpm] if last > rpm else 0.0, "counted": max(0, last - rpm),
+        "span_s": ok[last] - ok[rpm] if last > rpm else math.nan, "counted": max(0, last - rpm),
         "rate": rate, "fraction": rate / rpm,
         "first_minute": count_between([r.time for r in ours], t1, t1 + 60),
         "max_window": max_in_window([r.time for r in ours]),
@@ -140,10 +141,10 @@ def throughput(params: dict[str, Any]) -> Result:
         times = sorted(r.time for r in theirs if r.status == 200)
         steady = [t for t in times if t >= times[0] + 60]
         naive_rate = ((len(steady) - 1) / (steady[-1] - steady[0]) * 60
-                      if len(steady) > 1 else 0.0)
+                      if len(steady) > 1 else math.nan)
         result.update(naive_rate=naive_rate, naive_fraction=naive_rate / rpm,
                       naive_429=sum(1 for r in theirs if r.status == 429),
-                      ratio=rate / naive_rate if naive_rate else float("inf"))
+                      ratio=rate / naive_rate if naive_rate else math.nan)
     return result
 
 
@@ -331,9 +332,27 @@ def drop_while_running(params: dict[str, Any]) -> Result:
     return result
 
 
+class MissingSample(RuntimeError):
+    """A figure the case was asked for was not measured: the case fails instead of guessing."""
+
+
+def sample_points(first: int, count: int, intervals: int = 10) -> list[int]:
+    """Archive counts at which to sample: `first`, then evenly spaced up to exactly `count`.
+
+    The last point is `count` itself whatever the spacing: --quick's 2,000 and 8,000 with a
+    fixed step of count // 10 = 800 put the points at 2,000 + 800k, past 8,000 without ever
+    meeting it, so the end was never sampled and the report said "nan".
+    """
+    if not 0 < first <= count:
+        raise ValueError(f"need 0 < first <= count, not first={first}, count={count}")
+    intervals = max(1, min(intervals, count - first))
+    return sorted({first + (count - first) * k // intervals for k in range(intervals + 1)})
+
+
 def memory(params: dict[str, Any]) -> Result:
     """`count` files through one daemon, fed a few hundred at a time; RSS along the way."""
     count, first, batch = params["files"], params["first"], params["batch"]
+    points = sample_points(first, count)
     with workspace("memory") as root, Sandbox(rpm=0) as api:
         daemon = DaemonProcess(root, _unlimited(root, api.url))
         inbox, staging, archive = root / "inbox0", root / "staging", root / "archive0"
@@ -344,14 +363,12 @@ def memory(params: dict[str, Any]) -> Result:
         t0 = time.monotonic()
         fed = 0
         samples: list[tuple[int, float]] = []
-        step = max(1, count // 10)
-        next_sample = first
         deadline = t0 + params["timeout"]
         while time.monotonic() < deadline:
             done = count_files(archive)
-            if done >= next_sample:
+            if points and done >= points[0]:  # one sample for every point passed since
                 samples.append((done, status_kb(daemon.pid, "VmRSS") / 1024))
-                next_sample = first + step * math.ceil((done - first + 1) / step)
+                points = [p for p in points if p > done]
             if done >= count:
                 break
             if fed < count and count_files(inbox) < batch:
@@ -364,10 +381,13 @@ def memory(params: dict[str, Any]) -> Result:
         profiler.stop()
         daemon.stop()
         processed = count_files(archive)
-    at_first = samples[0][1] if samples else float("nan")
-    at_end = samples[-1][1] if samples and samples[-1][0] >= count else float("nan")
+    if not samples or samples[-1][0] < count:
+        raise MissingSample(f"memory: RSS not sampled at {count:,} files ({processed:,} "
+                            f"processed in {elapsed:.0f} s; samples at "
+                            f"{[n for n, _ in samples]})")
+    (at, at_first), at_end = samples[0], samples[-1][1]
     return {"files": count, "processed": processed, "seconds": elapsed,
-            "first": first, "rss_first_mb": at_first, "rss_end_mb": at_end,
+            "first": at, "rss_first_mb": at_first, "rss_end_mb": at_end,
             "growth_mb": at_end - at_first, "hwm_mb": hwm,
             "samples": [(n, round(mb, 1)) for n, mb in samples]}
 

@@ -8,6 +8,11 @@ daemon (throughput at 60 and 600 requests/minute and 0.2, 2 and 5 s latency, the
 beside each, the limit across start-up/pause/restart, idle CPU). Phase 2 runs the cases that
 load the machine one at a time (reaction, 100,000 files at start-up, files dropped while
 running, memory over many files). See BENCHMARKS.md for what each figure means.
+
+A figure is printed only if it was measured: a value missing from a case's result, or NaN
+(what the cases put where they could not measure), turns its row into "not measured", is
+named on stderr, and the run exits 2 (1 when every figure was measured but some missed
+their target).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,11 +123,29 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[list[str]], list[str]]:
-    """(targets table, throughput detail table, misses)."""
+class MissingSample(ValueError):
+    """A value a row needs was not measured."""
+
+
+def check_measured(value: Any, where: str = "result") -> None:
+    """Raise MissingSample for any NaN or infinite number anywhere in `value`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MissingSample(f"{where} was not measured")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_measured(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_measured(item, f"{where}[{index}]")
+
+
+def rows(results: list[dict[str, Any]]
+         ) -> tuple[list[list[str]], list[list[str]], list[str], list[str]]:
+    """(targets table, throughput detail table, misses, rows not measured with why)."""
     table: list[list[str]] = []
     detail: list[list[str]] = []
     misses: list[str] = []
+    unmeasured: list[str] = []
 
     def add(figure: str, target: str, measured: str, ok: bool) -> None:
         table.append([figure, target, measured, _met(ok)])
@@ -129,72 +153,88 @@ def rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[list[str]
             misses.append(figure)
 
     for r in results:
+        name = f"{r['case']} {_short(r['params'])}"
         if "error" in r:
-            add(f"{r['case']} {_short(r['params'])}", "-", "the case failed: see the log", False)
+            add(name, "-", "the case failed: see the log", False)
             continue
-        p, x = r["params"], r["result"]
-        if r["case"] == "throughput":
-            edge = " (no headroom)" if p.get("boundary") else ""
-            ok = x["fraction"] >= 0.98 and x["status_429"] == 0 and x["max_window"] <= p["rpm"]
-            add(f"Throughput {p['rpm']}/min, latency {p['latency']:g} s, "
-                f"concurrency {p['concurrency']}{edge}",
-                f"≥ 98% of {p['rpm']}/min, no 429, ≤ {p['rpm']} in any 60 s",
-                f"{x['rate']:.1f}/min = {_pct(x['fraction'])} over {x['counted']:,} requests, "
-                f"429s: {x['status_429']}, max {x['max_window']} in 60 s", ok)
-            if not p.get("boundary"):
-                detail.append([f"{p['rpm']}", f"{p['latency']:g} s", f"{p['concurrency']}",
-                               f"{x['rate']:.1f} ({_pct(x['fraction'])})",
-                               f"{x['naive_rate']:.1f} ({_pct(x['naive_fraction'])})",
-                               f"{x['ratio']:.1f}x", f"{x['status_429']} / {x['naive_429']}",
-                               f"{x['first_minute']}", f"{x['cpu_ms_per_request']:.1f}"])
-        elif r["case"] == "limit_safety":
-            ok = x["max_window"] <= p["rpm"] and x["status_429"] == 0 and x["processed"]
-            add(f"Limit at start-up, after a {p['pause']} s pause and across a restart "
-                f"({p['rpm']}/min, concurrency {p['concurrency']}, {x['files']} files)",
-                f"≤ {p['rpm']} in any 60 s, no 429",
-                f"max {x['max_window']} in 60 s, 429s: {x['status_429']}, "
-                f"{x['requests']} requests, all processed: {x['processed']}", ok)
-        elif r["case"] == "reaction":
-            limit = p["settle"] + 0.1
-            add(f"Reaction: rename into inbox → upload starts ({x['files']} files, "
-                f"settle_seconds {p['settle']:g})", f"median ≤ {limit:.1f} s",
-                f"median {x['median']:.3f} s (p95 {x['p95']:.3f}, max {x['max']:.3f})",
-                x["median"] <= limit and x["uploaded"] == x["files"])
-        elif r["case"] == "idle":
-            add(f"Idle: {x['inboxes']} inboxes ({x['polling_inboxes']} polling every 2 s), "
-                f"{x['seconds']:.0f} s", "< 0.1% of a core",
-                f"{x['core_percent']:.3f}% of a core ({x['wakeups_per_s']:.1f} wake-ups/s, "
-                f"{x['threads']} threads)", x["core_percent"] < 0.1)
-        elif r["case"] == "startup":
-            add(f"Start-up with {x['files']:,} files waiting: all discovered and queued",
-                "≤ 10 s", f"{x['queued_s']:.1f} s from exec (scan {x['scan_s']:.1f} s, "
-                f"settle {x['settle']:g} s)", x["queued_s"] <= 10)
-            add(f"Start-up with {x['files']:,} files: memory with all queued",
-                "< 200 MB RSS", f"{x['rss_mb']:.0f} MB (peak {x['hwm_mb']:.0f} MB)",
-                x["hwm_mb"] < 200)
-            add(f"Start-up with {x['files']:,} files: none missed", "0 missed",
-                f"{x['missed']} missed, {x['extra']} extra", x["missed"] == 0 and x["extra"] == 0)
-        elif r["case"] == "drop":
-            forced = x["queue_limit"] is not None
-            how = (f"inotify queue lowered to {x['queue_limit']:,} so it overflows" if forced
-                   else "default inotify queue")
-            ok = x["all_processed"] and x["missed"] == 0 and x["errors"] == 0
-            if forced:
-                ok = ok and x["overflows"] >= 1 and x["rescans"] >= 1
-            add(f"{x['files']:,} files dropped in {x['drop_s']:.1f} s while running ({how})",
-                "all processed" + ("; overflow → rescan" if forced else ""),
-                f"{x['archived']:,} processed in {x['seconds']:.0f} s, {x['missed']} missed; "
-                f"{x['overflows']} overflow(s), {x['rescans']} rescan(s)", ok)
-        elif r["case"] == "memory":
-            growth = x["growth_mb"] / x["rss_first_mb"] if x["rss_first_mb"] else float("nan")
-            samples = dict(x["samples"])
-            half = min(samples, key=lambda n: abs(n - x["files"] / 2))
-            add(f"Memory over {x['files']:,} files: RSS at {x['first']:,} vs at {x['files']:,}",
-                "no growth (≤ 5%)",
-                f"{x['rss_first_mb']:.1f} → {x['rss_end_mb']:.1f} MB ({growth:+.1%}; "
-                f"{x['rss_end_mb'] - samples[half]:+.1f} MB over the last "
-                f"{x['files'] - half:,})", x["processed"] >= x["files"] and growth <= 0.05)
-    return table, detail, misses
+        try:
+            check_measured(r["result"])
+            _case_rows(r, add, detail)
+        except (MissingSample, KeyError) as exc:
+            why = str(exc) if isinstance(exc, MissingSample) else f"no {exc} in the result"
+            unmeasured.append(f"{name}: {why}")
+            add(name, "-", f"**not measured** ({why})", False)
+    return table, detail, misses, unmeasured
+
+
+def _case_rows(r: dict[str, Any], add: Callable[[str, str, str, bool], None],
+               detail: list[list[str]]) -> None:
+    """Add the rows of one case's result; MissingSample or KeyError if a value is missing."""
+    p, x = r["params"], r["result"]
+    if r["case"] == "throughput":
+        edge = " (no headroom)" if p.get("boundary") else ""
+        ok = x["fraction"] >= 0.98 and x["status_429"] == 0 and x["max_window"] <= p["rpm"]
+        add(f"Throughput {p['rpm']}/min, latency {p['latency']:g} s, "
+            f"concurrency {p['concurrency']}{edge}",
+            f"≥ 98% of {p['rpm']}/min, no 429, ≤ {p['rpm']} in any 60 s",
+            f"{x['rate']:.1f}/min = {_pct(x['fraction'])} over {x['counted']:,} requests, "
+            f"429s: {x['status_429']}, max {x['max_window']} in 60 s", ok)
+        if not p.get("boundary"):
+            detail.append([f"{p['rpm']}", f"{p['latency']:g} s", f"{p['concurrency']}",
+                           f"{x['rate']:.1f} ({_pct(x['fraction'])})",
+                           f"{x['naive_rate']:.1f} ({_pct(x['naive_fraction'])})",
+                           f"{x['ratio']:.1f}x", f"{x['status_429']} / {x['naive_429']}",
+                           f"{x['first_minute']}", f"{x['cpu_ms_per_request']:.1f}"])
+    elif r["case"] == "limit_safety":
+        ok = x["max_window"] <= p["rpm"] and x["status_429"] == 0 and x["processed"]
+        add(f"Limit at start-up, after a {p['pause']} s pause and across a restart "
+            f"({p['rpm']}/min, concurrency {p['concurrency']}, {x['files']} files)",
+            f"≤ {p['rpm']} in any 60 s, no 429",
+            f"max {x['max_window']} in 60 s, 429s: {x['status_429']}, "
+            f"{x['requests']} requests, all processed: {x['processed']}", ok)
+    elif r["case"] == "reaction":
+        limit = p["settle"] + 0.1
+        add(f"Reaction: rename into inbox → upload starts ({x['files']} files, "
+            f"settle_seconds {p['settle']:g})", f"median ≤ {limit:.1f} s",
+            f"median {x['median']:.3f} s (p95 {x['p95']:.3f}, max {x['max']:.3f})",
+            x["median"] <= limit and x["uploaded"] == x["files"])
+    elif r["case"] == "idle":
+        add(f"Idle: {x['inboxes']} inboxes ({x['polling_inboxes']} polling every 2 s), "
+            f"{x['seconds']:.0f} s", "< 0.1% of a core",
+            f"{x['core_percent']:.3f}% of a core ({x['wakeups_per_s']:.1f} wake-ups/s, "
+            f"{x['threads']} threads)", x["core_percent"] < 0.1)
+    elif r["case"] == "startup":
+        add(f"Start-up with {x['files']:,} files waiting: all discovered and queued",
+            "≤ 10 s", f"{x['queued_s']:.1f} s from exec (scan {x['scan_s']:.1f} s, "
+            f"settle {x['settle']:g} s)", x["queued_s"] <= 10)
+        add(f"Start-up with {x['files']:,} files: memory with all queued",
+            "< 200 MB RSS", f"{x['rss_mb']:.0f} MB (peak {x['hwm_mb']:.0f} MB)",
+            x["hwm_mb"] < 200)
+        add(f"Start-up with {x['files']:,} files: none missed", "0 missed",
+            f"{x['missed']} missed, {x['extra']} extra", x["missed"] == 0 and x["extra"] == 0)
+    elif r["case"] == "drop":
+        forced = x["queue_limit"] is not None
+        how = (f"inotify queue lowered to {x['queue_limit']:,} so it overflows" if forced
+               else "default inotify queue")
+        ok = x["all_processed"] and x["missed"] == 0 and x["errors"] == 0
+        if forced:
+            ok = ok and x["overflows"] >= 1 and x["rescans"] >= 1
+        add(f"{x['files']:,} files dropped in {x['drop_s']:.1f} s while running ({how})",
+            "all processed" + ("; overflow → rescan" if forced else ""),
+            f"{x['archived']:,} processed in {x['seconds']:.0f} s, {x['missed']} missed; "
+            f"{x['overflows']} overflow(s), {x['rescans']} rescan(s)", ok)
+    elif r["case"] == "memory":
+        if not x["rss_first_mb"] or not x["samples"]:
+            raise MissingSample(f"no RSS sample (first {x['rss_first_mb']}, "
+                                f"samples {x['samples']})")
+        growth = x["growth_mb"] / x["rss_first_mb"]
+        samples = dict(x["samples"])
+        half = min(samples, key=lambda n: abs(n - x["files"] / 2))
+        add(f"Memory over {x['files']:,} files: RSS at {x['first']:,} vs at {x['files']:,}",
+            "no growth (≤ 5%)",
+            f"{x['rss_first_mb']:.1f} → {x['rss_end_mb']:.1f} MB ({growth:+.1%}; "
+            f"{x['rss_end_mb'] - samples[half]:+.1f} MB over the last "
+            f"{x['files'] - half:,})", x["processed"] >= x["files"] and growth <= 0.05)
 
 
 def _markdown(header: list[str], body: list[list[str]]) -> str:
@@ -286,7 +326,7 @@ process on the machine).
 
 def render(results: list[dict[str, Any]], quick: bool, elapsed: float, overhead: float,
            command: str) -> str:
-    table, detail, misses = rows(results)
+    table, detail, misses, _ = rows(results)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "# Benchmarks",
@@ -361,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         args.out.write_text(report + "\n", encoding="utf-8")
         print(f"\nwritten to {args.out}")
-    _, _, misses = rows(results)
+    _, _, misses, unmeasured = rows(results)
+    for row in unmeasured:
+        print(f"benchmarks: NOT MEASURED: {row}", file=sys.stderr, flush=True)
+    if unmeasured:
+        return 2
     return 1 if misses else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -253,3 +254,60 @@ def test_a_second_signal_forces_the_exit(tmp_path: Path, sandbox: Sandbox) -> No
     assert proc.returncode == 128 + signal.SIGTERM
     assert time.monotonic() - began < 5
     assert studio.files(studio.inbox) == ["stuck.png"], "forced, yet nothing lost"
+
+
+def test_run_once_on_a_terminal_shows_a_live_progress_line(studio: Studio) -> None:
+    import pty
+    import select
+
+    for n in range(3):
+        make_image(studio.inbox / f"p{n}.png", seed=n)
+    config = studio.write_config()
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "watchfolder", "run", "--config",
+                                str(config), "--once"], stdin=follower, stdout=follower,
+                               stderr=follower, close_fds=True)
+    os.close(follower)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert process.wait(timeout=30) == 0
+    os.close(leader)
+    text = seen.decode("utf-8", "replace")
+    assert "3/3 done" in text, text[-2000:]
+    assert "file.done" in text, "log lines still show, above the progress line"
+
+
+def test_run_once_without_a_terminal_prints_no_progress(studio: Studio) -> None:
+    make_image(studio.inbox / "p.png")
+    done = watchfolder("run", "--config", str(studio.write_config()), "--once")
+    assert done.returncode == 0, done.stderr
+    assert " done |" not in done.stderr
+    for line in done.stderr.splitlines():
+        json.loads(line)  # JSON lines only
+
+
+def test_a_key_in_the_wrong_section_says_where_it_belongs(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "settle_seconds": 3, "api": {"key": KEY, "level": "debug"},
+        "inboxes": [{"path": "in", "outbox": "out", "errors": "err", "rescan_seconds": 5}]}))
+    done = watchfolder("check-config", "--config", str(path))
+    assert done.returncode == 2
+    assert "settle_seconds: unknown key (it belongs under inboxes[])" in done.stderr
+    assert "api.level: unknown key (it belongs under log)" in done.stderr
+    assert "inboxes[0].rescan_seconds: unknown key (it belongs under the top level)" in done.stderr
+    assert "rescan_seconds'?" not in done.stderr
+    assert "check-config --config" not in done.stderr, "check-config does not suggest itself"
+    run = watchfolder("run", "--config", str(path))
+    assert f"watchfolder check-config --config {path}" in run.stderr

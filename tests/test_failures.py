@@ -32,22 +32,26 @@ def _too_many_pixels(path: Path) -> None:
 
 
 def _too_large(path: Path) -> None:
-    with path.open("wb") as handle:
-        handle.truncate(30_000_001)  # 30 MB + 1 byte, read strictly
+    from PIL.PngImagePlugin import PngInfo
+
+    padding = PngInfo()
+    padding.add_text("padding", "x" * 30_000_001)  # a valid PNG over 30 MB, read strictly
+    Image.new("RGB", (64, 48), "red").save(path, "PNG", pnginfo=padding)
 
 
-@pytest.mark.parametrize(("name", "write", "reason"), [
-    ("empty.png", lambda p: p.write_bytes(b""), "empty"),
-    ("notes.jpg", lambda p: p.write_text("not an image at all"), "not_an_image"),
-    ("anim.gif", _gif, "unsupported_format"),
-    ("huge.png", _too_many_pixels, "too_many_pixels"),
-    ("big.jpg", _too_large, "too_large"),
-    ("cut.jpg", _truncated_jpeg, "corrupt"),
+@pytest.mark.parametrize(("name", "write", "reason", "studio_path"), [
+    ("empty.png", lambda p: p.write_bytes(b""), "empty", True),
+    ("notes.jpg", lambda p: p.write_text("not an image at all"), "not_an_image", True),
+    ("anim.gif", _gif, "unsupported_format", True),
+    # Over the API's limits: the studio path takes them; an inbox without it refuses them.
+    ("huge.png", _too_many_pixels, "too_many_pixels", False),
+    ("big.png", _too_large, "too_large", False),
+    ("cut.jpg", _truncated_jpeg, "corrupt", True),
 ])
 def test_bad_input_goes_to_errors_without_a_request(tmp_path: Path, sandbox: Sandbox,
                                                     name: str, write: object,
-                                                    reason: str) -> None:
-    studio = Studio(tmp_path, sandbox.url)
+                                                    reason: str, studio_path: bool) -> None:
+    studio = Studio(tmp_path, sandbox.url, inbox={"studio": studio_path})
     write(studio.inbox / name)  # type: ignore[operator]
     with Running(studio.config()):
         wait_for(lambda: studio.files(studio.errors) == [name, f"{name}.error.json"],

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import KEY, Running, Studio, make_image, wait_for
 from watchfolder import __version__
 from watchfolder.daemon import Daemon
-from watchfolder.errors import ConfigError
+from watchfolder.errors import StartupError
 from watchfolder.sandbox import Sandbox
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -82,7 +82,7 @@ def test_a_metrics_port_in_use_stops_the_start(tmp_path: Path, sandbox: Sandbox)
         taken.listen()
         port = taken.getsockname()[1]
         studio = Studio(tmp_path, sandbox.url, metrics={"listen": f"127.0.0.1:{port}"})
-        with pytest.raises(ConfigError) as raised:
+        with pytest.raises(StartupError) as raised:
             Daemon(studio.config()).start()
     assert raised.value.problems[0].startswith(f"metrics.listen: cannot listen on "
                                                f"127.0.0.1:{port}")

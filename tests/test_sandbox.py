@@ -38,7 +38,8 @@ TIMEOUT = 10.0
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Sandbox]:
-    with Sandbox(keys=(KEY,), rpm=None, hang_seconds=1.0) as running:
+    # huge_bytes: test_every_named_fault_is_recorded reads the huge answers whole.
+    with Sandbox(keys=(KEY,), rpm=None, hang_seconds=1.0, huge_bytes=1_000_000) as running:
         yield running
 
 

@@ -24,10 +24,10 @@ import pytest
 
 from tests.conftest import KEY, LogCapture, Running, Studio, make_image, wait_for
 from watchfolder.config import CREDENTIAL_NAME
-from watchfolder.daemon import Daemon
-from watchfolder.errors import ConfigError
-from watchfolder.notify import Notifier, supervise
-from watchfolder.pipeline import Job
+from watchfolder.daemon import Daemon, supervise
+from watchfolder.errors import ConfigError, StartupError
+from watchfolder.jobqueue import Job
+from watchfolder.notify import Notifier
 from watchfolder.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -467,7 +467,7 @@ def test_reload_refuses_unusable_folders_and_changes_nothing(studio: Studio,
 
 def test_one_daemon_per_state_dir(studio: Studio) -> None:
     with Running(studio.config()):
-        with pytest.raises(ConfigError) as raised:
+        with pytest.raises(StartupError) as raised:
             Daemon(studio.config()).start()
         assert "another watchfolder daemon" in raised.value.problems[0]
         assert str(os.getpid()) in raised.value.problems[0]

@@ -134,7 +134,7 @@ def test_requeue_puts_files_back_at_their_path_and_never_overwrites(
     first = (studio.errors / "sub" / "shot.png").read_bytes()
     dry = watchfolder("requeue", "--config", str(config), "--dry-run")
     assert dry.returncode == 1, dry.stdout  # the second would collide with the first
-    assert "(dry run)" in dry.stdout
+    assert "(dry run: nothing was moved)" in dry.stdout
     assert len(studio.files(studio.errors)) == 4, "a dry run moves nothing"
 
     done = watchfolder("requeue", "--config", str(config))
@@ -142,7 +142,7 @@ def test_requeue_puts_files_back_at_their_path_and_never_overwrites(
     assert studio.files(studio.inbox) == ["sub/shot.png"]
     assert (studio.inbox / "sub" / "shot.png").read_bytes() == first
     assert studio.files(studio.errors) == ["sub/shot-1.png", "sub/shot-1.png.error.json"]
-    assert "1 requeued, 1 skipped" in done.stdout
+    assert "requeued 1 file, skipped 1" in done.stdout
     assert "the inbox already has a file at this path" in done.stdout
 
     again = watchfolder("run", "--config", str(config), "--once")  # the cause is gone now
@@ -200,3 +200,19 @@ def test_a_requeued_file_is_processed_by_the_running_daemon(studio: Studio,
         wait_for(lambda: studio.files(studio.archive) == ["again.png"], what="the retry")
     assert studio.files(studio.outbox) == ["again.png"]
     assert studio.files(studio.errors) == []
+
+
+def test_status_counts_files_ignored_for_their_names(studio: Studio) -> None:
+    make_image(studio.inbox / "shot.png")
+    (studio.inbox / "._shot.png").write_bytes(b"AppleDouble")
+    (studio.inbox / ".DS_Store").write_bytes(b"finder")
+    (studio.inbox / "sub").mkdir()
+    (studio.inbox / "sub" / "upload.part").write_bytes(b"half")
+    config = studio.write_config()
+    done = watchfolder("status", "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["new"] == 1 and report["ignored"] == 3
+    assert report["inboxes"][0]["ignored"] == 3
+    text = watchfolder("status", "--config", str(config)).stdout
+    assert "3 ignored for their names" in text

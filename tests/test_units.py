@@ -15,6 +15,7 @@ from watchfolder.errors import (
     CreditsExhausted,
     EndpointMissing,
     FileRejected,
+    FormatNotAcceptable,
     KeyMissing,
     KeyRefused,
     RateLimited,
@@ -145,7 +146,7 @@ def test_retry_after_forms() -> None:
 
 @pytest.mark.parametrize(("status", "kind"), [
     (400, FileRejected), (401, KeyMissing), (402, CreditsExhausted), (403, KeyRefused),
-    (404, EndpointMissing), (406, FileRejected), (413, FileRejected), (429, RateLimited),
+    (404, EndpointMissing), (406, FormatNotAcceptable), (413, FileRejected), (429, RateLimited),
     (500, ServerError), (503, ServerError), (408, ServerError),
 ])
 def test_every_status_maps_to_its_policy(status: int, kind: type) -> None:

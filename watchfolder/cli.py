@@ -19,11 +19,12 @@ import yaml
 
 from watchfolder import __version__, logs, status
 from watchfolder.config import Config, inline_key_readable_by_others, load_config
-from watchfolder.daemon import EXIT_USAGE, Daemon
-from watchfolder.errors import ConfigError
-from watchfolder.notify import Notifier, supervise
-from watchfolder.requeue import requeue
-from watchfolder.status import load_config_without_key
+from watchfolder.daemon import EXIT_USAGE, STATUS_SECONDS, Daemon, supervise
+from watchfolder.errors import ConfigError, JournalUnreadable, StartupError
+from watchfolder.notify import Notifier
+from watchfolder.progress import ProgressLine
+from watchfolder.requeue import report, requeue
+from watchfolder.reset import reset_journal
 
 log = structlog.get_logger("watchfolder")
 
@@ -98,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="say what would be moved, move nothing")
     requeue_parser.set_defaults(handler=cmd_requeue)
 
+    reset_parser = commands.add_parser(
+        "reset-journal", help="move a damaged journal aside and rebuild it from the folders",
+        description="When the journal is damaged (the daemon refuses to start and says so), "
+                    "move it and the result spool aside (nothing is deleted) and start a new "
+                    "journal from what the folders show: files kept in place that already have "
+                    "their result are recorded as done, archived originals with a result as "
+                    "reusable. Everything else in the inboxes is processed again. The daemon "
+                    "must be stopped.")
+    _config_argument(reset_parser)
+    reset_parser.set_defaults(handler=cmd_reset_journal)
+
     from watchfolder import sandbox
 
     sandbox_parser = commands.add_parser(
@@ -138,17 +150,18 @@ def _load(args: argparse.Namespace) -> Config | None:
     try:
         return load_config(args.config)
     except ConfigError as exc:
-        _print_problems(args.config, exc.problems)
+        _print_problems(args.config, exc.problems, hint=args.command != "check-config")
         return None
 
 
-def _print_problems(path: Path, problems: list[str]) -> None:
+def _print_problems(path: Path, problems: list[str], *, hint: bool = True) -> None:
     noun = "problem" if len(problems) == 1 else "problems"
     print(f"watchfolder: {path}: {len(problems)} configuration {noun}:", file=sys.stderr)
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
-    print("Fix them and try again (`watchfolder check-config --config FILE` checks without "
-          "starting).", file=sys.stderr)
+    if hint:
+        print(f"Fix them and try again (`watchfolder check-config --config {path}` checks "
+              f"without starting).", file=sys.stderr)
 
 
 def _key_warnings(config: Config) -> list[str]:
@@ -174,7 +187,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_USAGE
-    logs.configure(args.log_format or config.log.format, config.log.level)
+    # `--once` on a terminal shows a live progress line; logs are written above it.
+    progress = ProgressLine(sys.stderr) if args.once and sys.stderr.isatty() else None
+    logs.configure(args.log_format or config.log.format, config.log.level,
+                   stream=progress.stream() if progress else None)
     for warning in _key_warnings(config):
         log.warning("config.key_readable", message=warning)
     daemon = Daemon(config, once=args.once)
@@ -183,15 +199,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals.install()
     notifier.status("starting: checking folders, opening the journal, scanning the inboxes")
     try:
-        daemon.start()
-    except ConfigError as exc:
-        notifier.status(f"not started: {exc.problems[0]}")
-        _print_problems(args.config, exc.problems)
-        return EXIT_USAGE
-    try:
-        supervise(daemon, notifier, None if args.once else lambda: _reload(args, daemon))
+        try:
+            daemon.start()
+        except ConfigError as exc:
+            notifier.status(f"not started: {exc.problems[0]}")
+            _print_problems(args.config, exc.problems)
+            return EXIT_USAGE
+        except StartupError as exc:
+            notifier.status(f"not started: {exc.message}")
+            print(f"watchfolder: cannot start: {exc.message}", file=sys.stderr)
+            if isinstance(exc, JournalUnreadable):
+                print(f"  fix: watchfolder reset-journal --config {args.config}",
+                      file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            supervise(daemon, notifier, None if args.once else lambda: _reload(args, daemon),
+                      status_seconds=0.5 if progress else STATUS_SECONDS,
+                      on_tick=progress.update if progress else None)
+        finally:
+            daemon.stop()  # also after a bug in a reload: requests in flight may still finish
+            if progress:
+                progress.update(daemon.snapshot())
     finally:
-        daemon.stop()  # also after a bug in a reload: requests in flight may still finish
+        if progress:
+            progress.close()
     return daemon.exit_code()
 
 
@@ -201,7 +232,7 @@ def _reload(args: argparse.Namespace, daemon: Daemon) -> bool:
     try:
         config = load_config(args.config)
         daemon.reload(config)
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         problems = exc.problems
     else:
         problems = []
@@ -215,32 +246,51 @@ def _reload(args: argparse.Namespace, daemon: Daemon) -> bool:
     return True
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_reset_journal(args: argparse.Namespace) -> int:
+    logs.configure(None, "warning")  # stderr: stdout is the command's answer
     try:
-        config = load_config_without_key(args.config)
-        report = status.collect(config)
+        config = load_config(args.config, read_key=False)
     except ConfigError as exc:
         _print_problems(args.config, exc.problems)
         return EXIT_USAGE
-    print(status.to_json(report) if args.json else status.render(report))
+    try:
+        lines = reset_journal(config)
+    except StartupError as exc:
+        print(f"watchfolder: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in lines:
+        print(line)
+    print(f"journal rebuilt; start the daemon again (watchfolder run --config {args.config})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    logs.configure(None, "warning")  # stderr: stdout is the command's answer
+    try:
+        config = load_config(args.config, read_key=False)
+    except ConfigError as exc:
+        _print_problems(args.config, exc.problems)
+        return EXIT_USAGE
+    try:
+        report = status.collect(config)
+    except StartupError as exc:
+        print(f"watchfolder: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(status.to_json(report) if args.json else status.render(report, args.config))
     return 0
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    logs.configure(None, "warning")  # stderr: stdout is the command's answer
     try:
-        config = load_config_without_key(args.config)
+        config = load_config(args.config, read_key=False)
     except ConfigError as exc:
         _print_problems(args.config, exc.problems)
         return EXIT_USAGE
     outcomes = requeue(config, args.paths, dry_run=args.dry_run)
-    for outcome in outcomes:
-        mark = "requeued" if outcome.requeued else "skipped "
-        arrow = f" -> {outcome.target}" if outcome.target else ""
-        print(f"{mark} {outcome.source}{arrow}: {outcome.message}")
-    done = sum(1 for outcome in outcomes if outcome.requeued)
-    skipped = len(outcomes) - done
-    print(f"{done} requeued, {skipped} skipped" + (" (dry run)" if args.dry_run else ""))
-    return 1 if skipped else 0
+    for line in report(outcomes, dry_run=args.dry_run, config=args.config):
+        print(line)
+    return 1 if any(not outcome.requeued for outcome in outcomes) else 0
 
 
 class _SignalState:

@@ -1,20 +1,44 @@
-"""The Clipdrop remove-background API, one call: bytes in, result or typed error out.
+"""The Clipdrop remove-background API, one call: bytes in, a result file or a typed error out.
 
 Everything `requests` can raise is turned into our own exceptions here (see errors.py), and
 every status of the contract (../shared/clipdrop-api.md) maps to exactly one of them. The key
 is sent in a header and never put in a message: exceptions are raised `from None` so that no
 request object rides along in a traceback.
+
+Two defences against a server that misbehaves:
+
+- `timeout` bounds the whole request (connect, upload, headers, every byte of the answer).
+  Socket timeouts only bound the wait for the next byte, so a server trickling one byte a
+  second would hold a request slot for as long as it likes; a timer shuts the connection's
+  socket down when the request's time is up (see `_Deadline`).
+- The answer is streamed, never read whole: to the caller's file (written, flushed, fsynced)
+  with its SHA-256 computed on the way, and never beyond `max_bytes`, so a 300 MB body costs
+  one 64 KiB buffer and stops at the bound.
+
+The only file this module touches is the one the caller names in `dest`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import hashlib
+import io
 import json
+import os
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from watchfolder import __version__
 from watchfolder.config import OUTPUT_FORMATS, Secret
@@ -24,6 +48,7 @@ from watchfolder.errors import (
     CreditsExhausted,
     EndpointMissing,
     FileRejected,
+    FormatNotAcceptable,
     KeyMissing,
     KeyRefused,
     RateLimited,
@@ -34,14 +59,49 @@ from watchfolder.errors import (
 USER_AGENT = f"watchfolder/{__version__} (+https://github.com/watchfolder) python-requests/" \
              f"{requests.__version__}"
 
+_CHUNK = 64 * 1024
+# An error body is a short JSON message; more than this is not worth reading.
+_MAX_ERROR_BODY = 64 * 1024
+# Room for a result's container (PNG chunks, WEBP/JPEG headers, metadata) beyond its pixels.
+_RESULT_SLACK = 1 << 20
+# Inputs are at most 25 megapixels and 30 MB (the API's limits).
+_API_MAX_PIXELS = 25_000_000
+_API_MAX_INPUT = 30_000_000
+
+
+def max_result_bytes(width: int, height: int, input_size: int) -> int:
+    """The most bytes a genuine result for a `width` x `height` input of `input_size` bytes
+    can have: 6 bytes a pixel (an 8-bit RGBA PNG stored without compression is 4, a JPEG or
+    WEBP at its worst stays below 6) plus 1 MiB of container, or the input itself (returned
+    unchanged when it already has transparency), whichever is larger."""
+    return max(6 * width * height, input_size) + _RESULT_SLACK
+
+
+DEFAULT_MAX_BYTES = max_result_bytes(_API_MAX_PIXELS, 1, _API_MAX_INPUT)
+"""The bound when the caller gives none: the largest input the API accepts (151 MB)."""
+
 
 @dataclass(frozen=True)
 class ApiResult:
-    content: bytes
+    """A 200 answer. Its body is in `path` (complete, flushed and fsynced) when the caller gave
+    `dest`; otherwise in memory (`content`), for small answers and tools."""
+
+    path: Path | None
+    size: int
+    sha256: str
     content_type: str
     credits_remaining: int | None
     credits_consumed: int | None
     seconds: float
+    body: bytes | None = None
+
+    @property
+    def content(self) -> bytes:
+        """The body as bytes (read from `path` when it was streamed to a file)."""
+        if self.body is not None:
+            return self.body
+        assert self.path is not None
+        return self.path.read_bytes()
 
 
 class ApiClient:
@@ -51,7 +111,7 @@ class ApiClient:
                  connect_timeout: float = 10.0) -> None:
         self.url = url
         self._key = key
-        self.timeout = (connect_timeout, timeout)
+        self.timeout = (min(connect_timeout, timeout), timeout)
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -61,6 +121,9 @@ class ApiClient:
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
+            adapter = _DeadlineAdapter()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
@@ -73,41 +136,249 @@ class ApiClient:
             self._sessions.clear()
 
     def remove_background(self, data: bytes, *, filename: str, mime: str,
+                          dest: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                           output_format: str = "png",
                           transparency: str = "return_input_if_non_opaque") -> ApiResult:
-        """POST the original bytes; return the result or raise an ApiError subclass."""
+        """POST the original bytes; return the result or raise an ApiError subclass.
+
+        With `dest`, a 200 body is streamed into that file (created or truncated, then
+        flushed and fsynced; removed again if anything fails). A body longer than
+        `max_bytes` (see `max_result_bytes`) is not read further: BadResult. The whole call
+        takes at most `timeout` seconds: TransportError. An OSError writing `dest` is raised
+        as it is (the request was answered; only our side failed).
+        """
         headers = {"x-api-key": self._key.reveal(), "Accept": OUTPUT_FORMATS[output_format]}
         started = time.monotonic()
+        with _Deadline(self.timeout[1]) as deadline:
+            try:
+                response = self._session().post(
+                    self.url,
+                    headers=headers,
+                    files={"image_file": (filename, data, mime)},
+                    data={"transparency_handling": transparency},
+                    timeout=self.timeout,
+                    stream=True,
+                )
+            except (requests.RequestException, OSError) as exc:
+                raise self._transport_error(exc, deadline) from None
+            with response:
+                status = response.status_code
+                if status != 200:
+                    content = b"".join(self._body(response, deadline, _MAX_ERROR_BODY,
+                                                  cut_off=True))
+                    raise error_for(status, _error_message(response, content),
+                                    response.headers.get("Retry-After"))
+                declared = _declared_length(response)
+                if declared is not None and declared > max_bytes:
+                    raise BadResult(f"result too large: the API announced {declared:,} bytes, "
+                                    f"more than the {max_bytes:,} this image can need", 200)
+                chunks = self._body(response, deadline, max_bytes)
+                if dest is None:
+                    buffer = io.BytesIO()
+                    size, digest = _copy(chunks, buffer)
+                    body: bytes | None = buffer.getvalue()
+                else:
+                    body = None
+                    size, digest = _write_file(chunks, dest)
+        if declared is not None and declared != size:  # a Content-Length the body broke
+            if dest is not None:
+                dest.unlink(missing_ok=True)
+            raise BadResult(f"truncated result: {size} of {declared} bytes", 200)
+        return ApiResult(
+            path=dest,
+            size=size,
+            sha256=digest,
+            content_type=response.headers.get("Content-Type", ""),
+            credits_remaining=_int_header(response, "x-remaining-credits"),
+            credits_consumed=_int_header(response, "x-credits-consumed"),
+            seconds=time.monotonic() - started,
+            body=body,
+        )
+
+    def _body(self, response: requests.Response, deadline: _Deadline, limit: int, *,
+              cut_off: bool = False) -> Iterator[bytes]:
+        """The body in chunks, at most `limit` bytes: beyond it, stop reading and raise
+        BadResult (or, with `cut_off`, end quietly: an error message needs no more)."""
+        seen = 0
         try:
-            response = self._session().post(
-                self.url,
-                headers=headers,
-                files={"image_file": (filename, data, mime)},
-                data={"transparency_handling": transparency},
-                timeout=self.timeout,
-            )
-            content = response.content
-        except requests.Timeout:
-            raise TransportError(f"no answer within {self.timeout[1]:g} s (timed out)") from None
-        except requests.ConnectionError as exc:
-            raise TransportError(f"connection failed: {_short(exc)}") from None
-        except requests.RequestException as exc:
-            raise TransportError(f"transfer failed: {_short(exc)}") from None
-        seconds = time.monotonic() - started
-        status = response.status_code
-        if status == 200:
-            expected = response.headers.get("Content-Length")
-            if expected is not None and expected.isdigit() and int(expected) != len(content):
-                raise BadResult(f"truncated result: {len(content)} of {expected} bytes", 200)
-            return ApiResult(
-                content=content,
-                content_type=response.headers.get("Content-Type", ""),
-                credits_remaining=_int_header(response, "x-remaining-credits"),
-                credits_consumed=_int_header(response, "x-credits-consumed"),
-                seconds=seconds,
-            )
-        raise error_for(status, _error_message(response, content),
-                        response.headers.get("Retry-After"))
+            for chunk in response.iter_content(_CHUNK):
+                seen += len(chunk)
+                if seen > limit:
+                    if cut_off:
+                        yield chunk[:len(chunk) - (seen - limit)]
+                        return
+                    raise BadResult(f"result too large: more than the {limit:,} bytes this "
+                                    f"image can need; stopped reading", 200)
+                yield chunk
+                if deadline.expired:  # only reached when the timer could not abort the socket
+                    raise TransportError(deadline.message())
+        except (requests.RequestException, OSError) as exc:
+            raise self._transport_error(exc, deadline) from None
+
+    def _transport_error(self, exc: BaseException, deadline: _Deadline) -> TransportError:
+        if deadline.expired:
+            return TransportError(deadline.message())
+        if isinstance(exc, requests.ConnectTimeout):
+            return TransportError(f"could not connect within {self.timeout[0]:g} s (timed out)")
+        if isinstance(exc, requests.Timeout):
+            return TransportError(f"no answer within {self.timeout[1]:g} s (timed out)")
+        if isinstance(exc, requests.ConnectionError):
+            return TransportError(f"connection failed: {_short(exc)}")
+        return TransportError(f"transfer failed: {_short(exc)}")
+
+
+def _copy(chunks: Iterator[bytes], handle: BinaryIO) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        handle.write(chunk)
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _write_file(chunks: Iterator[bytes], dest: Path) -> tuple[int, str]:
+    """Stream into `dest`, then flush and fsync; remove the partial file on any failure."""
+    try:
+        with dest.open("wb") as handle:
+            size, digest = _copy(chunks, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            dest.unlink()
+        raise
+    return size, digest
+
+
+def _declared_length(response: requests.Response) -> int | None:
+    value = response.headers.get("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+# -- the deadline ---------------------------------------------------------------------------------
+#
+# urllib3 runs each request on one connection, on the calling thread. Our connection classes
+# tell the thread's current deadline which socket the request uses (when the socket is made,
+# after the TLS handshake wraps it, and on each request over a kept-alive connection), so
+# that the deadline's timer can shut that socket down: a read or write blocked in it returns
+# at once, whatever stage the request is at (TLS handshake, upload, headers, body). The
+# socket itself is kept, not the connection: http.client hands it over to the response and
+# forgets it when the answer says `Connection: close`. An SSLSocket is shut down through the
+# plain socket method, so its TLS state is not touched from the timer's thread.
+
+_current = threading.local()
+
+
+class _Deadline:
+    """The time limit of one request: a timer that aborts its connection when it is over."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._socket: socket.socket | None = None
+        self._finished = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.name = "watchfolder-api-deadline"
+        self._timer.daemon = True
+
+    def message(self) -> str:
+        return (f"no complete answer within {self.seconds:g} s (api.timeout_seconds bounds "
+                f"the whole request); connection dropped")
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._finished = True
+        _current.deadline = None
+        self._timer.cancel()
+        self._timer.join()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._socket = sock
+            if self.expired:
+                _shut_down(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.expired = True
+            if self._socket is not None:
+                _shut_down(self._socket)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _attach(sock: socket.socket | None) -> None:
+    deadline: _Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.attach(sock)
+
+
+class _DeadlineHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _attach(sock)  # from now on, whatever the TLS handshake or the upload does
+        return sock
+
+    def connect(self) -> None:
+        super().connect()
+        _attach(self.sock)  # TLS wraps the socket in a new object
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self.sock)  # a kept-alive connection does not connect again
+        super().request(*args, **kwargs)
+
+
+class _DeadlineHTTPSConnection(_DeadlineHTTPConnection, HTTPSConnection):
+    """The same hooks in front of urllib3's TLS connection (its connect() calls _new_conn())."""
+
+
+class _DeadlineHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_POOLS = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter with connection pools whose connections report to the deadline."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.ProxyManager:
+        manager: urllib3.ProxyManager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+    def close(self) -> None:
+        # urllib3 2 closes a pool's connections only when the pool is garbage-collected, and
+        # a kept exception (its traceback holds the response, the response its pool) can keep
+        # it alive with a socket open: close them now.
+        for manager in (self.poolmanager, *self.proxy_manager.values()):
+            for key in manager.pools.keys():  # noqa: SIM118 (the container cannot iterate)
+                pool = manager.pools.get(key)
+                if pool is not None:
+                    pool.close()
+        super().close()
 
 
 def error_for(status: int, message: str, retry_after: str | None = None) -> ApiError:
@@ -124,9 +395,8 @@ def error_for(status: int, message: str, retry_after: str | None = None) -> ApiE
         return EndpointMissing(f"api.url does not look like the remove-background endpoint "
                                f"(HTTP {status}): {message}", status)
     if status == 406:
-        error = FileRejected(f"the API refused the requested output format: {message}", status)
-        error.reason = "format_not_acceptable"
-        return error
+        return FormatNotAcceptable(f"the API refused the requested output format: {message}",
+                                   status)
     if status == 429:
         return RateLimited(f"rate limited: {message}", status, parse_retry_after(retry_after))
     if status == 408 or status >= 500:

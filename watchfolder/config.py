@@ -1,8 +1,11 @@
 """YAML configuration → frozen dataclasses, with every default and every check in one place.
 
-`load_config` validates the whole file and raises one `ConfigError` listing every problem
-with its path (`inboxes[1].outbox: parent folder does not exist`), so a user fixes them all
-in one go. Nothing here touches the network or starts a thread.
+The dataclasses below are the table: each key's default, type, bounds and redaction are stated
+once, in its field, and the reader, `check-config`'s output and the README's reference follow
+from it (a test holds the README against `reference()`). `load_config` validates the whole
+file and raises one `ConfigError` listing every problem with its path (`inboxes[1].outbox:
+parent folder does not exist`), so a user fixes them all in one go. Nothing here touches
+the network or starts a thread.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,9 @@ import yaml
 from watchfolder.errors import ConfigError
 
 DEFAULT_URL = "https://clipdrop-api.co/remove-background/v1"
-OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpg"}
+# output_format → what the API is asked for (the Accept header); TIFF is made locally from a PNG
+OUTPUT_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpg",
+                  "tiff": "image/png"}
 TRANSPARENCY_MODES = ("return_input_if_non_opaque", "discard_alpha_layer")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -53,96 +58,199 @@ class Secret:
     __str__ = __repr__
 
 
+# -- the table: every key, its default, type, bounds and redaction, stated once ------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one configuration key is read, checked and shown."""
+
+    kind: str  # number | integer | flag | choice | text | folder | special (read by hand)
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    required: bool = False  # folders only
+    must_exist: bool = False  # folders only
+    shown: str | None = None  # how the README states the default, when not the value itself
+    secret: bool = False  # check-config shows where it came from, never the value
+
+
+def _setting(default: Any = None, *, factory: Any = None, **spec: Any) -> Any:
+    metadata = {"spec": Spec(**spec)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def number(default: float, minimum: float, **kw: Any) -> Any:
+    return _setting(default, kind="number", minimum=minimum, **kw)
+
+
+def integer(default: int, minimum: int, **kw: Any) -> Any:
+    return _setting(default, kind="integer", minimum=minimum, **kw)
+
+
+def flag(default: bool) -> Any:
+    return _setting(default, kind="flag")
+
+
+def choice(default: str | None, choices: tuple[str, ...], **kw: Any) -> Any:
+    return _setting(default, kind="choice", choices=choices, **kw)
+
+
+def folder(*, required: bool, must_exist: bool = False, **kw: Any) -> Any:
+    return _setting(None, kind="folder", required=required, must_exist=must_exist, **kw)
+
+
+def special(default: Any = None, **kw: Any) -> Any:
+    return _setting(default, kind="special", **kw)
+
+
+def not_a_key(default: Any) -> Any:
+    """A field computed from other keys (never read from the YAML, never shown)."""
+    return field(default=default)
+
+
 @dataclass(frozen=True)
 class ApiConfig:
-    url: str = DEFAULT_URL
-    key: Secret = field(default_factory=lambda: Secret(""))
-    key_source: str = "none"  # where the key came from, for check-config (never the key)
-    requests_per_minute: int = 60
-    concurrency: int = 8
-    timeout_seconds: float = 120.0
-    connect_timeout_seconds: float = 10.0
-    low_credits_warning: int = 20
+    url: str = special(DEFAULT_URL)
+    key: Secret = special(factory=lambda: Secret(""), shown="none", secret=True)
+    key_file: Path | None = special(shown="none", secret=True)
+    requests_per_minute: int = integer(60, 1)
+    concurrency: int = integer(8, 1)
+    timeout_seconds: float = number(120.0, 0.1)
+    connect_timeout_seconds: float = number(10.0, 0.1)
+    low_credits_warning: int = integer(20, 0)
+    key_source: str = not_a_key("none")  # where the key came from (never the key)
 
 
 @dataclass(frozen=True)
 class RetryConfig:
-    max_attempts: int = 5
-    backoff_seconds: float = 2.0
-    max_backoff_seconds: float = 300.0
-    pause_seconds: float = 300.0
-    retry_after_cap_seconds: float = 600.0
+    max_attempts: int = integer(5, 1)
+    backoff_seconds: float = number(2.0, 0)
+    max_backoff_seconds: float = number(300.0, 0)
+    pause_seconds: float = number(300.0, 0.05)
+    retry_after_cap_seconds: float = number(600.0, 0)
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    format: str | None = None  # None: console on a terminal, JSON otherwise
-    level: str = "info"
+    # None: console on a terminal, JSON otherwise
+    format: str | None = choice(None, LOG_FORMATS, shown="console on a terminal, else `json`")
+    level: str = choice("info", LOG_LEVELS)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str | None = None  # "127.0.0.1:9464" to serve Prometheus metrics
+    # "127.0.0.1:9464" to serve Prometheus metrics
+    listen: str | None = special(shown="off")
 
 
 @dataclass(frozen=True)
 class InboxConfig:
-    path: Path
-    outbox: Path
-    errors: Path
-    archive: Path | None = None
-    recursive: bool = True
-    output_format: str = "png"
-    transparency_handling: str = "return_input_if_non_opaque"
-    settle_seconds: float = 2.0
-    polling: bool = False
-    polling_interval_seconds: float = 2.0
+    path: Path = folder(required=True, must_exist=True)
+    outbox: Path = folder(required=True)
+    errors: Path = folder(required=True)
+    archive: Path | None = folder(required=False)
+    recursive: bool = flag(True)
+    output_format: str = choice("png", tuple(OUTPUT_FORMATS))
+    transparency_handling: str = choice(TRANSPARENCY_MODES[0], TRANSPARENCY_MODES)
+    settle_seconds: float = number(2.0, 0)
+    polling: bool = flag(False)
+    polling_interval_seconds: float = number(2.0, 0.05)
+    studio: bool = flag(True)
 
     @property
     def settings_key(self) -> str:
         """The settings that change the result, part of a result's identity."""
-        return f"{self.output_format}|{self.transparency_handling}"
+        return (f"{self.output_format}|{self.transparency_handling}"
+                + ("" if self.studio else "|api-only"))
 
 
 @dataclass(frozen=True)
 class Config:
-    inboxes: tuple[InboxConfig, ...]
     api: ApiConfig = field(default_factory=ApiConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    state_dir: Path = field(default_factory=lambda: default_state_dir())
-    rescan_seconds: float = 60.0
-    shutdown_timeout_seconds: float = 20.0
-    source: Path | None = None
+    state_dir: Path = special(factory=lambda: default_state_dir(),
+                              shown="`$STATE_DIRECTORY`, else `~/.local/state/watchfolder`")
+    rescan_seconds: float = number(60.0, 0.05)
+    shutdown_timeout_seconds: float = number(20.0, 0)
+    journal_retention_days: float = number(30.0, 1)
+    inboxes: tuple[InboxConfig, ...] = special(())
+    source: Path | None = not_a_key(None)
 
     def redacted(self) -> dict[str, Any]:
-        """The effective configuration as plain data, key replaced by a marker."""
-        return {
-            "api": {
-                "url": self.api.url,
-                "key": f"<set, from {self.api.key_source}>" if self.api.key else "<not set>",
-                "requests_per_minute": self.api.requests_per_minute,
-                "concurrency": self.api.concurrency,
-                "timeout_seconds": self.api.timeout_seconds,
-                "connect_timeout_seconds": self.api.connect_timeout_seconds,
-                "low_credits_warning": self.api.low_credits_warning,
-            },
-            "retry": vars_of(self.retry),
-            "state_dir": str(self.state_dir),
-            "rescan_seconds": self.rescan_seconds,
-            "shutdown_timeout_seconds": self.shutdown_timeout_seconds,
-            "log": {"format": self.log.format or "auto", "level": self.log.level},
-            "metrics": {"listen": self.metrics.listen},
-            "inboxes": [
-                {k: (str(v) if isinstance(v, Path) else v) for k, v in vars_of(i).items()}
-                for i in self.inboxes
-            ],
-        }
+        """The effective configuration as plain data, secrets replaced by where they came from."""
+        return _plain(self)
 
 
-def vars_of(obj: object) -> dict[str, Any]:
-    return {k: getattr(obj, k) for k in obj.__dataclass_fields__}  # type: ignore[attr-defined]
+SECTIONS: dict[str, type] = {"api": ApiConfig, "retry": RetryConfig, "log": LogConfig,
+                             "metrics": MetricsConfig, "inboxes[]": InboxConfig}
+
+
+def spec_of(f: Field[Any]) -> Spec | None:
+    spec = f.metadata.get("spec")
+    return spec if isinstance(spec, Spec) else None
+
+
+def keys_of(cls: type) -> set[str]:
+    """The YAML keys a section accepts."""
+    keys = {f.name for f in fields(cls) if spec_of(f) is not None}
+    if cls is Config:
+        keys |= {name.rstrip("[]") for name in SECTIONS}
+    return keys
+
+
+def reference() -> dict[str, str]:
+    """`dotted.key` → its default as the README's configuration reference states it."""
+    table: dict[str, str] = {}
+
+    def shown(f: Field[Any]) -> str:
+        spec = spec_of(f)
+        assert spec is not None
+        if spec.shown is not None:
+            return spec.shown
+        if spec.kind == "folder":
+            return "required" if spec.required else "none"
+        value = f.default
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return f"`{value}`"
+
+    for f in fields(Config):
+        if spec_of(f) is not None and f.name != "inboxes":
+            table[f.name] = shown(f)
+    for prefix, cls in SECTIONS.items():
+        for f in fields(cls):
+            if spec_of(f) is not None:
+                table[f"{prefix}.{f.name}"] = shown(f)
+    return table
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple):
+        return [_plain(item) for item in obj]
+    if not hasattr(obj, "__dataclass_fields__"):
+        return obj
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        spec = spec_of(f)
+        if spec is None and f.name not in SECTIONS:
+            continue
+        value = getattr(obj, f.name)
+        if spec is not None and spec.secret:
+            if f.name == "key":
+                out[f.name] = (f"<set, from {obj.key_source}>" if value else "<not set>")
+            continue
+        if f.name == "format" and value is None:
+            value = "auto"
+        out[f.name] = _plain(value)
+    return out
 
 
 def default_state_dir() -> Path:
@@ -151,6 +259,8 @@ def default_state_dir() -> Path:
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     return Path(platformdirs.user_state_dir("watchfolder"))
 
+
+# -- reading ------------------------------------------------------------------------------------
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -173,47 +283,61 @@ class _Checker:
             return {}
         for key in value:
             if key not in allowed:
-                hint = _close_match(str(key), allowed)
                 self.fail(f"{path}.{key}" if path else str(key),
-                          "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+                          "unknown key" + _hint(str(key), path, allowed))
         return value
 
-    def number(self, data: dict[str, Any], key: str, path: str, default: float, *,
-               minimum: float, integer: bool = False) -> Any:
-        value = data.get(key, default)
-        kind = int if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            self.fail(f"{path}.{key}", f"must be {'a whole number' if integer else 'a number'}, "
-                                       f"got {value!r}")
-            return default
-        if value < minimum:
-            self.fail(f"{path}.{key}", f"must be at least {minimum}, got {value}")
-            return default
-        return value
+    def section(self, raw: Any, path: str, cls: type, *, checked: bool = False,
+                **given: Any) -> Any:
+        """Read every table key of `cls` from `raw`; `given` are the special keys, read by hand.
 
-    def boolean(self, data: dict[str, Any], key: str, path: str, default: bool) -> bool:
-        value = data.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(f"{path}.{key}", f"must be true or false, got {value!r}")
-            return default
-        return value
+        `checked`: `raw` already went through `mapping` (its unknown keys are reported).
+        """
+        data = raw if checked else self.mapping(raw, path, keys_of(cls))
+        values = dict(given)
+        for f in fields(cls):
+            spec = spec_of(f)
+            if spec is None or spec.kind == "special" or f.name in values:
+                continue
+            values[f.name] = self.value(data, f.name, path, spec, f.default)
+        return cls(**values)
 
-    def choice(self, data: dict[str, Any], key: str, path: str, default: Any,
-               choices: tuple[str, ...] | list[str]) -> Any:
+    def value(self, data: dict[str, Any], key: str, path: str, spec: Spec, default: Any) -> Any:
+        where = f"{path}.{key}" if path else key
+        if spec.kind == "folder":
+            return self.folder(data, key, path, required=spec.required,
+                               must_exist=spec.must_exist)
         value = data.get(key, default)
-        if value is not None and value not in choices:
-            self.fail(f"{path}.{key}", f"must be one of {', '.join(choices)}; got {value!r}")
-            return default
-        return value
+        if spec.kind in ("number", "integer"):
+            kind = int if spec.kind == "integer" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                noun = "a whole number" if spec.kind == "integer" else "a number"
+                self.fail(where, f"must be {noun}, got {value!r}")
+                return default
+            if spec.minimum is not None and value < spec.minimum:
+                self.fail(where, f"must be at least {spec.minimum:g}, got {value}")
+                return default
+            return value if spec.kind == "integer" else float(value)
+        if spec.kind == "flag":
+            if not isinstance(value, bool):
+                self.fail(where, f"must be true or false, got {value!r}")
+                return default
+            return value
+        if spec.kind == "choice":
+            if value is not None and value not in spec.choices:
+                self.fail(where, f"must be one of {', '.join(spec.choices)}; got {value!r}")
+                return default
+            return value
+        raise AssertionError(f"no reader for {spec.kind}")
 
     def text(self, data: dict[str, Any], key: str, path: str) -> str | None:
         value = data.get(key)
         if value is None:
             return None
         if not isinstance(value, str):
-            self.fail(f"{path}.{key}", f"must be a string, got {value!r}")
+            self.fail(f"{path}.{key}" if path else key, f"must be a string, got {value!r}")
             return None
-        return self.expand(value, f"{path}.{key}")
+        return self.expand(value, f"{path}.{key}" if path else key)
 
     def expand(self, value: str, path: str) -> str:
         def sub(match: re.Match[str]) -> str:
@@ -247,25 +371,27 @@ class _Checker:
         return folder
 
 
-def _close_match(word: str, options: set[str]) -> str | None:
+def _hint(key: str, path: str, allowed: set[str]) -> str:
+    """' (did you mean ...?)': a close key here, or the section where this key belongs."""
     import difflib
 
-    found = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.5)
-    return found[0] if found else None
+    homes = [prefix for prefix, cls in SECTIONS.items()
+             if key in keys_of(cls) and prefix.rstrip("[]") != path.split("[")[0]]
+    if key in keys_of(Config) and path:
+        homes.insert(0, "the top level")
+    if homes:
+        return f" (it belongs under {' or '.join(homes)})"
+    found = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.5)
+    return f" (did you mean '{found[0]}'?)" if found else ""
 
 
-_TOP_KEYS = {"api", "retry", "state_dir", "log", "inboxes", "metrics", "rescan_seconds",
-             "shutdown_timeout_seconds"}
-_API_KEYS = {"url", "key", "key_file", "requests_per_minute", "concurrency", "timeout_seconds",
-             "connect_timeout_seconds", "low_credits_warning"}
-_RETRY_KEYS = {"max_attempts", "backoff_seconds", "max_backoff_seconds", "pause_seconds",
-               "retry_after_cap_seconds"}
-_INBOX_KEYS = {"path", "outbox", "errors", "archive", "recursive", "output_format",
-               "transparency_handling", "settle_seconds", "polling", "polling_interval_seconds"}
+def load_config(path: Path | str, *, require_key: bool = True, read_key: bool = True) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem.
 
-
-def load_config(path: Path | str, *, require_key: bool = True) -> Config:
-    """Read and validate a config file; raise ConfigError listing every problem."""
+    `read_key=False` reads all of it but the API key, for `status` and `requeue`: they never
+    use the key, and the staff who run them usually cannot read it (a systemd credential) or
+    do not have `${CLIPDROP_API_KEY}` set.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -276,6 +402,10 @@ def load_config(path: Path | str, *, require_key: bool = True) -> Config:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    if not read_key and isinstance(raw, dict) and isinstance(raw.get("api"), dict):
+        raw = {**raw, "api": {k: v for k, v in raw["api"].items()
+                              if k not in ("key", "key_file")}}
+        require_key = False
     return parse_config(raw, base_dir=path.resolve().parent, source=path,
                         require_key=require_key)
 
@@ -284,45 +414,19 @@ def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
                  require_key: bool = True) -> Config:
     """Validate already-parsed YAML data (relative paths resolve against base_dir)."""
     c = _Checker(base_dir)
-    top = c.mapping(raw, "", _TOP_KEYS)
+    top = c.mapping(raw, "", keys_of(Config))
     if raw is None:
         c.fail("config", "the file is empty; it needs at least an `inboxes:` list")
 
-    api_raw = c.mapping(top.get("api"), "api", _API_KEYS)
+    api_raw = c.mapping(top.get("api"), "api", keys_of(ApiConfig))
     key, key_source = _read_key(c, api_raw, require_key)
     url = c.text(api_raw, "url", "api") or DEFAULT_URL
     if not re.match(r"^https?://[^/\s]+", url):
         c.fail("api.url", f"must be an http(s) URL, got {url!r}")
-    api = ApiConfig(
-        url=url,
-        key=key,
-        key_source=key_source,
-        requests_per_minute=c.number(api_raw, "requests_per_minute", "api", 60, minimum=1,
-                                     integer=True),
-        concurrency=c.number(api_raw, "concurrency", "api", 8, minimum=1, integer=True),
-        timeout_seconds=float(c.number(api_raw, "timeout_seconds", "api", 120, minimum=0.1)),
-        connect_timeout_seconds=float(c.number(api_raw, "connect_timeout_seconds", "api", 10,
-                                               minimum=0.1)),
-        low_credits_warning=c.number(api_raw, "low_credits_warning", "api", 20, minimum=0,
-                                     integer=True),
-    )
+    api = c.section(api_raw, "api", ApiConfig, checked=True, url=url, key=key,
+                    key_source=key_source, key_file=None)
 
-    retry_raw = c.mapping(top.get("retry"), "retry", _RETRY_KEYS)
-    retry = RetryConfig(
-        max_attempts=c.number(retry_raw, "max_attempts", "retry", 5, minimum=1, integer=True),
-        backoff_seconds=float(c.number(retry_raw, "backoff_seconds", "retry", 2, minimum=0)),
-        max_backoff_seconds=float(c.number(retry_raw, "max_backoff_seconds", "retry", 300,
-                                           minimum=0)),
-        pause_seconds=float(c.number(retry_raw, "pause_seconds", "retry", 300, minimum=0.05)),
-        retry_after_cap_seconds=float(c.number(retry_raw, "retry_after_cap_seconds", "retry",
-                                               600, minimum=0)),
-    )
-
-    log_raw = c.mapping(top.get("log"), "log", {"format", "level"})
-    log = LogConfig(format=c.choice(log_raw, "format", "log", None, LOG_FORMATS),
-                    level=c.choice(log_raw, "level", "log", "info", LOG_LEVELS))
-
-    metrics_raw = c.mapping(top.get("metrics"), "metrics", {"listen"})
+    metrics_raw = c.mapping(top.get("metrics"), "metrics", keys_of(MetricsConfig))
     listen = c.text(metrics_raw, "listen", "metrics")
     if listen is not None and not re.match(r"^[\w.\-\[\]:]*:\d+$", listen):
         c.fail("metrics.listen", f"must be host:port, e.g. 127.0.0.1:9464; got {listen!r}")
@@ -332,20 +436,15 @@ def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
 
-    inboxes = _read_inboxes(c, top.get("inboxes"))
-
-    config = Config(
-        inboxes=tuple(inboxes),
+    config = c.section(
+        top, "", Config, checked=True,
+        inboxes=_read_inboxes(c, top.get("inboxes")),
         api=api,
-        retry=retry,
-        log=log,
+        retry=c.section(top.get("retry"), "retry", RetryConfig),
+        log=c.section(top.get("log"), "log", LogConfig),
         metrics=MetricsConfig(listen=listen),
         state_dir=state_dir,
-        rescan_seconds=float(c.number(top, "rescan_seconds", "", 60, minimum=0.05)),
-        shutdown_timeout_seconds=float(c.number(top, "shutdown_timeout_seconds", "", 20,
-                                                minimum=0)),
-        source=source,
-    )
+        source=source)
     if c.problems:
         raise ConfigError([p.lstrip(".") for p in c.problems])
     return config
@@ -391,51 +490,41 @@ def _key_from_file(c: _Checker, path: Path, where: str) -> Secret:
     return Secret(value)
 
 
-def _read_inboxes(c: _Checker, raw: Any) -> list[InboxConfig]:
+def _read_inboxes(c: _Checker, raw: Any) -> tuple[InboxConfig, ...]:
     if raw is None:
         c.fail("inboxes", "is required: a list of folders to watch")
-        return []
+        return ()
     if not isinstance(raw, list) or not raw:
         c.fail("inboxes", "must be a non-empty list")
-        return []
+        return ()
     inboxes: list[InboxConfig] = []
+    seen: dict[Path, int] = {}
     for index, item in enumerate(raw):
         p = f"inboxes[{index}]"
-        data = c.mapping(item, p, _INBOX_KEYS)
         if not isinstance(item, dict):
+            c.mapping(item, p, keys_of(InboxConfig))
             continue
-        inbox_path = c.folder(data, "path", p, required=True, must_exist=True)
-        outbox = c.folder(data, "outbox", p, required=True, must_exist=False)
-        errors = c.folder(data, "errors", p, required=True, must_exist=False)
-        archive = c.folder(data, "archive", p, required=False, must_exist=False)
-        fmt = c.choice(data, "output_format", p, "png", list(OUTPUT_FORMATS))
-        mode = c.choice(data, "transparency_handling", p, TRANSPARENCY_MODES[0],
-                        TRANSPARENCY_MODES)
-        settle = c.number(data, "settle_seconds", p, 2.0, minimum=0)
-        recursive = c.boolean(data, "recursive", p, True)
-        polling = c.boolean(data, "polling", p, False)
-        interval = c.number(data, "polling_interval_seconds", p, 2.0, minimum=0.05)
-        if inbox_path is None or outbox is None or errors is None:
-            continue
-        for name, dest in (("outbox", outbox), ("errors", errors), ("archive", archive)):
-            if dest is None:
+        before = len(c.problems)
+        c.mapping(item, p, keys_of(InboxConfig))
+        values = {f.name: c.value(item, f.name, p, spec, f.default) for f in fields(InboxConfig)
+                  if (spec := spec_of(f)) is not None}
+        inbox_path, recursive = values["path"], values["recursive"]
+        for name in ("outbox", "errors", "archive"):
+            dest = values[name]
+            if dest is None or inbox_path is None:
                 continue
             if dest == inbox_path:
                 c.fail(f"{p}.{name}", "must not be the inbox itself")
             elif recursive and inbox_path in dest.parents:
                 c.fail(f"{p}.{name}", "must not be inside a recursive inbox "
                                       "(its files would be picked up again)")
-        inboxes.append(InboxConfig(
-            path=inbox_path, outbox=outbox, errors=errors, archive=archive,
-            recursive=recursive, output_format=fmt, transparency_handling=mode,
-            settle_seconds=float(settle), polling=polling,
-            polling_interval_seconds=float(interval)))
-    seen: dict[Path, int] = {}
-    for index, inbox in enumerate(inboxes):
-        if inbox.path in seen:
-            c.fail(f"inboxes[{index}].path", f"same folder as inboxes[{seen[inbox.path]}]")
-        seen.setdefault(inbox.path, index)
-    return inboxes
+        if inbox_path is not None:
+            if inbox_path in seen:
+                c.fail(f"{p}.path", f"same folder as inboxes[{seen[inbox_path]}]")
+            seen.setdefault(inbox_path, index)
+        if len(c.problems) == before:
+            inboxes.append(InboxConfig(**values))
+    return tuple(inboxes)
 
 
 def inline_key_readable_by_others(path: Path) -> bool:

@@ -1,12 +1,14 @@
-"""Wiring: journal, limiter, client, pipeline, intake and watchers; start, stop, join.
+"""Wiring: journal, limiter, client, pipeline, intake and watchers; start, run, reload, stop.
 
 `Daemon.start()` returns once every watch is set and the start-up scan is queued (the moment
-systemd's READY=1 and the `ready` log line stand for). Parsing argv, signals and exit codes
-belong to cli.py.
+systemd's READY=1 and the `ready` log line stand for). `supervise` is the main loop: it pings
+the watchdog, keeps STATUS= current, and does what signal handlers asked for (they only set
+flags). Parsing argv, installing signal handlers and exit codes belong to cli.py.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -14,27 +16,31 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import structlog
 
-from watchfolder import logs
+from watchfolder import logs, status
 from watchfolder.client import ApiClient
 from watchfolder.config import Config, InboxConfig
 from watchfolder.errors import AccountError, ConfigError
 from watchfolder.intake import Intake
+from watchfolder.jobqueue import Job
 from watchfolder.journal import FAILING, FETCHED, STORED, Journal
+from watchfolder.lock import DaemonLock
 from watchfolder.metrics import Metrics
-from watchfolder.outbox import TEMP_PREFIX
-from watchfolder.pipeline import Job, Pipeline
+from watchfolder.notify import Notifier
+from watchfolder.outbox import TEMP_PREFIX, folder_problem
+from watchfolder.pipeline import Pipeline
 from watchfolder.ratelimit import RateLimiter
-from watchfolder.status import DaemonLock
 from watchfolder.watcher import Watcher
 
 log = structlog.get_logger("watchfolder")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCOUNT = 0, 1, 2, 3
+STATUS_SECONDS = 5.0  # how often STATUS= may change at most, when no watchdog asks for more
 
 
 class Daemon:
@@ -57,21 +63,43 @@ class Daemon:
         self._lock: DaemonLock | None = None
         self._retired_clients: list[ApiClient] = []  # replaced by a reload, closed at stop
         self._watch_lost: dict[int, float] = {}  # inbox slot → when its watch was seen dead
+        # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
+        self.inactive: set[int] = set()
+        self._next_prune = 0.0
         logs.add_secret(config.api.key.reveal())
 
     # -- start --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start everything, or (on any error) stop what was started and raise."""
+        prepare_folders(self.config)
+        self._lock = DaemonLock.acquire(self.config.state_dir)
+        try:
+            self._start()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.intake is not None:
+            self.intake.stop()
+        if self.pipeline is not None:
+            self.pipeline.stop()
+            self.pipeline.join(self.config.shutdown_timeout_seconds)
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.journal is not None:
+            self.journal.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _start(self) -> None:
         config = self.config
-        prepare_folders(config)
-        self._lock = DaemonLock.acquire(config.state_dir)
         if config.metrics.listen:
             self.metrics = Metrics(self.snapshot)
-            try:
-                self.metrics.serve(config.metrics.listen)
-            except ConfigError:
-                self._lock.release()
-                raise
+            self.metrics.serve(config.metrics.listen)
         self.journal = journal = Journal(config.state_dir)
         journal.set_meta("paused", None)  # a pause belongs to the process that saw it
         self.client = ApiClient(config.api.url, config.api.key,
@@ -86,7 +114,10 @@ class Daemon:
         self.pipeline.metrics = self.metrics
         self.intake = Intake(config, journal, self.pipeline.submit,
                              on_idle=self.request_stop if self.once else None)
-        recovered = self._recover(journal)
+        resumed = self._resume(range(len(config.inboxes)), report_orphans=True)
+        for job in resumed:
+            self.intake.adopt(job)
+        self._remove_orphans(journal)
         self.pipeline.start()
         if not self.once:
             self.watcher = Watcher(config.inboxes, self.intake.offer, self.intake.request_rescan)
@@ -95,32 +126,38 @@ class Daemon:
         self.intake.start(self.watcher)
         self.wake.open()
         log.info("ready", inboxes=[str(i.path) for i in config.inboxes], files_found=found,
-                 resumed=recovered, once=self.once, api_url=config.api.url,
+                 resumed=len(resumed), once=self.once, api_url=config.api.url,
                  requests_per_minute=config.api.requests_per_minute,
                  concurrency=config.api.concurrency)
 
-    def _recover(self, journal: Journal) -> int:
-        """Put every unfinished file back in the queue; clear temp files a crash left."""
-        assert self.intake is not None
-        by_path = {str(inbox.path): index for index, inbox in enumerate(self.config.inboxes)}
-        referenced: set[str] = set()
-        count = 0
+    def _resume(self, indexes: range | list[int], *, report_orphans: bool = False) -> list[Job]:
+        """Jobs for the unfinished journal records of these inboxes (after a crash or stop, or
+        when a reload configures an inbox again); temp files a crash left are cleared."""
+        journal = self.journal
+        assert journal is not None
+        inboxes = self.config.inboxes
+        wanted = {str(inboxes[index].path): index for index in indexes}
+        jobs = []
         for record in journal.unfinished():
-            if record.spool and record.state == FETCHED:
-                referenced.add(record.spool)
-            index = by_path.get(record.inbox)
+            index = wanted.get(record.inbox)
             if index is None:
-                log.warning("journal.orphan", inbox=record.inbox, file=record.rel,
-                            state=record.state, hint="this inbox is no longer configured; "
-                            "the file resumes when it is configured again")
+                if report_orphans:
+                    log.warning("journal.orphan", inbox=record.inbox, file=record.rel,
+                                state=record.state, hint="this inbox is no longer configured; "
+                                "the file resumes when it is configured again")
                 continue
-            _clear_temp_files(self.config.inboxes[index], record.rel, record.state)
-            self.intake.adopt(Job(index, record.rel, record=record))
-            count += 1
+            _clear_temp_files(inboxes[index], record.rel, record.state)
+            jobs.append(Job(index, record.rel, record=record))
+        return jobs
+
+    @staticmethod
+    def _remove_orphans(journal: Journal) -> None:
+        """Spool files no unfinished record points at (a crash before their unlink)."""
+        referenced = {record.spool for record in journal.unfinished()
+                      if record.spool and record.state == FETCHED}
         for leftover in journal.spool_dir.iterdir():
             if str(leftover) not in referenced:
                 leftover.unlink(missing_ok=True)
-        return count
 
     # -- callbacks from the pipeline ----------------------------------------------------------
 
@@ -134,6 +171,17 @@ class Daemon:
             self.request_stop()
 
     # -- running ------------------------------------------------------------------------------
+
+    def housekeeping(self) -> None:
+        """At start and once a day: forget what the journal no longer needs."""
+        now = time.monotonic()
+        if self.journal is None or now < self._next_prune:
+            return
+        self._next_prune = now + 86400.0
+        days = self.config.journal_retention_days
+        forgotten = self.journal.prune(time.time() - days * 86400.0, still_in_place)
+        if forgotten:
+            log.info("journal.pruned", records=forgotten, older_than_days=days)
 
     def request_stop(self) -> None:
         """Ask `run`'s caller to stop (signal handlers call this; it only sets a flag)."""
@@ -149,7 +197,9 @@ class Daemon:
         """The pipeline's counters plus `healthy` (for STATUS= and metrics); {} before start."""
         if self.pipeline is None:
             return {}
-        return {**self.pipeline.snapshot(), "healthy": not self.problems()}
+        pending = len(self.intake.known) if self.intake is not None else 0
+        return {**self.pipeline.snapshot(), "healthy": not self.problems(),
+                "pending": pending, "rate_wait_s": self.pipeline.limiter.wait_time()}
 
     def exit_code(self) -> int:
         if self.account_error is not None and self.once:
@@ -178,7 +228,7 @@ class Daemon:
         if watcher is not None and intake is not None:
             now = time.monotonic()
             for index, inbox in enumerate(watcher.inboxes):
-                if index in intake.inactive or watcher.healthy(index) or not inbox.path.is_dir():
+                if index in self.inactive or watcher.healthy(index) or not inbox.path.is_dir():
                     self._watch_lost.pop(index, None)
                     continue
                 lost = self._watch_lost.setdefault(index, now)
@@ -225,11 +275,12 @@ class Daemon:
         Jobs name their inbox by its slot (index), so slots never move while the process lives:
         a changed inbox is updated in its slot, a new one gets a new slot, a removed one is
         switched off (not watched or scanned; files already queued from it still finish; its
-        unfinished journal records resume when it is configured again). Only the intake and
-        the watches are stopped and started around the swap; the queue, the workers and the
-        requests in flight carry on. What cannot change while running (state_dir,
-        api.concurrency) keeps its old value and is reported. Raises ConfigError when the new
-        folders or the metrics address are unusable; the running configuration stays.
+        unfinished journal records resume when it is configured again). The watches are
+        replaced; the intake takes the new configuration as a message and rescans; the queue,
+        the workers and the requests in flight carry on. What cannot change while running
+        (state_dir, api.concurrency) keeps its old value and is reported. Raises ConfigError when
+        the new folders are unusable, StartupError when the metrics address is taken; the
+        running configuration stays.
         """
         pipeline, intake = self.pipeline, self.intake
         assert pipeline is not None and intake is not None
@@ -250,14 +301,14 @@ class Daemon:
                 index = len(slots)
                 slots.append(inbox)
                 added.append(index)
-            elif index in intake.inactive:
+            elif index in self.inactive:
                 slots[index] = inbox
                 added.append(index)  # configured again
             elif slots[index] != inbox:
                 slots[index] = inbox
                 changed.append(index)
             inactive.discard(index)
-        removed = sorted(inactive - intake.inactive)
+        removed = sorted(inactive - self.inactive)
         if new.metrics.listen != old.metrics.listen:
             if new.metrics.listen:
                 if self.metrics is None:
@@ -268,12 +319,9 @@ class Daemon:
                 self.metrics.close()
 
         # Nothing below can fail on the configuration: commit.
-        if self.watcher is not None:
-            self.watcher.stop()
-        intake.stop()
         config = dataclasses.replace(new, inboxes=tuple(slots))
-        self.config = pipeline.config = intake.config = config
-        intake.inactive = inactive
+        self.config = pipeline.config = config
+        self.inactive = inactive
         self._watch_lost.clear()
         api, before = config.api, old.api
         if (api.url, api.key, api.timeout_seconds, api.connect_timeout_seconds) != (
@@ -287,13 +335,19 @@ class Daemon:
         pipeline.limiter.set_limit(api.requests_per_minute)
         pipeline.limiter.backoff = config.retry.backoff_seconds
         pipeline.limiter.max_backoff = config.retry.max_backoff_seconds
-        resumed = self._adopt(added + changed)
-        found = intake.scan_all()
-        if not self.once:
+        # The watches are replaced around the intake, which keeps running: events of a new
+        # watch that arrive before the reload message are covered by the rescan it does.
+        if self.watcher is not None:
+            self.watcher.stop()
             self.watcher = Watcher(config.inboxes, intake.offer, intake.request_rescan,
                                    inactive=inactive)
             self.watcher.start()
-        intake.start(self.watcher)
+        resume = self._resume(added + changed)
+        reply = intake.reconfigure(config, inactive, self.watcher, resume, added + changed)
+        try:
+            found: int | None = reply.result(timeout=max(60.0, config.rescan_seconds))
+        except concurrent.futures.TimeoutError:
+            found = None  # a long rescan of a slow share: it goes on in the intake thread
         if pipeline.queue.paused is not None:
             pipeline.queue.probe_now()  # the new key or URL may be what fixes the pause
         log.info("reload.done", inboxes=[str(slots[i].path) for i in range(len(slots))
@@ -301,35 +355,73 @@ class Daemon:
                  added=[str(slots[i].path) for i in added],
                  changed=[str(slots[i].path) for i in changed],
                  removed=[str(slots[i].path) for i in removed], files_found=found,
-                 resumed=resumed, requests_per_minute=api.requests_per_minute,
+                 resumed=len(resume), requests_per_minute=api.requests_per_minute,
                  probing=pipeline.queue.paused is not None)
         if needs_restart:
             log.warning("reload.needs_restart", settings=needs_restart,
                         hint="these keep their old value until watchfolder restarts")
 
-    def _adopt(self, indexes: list[int]) -> int:
-        """Queue unfinished journal records of inboxes (re)configured by a reload.
 
-        Records of files this process already holds are skipped (the intake knows them);
-        the others were left by an earlier run when their inbox was not configured.
-        """
-        intake, journal = self.intake, self.journal
-        assert intake is not None and journal is not None
-        inboxes = self.config.inboxes
-        kept_in_place = [i for i in indexes if inboxes[i].archive is None]
-        for index in kept_in_place:
-            for rel, signature in journal.kept_in_place(str(inboxes[index].path)).items():
-                intake.kept.setdefault((index, rel), signature)
-        wanted = {str(inboxes[index].path): index for index in indexes}
-        count = 0
-        for record in journal.unfinished():
-            slot = wanted.get(record.inbox)
-            if slot is None or (slot, record.rel) in intake.known:
+def supervise(daemon: Daemon, notifier: Notifier,
+              reload: Callable[[], bool] | None = None, *,
+              status_seconds: float = STATUS_SECONDS,
+              on_tick: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run the main loop of a started daemon until a stop is requested.
+
+    `reload` re-reads the configuration and returns whether it was applied; None (--once)
+    ignores reload requests. Signal handlers only set the daemon's flags; everything they
+    ask for happens here, in the main thread. `on_tick` gets the snapshot at every turn (the
+    progress line of `run --once` on a terminal).
+    """
+    tick = min(status_seconds, notifier.ping_interval or status_seconds)
+    note: str | None = None
+    shown: str | None = _summary(daemon, note)
+    withheld = False
+    notifier.ready(shown)
+    while True:
+        daemon.housekeeping()
+        problems = daemon.problems()
+        if not problems:
+            notifier.watchdog()
+            if withheld:
+                withheld = False
+                log.warning("watchdog.resumed", hint="every thread is alive again")
+        elif not withheld:
+            withheld = True
+            log.critical("watchdog.withheld", problems=problems,
+                         hint="systemd restarts the service when its WatchdogSec= expires; "
+                              "without systemd, restart watchfolder")
+        if on_tick is not None:
+            on_tick(daemon.snapshot())
+        text = _summary(daemon, note, problems)
+        if text != shown:
+            notifier.status(text)
+            shown = text
+        daemon.wake.wait(tick)  # drains what woke it: nothing to clear
+        if daemon.finished.is_set():
+            break
+        if daemon.reload_requested:
+            daemon.reload_requested = False
+            if reload is None:
+                log.warning("reload.ignored", why="--once runs do not reload")
                 continue
-            _clear_temp_files(inboxes[slot], record.rel, record.state)
-            intake.adopt(Job(slot, record.rel, record=record))
-            count += 1
-        return count
+            notifier.reloading()
+            note = None if reload() else "last reload rejected, see the log"
+            shown = _summary(daemon, note)
+            notifier.ready(shown)
+    snapshot = daemon.snapshot()
+    notifier.stopping(f"stopping: {snapshot.get('in_flight', 0)} in flight, "
+                      f"{snapshot.get('waiting', 0)} waiting")
+    notifier.close()
+
+
+def _summary(daemon: Daemon, note: str | None, problems: list[str] | None = None) -> str:
+    parts = [status.summary(daemon.snapshot())]
+    if problems:
+        parts.append("UNHEALTHY: " + "; ".join(problems))
+    if note:
+        parts.append(note)
+    return "; ".join(parts)
 
 
 class Waker:
@@ -382,30 +474,31 @@ class Waker:
 def prepare_folders(config: Config) -> None:
     """Create missing destination roots (their parents exist) and check we can write."""
     problems = []
-    try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        problems.append(f"state_dir: cannot create {config.state_dir}: {exc.strerror}")
-    else:
-        if not os.access(config.state_dir, os.W_OK | os.X_OK):
-            problems.append(f"state_dir: {config.state_dir} is not writable by this user")
+    folders = [("state_dir", config.state_dir)]
     for index, inbox in enumerate(config.inboxes):
-        folders = {"path": inbox.path, "outbox": inbox.outbox, "errors": inbox.errors,
-                   "archive": inbox.archive}
-        for name, folder in folders.items():
-            if folder is None:
-                continue
-            try:
-                folder.mkdir(exist_ok=True)
-            except OSError as exc:
-                problems.append(f"inboxes[{index}].{name}: cannot create {folder}: "
-                                f"{exc.strerror}")
-                continue
-            if not os.access(folder, os.W_OK | os.X_OK):
-                problems.append(f"inboxes[{index}].{name}: {folder} is not writable by this "
-                                f"user (fix its owner or group permissions)")
+        folders += [(f"inboxes[{index}].{name}", folder) for name, folder in (
+            ("path", inbox.path), ("outbox", inbox.outbox), ("errors", inbox.errors),
+            ("archive", inbox.archive)) if folder is not None]
+    for where, folder in folders:
+        try:
+            folder.mkdir(parents=where == "state_dir", exist_ok=True)
+        except OSError as exc:
+            problems.append(f"{where}: cannot create {folder}: {exc.strerror}")
+            continue
+        problem = folder_problem(folder, where.rsplit(".", 1)[-1])
+        if problem is not None:
+            problems.append(f"{where}: {problem} (fix its owner or group permissions)")
     if problems:
         raise ConfigError(problems)
+
+
+def still_in_place(inbox: str, rel: str, size: int, mtime_ns: int) -> bool:
+    """The file a kept-in-place record describes is still at its path, unchanged."""
+    try:
+        st = os.lstat(Path(inbox) / rel)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
 
 
 def _clear_temp_files(inbox: InboxConfig, rel: str, state: str) -> None:

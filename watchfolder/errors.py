@@ -2,10 +2,15 @@
 
     WatchfolderError
     ├── ConfigError              the YAML is wrong; carries every problem with its path
-    ├── InputRejected            a local check refused the file (costs no request)
-    ├── DestinationError         outbox / archive / errors not writable or gone
+    ├── StartupError             something else stops a start: another daemon on the state_dir,
+    │   │                        the metrics address taken
+    │   └── JournalUnreadable    the journal cannot be opened or read (damaged, permissions)
+    ├── InputRejected            a local check refused the file (costs no request): not an
+    │                            image, too large, a link, not a regular file, unreadable
+    ├── DestinationError         outbox / archive / errors not writable or gone: the file waits
     └── ApiError                 the API (or the way to it) answered something else than a result
-        ├── FileRejected         400, 406, other 4xx: this file fails, go to errors
+        ├── FileRejected         400, other 4xx: this file fails, go to errors
+        │   └── FormatNotAcceptable  406: the API cannot produce the asked output_format
         ├── AccountError         401, 402, 403, 404: pause the whole queue, fail nothing
         │   ├── KeyMissing       401
         │   ├── CreditsExhausted 402
@@ -39,6 +44,23 @@ class ConfigError(WatchfolderError):
         super().__init__("\n".join(problems))
 
 
+class StartupError(WatchfolderError):
+    """The daemon cannot start for a reason that is not in the configuration file."""
+
+    reason = "startup"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.problems = [message]  # printed like a ConfigError's
+        super().__init__(message)
+
+
+class JournalUnreadable(StartupError):
+    """The journal in state_dir cannot be opened or read."""
+
+    reason = "journal_unreadable"
+
+
 class InputRejected(WatchfolderError):
     """A local check refused the file before any request was spent."""
 
@@ -69,6 +91,12 @@ class FileRejected(ApiError):
     """The API refused this file (or our request for it): permanent for this file."""
 
     reason = "api_rejected"
+
+
+class FormatNotAcceptable(FileRejected):
+    """406: the API will not produce the requested output format."""
+
+    reason = "format_not_acceptable"
 
 
 class AccountError(ApiError):

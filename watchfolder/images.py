@@ -126,8 +126,11 @@ class Source:
         return _COLOUR_BANDS[self.colour]
 
 
-def inspect_source(path: Path, *, studio: bool = True) -> Source:
+def inspect_source(path: Path, *, studio: bool = True, verify: bool = True) -> Source:
     """Inspect an input from its bytes; route it fast or studio, or raise InputRejected.
+
+    `verify=False` reads the header only (for a file already checked, or one whose next step
+    decodes it anyway, as making a proxy does).
 
     With `studio=False` (an inbox that wants the API's exact pixels only), a file the API
     cannot take as it is raises InputRejected naming every problem at once; files it takes
@@ -193,7 +196,8 @@ def inspect_source(path: Path, *, studio: bool = True) -> Source:
         reasons: list[str] = []
     else:
         reasons = [text for _, text in api_problems] + _fidelity_problems(source)
-    verify_decodes(path, source)
+    if verify:
+        verify_decodes(path, source)
     return replace(source, studio_reasons=tuple(reasons))
 
 

@@ -8,7 +8,8 @@ It owns three things, and nothing else touches them (messages arrive on one queu
 
 It is fed by watchdog events, by the start-up scan, by a rescan every `rescan_seconds` (a
 safety net for dropped events, and the way an inbox that vanished is picked up again) and by an
-immediate rescan when inotify reports an overflow.
+immediate rescan when inotify reports an overflow. A reload is a message too: the running
+thread takes the new configuration, the files to resume and the new watches, and rescans.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from watchfolder.config import Config
+from watchfolder.jobqueue import Job
 from watchfolder.journal import Journal
-from watchfolder.pipeline import Job
 from watchfolder.settle import SettleTracker, Signature, is_ignored
-from watchfolder.watcher import Watcher, scan
+from watchfolder.watcher import SCAN_ERRORS, Watcher, scan
 
 log = structlog.get_logger("watchfolder")
 
@@ -40,16 +42,14 @@ class Intake:
                  on_idle: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.journal = journal
         self.on_idle = on_idle
         self.submit = submit
         self.clock = clock
         self.tracker = SettleTracker(clock)
         self.known: set[tuple[int, str]] = set()
         self.kept: dict[tuple[int, str], Signature] = {}
-        for index, inbox in enumerate(config.inboxes):
-            if inbox.archive is None:
-                for rel, signature in journal.kept_in_place(str(inbox.path)).items():
-                    self.kept[(index, rel)] = signature
+        self._remember_kept(range(len(config.inboxes)))
         self.messages: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._missing: set[int] = set()
         # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
@@ -67,6 +67,18 @@ class Intake:
 
     def release(self, job: Job, kept: Signature | None) -> None:
         self.messages.put(("release", job.key, kept))
+
+    def reconfigure(self, config: Config, inactive: set[int], watcher: Watcher | None,
+                    resume: Iterable[Job], added: Iterable[int]) -> Future[int]:
+        """Switch the running thread to `config` (a reload); the future gives files found.
+
+        `resume` are unfinished journal jobs of the `added` inboxes (jobs this process already
+        holds are skipped); inboxes are rescanned at once.
+        """
+        reply: Future[int] = Future()
+        self.messages.put(("reconfigure", config, set(inactive), watcher, list(resume),
+                           list(added), reply))
+        return reply
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -141,12 +153,33 @@ class Intake:
         elif kind == "rescan":
             log.warning("intake.rescan", why="inotify queue overflowed; events were lost")
             self._rescan()
+        elif kind == "reconfigure":
+            _, config, inactive, watcher, resume, added, reply = message
+            self.config, self.inactive, self.watcher = config, inactive, watcher
+            self._remember_kept(added)
+            for job in resume:
+                if job.key not in self.known:
+                    self.adopt(job)
+            before = len(self.known)
+            for index in range(len(config.inboxes)):
+                if index not in inactive:
+                    self._scan_inbox(index)
+            reply.set_result(len(self.known) - before)
+
+    def _remember_kept(self, indexes: Iterable[int]) -> None:
+        """Load the files finished in place (no archive) of these inboxes from the journal."""
+        for index in indexes:
+            inbox = self.config.inboxes[index]
+            if inbox.archive is None:
+                kept = self.journal.kept_in_place(str(inbox.path)).get(str(inbox.path), {})
+                for rel, signature in kept.items():
+                    self.kept.setdefault((index, rel), signature)
 
     def _rescan(self) -> None:
         for index, inbox in enumerate(self.config.inboxes):
             if index in self.inactive:
                 continue
-            if not inbox.path.is_dir():
+            if not _is_dir(inbox.path):
                 if index not in self._missing:
                     self._missing.add(index)
                     log.error("inbox.missing", inbox=str(inbox.path),
@@ -165,8 +198,8 @@ class Intake:
             self._consider(index, path)
 
     def _consider(self, index: int, path: Path) -> None:
-        if index in self.inactive:
-            return
+        if index in self.inactive or index >= len(self.config.inboxes):
+            return  # a new watch's event ahead of its reload message: the reload rescans
         inbox = self.config.inboxes[index]
         try:
             parts = path.relative_to(inbox.path).parts
@@ -182,6 +215,9 @@ class Intake:
         try:
             st = path.lstat()
         except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:  # a name too long, a stale NFS handle, an I/O error: this path's
+            SCAN_ERRORS.report(path, exc, "lstat")
             return
         if stat.S_ISDIR(st.st_mode):
             # A folder moved in brings files that produced no events of their own.
@@ -209,6 +245,17 @@ class Intake:
     def _update_idle(self) -> None:
         if not self.known and self.on_idle is not None:
             self.on_idle()
+
+
+def _is_dir(path: Path) -> bool:
+    """A folder we can look into; a stale share or an I/O error counts as missing (reported)."""
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        SCAN_ERRORS.report(path, exc, "stat")
+        return False
 
 
 def _key(key: Hashable) -> tuple[int, str]:

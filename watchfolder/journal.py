@@ -21,14 +21,27 @@ the rate limit), and a small key/value table for status (pause reason, credits l
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-QUEUED, SENDING, FETCHED, STORED, DONE = "queued", "sending", "fetched", "stored", "done"
+from watchfolder.errors import JournalUnreadable
+
+
+def _damaged(path: Path, detail: str) -> str:
+    return (f"the journal {path} is damaged or unreadable ({detail}). If the disk is fine, "
+            f"move it aside and rebuild what the folders tell with `watchfolder reset-journal`; "
+            f"files in the inboxes then simply wait again")
+
+JOURNAL_NAME = "journal.sqlite3"
+
+QUEUED, PROXIED, SENDING = "queued", "proxied", "sending"
+FETCHED, STORED, DONE = "fetched", "stored", "done"
 FAILING, FAILED, GONE = "failing", "failed", "gone"
 FINAL = (DONE, FAILED, GONE)
 
@@ -54,14 +67,17 @@ CREATE TABLE IF NOT EXISTS files (
     status INTEGER,
     credits INTEGER,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    route TEXT,
+    proxy TEXT
 );
 CREATE INDEX IF NOT EXISTS files_by_path ON files (inbox, rel);
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state);
 CREATE TABLE IF NOT EXISTS results (
     identity TEXT PRIMARY KEY,
     path TEXT NOT NULL,
-    sha256 TEXT NOT NULL
+    sha256 TEXT NOT NULL,
+    t REAL
 );
 CREATE TABLE IF NOT EXISTS sends (t REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
@@ -91,39 +107,101 @@ class FileRecord:
     credits: int | None = None
     created: float = 0.0
     updated: float = 0.0
+    route: str | None = None  # "fast" (sent as it is) or "studio" (a proxy is sent)
+    proxy: str | None = None  # the proxy in the spool, while it may still be sent
 
 
 _COLUMNS = [f.name for f in fields(FileRecord)]
 
 
+# File names are bytes on Linux: one that is not valid UTF-8 (from an old Windows or Mac
+# client, a zip archive) reaches Python as a str with surrogate escapes, which SQLite's UTF-8
+# text cannot hold. Such a value is stored as the BLOB of its bytes and read back as the same
+# str, so every name round-trips exactly; valid names stay readable TEXT.
+def _in(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(os.fsencode(a) if isinstance(a, str) and not _is_utf8(a) else a for a in args)
+
+
+def _out(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(os.fsdecode(v) if isinstance(v, bytes) else v for v in row)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Journal:
     """Thread-safe access to the journal database; every write is committed durably."""
 
-    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
-        self.path = Path(state_dir) / "journal.sqlite3"
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / JOURNAL_NAME
         self.spool_dir = Path(state_dir) / "spool"
         self._lock = threading.Lock()
-        if readonly:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                       check_same_thread=False, timeout=5)
-            return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed step survives power loss too, not only a process crash.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed step survives power loss too, not only a process crash.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+            for column in ("route", "proxy"):  # journals of 0.1
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
+            if "t" not in {row[1] for row in self._db.execute("PRAGMA table_info(results)")}:
+                # Journals of 0.1: their results count as made now for retention.
+                self._db.execute("ALTER TABLE results ADD COLUMN t REAL")
+                self._db.execute("UPDATE results SET t = ?", (time.time(),))
+            damage = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        except sqlite3.Error as exc:
+            raise JournalUnreadable(_damaged(self.path, str(exc))) from None
+        if damage != ["ok"]:
+            self._db.close()
+            raise JournalUnreadable(_damaged(self.path, "; ".join(damage[:3])))
+
+    @classmethod
+    def for_reading(cls, state_dir: Path, *, live: bool) -> Journal | None:
+        """Open the journal without ever changing it (for `status`); None if there is none.
+
+        While the daemon runs (or its `-wal` file exists) it is opened `mode=ro`; after a clean
+        stop `immutable=1`, because a read-only open of a WAL database would create `-wal` and
+        `-shm` files owned by whoever reads (root, say), which the daemon could not write.
+        """
+        path = Path(state_dir) / JOURNAL_NAME
+        if not path.exists():
+            return None
+        self = cls.__new__(cls)
+        self.path = path
+        self.spool_dir = Path(state_dir) / "spool"
+        self._lock = threading.Lock()
+        mode = "mode=ro" if live or Path(f"{path}-wal").exists() else "immutable=1"
+        try:
+            self._db = sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True,
+                                       check_same_thread=False, timeout=5)
+        except sqlite3.Error as exc:
+            raise JournalUnreadable(f"cannot read the journal {path}: {exc} (run status as "
+                                    f"the daemon's user or a member of its group)") from None
+        return self
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[FileRecord]:
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            query = f"SELECT {', '.join(_COLUMNS)} FROM files {sql}"  # noqa: S608 - our own SQL
-            cur = self._db.execute(query, args)
-            return [FileRecord(*row) for row in cur.fetchall()]
+            try:
+                return [_out(row) for row in self._db.execute(sql, _in(args)).fetchall()]
+            except sqlite3.DatabaseError as exc:
+                raise JournalUnreadable(f"cannot read the journal {self.path}: {exc}") from None
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[FileRecord]:
+        query = f"SELECT {', '.join(_COLUMNS)} FROM files {sql}"  # noqa: S608 - our own SQL
+        return [FileRecord(*row) for row in self._query(query, args)]
 
     # -- files -------------------------------------------------------------------------------
 
@@ -133,29 +211,38 @@ class Journal:
             cur = self._db.execute(
                 "INSERT INTO files (inbox, rel, state, size, mtime_ns, settings, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (inbox, rel, QUEUED, size, mtime_ns, settings, now, now))
+                _in((inbox, rel, QUEUED, size, mtime_ns, settings, now, now)))
             row_id = cur.lastrowid
         assert row_id is not None
         return FileRecord(id=row_id, inbox=inbox, rel=rel, state=QUEUED, size=size,
                           mtime_ns=mtime_ns, settings=settings, created=now, updated=now)
 
-    def update(self, record: FileRecord, *, sent: bool = False, **changes: Any) -> None:
-        """Apply changes to the record and commit them (with a send time when `sent`)."""
+    def update(self, record: FileRecord, *, sent: bool = False,
+               remember: tuple[str, str, str] | None = None, **changes: Any) -> None:
+        """Commit `changes` to the record, then apply them to the object.
+
+        `sent` also journals a send time (the rate limit survives a restart); `remember`
+        (identity, path, sha256) records a result for reuse in the same transaction. The
+        object changes only once the commit succeeded, so memory and disk always agree.
+        """
         changes["updated"] = time.time()
-        for name, value in changes.items():
-            setattr(record, name, value)
         assignments = ", ".join(f"{name} = ?" for name in changes)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(f"UPDATE files SET {assignments} WHERE id = ?",  # noqa: S608
-                                 (*changes.values(), record.id))
+                                 _in((*changes.values(), record.id)))
                 if sent:
                     self._db.execute("INSERT INTO sends (t) VALUES (?)", (changes["updated"],))
+                if remember is not None:
+                    self._db.execute("INSERT OR REPLACE INTO results (identity, path, sha256, t)"
+                                     " VALUES (?, ?, ?, ?)", _in((*remember, time.time())))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        for name, value in changes.items():
+            setattr(record, name, value)
 
     def active(self, inbox: str, rel: str) -> FileRecord | None:
         """The unfinished record for this path, if any."""
@@ -166,26 +253,70 @@ class Journal:
     def unfinished(self) -> list[FileRecord]:
         return self._rows("WHERE state NOT IN (?, ?, ?) ORDER BY id", FINAL)
 
-    def kept_in_place(self, inbox: str) -> dict[str, tuple[int, int]]:
-        """rel → (size, mtime_ns) of files finished without an archive (they stay put)."""
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT rel, size, mtime_ns FROM files WHERE inbox = ? AND state = ? "
-                "AND archive IS NULL ORDER BY id", (inbox, DONE))
-            return {rel: (size, mtime) for rel, size, mtime in cur.fetchall()}
+    def kept_in_place(self, inbox: str | None = None) -> dict[str, dict[str, tuple[int, int]]]:
+        """inbox → rel → (size, mtime_ns) of files finished without an archive (they stay put)."""
+        where, args = ("AND inbox = ?", (DONE, inbox)) if inbox else ("", (DONE,))
+        kept: dict[str, dict[str, tuple[int, int]]] = {}
+        for box, rel, size, mtime in self._query(
+                f"SELECT inbox, rel, size, mtime_ns FROM files WHERE state = ? "  # noqa: S608
+                f"AND archive IS NULL {where} ORDER BY id", args):
+            kept.setdefault(box, {})[rel] = (size, mtime)
+        return kept
+
+    # -- for status (read-only) ----------------------------------------------------------------
+
+    def unfinished_paths(self) -> list[tuple[str, str, str]]:
+        """(inbox, rel, state) of every unfinished record."""
+        marks = ", ".join("?" for _ in FINAL)
+        return [(inbox, rel, state) for inbox, rel, state in self._query(
+            f"SELECT inbox, rel, state FROM files WHERE state NOT IN ({marks})",  # noqa: S608
+            FINAL)]
+
+    def finished_since(self, since: float) -> list[tuple[str, str, int]]:
+        """(inbox, final state, count) of records finished at or after `since`."""
+        marks = ", ".join("?" for _ in FINAL)
+        return [(inbox, state, count) for inbox, state, count in self._query(
+            f"SELECT inbox, state, COUNT(*) FROM files WHERE state IN ({marks}) "  # noqa: S608
+            "AND updated >= ? GROUP BY inbox, state", (*FINAL, since))]
+
+    def recent_failures(self, limit: int) -> list[FileRecord]:
+        return self._rows("WHERE state = ? ORDER BY updated DESC LIMIT ?", (FAILED, limit))
 
     # -- results, sends, meta -----------------------------------------------------------------
 
     def find_result(self, identity: str) -> tuple[str, str] | None:
-        with self._lock:
-            row = self._db.execute("SELECT path, sha256 FROM results WHERE identity = ?",
-                                   (identity,)).fetchone()
-        return (row[0], row[1]) if row else None
+        rows = self._query("SELECT path, sha256 FROM results WHERE identity = ?", (identity,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
-    def remember_result(self, identity: str, path: str, sha256: str) -> None:
+    def prune(self, older_than: float, still_kept: Callable[[str, str, int, int], bool]) -> int:
+        """Forget finished records and reusable results last changed before `older_than`.
+
+        A file finished in place (no archive) is forgotten only once `still_kept(inbox, rel,
+        size, mtime_ns)` says it is no longer there: its record is what keeps it from being
+        sent again. Returns how many records went.
+        """
+        kept = self._query(
+            "SELECT id, inbox, rel, size, mtime_ns FROM files WHERE state = ? AND archive IS "
+            "NULL AND updated < ?", (DONE, older_than))
+        keep_ids = [row_id for row_id, inbox, rel, size, mtime in kept
+                    if still_kept(inbox, rel, size, mtime)]
+        marks = ", ".join("?" for _ in FINAL)
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO results (identity, path, sha256) "
-                             "VALUES (?, ?, ?)", (identity, path, sha256))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("CREATE TEMP TABLE IF NOT EXISTS keep (id INTEGER PRIMARY KEY)")
+                self._db.execute("DELETE FROM keep")
+                self._db.executemany("INSERT INTO keep (id) VALUES (?)",
+                                     [(row_id,) for row_id in keep_ids])
+                gone = self._db.execute(
+                    f"DELETE FROM files WHERE state IN ({marks}) AND updated < ? "  # noqa: S608
+                    "AND id NOT IN (SELECT id FROM keep)", (*FINAL, older_than)).rowcount
+                self._db.execute("DELETE FROM results WHERE t < ?", (older_than,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return gone
 
     def recent_sends(self, window: float = 60.0) -> list[float]:
         """Wall-clock times of requests sent in the last `window` seconds (oldest first)."""
@@ -201,5 +332,4 @@ class Journal:
             self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
 
     def meta(self) -> dict[str, str | None]:
-        with self._lock:
-            return dict(self._db.execute("SELECT k, v FROM meta").fetchall())
+        return dict(self._query("SELECT k, v FROM meta"))  # type: ignore[arg-type]

@@ -27,6 +27,18 @@ def add_secret(value: str) -> None:
         _secrets.add(value)
 
 
+def readable(text: str) -> str:
+    """A file name for people: bytes that are not UTF-8 shown as `\\xff` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _readable(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for name, value in event.items():
+        if isinstance(value, str):
+            event[name] = readable(value)
+    return event
+
+
 def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     if not _secrets:
         return event
@@ -51,6 +63,7 @@ def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
+        _readable,
         _redact,
     ]
     numeric = logging.getLevelName(level.upper())

@@ -28,7 +28,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from watchfolder import __version__
-from watchfolder.errors import ConfigError
+from watchfolder.errors import StartupError
 
 # Requests take from well under a second (sandbox) to a minute (big images, slow API).
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
@@ -85,15 +85,15 @@ class Metrics:
 
     def serve(self, listen: str) -> None:
         """Listen on `host:port` (instead of any earlier address, once the new one is bound);
-        ConfigError when it cannot be bound."""
+        StartupError when it cannot be bound."""
         host, port = split_listen(listen)
         server_class = _Server6 if ":" in host else _Server
         try:
             server = make_server(host, port, make_wsgi_app(self.registry),
                                  server_class=server_class, handler_class=_QuietHandler)
         except OSError as exc:
-            raise ConfigError([f"metrics.listen: cannot listen on {listen}: "
-                               f"{exc.strerror or exc}"]) from None
+            raise StartupError(f"metrics.listen: cannot listen on {listen}: "
+                               f"{exc.strerror or exc}") from None
         assert isinstance(server, _Server)
         self.close()
         self._server = server

@@ -1,12 +1,18 @@
-"""Telling systemd how the daemon is doing: the sd_notify protocol and the loop that feeds it.
+"""Telling systemd how the daemon is doing: the sd_notify protocol.
 
 The protocol needs no library: each message is one datagram of `KEY=value` lines sent to the
 AF_UNIX socket named by `$NOTIFY_SOCKET` (a path, or `@name` for an abstract socket). Without
 that variable every call is a no-op, so the same code runs under systemd, in a terminal and in
 tests (which bind a real datagram socket and read what we send).
 
-`supervise` is the main thread's loop while the daemon runs. It is the only sender, in this
-order:
+The socket is non-blocking: when PID 1 is too busy to drain it (its queue holds only
+`net.unix.max_dgram_qlen` datagrams, often 10), a send must not block the main loop, whose
+signals, reloads and pings would all wait. A WATCHDOG or STATUS message that does not fit is
+dropped (the next one follows within seconds); READY, RELOADING and STOPPING are kept and sent
+first at the next call, in order.
+
+`supervise` (daemon.py), the main thread's loop while the daemon runs, is the only sender, in
+this order:
 
     READY=1 (once start() has returned: config valid, key found, folders writable, journal
              open, watches set, start-up scan queued)
@@ -26,16 +32,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import structlog
 
-from watchfolder import status
-from watchfolder.daemon import Daemon
-
 log = structlog.get_logger("watchfolder")
 
-STATUS_SECONDS = 5.0  # how often STATUS= may change at most, when no watchdog asks for more
+
+_STATE_CHANGES = {"READY", "RELOADING", "STOPPING"}
 
 
 class Notifier:
@@ -47,6 +51,7 @@ class Notifier:
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()
         self._failed = False
+        self._held: list[bytes] = []  # state changes that did not fit, sent first next time
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> Notifier:
@@ -77,12 +82,25 @@ class Notifier:
         if target.startswith("@"):
             target = "\0" + target[1:]  # abstract namespace
         payload = "\n".join(lines).encode()
+        keep = any(line.split("=", 1)[0] in _STATE_CHANGES for line in lines)
         with self._lock:
             try:
                 if self._socket is None:
-                    self._socket = socket.socket(socket.AF_UNIX,
-                                                 socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    self._socket = socket.socket(
+                        socket.AF_UNIX,
+                        socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                while self._held:
+                    self._socket.sendto(self._held[0], target)
+                    self._held.pop(0)
                 self._socket.sendto(payload, target)
+            except BlockingIOError:
+                if keep:
+                    self._held.append(payload)
+                if not self._failed:
+                    self._failed = True
+                    log.warning("notify.busy", socket=self.address,
+                                hint="systemd is not reading its notify socket; messages wait")
+                return False
             except OSError as exc:
                 # systemd going away must not take the daemon with it; say it once.
                 if not self._failed:
@@ -115,60 +133,3 @@ class Notifier:
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
-
-
-def supervise(daemon: Daemon, notifier: Notifier,
-              reload: Callable[[], bool] | None = None, *,
-              status_seconds: float = STATUS_SECONDS) -> None:
-    """Run the main loop of a started daemon until a stop is requested.
-
-    `reload` re-reads the configuration and returns whether it was applied; None (--once)
-    ignores reload requests. Signal handlers only set the daemon's flags; everything they
-    ask for happens here, in the main thread.
-    """
-    tick = min(status_seconds, notifier.ping_interval or status_seconds)
-    note: str | None = None
-    shown: str | None = _summary(daemon, note)
-    withheld = False
-    notifier.ready(shown)
-    while True:
-        problems = daemon.problems()
-        if not problems:
-            notifier.watchdog()
-            if withheld:
-                withheld = False
-                log.warning("watchdog.resumed", hint="every thread is alive again")
-        elif not withheld:
-            withheld = True
-            log.critical("watchdog.withheld", problems=problems,
-                         hint="systemd restarts the service when its WatchdogSec= expires; "
-                              "without systemd, restart watchfolder")
-        text = _summary(daemon, note, problems)
-        if text != shown:
-            notifier.status(text)
-            shown = text
-        daemon.wake.wait(tick)  # drains what woke it: nothing to clear
-        if daemon.finished.is_set():
-            break
-        if daemon.reload_requested:
-            daemon.reload_requested = False
-            if reload is None:
-                log.warning("reload.ignored", why="--once runs do not reload")
-                continue
-            notifier.reloading()
-            note = None if reload() else "last reload rejected, see the log"
-            shown = _summary(daemon, note)
-            notifier.ready(shown)
-    snapshot = daemon.snapshot()
-    notifier.stopping(f"stopping: {snapshot.get('in_flight', 0)} in flight, "
-                      f"{snapshot.get('waiting', 0)} waiting")
-    notifier.close()
-
-
-def _summary(daemon: Daemon, note: str | None, problems: list[str] | None = None) -> str:
-    parts = [status.summary(daemon.snapshot())]
-    if problems:
-        parts.append("UNHEALTHY: " + "; ".join(problems))
-    if note:
-        parts.append(note)
-    return "; ".join(parts)

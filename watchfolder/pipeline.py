@@ -1,17 +1,28 @@
-"""Workers that carry each complete file through its journal states to outbox/archive/errors.
+"""The life of one file: a worker takes a job, runs the step for its journal state, and applies
+what the step returns, until the file is finished or parked.
 
-A `Job` is one file in one inbox. Workers take jobs from the `JobQueue` and advance them one
-journal state at a time (see journal.py); each step is recorded before its effect, so any step
-can be repeated after a crash without a second result or a lost original.
+    queued ──prepare──► sending ──send──► fetched ──store──► stored ──finish──► done
+      │  ▲                 │                ▲ │
+      │  └─── park ◄───────┤ (429, pause, transient error: back to queued, retried later;
+      │                    │  a `sending` left by a crash is sent again)
+      │ (an earlier answer for the same content: reused) ───┘ │ (spool lost: ask again)
+      │                    │                                  ▼
+      └───(refused locally, by the API, or out of attempts)──► failing ──fail──► failed
+    queued, failing ──► gone (the file vanished from the inbox)
+
+Each step is a method taking the `Work` item (job, journal record, inbox) and returning an
+`Advance` (the next state and the fields to journal with it) or a `Park` (back to the queue
+after a delay, or until an identical file's result is stored). The loop in `_live` journals
+every transition *before* the next step has its effect, so after a crash at any instant the
+next start resumes each file from its last state without a second result or a lost original.
 
 `api.concurrency` counts requests, not workers: a request holds one of the `RequestSlots`
 from before the limiter is asked until its answer is journaled, while a few spare workers do
-the local steps of other files (reading, journal commits, outbox and archive writes), so
-local work never leaves a slot idle at the rate limit.
+the local steps of other files, so local work never leaves a slot idle at the rate limit.
 
 Policies, per the API contract:
-- a transient failure (5xx, reset, timeout, broken 200) parks the job in the queue's timer
-  heap with exponential backoff and full jitter, so it holds no worker and no request slot;
+- a transient failure (5xx, reset, timeout, broken 200) parks the job with exponential backoff
+  and full jitter, so it holds no worker and no request slot;
 - a 429 holds the shared limiter and puts the job back at the front, costing no attempt;
 - an account problem (401/402/403/404) pauses the queue: nothing is sent but one probe every
   `retry.pause_seconds`; the first accepted request resumes everything;
@@ -21,38 +32,42 @@ Policies, per the API contract:
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import hashlib
-import heapq
-import itertools
+import io
 import json
 import os
-import random
+import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+import pyvips
 import structlog
+from PIL import Image
 
 from watchfolder import __version__, failpoints
-from watchfolder.client import ApiClient, ApiResult
+from watchfolder.client import ApiClient, ApiResult, max_result_bytes
 from watchfolder.config import Config, InboxConfig
 from watchfolder.errors import (
     AccountError,
     ApiError,
     DestinationError,
     FileRejected,
+    FormatNotAcceptable,
     InputRejected,
     RateLimited,
     Retryable,
 )
-from watchfolder.images import inspect_input, inspect_result
+from watchfolder.images import inspect_result, inspect_source, verify_decodes
+from watchfolder.imaging import EXTENSIONS, compose, make_proxy, write_output
+from watchfolder.jobqueue import Job, JobQueue, RequestSlots
 from watchfolder.journal import (
     DONE,
     FAILED,
@@ -60,15 +75,20 @@ from watchfolder.journal import (
     FETCHED,
     FINAL,
     GONE,
+    PROXIED,
     QUEUED,
     SENDING,
     STORED,
     FileRecord,
     Journal,
 )
+from watchfolder.logs import readable
+from watchfolder.metadata import carry_metadata, read_metadata
 from watchfolder.outbox import (
-    candidates,
-    copy_into,
+    NAME_MAX,
+    REASON_SUFFIX,
+    Destinations,
+    fsync_dir,
     move_into,
     same_file,
     sha256_file,
@@ -83,147 +103,110 @@ if TYPE_CHECKING:
 log = structlog.get_logger("watchfolder")
 
 
-@dataclass
-class Job:
-    index: int  # which inbox
-    rel: str  # path below the inbox, POSIX form
-    record: FileRecord | None = None
-    identity: str | None = None  # content hash + settings, once read
-    probe: bool = False
-    seen: float = field(default_factory=time.monotonic)
-
-    @property
-    def key(self) -> tuple[int, str]:
-        return (self.index, self.rel)
+# -- what a step returns --------------------------------------------------------------------------
 
 
-class JobQueue:
-    """Ready jobs, jobs waiting for a retry time, and the account pause."""
+@dataclass(frozen=True)
+class Advance:
+    """Journal `state` with `changes`, then run the step for the new state."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self._cond = threading.Condition()
-        self._ready: collections.deque[Job] = collections.deque()
-        self._later: list[tuple[float, int, Job]] = []
-        self._seq = itertools.count()
-        self._closed = False
-        self.paused: AccountError | None = None
-        self._probe_at = 0.0
-        self._probe_every = 0.0
-
-    def put(self, job: Job, *, front: bool = False) -> None:
-        with self._cond:
-            if front:
-                self._ready.appendleft(job)
-            else:
-                self._ready.append(job)
-            self._cond.notify()
-
-    def put_later(self, job: Job, delay: float) -> None:
-        with self._cond:
-            heapq.heappush(self._later, (self.clock() + delay, next(self._seq), job))
-            self._cond.notify()
-
-    def pause(self, error: AccountError, probe_in: float) -> bool:
-        """Stop handing out jobs except one probe every `probe_in` s; True if newly paused."""
-        with self._cond:
-            newly = self.paused is None
-            self.paused = error
-            self._probe_every = probe_in
-            self._probe_at = self.clock() + probe_in
-            return newly
-
-    def resume(self) -> bool:
-        with self._cond:
-            was = self.paused is not None
-            self.paused = None
-            self._cond.notify_all()
-            return was
-
-    def probe_now(self) -> None:
-        """While paused, let the next probe go at once (after a reload with a new key)."""
-        with self._cond:
-            self._probe_at = self.clock()
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._ready) + len(self._later)
-
-    def get(self) -> Job | None:
-        """Block until a job may be worked on; None once the queue is closed."""
-        with self._cond:
-            while not self._closed:
-                now = self.clock()
-                while self._later and self._later[0][0] <= now:
-                    self._ready.append(heapq.heappop(self._later)[2])
-                wake = self._later[0][0] if self._later else None
-                if self.paused is None:
-                    if self._ready:
-                        return self._ready.popleft()
-                elif self._ready and self._probe_at <= now:
-                    # The next probe is due one interval later whatever becomes of this one
-                    # (it may hit a 500, turn out to be a bad file, or hang): never stuck.
-                    self._probe_at = now + self._probe_every
-                    job = self._ready.popleft()
-                    job.probe = True
-                    return job
-                else:
-                    wake = self._probe_at if wake is None else min(wake, self._probe_at)
-                self._cond.wait(None if wake is None else max(0.0, wake - now))
-            return None
+    state: str
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    sent: bool = False  # a request goes out: journal its send time too (the rate limit)
+    remember: tuple[str, str, str] | None = None  # (identity, result, sha256) for reuse
+    then: Callable[[], object] | None = None  # done once the transition is committed
 
 
-class RequestSlots:
-    """One slot per request that may be in flight (or answered but not yet journaled).
+@dataclass(frozen=True)
+class Park:
+    """Journal `changes`, then put the job back in the queue.
 
-    Held from before the limiter is asked (a slot waited for after the limiter granted would
-    send later than the limiter counted) until the answer is journaled, so at most `size`
-    records are ever `sending`: what a crash can cost stays one credit per slot.
+    After `delay` seconds (at the `front` for a retry that cost no attempt), or, with
+    `twin`, only when the identical file ahead of it is finished.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._free = size
-        self._cond = threading.Condition()
-
-    def acquire(self, stop: threading.Event) -> bool:
-        """Block until a slot is ours (True) or `stop` is set (False)."""
-        with self._cond:
-            while self._free <= 0:
-                if stop.is_set():
-                    return False
-                self._cond.wait()
-            self._free -= 1
-            return True
-
-    def release(self) -> None:
-        with self._cond:
-            self._free += 1
-            self._cond.notify()
-
-    def wake(self) -> None:
-        """Let every waiter look at its stop event again."""
-        with self._cond:
-            self._cond.notify_all()
+    delay: float = 0.0
+    front: bool = False
+    twin: bool = False
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    lane: str | None = None  # MAIN or LOCAL: the queue to go to (None: the one it came from)
 
 
-def spare_workers(concurrency: int) -> int:
-    """Workers beyond `concurrency`, for the local steps; each holds at most one file's bytes."""
-    return max(2, concurrency // 4)
+Outcome = Advance | Park
 
 
-class _Parked(Exception):
-    """The job went back to the queue; the worker moves on."""
+def failing(reason: str, message: str, status: int | None = None, *,
+            attempts: int | None = None) -> Advance:
+    changes: dict[str, Any] = {"reason": reason, "message": message, "status": status}
+    if attempts is not None:
+        changes["attempts"] = attempts
+    return Advance(FAILING, changes)
+
+
+MAIN, LOCAL = "main", "local"  # the lanes: requests and light steps / heavy local image work
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What one request sends: the original's bytes (fast path) or its proxy's (studio)."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+
+@dataclass
+class Work:
+    """One file in the hands of a worker: its job, its journal record, its inbox."""
+
+    job: Job
+    record: FileRecord
+    inbox: InboxConfig
+    lane: str = MAIN
+    payload: Payload | None = None  # made by `prepare`, sent by `send` (never across a park)
+    holds_slot: bool = False
+
+    @property
+    def src(self) -> Path:
+        return self.inbox.path / self.job.rel
+
+    def log_fields(self) -> dict[str, str]:
+        return {"inbox": str(self.inbox.path), "file": self.job.rel}
+
+
+class Twins:
+    """Identical files (same content, same settings) in flight: only the first is sent.
+
+    The others wait here, holding no worker, until the first finishes; then they run again
+    and reuse its stored result (or, if it failed, one of them is sent).
+    """
+
+    def __init__(self) -> None:
+        self._owners: dict[str, tuple[int, str]] = {}
+        self._waiting: dict[str, list[Job]] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, identity: str, job: Job) -> bool:
+        """True if `job` is the one to send; False if it now waits for the owner."""
+        with self._lock:
+            owner = self._owners.setdefault(identity, job.key)
+            if owner == job.key:
+                return True
+            self._waiting.setdefault(identity, []).append(job)
+            return False
+
+    def release(self, identity: str, job: Job) -> list[Job]:
+        """The owner is finished: the jobs that waited for it."""
+        with self._lock:
+            if self._owners.get(identity) != job.key:
+                return []
+            del self._owners[identity]
+            return self._waiting.pop(identity, [])
 
 
 class Pipeline:
-    """The worker pool and the per-file steps. Owns no folders' discovery."""
+    """The worker pool and the steps of a file's life. Owns no folders' discovery."""
 
     def __init__(self, config: Config, journal: Journal, client: ApiClient,
                  limiter: RateLimiter, *, release: Callable[[Job, Signature | None], None],
@@ -235,21 +218,28 @@ class Pipeline:
         self.release = release
         self.on_account_problem = on_account_problem
         self.queue = JobQueue()
+        # Heavy local image work (proxies, full-resolution cut-outs) has its own lane and
+        # workers, as many as the cores allow: big files compose there while small files
+        # keep the request slots busy. Proxies go first, so requests are never held back.
+        self.local = JobQueue()
+        self.local_workers = max(1, (os.cpu_count() or 2) - 1)
         self.slots = RequestSlots(config.api.concurrency)
+        self.destinations = Destinations()
+        self.twins = Twins()
         self.stopping = threading.Event()
+        self.metrics: Metrics | None = None  # set by the daemon when metrics are served
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        # content identity → the job whose request will produce it
-        self._identities: dict[str, tuple[int, str]] = {}
-        self._bad_destinations: set[str] = set()
         self._format_warned: set[str] = set()
+        self._credits_warned = False
         self.in_flight = 0
         self.done = 0
         self.failed = 0
         self.reused = 0
         self.credits: int | None = None
-        self._credits_warned = False
-        self.metrics: Metrics | None = None  # set by the daemon when metrics are served
+        self._steps: dict[str, Callable[[Work], Outcome]] = {
+            QUEUED: self._prepare, PROXIED: self._admit_proxy, SENDING: self._send,
+            FETCHED: self._store, STORED: self._finish, FAILING: self._fail}
 
     @property
     def inboxes(self) -> tuple[InboxConfig, ...]:
@@ -259,9 +249,11 @@ class Pipeline:
 
     def start(self) -> None:
         concurrency = self.slots.size
-        for n in range(concurrency + spare_workers(concurrency)):
-            thread = threading.Thread(target=self._work, name=f"watchfolder-worker-{n}",
-                                      daemon=True)
+        lanes = [(MAIN, self.queue)] * (concurrency + spare_workers(concurrency))
+        lanes += [(LOCAL, self.local)] * self.local_workers
+        for n, (lane, queue) in enumerate(lanes):
+            thread = threading.Thread(target=self._work, args=(lane, queue),
+                                      name=f"watchfolder-{lane}-worker-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -269,6 +261,7 @@ class Pipeline:
         """Take no new jobs; requests in flight may finish (see `join`)."""
         self.stopping.set()
         self.queue.close()
+        self.local.close()
         self.slots.wake()
 
     def join(self, timeout: float) -> bool:
@@ -284,223 +277,299 @@ class Pipeline:
     def submit(self, job: Job) -> None:
         self.queue.put(job)
 
-    # -- the worker loop ----------------------------------------------------------------------
+    def snapshot(self) -> dict[str, object]:
+        paused = self.queue.paused
+        return {"waiting": len(self.queue) + len(self.local), "in_flight": self.in_flight,
+                "done": self.done, "failed": self.failed, "reused": self.reused,
+                "credits": self.credits,
+                "paused": f"{paused.reason}: {paused.message}" if paused else None}
 
-    def _work(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            with self._lock:
-                self.in_flight += 1
-            try:
-                self._advance(job)
-            except _Parked:
-                pass
-            except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker nor lose the file
-                self._internal_error(job, exc)
-            finally:
-                with self._lock:
-                    self.in_flight -= 1
+    # -- the worker loop: one file's life -----------------------------------------------------
 
-    def _advance(self, job: Job) -> None:
-        if job.record is None:
-            job.record = self._open_record(job)
-            if job.record is None:
-                return
-        steps = {QUEUED: self._send, SENDING: self._send, FETCHED: self._store,
-                 STORED: self._finish, FAILING: self._fail}
-        while job.record.state not in FINAL:
-            steps[job.record.state](job)
-        with self._lock:
-            if job.identity is not None and self._identities.get(job.identity) == job.key:
-                del self._identities[job.identity]
-            if job.record.state == DONE:
-                self.done += 1
-            elif job.record.state == FAILED:
-                self.failed += 1
-        if self.metrics is not None:
-            self.metrics.file_finished(str(self.inboxes[job.index].path), job.record.state,
-                                       reason=job.record.reason,
-                                       reused=bool(job.record.reuse_from))
-        kept = None
-        if job.record.state == DONE and self.inboxes[job.index].archive is None:
-            kept = (job.record.size, job.record.mtime_ns)
-        self.release(job, kept)
+    def _work(self, lane: str, queue: JobQueue) -> None:
+        while (job := queue.get()) is not None:
+            with self._busy():
+                self._live(job, lane)
 
-    def _open_record(self, job: Job) -> FileRecord | None:
-        inbox = self.inboxes[job.index]
-        existing = self.journal.active(str(inbox.path), job.rel)
-        if existing is not None:
-            return existing
+    def _live(self, job: Job, lane: str = MAIN) -> None:
+        """Run the file's steps until it is finished or parked."""
+        work = self._open(job, lane)
+        if work is None:
+            return
+        record = work.record
         try:
-            st = (inbox.path / job.rel).lstat()
-        except FileNotFoundError:
+            while record.state not in FINAL:
+                outcome = self._step(work)
+                if isinstance(outcome, Park):
+                    self._park(work, outcome)
+                    return
+                self.journal.update(record, state=outcome.state, sent=outcome.sent,
+                                    remember=outcome.remember, **outcome.changes)
+                failpoints.hit(outcome.state)
+                if record.state != SENDING:
+                    self._release_slot(work)  # the answer is journaled (or none will come)
+                if outcome.then is not None:
+                    outcome.then()
+        finally:
+            self._release_slot(work)
+        self._finished(work)
+
+    def _step(self, work: Work) -> Outcome:
+        try:
+            return self._steps[work.record.state](work)
+        except DestinationError:
+            # Reported once by Destinations; the file waits, no request is spent meanwhile.
+            back = {"state": QUEUED} if work.record.state == SENDING else {}
+            return Park(min(self.config.retry.pause_seconds, 30.0), changes=back)
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker nor lose the file
+            return self._internal_error(work, exc)
+
+    def _open(self, job: Job, lane: str) -> Work | None:
+        """The job's journal record, created for a new file; None if the file is gone."""
+        inbox = self.inboxes[job.index]
+        try:
+            record = job.record or self.journal.active(str(inbox.path), job.rel)
+            if record is None:
+                try:
+                    st = (inbox.path / job.rel).lstat()
+                except FileNotFoundError:
+                    self.release(job, None)
+                    return None
+                record = self.journal.create(str(inbox.path), job.rel, st.st_size,
+                                             st.st_mtime_ns, inbox.settings_key)
+        except Exception:
+            log.exception("file.internal_error", inbox=str(inbox.path), file=job.rel)
             self.release(job, None)
             return None
-        return self.journal.create(str(inbox.path), job.rel, st.st_size, st.st_mtime_ns,
-                                   inbox.settings_key)
+        job.record = record
+        return Work(job, record, inbox, lane)
 
-    def _park(self, job: Job, delay: float = 0.0, *, front: bool = False) -> None:
+    def _park(self, work: Work, park: Park) -> None:
+        if park.changes:
+            self.journal.update(work.record, **park.changes)
+        job = work.job
         job.probe = False
-        if delay > 0:
-            self.queue.put_later(job, delay)
+        if park.twin:
+            return  # Twins holds it until the first copy is finished
+        queue = self.local if (park.lane or work.lane) == LOCAL else self.queue
+        if park.delay > 0:
+            queue.put_later(job, park.delay)
         else:
-            self.queue.put(job, front=front)
-        raise _Parked
+            queue.put(job, front=park.front)
 
-    # -- step: queued/sending → fetched | failing -----------------------------------------------
-
-    def _send(self, job: Job) -> None:
-        record = job.record
-        assert record is not None
-        inbox = self.inboxes[job.index]
-        src = inbox.path / job.rel
-        if self.stopping.is_set():
-            self._back_to_queue(record)
-            raise _Parked
-        data = self._read_source(job, src)
-        if data is None:
-            return
-        try:
-            info = inspect_input(data)
-        except InputRejected as exc:
-            self._to_failing(record, exc.reason, exc.message)
-            return
-        sha = hashlib.sha256(data).hexdigest()
-        identity = f"{sha}|{inbox.settings_key}"
-        if record.sha256 != sha:
-            self.journal.update(record, sha256=sha)
-        if self._reuse(record, identity):
-            return
+    def _finished(self, work: Work) -> None:
+        job, record, inbox = work.job, work.record, work.inbox
+        if job.identity is not None:
+            for twin in self.twins.release(job.identity, job):
+                self.queue.put(twin)
+        ms = round((time.monotonic() - job.seen) * 1000)
         with self._lock:
-            owner = self._identities.setdefault(identity, job.key)
-        if owner != job.key:
-            # The same content is on its way already: wait for that result and reuse it.
-            self._park(job, 2.0)
-        job.identity = identity
-        with self._request_slot(record):
-            self._request(job, data, info.mime, info.width, info.height)
+            if record.state == DONE:
+                self.done += 1
+                self.reused += bool(record.reuse_from)
+            elif record.state == FAILED:
+                self.failed += 1
+        if record.state == DONE:
+            log.info("file.done", **work.log_fields(), result=record.result,
+                     archived=record.archive, attempts=record.attempts,
+                     reused=bool(record.reuse_from), credits_remaining=record.credits, ms=ms)
+        elif record.state == FAILED:
+            log.error("file.failed", **work.log_fields(), reason=record.reason,
+                      status=record.status, message=record.message, attempts=record.attempts,
+                      moved_to=record.error_path, ms=ms)
+        if self.metrics is not None:
+            self.metrics.file_finished(str(inbox.path), record.state, reason=record.reason,
+                                       reused=bool(record.reuse_from))
+        kept = None
+        if record.state == DONE and inbox.archive is None:
+            kept = (record.size, record.mtime_ns)
+        self.release(job, kept)
 
-    @contextlib.contextmanager
-    def _request_slot(self, record: FileRecord) -> Iterator[None]:
-        if not self.slots.acquire(self.stopping):
-            self._back_to_queue(record)
-            raise _Parked
-        try:
-            yield
-        finally:
-            self.slots.release()
+    # -- step: queued → sending | proxied | fetched (reused) | failing | gone -------------------
 
-    def _read_source(self, job: Job, src: Path) -> bytes | None:
-        """The file's bytes, read without following links; None if the job ended here."""
-        record = job.record
-        assert record is not None
-        inbox = self.inboxes[job.index]
+    def _prepare(self, work: Work) -> Outcome:
+        """Check the file; reuse an earlier answer, or make what will be sent.
+
+        The fast path (a file the API takes as it is) goes straight to a request; the studio
+        path makes a proxy first, on the local lane.
+        """
+        if self.stopping.is_set():
+            return Park()
+        if not _inside(work.inbox.path, work.src.parent):
+            # Reached through a linked folder: it lives outside the inbox; never touch it.
+            log.warning("file.outside_inbox", **work.log_fields())
+            return Advance(GONE)
+        record, inbox, src = work.record, work.inbox, work.src
         try:
-            st = src.lstat()
+            st = self._check_file(work)
+            if st is None:
+                return self._gone(work, "removed from the inbox before it was processed")
+            source = inspect_source(src, studio=inbox.studio, verify=False)
+            if source.route == "studio" and work.lane != LOCAL:
+                return Park(lane=LOCAL, changes={"route": "studio"})
+            if source.route == "fast":
+                verify_decodes(src, source)
+                data = self._read(work)
+                sha = hashlib.sha256(data).hexdigest()
+            else:
+                sha = sha256_file(src)
+        except InputRejected as exc:
+            return failing(exc.reason, exc.message)
         except FileNotFoundError:
-            self.journal.update(record, state=GONE)
-            log.warning("file.gone", inbox=str(inbox.path), file=job.rel,
-                        hint="removed from the inbox before it was processed")
+            return self._gone(work, "removed from the inbox before it was processed")
+        except OSError as exc:
+            return failing("unreadable", f"cannot read the file: {exc.strerror or exc}")
+        seen = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "route": source.route}
+        identity = work.job.identity = f"{sha}|{inbox.settings_key}"
+        earlier = self._earlier_result(identity)
+        if earlier is not None:
+            path, result_sha = earlier
+            return Advance(FETCHED, {**seen, "reuse_from": path, "spool": None,
+                                     "result_sha": result_sha})
+        if not self.twins.claim(identity, work.job):
+            return Park(twin=True, changes=seen)
+        if source.route == "fast":
+            width, height = source.width, source.height
+            return self._admit(work, Payload(data, source.mime, width, height), seen,
+                               need=width * height * 4)
+        proxy = self.journal.spool_dir / f"{record.id}.proxy.jpg"
+        try:
+            made = make_proxy(src, source, proxy)
+        except InputRejected as exc:
+            return failing(exc.reason, exc.message)
+        log.info("file.proxy", **work.log_fields(), why=source.reason,
+                 original=f"{source.upright[0]}x{source.upright[1]}",
+                 proxy=f"{made.width}x{made.height}", bytes=made.size)
+        return Advance(PROXIED, {**seen, "proxy": str(proxy)})
+
+    def _check_file(self, work: Work) -> os.stat_result | None:
+        """The file's stat if it is a regular file of ours; None if it is gone."""
+        try:
+            st = work.src.lstat()
+        except FileNotFoundError:
             return None
         if stat.S_ISLNK(st.st_mode):
-            self._to_failing(record, "symlink", "the file is a symbolic link; watchfolder never "
-                             "follows links out of the inbox. Put the file itself in the inbox.")
-            return None
+            raise InputRejected("symlink", "the file is a symbolic link; watchfolder never "
+                                "follows links out of the inbox. Put the file itself in the "
+                                "inbox.")
         if not stat.S_ISREG(st.st_mode):
-            self._to_failing(record, "not_a_file", "not a regular file (a device, socket or "
-                             "pipe); only image files can be processed")
-            return None
-        if not _inside(inbox.path, src.parent):
-            # Reached through a linked folder: it lives outside the inbox; never touch it.
-            self.journal.update(record, state=GONE)
-            log.warning("file.outside_inbox", inbox=str(inbox.path), file=job.rel)
-            return None
-        try:
-            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            self.journal.update(record, state=GONE)
-            return None
-        except OSError as exc:
-            self._to_failing(record, "unreadable", f"cannot read the file: {exc.strerror}")
-            return None
+            raise InputRejected("not_a_file", "not a regular file (a device, socket or pipe); "
+                                "only image files can be processed")
+        return st
+
+    @staticmethod
+    def _read(work: Work) -> bytes:
+        """The file's bytes (a fast-path file: at most 30 MB), read without following links."""
+        fd = os.open(work.src, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as handle:
-            st = os.fstat(handle.fileno())
-            data = handle.read(32 * 1024 * 1024)
-        if (record.size, record.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            self.journal.update(record, size=st.st_size, mtime_ns=st.st_mtime_ns)
-        return data
+            return handle.read()
 
-    def _reuse(self, record: FileRecord, identity: str) -> bool:
-        """Point the record at an earlier result for the same content and settings, if any."""
-        found = self.journal.find_result(identity)
-        if found is None:
-            return False
-        path, sha = Path(found[0]), found[1]
+    # -- step: proxied → sending --------------------------------------------------------------
+
+    def _admit_proxy(self, work: Work) -> Outcome:
+        """Send the proxy made on the local lane (requests are the main lane's work)."""
+        if work.lane != MAIN:
+            return Park(lane=MAIN, front=True)
+        if self.stopping.is_set():
+            return Park()
+        proxy = Path(work.record.proxy or "")
         try:
-            if sha256_file(path) != sha:
-                return False
-        except OSError:
-            return False
-        self.journal.update(record, state=FETCHED, reuse_from=str(path), spool=None,
-                            result_sha=sha)
-        return True
+            data = proxy.read_bytes()
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except (OSError, ValueError):
+            # The spool was cleaned by hand (or the proxy is damaged): make it again.
+            return Advance(QUEUED, {"proxy": None})
+        return self._admit(work, Payload(data, "image/jpeg", width, height), {},
+                           need=2 * work.record.size + width * height * 4)
 
-    def _request(self, job: Job, data: bytes, mime: str, width: int, height: int) -> None:
-        record = job.record
-        assert record is not None
-        inbox = self.inboxes[job.index]
-        self._check_destinations(inbox)
+    def _admit(self, work: Work, payload: Payload, changes: Mapping[str, Any], *,
+               need: int) -> Outcome:
+        """Take a request slot and a send time: the request goes out next."""
+        # No request while its answer would have nowhere to go (`need`: about what the
+        # outbox must hold).
+        self.destinations.check(work.inbox.outbox, "outbox", need)
+        if work.inbox.archive is not None:
+            self.destinations.check(work.inbox.archive, "archive")
+        if not self.slots.acquire(self.stopping):
+            return Park(changes=changes)
+        work.holds_slot = True
         if not self.limiter.acquire(self.stopping):
-            self._back_to_queue(record)
-            raise _Parked
-        self.journal.update(record, state=SENDING, sent=True)
-        failpoints.hit("sending")
+            return Park(changes=changes)
+        work.payload = payload
+        return Advance(SENDING, changes, sent=True)
+
+    def _earlier_result(self, identity: str) -> tuple[str, str] | None:
+        """An outbox file made earlier for the same content and settings, still intact."""
+        found = self.journal.find_result(identity)
+        if found is None or _sha_or_none(Path(found[0])) != found[1]:
+            return None
+        return found
+
+    def _gone(self, work: Work, hint: str, **facts: Any) -> Advance:
+        log.warning("file.gone", **work.log_fields(), hint=hint, **facts)
+        return Advance(GONE)
+
+    # -- step: sending → fetched | failing | queued (parked) ----------------------------------
+
+    def _send(self, work: Work) -> Outcome:
+        """One request; its answer is streamed to the spool, fsynced, before it is journaled."""
+        record, inbox, payload = work.record, work.inbox, work.payload
+        if payload is None:
+            # Journaled as sending by a run that never finished the request: send it again
+            # (the one credit a crash can cost per request in flight).
+            return Advance(PROXIED if record.proxy else QUEUED)
+        back = {"state": PROXIED if record.proxy else QUEUED}
+        # The studio path composes from the answer's alpha: it asks for PNG; so does a TIFF
+        # output, made locally.
+        asked = "png" if record.route == "studio" or inbox.output_format == "tiff" \
+            else inbox.output_format
+        part = self.journal.spool_dir / f".{record.id}.part"
         try:
             result = self._call_api(
-                data, filename=PurePosixPath(job.rel).name, mime=mime,
-                output_format=inbox.output_format, transparency=inbox.transparency_handling)
-            ext = inspect_result(result.content, width, height)
+                payload.data, filename=_sendable(PurePosixPath(work.job.rel).name),
+                mime=payload.mime, dest=part,
+                max_bytes=max_result_bytes(payload.width, payload.height, len(payload.data)),
+                output_format=asked, transparency=inbox.transparency_handling)
+            ext = inspect_result(part, payload.width, payload.height)
         except RateLimited as exc:
             delay = self.limiter.rate_limited(
                 None if exc.delay is None
                 else min(exc.delay, self.config.retry.retry_after_cap_seconds))
             log.warning("api.rate_limited", delay_s=round(delay, 2),
                         retry_after=exc.delay is not None)
-            self._back_to_queue(record)
-            self._park(job, front=True)
+            return Park(front=True, changes=back)
         except AccountError as exc:
-            self._back_to_queue(record)
-            self._account_problem(exc, job)
-            self._park(job, front=True)
+            self._account_problem(exc, work.job)
+            return Park(front=True, changes=back)
         except FileRejected as exc:
-            if exc.status == 406 and inbox.output_format not in self._format_warned:
-                self._format_warned.add(inbox.output_format)
-                log.warning("api.format_refused", output_format=inbox.output_format,
-                            inbox=str(inbox.path),
-                            hint="the API refused this output_format; set another one")
-            self._to_failing(record, exc.reason, exc.message, exc.status,
-                             attempts=record.attempts + 1)
-            return
+            if isinstance(exc, FormatNotAcceptable):
+                self._warn_format_refused(inbox)
+            return failing(exc.reason, exc.message, exc.status, attempts=record.attempts + 1)
         except Retryable as exc:
-            self._retry_later(job, exc)
-            return
+            part.unlink(missing_ok=True)
+            return self._retry(work, exc, back)
+        except OSError as exc:  # the spool's disk: full, or gone
+            part.unlink(missing_ok=True)
+            self.destinations.failed(self.journal.spool_dir, exc)
         failpoints.hit("answered")
         self.limiter.succeeded()
         # Only the probe was sent while paused; an older request's success says nothing
         # about the account now.
-        if job.probe and self.queue.resume():
+        if work.job.probe and self.queue.resume():
             self.journal.set_meta("paused", None)
             log.warning("account.resumed", hint="the API accepts requests again")
-        content_sha = hashlib.sha256(result.content).hexdigest()
         spool = self.journal.spool_dir / f"{record.id}.{ext}"
-        write_atomic(result.content, spool)
+        part.replace(spool)
+        fsync_dir(spool.parent)
         failpoints.hit("spooled")
-        self.journal.update(record, state=FETCHED, spool=str(spool), result_sha=content_sha,
-                            credits=result.credits_remaining, attempts=record.attempts + 1)
-        failpoints.hit("fetched")
         self._note_credits(result.credits_remaining)
+        proxy = Path(record.proxy) if record.proxy else None
+        return Advance(FETCHED, {"spool": str(spool), "result_sha": result.sha256,
+                                 "credits": result.credits_remaining,
+                                 "attempts": record.attempts + 1, "proxy": None},
+                       then=None if proxy is None else lambda: proxy.unlink(missing_ok=True))
 
     def _call_api(self, data: bytes, **options: Any) -> ApiResult:
         """The API call, timed and counted by status for the metrics."""
@@ -517,30 +586,21 @@ class Pipeline:
                 self.metrics.api_response(status, time.monotonic() - started)
         return result
 
-    def _retry_later(self, job: Job, exc: ApiError) -> None:
-        record = job.record
-        assert record is not None
+    def _retry(self, work: Work, exc: ApiError, back: Mapping[str, Any]) -> Outcome:
+        record = work.record
         attempts = record.attempts + 1
         retry = self.config.retry
         if attempts >= retry.max_attempts:
-            self._to_failing(record, exc.reason, f"gave up after {attempts} attempts: "
-                             f"{exc.message}", exc.status, attempts=attempts)
-            return
-        ceiling = min(retry.max_backoff_seconds, retry.backoff_seconds * 2 ** (attempts - 1))
-        delay = random.uniform(0, ceiling)  # full jitter
+            return failing(exc.reason, f"gave up after {attempts} attempts: {exc.message}",
+                           exc.status, attempts=attempts)
         wish = getattr(exc, "delay", None)
-        if wish is not None:
-            delay = max(delay, min(wish, retry.retry_after_cap_seconds))
-        self.journal.update(record, state=QUEUED, attempts=attempts, reason=exc.reason,
-                            message=exc.message, status=exc.status)
-        log.info("file.retry", inbox=str(self.inboxes[job.index].path), file=job.rel,
-                 reason=exc.reason, status=exc.status, attempt=attempts,
-                 retry_in_s=round(delay, 2), message=exc.message)
-        self._park(job, delay)
-
-    def _back_to_queue(self, record: FileRecord) -> None:
-        if record.state == SENDING:
-            self.journal.update(record, state=QUEUED)
+        delay = self.queue.retry_delay(
+            attempts, retry.backoff_seconds, retry.max_backoff_seconds,
+            at_least=0.0 if wish is None else min(wish, retry.retry_after_cap_seconds))
+        log.info("file.retry", **work.log_fields(), reason=exc.reason, status=exc.status,
+                 attempt=attempts, retry_in_s=round(delay, 2), message=exc.message)
+        return Park(delay, changes={**back, "attempts": attempts, "reason": exc.reason,
+                                    "message": exc.message, "status": exc.status})
 
     def _account_problem(self, exc: AccountError, job: Job) -> None:
         pause = self.config.retry.pause_seconds
@@ -555,34 +615,14 @@ class Pipeline:
         if self.on_account_problem is not None:
             self.on_account_problem(exc)
 
-    def _check_destinations(self, inbox: InboxConfig) -> None:
-        """Spend no request while the result or the original would have nowhere to go."""
-        for name, folder in (("outbox", inbox.outbox), ("archive", inbox.archive)):
-            if folder is None:
-                continue
-            if not folder.is_dir():
-                self._destination_problem(folder, f"the {name} folder {folder} is missing "
-                                                  f"(deleted or not mounted)")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                self._destination_problem(folder, f"the {name} folder {folder} is not "
-                                                  f"writable by this user")
-            self._destination_ok(folder)
-
-    def _destination_problem(self, folder: Path, message: str) -> None:
+    def _warn_format_refused(self, inbox: InboxConfig) -> None:
         with self._lock:
-            new = str(folder) not in self._bad_destinations
-            self._bad_destinations.add(str(folder))
+            new = inbox.output_format not in self._format_warned
+            self._format_warned.add(inbox.output_format)
         if new:
-            log.error("destination.unavailable", folder=str(folder), message=message,
-                      hint="files wait in the inbox until it is back")
-        raise DestinationError(message)
-
-    def _destination_ok(self, folder: Path) -> None:
-        with self._lock:
-            was_bad = str(folder) in self._bad_destinations
-            self._bad_destinations.discard(str(folder))
-        if was_bad:
-            log.warning("destination.recovered", folder=str(folder))
+            log.warning("api.format_refused", output_format=inbox.output_format,
+                        inbox=str(inbox.path),
+                        hint="the API refused this output_format; set another one")
 
     def _note_credits(self, credits: int | None) -> None:
         if credits is None:
@@ -600,185 +640,196 @@ class Pipeline:
 
     # -- step: fetched → stored ---------------------------------------------------------------
 
-    def _store(self, job: Job) -> None:
-        record = job.record
-        assert record is not None
-        inbox = self.inboxes[job.index]
-        source = Path(record.spool or record.reuse_from or "")
+    def _store(self, work: Work) -> Outcome:
+        """Make the result from the answer (spooled, or an earlier identical result) and put
+        it in the outbox."""
+        record, inbox = work.record, work.inbox
+        answer = Path(record.spool or record.reuse_from or "")
         chosen = Path(record.result) if record.result else None
-        if chosen is not None and chosen.exists() and _sha_or_none(chosen) == record.result_sha:
-            pass  # placed before a crash: it is ours, do not make a "-1" copy
-        elif not source.is_file():
+
+        def ours(path: Path) -> bool:
+            return _sha_or_none(path) == record.result_sha
+
+        if chosen is not None and os.path.lexists(chosen) and ours(chosen):
+            placed, sha = chosen, record.result_sha or ""  # placed before a crash
+        elif not answer.is_file():
             # The spool or the reused result vanished (cleaned up by hand): ask again.
-            self.journal.update(record, state=QUEUED, spool=None, reuse_from=None, result=None)
-            return
+            return Advance(QUEUED, {"spool": None, "reuse_from": None, "result": None})
         else:
-            rel = PurePosixPath(job.rel)
-            target = inbox.outbox.joinpath(*rel.parent.parts, rel.stem + source.suffix)
-            self._prepare(inbox.outbox, target.parent, "outbox")
-            order = [chosen] if chosen is not None and not chosen.exists() else []
-            for candidate in itertools.chain(order, candidates(target)):
-                self.journal.update(record, result=str(candidate))
-                if self._guard(inbox.outbox, copy_into, source, candidate):
-                    failpoints.hit("result-placed")
-                    break
-        spool = record.spool
+            maker = self._result_maker(work, answer)
+            if isinstance(maker, Park):
+                return maker
+            produce, ext, need = maker
+            rel = PurePosixPath(work.job.rel)
+            target = inbox.outbox.joinpath(*rel.parent.parts, f"{rel.stem}.{ext}")
+            try:
+                placed, sha = self.destinations.place_new(
+                    inbox.outbox, "outbox", target, chosen, produce=produce, ours=ours,
+                    claim=lambda name, digest: self.journal.update(
+                        record, result=str(name), result_sha=digest), need=need)
+            except InputRejected as exc:  # the original no longer decodes, or too large
+                return failing(exc.reason, exc.message)         # for the asked format
+            failpoints.hit("result-placed")
+        spool = Path(record.spool) if record.spool else None
         # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
         # the next start removes, never a reference that keeps it forever.
-        self.journal.update(record, state=STORED, spool=None)
-        failpoints.hit("stored")
-        assert record.result is not None and record.result_sha is not None and record.sha256
-        self.journal.remember_result(f"{record.sha256}|{record.settings}", record.result,
-                                     record.result_sha)
-        if spool:
-            Path(spool).unlink(missing_ok=True)
+        return Advance(STORED, {"spool": None},
+                       remember=(f"{record.sha256}|{record.settings}", str(placed), sha),
+                       then=None if spool is None else lambda: spool.unlink(missing_ok=True))
+
+    def _result_maker(self, work: Work, answer: Path
+                      ) -> tuple[Callable[[Path], object], str, int] | Park:
+        """How to write the result: (write it to a path, its extension, bytes it needs).
+
+        A reused result is copied. On the fast path the answer is the result, with the
+        original's metadata added (its pixels untouched). The studio path, and TIFF output,
+        encode locally: on the local lane.
+        """
+        record, inbox, src = work.record, work.inbox, work.src
+        size = answer.stat().st_size
+        if record.reuse_from:
+            return partial(shutil.copyfile, answer), answer.suffix[1:], size
+        heavy = record.route == "studio" or inbox.output_format == "tiff"
+        if heavy and work.lane != LOCAL:
+            return Park(lane=LOCAL)
+        if not self._unchanged(work):
+            log.warning("file.changed", **work.log_fields(),
+                        hint="the original changed or vanished after it was sent: the result "
+                             "is the API's answer as it is")
+            return partial(shutil.copyfile, answer), answer.suffix[1:], size
+        if record.route == "studio":
+            fmt = inbox.output_format
+            source = inspect_source(src, studio=True, verify=False)
+            return (partial(compose, src, source, answer, fmt=fmt), EXTENSIONS[fmt],
+                    2 * record.size + 4 * source.width * source.height)
+        if inbox.output_format == "tiff":
+            return partial(_answer_as_tiff, answer, src), "tif", 4 * size
+        return partial(carry_metadata, answer, src), answer.suffix[1:], 2 * size
+
+    @staticmethod
+    def _unchanged(work: Work) -> bool:
+        """The original is still the file that was sent (by size and mtime)."""
+        try:
+            st = work.src.lstat()
+        except FileNotFoundError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == (work.record.size, work.record.mtime_ns)
 
     # -- step: stored → done ------------------------------------------------------------------
 
-    def _finish(self, job: Job) -> None:
-        record = job.record
-        assert record is not None
-        inbox = self.inboxes[job.index]
-        src = inbox.path / job.rel
-        if inbox.archive is not None and os.path.lexists(src):
-            st = src.lstat()
-            if (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns):
-                log.warning("file.changed", inbox=str(inbox.path), file=job.rel,
-                            hint="replaced while processing; the new version is processed next")
-            else:
-                self._archive(job, src)
-        self.journal.update(record, state=DONE)
-        if record.reuse_from:
-            with self._lock:
-                self.reused += 1
-        log.info("file.done", inbox=str(inbox.path), file=job.rel, result=record.result,
-                 archived=record.archive, attempts=record.attempts,
-                 reused=bool(record.reuse_from), credits_remaining=record.credits,
-                 ms=round((time.monotonic() - job.seen) * 1000))
+    def _finish(self, work: Work) -> Outcome:
+        """Move the original to the archive (or leave it in place, remembered as done)."""
+        record, archive, src = work.record, work.inbox.archive, work.src
+        if os.path.lexists(src) and self._replaced(work):
+            log.warning("file.changed", **work.log_fields(),
+                        hint="replaced while processing; the new version is processed next")
+            # Done for the content that was sent; the new content under this name is new work
+            # (size -1: no signature of a kept file matches it, now or after a restart).
+            return Advance(DONE, {"size": -1})
+        if archive is not None and os.path.lexists(src):
+            chosen = Path(record.archive) if record.archive else None
+            self.destinations.place(
+                archive, "archive", archive / work.job.rel, chosen,
+                ours=lambda name: _moved(src, name),
+                claim=lambda name: self.journal.update(record, archive=str(name)),
+                put=lambda name: move_into(src, name))
+            failpoints.hit("archived")
+        return Advance(DONE)
 
-    def _archive(self, job: Job, src: Path) -> None:
-        record = job.record
-        assert record is not None and self.inboxes[job.index].archive is not None
-        archive = self.inboxes[job.index].archive
-        assert archive is not None
-        chosen = Path(record.archive) if record.archive else None
-        if chosen is not None and os.path.lexists(chosen) and same_file(src, chosen):
-            src.unlink()  # linked before a crash; finish the move
-            return
-        target = archive / job.rel
-        self._prepare(archive, target.parent, "archive")
-        order = [chosen] if chosen is not None and not os.path.lexists(chosen) else []
-        for candidate in itertools.chain(order, candidates(target)):
-            self.journal.update(record, archive=str(candidate))
-            if self._guard(archive, move_into, src, candidate):
-                failpoints.hit("archived")
-                return
-
-    # -- step: failing → failed ---------------------------------------------------------------
-
-    def _to_failing(self, record: FileRecord, reason: str, message: str,
-                    status: int | None = None, *, attempts: int | None = None) -> None:
-        changes: dict[str, Any] = {"state": FAILING, "reason": reason, "message": message,
-                                      "status": status}
-        if attempts is not None:
-            changes["attempts"] = attempts
-        self.journal.update(record, **changes)
-
-    def _fail(self, job: Job) -> None:
-        record = job.record
-        assert record is not None
-        inbox = self.inboxes[job.index]
-        src = inbox.path / job.rel
-        chosen = Path(record.error_path) if record.error_path else None
-        if not os.path.lexists(src):
-            if chosen is None or not os.path.lexists(chosen):
-                self.journal.update(record, state=GONE)
-                log.warning("file.gone", inbox=str(inbox.path), file=job.rel,
-                            reason=record.reason, message=record.message)
-                return
-            self._write_reason(record, src, chosen)  # moved before a crash; the reason too
-        elif chosen is not None and os.path.lexists(chosen) and same_file(src, chosen):
-            src.unlink()  # linked before a crash, its reason written before that: finish it
-        else:
-            target = inbox.errors / job.rel
-            self._prepare(inbox.errors, target.parent, "errors")
-            order = [chosen] if chosen is not None and not os.path.lexists(chosen) else []
-            for candidate in itertools.chain(order, candidates(target,
-                                                               also_free=(".error.json",))):
-                self.journal.update(record, error_path=str(candidate))
-                self._write_reason(record, src, candidate)
-                failpoints.hit("reason-written")
-                if self._guard(inbox.errors, move_into, src, candidate):
-                    failpoints.hit("error-moved")
-                    break
-        self.journal.update(record, state=FAILED)
-        log.error("file.failed", inbox=str(inbox.path), file=job.rel, reason=record.reason,
-                  status=record.status, message=record.message, attempts=record.attempts,
-                  moved_to=record.error_path, ms=round((time.monotonic() - job.seen) * 1000))
-
-    def _write_reason(self, record: FileRecord, src: Path, dest: Path) -> None:
-        report = {
-            "reason": record.reason,
-            "message": record.message,
-            "status": record.status,
-            "attempts": record.attempts,
-            "source": str(src),
-            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "inbox": record.inbox,
-            "file": record.rel,
-            "sha256": record.sha256,
-            "watchfolder": __version__,
-        }
-        data = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
-        self._guard(dest.parent, write_atomic, data, Path(f"{dest}.error.json"))
-
-    # -- folder helpers -----------------------------------------------------------------------
-
-    def _prepare(self, root: Path, folder: Path, name: str) -> None:
-        """Create `folder` below `root`; never recreate a missing root (it may be a mount)."""
-        if not root.is_dir():
-            self._destination_problem(root, f"the {name} folder {root} is missing "
-                                            f"(deleted or not mounted)")
-        self._guard(root, folder.mkdir, parents=True, exist_ok=True)
-
-    def _guard(self, root: Path, action: Callable[..., object], *args: object,
-               **kwargs: object) -> object:
-        """Run a filesystem action; an OSError becomes a reported DestinationError."""
+    @staticmethod
+    def _replaced(work: Work) -> bool:
+        """The file at the source's path is not the content that was sent (by size and mtime,
+        then by hash: some tools replace a file keeping both)."""
+        record = work.record
         try:
-            result = action(*args, **kwargs)
-        except OSError as exc:
-            self._destination_problem(root, f"cannot write in {root}: "
-                                            f"{exc.strerror or exc} ({type(exc).__name__})")
-        self._destination_ok(root)
-        return result
+            st = work.src.lstat()
+        except FileNotFoundError:
+            return False
+        if (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns):
+            return True
+        return stat.S_ISREG(st.st_mode) and _sha_or_none(work.src) != record.sha256
 
-    def _internal_error(self, job: Job, exc: Exception) -> None:
-        record = job.record
-        if isinstance(exc, DestinationError):
-            self._park_quietly(job, min(self.config.retry.pause_seconds, 30.0))
-            return
-        log.exception("file.internal_error", inbox=str(self.inboxes[job.index].path),
-                      file=job.rel, error=type(exc).__name__)
-        if record is None:
-            self.release(job, None)
-            return
+    # -- step: failing → failed | gone --------------------------------------------------------
+
+    def _fail(self, work: Work) -> Outcome:
+        """Move the file to errors, then write its reason beside it."""
+        record, inbox, src = work.record, work.inbox, work.src
+        if record.proxy:
+            Path(record.proxy).unlink(missing_ok=True)  # never sent, never needed again
+        chosen = Path(record.error_path) if record.error_path else None
+        if not os.path.lexists(src) and (chosen is None or not os.path.lexists(chosen)):
+            return self._gone(work, "removed from the inbox before it was moved to errors",
+                              reason=record.reason, message=record.message)
+
+        placed = self.destinations.place(
+            inbox.errors, "errors", inbox.errors / work.job.rel, chosen,
+            ours=lambda name: not os.path.lexists(src) or _moved(src, name),
+            claim=lambda name: self.journal.update(record, error_path=str(name)),
+            put=lambda name: move_into(src, name), also_free=(REASON_SUFFIX,))
+        failpoints.hit("error-moved")
+        self.destinations.guard(inbox.errors, write_atomic, _reason(record, src, placed),
+                                Path(f"{placed}{REASON_SUFFIX}"))
+        failpoints.hit("reason-written")
+        return Advance(FAILED)
+
+    # -- bugs ---------------------------------------------------------------------------------
+
+    def _internal_error(self, work: Work, exc: Exception) -> Outcome:
+        record = work.record
+        log.exception("file.internal_error", **work.log_fields(), error=type(exc).__name__)
         attempts = record.attempts + 1
         if attempts >= self.config.retry.max_attempts and record.state in (QUEUED, SENDING):
-            self._to_failing(record, "internal_error", f"watchfolder failed on this file: "
-                             f"{type(exc).__name__}: {exc}", attempts=attempts)
-        else:
-            self.journal.update(record, attempts=attempts)
-        self._park_quietly(job, self.config.retry.backoff_seconds * attempts)
+            return failing("internal_error", f"watchfolder failed on this file: "
+                           f"{type(exc).__name__}: {exc}", attempts=attempts)
+        back: dict[str, Any] = {"attempts": attempts}
+        if record.state == SENDING:
+            back["state"] = QUEUED
+        return Park(self.config.retry.backoff_seconds * attempts, changes=back)
 
-    def _park_quietly(self, job: Job, delay: float) -> None:
-        with contextlib.suppress(_Parked):
-            self._park(job, delay)
+    # -- bookkeeping --------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, object]:
-        paused = self.queue.paused
-        return {"waiting": len(self.queue), "in_flight": self.in_flight, "done": self.done,
-                "failed": self.failed, "reused": self.reused, "credits": self.credits,
-                "paused": f"{paused.reason}: {paused.message}" if paused else None}
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        with self._lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _release_slot(self, work: Work) -> None:
+        if work.holds_slot:
+            work.holds_slot = False
+            self.slots.release()
+
+
+def spare_workers(concurrency: int) -> int:
+    """Workers beyond `concurrency`, for the local steps; each holds at most one file's bytes."""
+    return max(2, concurrency // 4)
+
+
+def _reason(record: FileRecord, src: Path, placed: Path) -> bytes:
+    """The `.error.json` beside a failed file: why, and where it came from."""
+    report: dict[str, Any] = {
+        "reason": record.reason,
+        "message": record.message and readable(record.message),
+        "status": record.status,
+        "attempts": record.attempts,
+        "source": readable(str(src)),
+        "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inbox": readable(record.inbox),
+        "file": readable(record.rel),
+        "sha256": record.sha256,
+        "watchfolder": __version__,
+    }
+    raw = os.fsencode(record.rel)
+    if readable(record.rel) != record.rel:
+        report["file_bytes"] = raw.hex()  # the exact name, for requeue
+    if placed.name != src.name and len(os.fsencode(src.name + REASON_SUFFIX)) > NAME_MAX:
+        report["renamed"] = (f"the name is too long for the errors folder with "
+                             f"'{REASON_SUFFIX}' after it: shortened to {readable(placed.name)}")
+    return (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 _ACCOUNT_HINTS = {
@@ -793,6 +844,25 @@ def _inside(root: Path, folder: Path) -> bool:
     real_root = os.path.realpath(root)
     real = os.path.realpath(folder)
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _answer_as_tiff(answer: Path, original: Path, dest: Path) -> None:
+    """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
+    image = pyvips.Image.new_from_file(str(answer), access="sequential")
+    write_output(image, "tiff", dest, replace(read_metadata(original), icc=None))
+
+
+def _sendable(name: str) -> str:
+    """The name for the request's multipart header, which must be UTF-8."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _moved(src: Path, dest: Path) -> bool:
+    """True if `src` was moved to `dest` (a crash may have left both names: finish the move)."""
+    if not same_file(src, dest):
+        return False
+    src.unlink()
+    return True
 
 
 def _sha_or_none(path: Path) -> str | None:

@@ -20,6 +20,11 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """The longest wait before the `attempt`-th retry: base, 2 x base, 4 x base, ... up to cap."""
+    return min(cap, base * 2 ** (attempt - 1))
+
+
 class RateLimiter:
     def __init__(self, limit: int, *, window: float = 60.0, margin: float = 0.5,
                  backoff: float = 2.0, max_backoff: float = 300.0,
@@ -60,6 +65,18 @@ class RateLimiter:
             self._sent.append(now)
             return 0.0
 
+    def wait_time(self) -> float:
+        """How long the next request would wait now (0.0: it could go at once); takes nothing."""
+        now = self.clock()
+        with self._lock:
+            span = self.window + self.margin
+            if now < self._blocked_until:
+                return self._blocked_until - now
+            recent = [t for t in self._sent if t > now - span]
+            if len(recent) >= self.limit:
+                return recent[len(recent) - self.limit] + span - now
+            return 0.0
+
     def acquire(self, stop: threading.Event) -> bool:
         """Block until a slot is ours (True) or `stop` is set (False)."""
         while True:
@@ -78,7 +95,7 @@ class RateLimiter:
         with self._lock:
             if retry_after is None:
                 self._strikes += 1
-                delay = min(self.max_backoff, self.backoff * 2 ** (self._strikes - 1))
+                delay = backoff(self._strikes, self.backoff, self.max_backoff)
             else:
                 delay = max(0.0, retry_after)  # the caller caps what the server asks for
             self._blocked_until = max(self._blocked_until, self.clock() + delay)

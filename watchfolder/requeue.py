@@ -16,6 +16,9 @@ Rules:
   folder, when exactly one configured inbox uses that errors folder.
 
 The daemon need not be stopped: it picks the files up as it would any new file.
+
+`report()` words the outcomes for a person: "would requeue" in a dry run, "requeued" in a
+real one, and the command to run again with the real configuration path.
 """
 
 from __future__ import annotations
@@ -81,6 +84,39 @@ def requeue(config: Config, paths: Iterable[Path] = (), *, dry_run: bool = False
     return outcomes
 
 
+def report(outcomes: list[Outcome], *, dry_run: bool, config: Path | None = None) -> list[str]:
+    """The lines to print: one per file, then a summary; `config` (the file the command was
+    given) is named in the hint to run again."""
+    lines = []
+    for outcome in outcomes:
+        arrow = f" -> {outcome.target}" if outcome.target else ""
+        if not outcome.requeued:
+            lines.append(f"skipped {outcome.source}{arrow}: {outcome.message}")
+        elif dry_run:
+            lines.append(f"would requeue {outcome.source}{arrow}")
+        else:
+            lines.append(f"requeued {outcome.source}{arrow}" + (
+                "" if outcome.message == "requeued" else f": {outcome.message}"))
+    done = sum(1 for outcome in outcomes if outcome.requeued)
+    skipped = len(outcomes) - done
+    summary = (f"would requeue {_files(done)}" if dry_run else f"requeued {_files(done)}")
+    if skipped:
+        summary += f", skipped {skipped}"
+    if dry_run:
+        summary += " (dry run: nothing was moved)"
+    lines.append(summary)
+    again = f"watchfolder requeue --config {config}" if config else "watchfolder requeue"
+    if dry_run and done:
+        lines.append(f"To move them: {again}")
+    elif skipped:
+        lines.append(f"Once what each skipped line says is fixed: {again}")
+    return lines
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
+
+
 def _error_roots(config: Config) -> dict[Path, list[InboxConfig]]:
     roots: dict[Path, list[InboxConfig]] = {}
     for inbox in config.inboxes:
@@ -136,7 +172,7 @@ def _requeue_one(moved: Path, reason: Path, root: Path, inboxes: list[InboxConfi
         return Outcome(moved, target, False, "the inbox already has a file at this path; "
                                              "rename or remove it, then requeue again")
     if dry_run:
-        return Outcome(moved, target, True, "would be requeued (dry run)")
+        return Outcome(moved, target, True, "nothing moved (dry run)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         placed = move_into(moved, target)

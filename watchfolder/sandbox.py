@@ -17,6 +17,22 @@ Order of checks for ``POST /remove-background/v1`` (each request):
     401 no key -> 403 unknown key -> 429 rate limit -> random 500 (fail_rate)
     -> 402 no credits -> 400 bad request -> 406 Accept -> 200 result
 
+Named faults (``FAULTS``; an int status 400-599 answers that status with a JSON error):
+
+    429-date, 429-none  429 with an HTTP-date Retry-After, or none at all
+    500-empty, 500-html 500 with an empty body, or an HTML page
+    reset, hang         a TCP reset; no answer at all (for ``hang_seconds`` at most)
+    truncated           a 200 that sends half its promised body, then closes
+    garbage, wrong-size a 200 that is not an image; a valid image of other dimensions
+    trickle             a 200 whose headers come at once and whose body (a valid cut-out)
+                        comes one byte every ``trickle_seconds``
+    trickle-headers     the same, but the status line and headers trickle too
+    huge                a 200 of ``huge_bytes``: a valid cut-out followed by zeros, with a
+                        Content-Length that says so (streamed: the sandbox holds 1 MiB)
+    huge-unsized        the same without Content-Length: the body ends when the connection does
+
+A trickle lasts ``hang_seconds`` at most, then the connection is closed mid-answer.
+
 Typical use in a test::
 
     with Sandbox(keys=["k"], credits=3) as sandbox:
@@ -84,6 +100,10 @@ FAULTS = (
     "truncated",
     "garbage",
     "wrong-size",
+    "trickle",
+    "trickle-headers",
+    "huge",
+    "huge-unsized",
 )
 """Named faults for :meth:`Sandbox.add_faults`; an int status code (400-599) is a fault too."""
 
@@ -97,6 +117,8 @@ _IDLE_TIMEOUT = 60.0
 _WINDOW = 60.0
 _MASK_SIDE = 512
 _WHITE = (255, 255, 255)
+# Huge bodies are written from one block of zeros, so the sandbox itself stays small.
+_HUGE_BLOCK = 1 << 20
 
 _ACCEPTED = {
     "image/png": "png",
@@ -155,7 +177,8 @@ class _Answer:
     body: bytes = b""
     content_type: str | None = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
-    action: str = "send"  # send | reset | hang | truncate
+    action: str = "send"  # send | reset | hang | truncate | trickle | trickle-headers | huge
+    sized: bool = True  # huge: announce the Content-Length
     fault: str | None = None
 
 
@@ -461,6 +484,8 @@ class Sandbox:
         latency: float = 0.0,
         fail_rate: float = 0.0,
         hang_seconds: float = 30.0,
+        trickle_seconds: float = 1.0,
+        huge_bytes: int = 300_000_000,
         *,
         on_request: Callable[[RequestRecord], None] | None = None,
     ) -> None:
@@ -473,18 +498,22 @@ class Sandbox:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._random = random.Random()
-        self._initial = (_key_set(keys), credits, rpm, latency, fail_rate, hang_seconds)
+        self._initial = (_key_set(keys), credits, rpm, latency, fail_rate, hang_seconds,
+                         trickle_seconds, huge_bytes)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._restore()
 
     def _restore(self) -> None:
-        keys, credits, rpm, latency, fail_rate, hang_seconds = self._initial
+        (keys, credits, rpm, latency, fail_rate, hang_seconds, trickle_seconds,
+         huge_bytes) = self._initial
         self.keys = keys
         self.rpm = rpm
         self.latency = latency
         self.fail_rate = fail_rate
         self.hang_seconds = hang_seconds
+        self.trickle_seconds = trickle_seconds
+        self.huge_bytes = huge_bytes
         with self._lock:
             self._default_credits = _check_credits(credits)
             self._credits: dict[str, int | None] = {}
@@ -547,7 +576,8 @@ class Sandbox:
 
     @property
     def hang_seconds(self) -> float:
-        """How long a ``hang`` fault holds the connection at most (stop() ends it sooner)."""
+        """How long a ``hang`` or ``trickle`` fault holds the connection at most (stop() ends
+        it sooner)."""
         return self._hang_seconds
 
     @hang_seconds.setter
@@ -555,6 +585,28 @@ class Sandbox:
         if value < 0:
             raise ValueError("hang_seconds must be >= 0")
         self._hang_seconds = float(value)
+
+    @property
+    def trickle_seconds(self) -> float:
+        """The pause before each byte of a ``trickle`` fault's answer."""
+        return self._trickle_seconds
+
+    @trickle_seconds.setter
+    def trickle_seconds(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("trickle_seconds must be >= 0")
+        self._trickle_seconds = float(value)
+
+    @property
+    def huge_bytes(self) -> int:
+        """The body size of a ``huge`` fault (a valid cut-out padded with zeros)."""
+        return self._huge_bytes
+
+    @huge_bytes.setter
+    def huge_bytes(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("huge_bytes must be >= 0")
+        self._huge_bytes = int(value)
 
     # ---- state for tests
 
@@ -801,7 +853,7 @@ class Sandbox:
             answer = _Answer(0, action=fault)
         elif fault == "garbage":
             answer = _Answer(200, b"this is not an image\n" * 8, "image/png")
-        else:  # truncated, wrong-size
+        else:  # truncated, wrong-size, trickle, trickle-headers, huge, huge-unsized
             width, height = _input_size(form)
             if fault == "wrong-size":
                 small = (max(1, width // 2), max(1, height // 2))
@@ -810,6 +862,11 @@ class Sandbox:
             answer = _Answer(200, png, "image/png")
             if fault == "truncated":
                 answer.action = "truncate"
+            elif fault in ("trickle", "trickle-headers"):
+                answer.action = fault
+            elif fault in ("huge", "huge-unsized"):
+                answer.action = "huge"
+                answer.sized = fault == "huge"
         if answer.status == 200:
             answer.headers["x-credits-consumed"] = "1"
         answer.fault = name
@@ -969,6 +1026,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(answer, truncate=True)
         elif answer.action == "reset":
             self._reset()
+        elif answer.action in ("trickle", "trickle-headers"):
+            self._trickle(answer, headers_too=answer.action == "trickle-headers")
+        elif answer.action == "huge":
+            self._send_huge(answer)
         else:
             sandbox._stopping.wait(sandbox.hang_seconds)
             self.close_connection = True
@@ -1037,6 +1098,49 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(answer.body[: len(answer.body) // 2] if truncate else answer.body)
+
+    def _head(self, answer: _Answer, length: int | None) -> bytes:
+        """The status line and headers of `answer`, for the faults that write them by hand."""
+        lines = [f"{self.protocol_version} {answer.status} {HTTPStatus(answer.status).phrase}",
+                 f"Server: {self.version_string()}", f"Date: {self.date_time_string()}"]
+        if answer.content_type:
+            lines.append(f"Content-Type: {answer.content_type}")
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        lines += [f"{name}: {value}" for name, value in answer.headers.items()]
+        lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _trickle(self, answer: _Answer, *, headers_too: bool) -> None:
+        """One byte every `trickle_seconds`, for `hang_seconds` at most, then close."""
+        sandbox = self.server.sandbox
+        self.close_connection = True
+        head = self._head(answer, len(answer.body))
+        data = head + answer.body
+        if not headers_too:
+            self.wfile.write(head)
+            data = answer.body
+        deadline = time.monotonic() + sandbox.hang_seconds
+        for i in range(len(data)):
+            pause = sandbox.trickle_seconds
+            if time.monotonic() + pause > deadline:  # out of time before the next byte
+                sandbox._stopping.wait(max(0.0, deadline - time.monotonic()))
+                return
+            if sandbox._stopping.wait(pause):
+                return
+            self.wfile.write(data[i:i + 1])
+
+    def _send_huge(self, answer: _Answer) -> None:
+        """`huge_bytes` of body (the image, then zeros) in 1 MiB writes; close after."""
+        sandbox = self.server.sandbox
+        self.close_connection = True
+        total = max(sandbox.huge_bytes, len(answer.body))
+        self.wfile.write(self._head(answer, total if answer.sized else None) + answer.body)
+        left = total - len(answer.body)
+        block = bytes(_HUGE_BLOCK)
+        while left > 0 and not sandbox._stopping.is_set():
+            self.wfile.write(block[:left] if left < _HUGE_BLOCK else block)
+            left -= _HUGE_BLOCK
 
     def _reset(self) -> None:
         """Abort with a TCP RST: linger 0, then close every reference to the socket."""
@@ -1160,7 +1264,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="F",
         help="a fault for the next request, in order (repeatable): a status code 400-599 or "
-        + ", ".join(FAULTS),
+        + ", ".join(FAULTS)
+        + ". trickle: the body comes one byte every --trickle-seconds (trickle-headers: the "
+        "headers too), for --hang-seconds at most; huge: a valid image padded to "
+        "--huge-bytes (huge-unsized: without Content-Length)",
+    )
+    parser.add_argument(
+        "--hang-seconds",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a hang or trickle fault holds the connection (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trickle-seconds",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="the pause before each byte of a trickle fault (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--huge-bytes",
+        type=int,
+        default=300_000_000,
+        metavar="N",
+        help="the body size of a huge fault (default: %(default)s)",
     )
 
 
@@ -1186,6 +1314,9 @@ def run(args: argparse.Namespace) -> int:
         rpm=args.rpm,
         latency=args.latency,
         fail_rate=args.fail_rate,
+        hang_seconds=args.hang_seconds,
+        trickle_seconds=args.trickle_seconds,
+        huge_bytes=args.huge_bytes,
         on_request=on_request,
     )
     sandbox.add_faults(*args.fault)

@@ -4,15 +4,23 @@ The event handler runs on watchdog's observer thread, so it only hands the path 
 raising handler would stall or kill event delivery). Scans cover what events cannot: files
 present at start-up, events the kernel dropped (inotify queue overflow) and network shares
 where inotify is blind (those use the polling observer).
+
+A filesystem error is the problem of one path, never of the scan: a folder nested deeper than
+PATH_MAX (ENAMETOOLONG), a stale NFS handle (ESTALE), an I/O error on a share (EIO), a folder
+we may not read. Each is logged once as `scan.error` with the path and the errno (not again
+at every rescan, until the path works again), and the scan goes on with the rest.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import threading
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
+import structlog
 from watchdog.events import (
     EVENT_TYPE_CLOSED,
     EVENT_TYPE_CREATED,
@@ -30,31 +38,95 @@ from watchfolder.settle import is_ignored
 
 _INTERESTING = {EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED}
 
+log = structlog.get_logger("watchfolder")
 
-def scan(root: Path, *, recursive: bool) -> Iterator[Path]:
+
+class ScanErrors:
+    """Says each failing path once: a rescan every minute must not repeat the same line.
+
+    A path is said again only after it worked in between (`cleared`) or with another errno.
+    At most `limit` paths are remembered, so a share full of broken entries cannot grow it
+    without bound (past that, errors are still logged, every time).
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._said: dict[str, int | None] = {}
+        self._lock = threading.Lock()
+
+    def report(self, path: Path | str, exc: OSError, during: str) -> None:
+        key = str(path)
+        with self._lock:
+            if key in self._said and self._said[key] == exc.errno:
+                return
+            if len(self._said) < self.limit:
+                self._said[key] = exc.errno
+        log.warning("scan.error", path=key, errno=exc.errno,
+                    code=errno.errorcode.get(exc.errno or 0, "?"),
+                    error=exc.strerror or str(exc), during=during,
+                    hint="this path is skipped; the rest of the folder is read as usual")
+
+    def cleared(self, path: Path | str) -> None:
+        """`path` works now: its next error is worth a line again."""
+        if not self._said:  # the usual case, without taking the lock
+            return
+        with self._lock:
+            if self._said.pop(str(path), None) is not None:
+                log.info("scan.recovered", path=str(path))
+
+
+SCAN_ERRORS = ScanErrors()
+"""The process's reporter: scans of the daemon, its rescans and its watches share it."""
+
+# Gone or replaced since it was listed: a race with the user, not an error.
+_VANISHED = (FileNotFoundError, NotADirectoryError)
+
+
+def scan(root: Path, *, recursive: bool, errors: ScanErrors = SCAN_ERRORS,
+         ignored: list[str] | None = None) -> Iterator[Path]:
     """Every non-ignored entry below `root` that is not a folder we descend into.
 
     Symlinks are yielded (never followed) so they can be explained in errors; folders are
-    walked only when `recursive`, hidden and temporary folders never.
+    walked only when `recursive`, hidden and temporary folders never. Never raises OSError:
+    a folder or entry that cannot be read is reported to `errors` and skipped. The paths of
+    ignored entries (dot-files such as macOS `._*` and `.DS_Store`, temp names) are appended
+    to `ignored` when given.
     """
     stack = [root]
     while stack:
         folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except PermissionError:
-            logging.getLogger("watchfolder").warning("cannot read folder %s", folder)
-            continue
-        for entry in entries:
+        for entry in _entries(folder, errors):
             if is_ignored(entry.name):
+                if ignored is not None:
+                    ignored.append(entry.path)
                 continue
-            if entry.is_dir(follow_symlinks=False):
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)  # may lstat (DT_UNKNOWN: NFS, XFS)
+            except _VANISHED:
+                continue
+            except OSError as exc:
+                errors.report(entry.path, exc, "lstat")
+                continue
+            if is_dir:
                 if recursive:
                     stack.append(Path(entry.path))
                 continue
             yield Path(entry.path)
+
+
+def _entries(folder: Path, errors: ScanErrors) -> list[os.DirEntry[str]]:
+    """The entries of one folder; what could be listed before an error, if one comes."""
+    entries: list[os.DirEntry[str]] = []
+    try:
+        with os.scandir(folder) as listing:
+            entries.extend(listing)  # may fail midway (EIO): keep what came before
+    except _VANISHED:
+        return entries
+    except OSError as exc:
+        errors.report(folder, exc, "scandir")
+        return entries
+    errors.cleared(folder)
+    return entries
 
 
 class _Handler(FileSystemEventHandler):
@@ -102,19 +174,31 @@ class Watcher:
                 self.watch(index)
 
     def watch(self, index: int) -> bool:
-        """(Re)schedule one inbox; False when its folder is missing right now."""
+        """(Re)schedule one inbox; False when its folder is missing or cannot be watched right
+        now (an OSError is reported once; the inbox's rescans go on meanwhile)."""
         inbox = self.inboxes[index]
-        if not inbox.path.is_dir():
+        try:
+            if not inbox.path.is_dir():
+                return False
+        except OSError as exc:  # ESTALE, EIO: Path.is_dir() lets those through
+            SCAN_ERRORS.report(inbox.path, exc, "watch")
             return False
         observer: BaseObserver
         if inbox.polling:
             observer = PollingObserver(timeout=inbox.polling_interval_seconds)
         else:
             observer = Observer()
-        observer.schedule(_Handler(index, self.deliver), str(inbox.path),
-                          recursive=inbox.recursive)
         observer.daemon = True
-        observer.start()
+        try:
+            observer.schedule(_Handler(index, self.deliver), str(inbox.path),
+                              recursive=inbox.recursive)
+            observer.start()  # starts the emitters here, in our thread: inotify limits raise
+        except OSError as exc:
+            SCAN_ERRORS.report(inbox.path, exc, "watch")
+            if observer.is_alive():
+                observer.stop()
+                observer.join(timeout=5)
+            return False
         old = self._watched.pop(index, None)
         if old is not None:
             self._stop([old])

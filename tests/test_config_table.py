@@ -1,0 +1,63 @@
+"""The configuration table in config.py is the single statement of every key and default: the
+README's reference, `check-config`'s output and the example config must agree with it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from watchfolder.config import Config, keys_of, parse_config, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_reference() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        match = re.match(r"^\| `([^`]+)` \| (.+?) \| .* \|$", line)
+        if match:
+            rows[match.group(1)] = match.group(2).strip()
+    return rows
+
+
+def test_readme_states_every_key_with_the_tables_default() -> None:
+    readme = readme_reference()
+    table = reference()
+    assert sorted(readme) == sorted(table), "keys missing from (or unknown to) the README"
+    wrong = {key: (readme[key], table[key]) for key in table if readme[key] != table[key]}
+    assert wrong == {}, "README default differs from config.py: (README, table)"
+
+
+def test_check_config_shows_every_key_of_the_table(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    config = parse_config({"inboxes": [{"path": "in", "outbox": "out", "errors": "err"}]},
+                          base_dir=tmp_path, require_key=False)
+    shown = config.redacted()
+    for key in reference():
+        section, _, name = key.partition(".")
+        if not name:
+            assert section in shown, key
+        elif section == "inboxes[]":
+            assert name in shown["inboxes"][0] or name == "key_file", key
+        elif name != "key_file":  # shown as the key's source, never as a path of its own
+            assert name in shown[section], key
+    assert set(shown) == keys_of(Config)
+
+
+def test_the_example_config_uses_only_keys_of_the_table() -> None:
+    raw = yaml.safe_load((ROOT / "daemon.yaml.example").read_text(encoding="utf-8"))
+    table = reference()
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            for inner in value:
+                assert f"{key}.{inner}" in table, f"{key}.{inner}"
+        elif key == "inboxes":
+            for inbox in value:
+                for inner in inbox:
+                    assert f"inboxes[].{inner}" in table, inner
+        else:
+            assert key in table, key

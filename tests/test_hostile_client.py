@@ -1,0 +1,153 @@
+"""The client against a hostile server: answers that trickle, answers that never end.
+
+Real sockets, the real sandbox; the client's timeout bounds the whole request and its memory
+does not grow with the size of the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image
+from watchfolder.client import ApiClient, ApiResult, max_result_bytes
+from watchfolder.config import Secret
+from watchfolder.errors import BadResult, TransportError
+from watchfolder.sandbox import Sandbox
+
+KEY = "hostile-key-0123456789"
+TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Sandbox]:
+    with Sandbox(keys=(KEY,), rpm=None, hang_seconds=30.0, trickle_seconds=0.1,
+                 huge_bytes=20_000_000) as running:
+        yield running
+
+
+@pytest.fixture
+def sandbox(server: Sandbox) -> Iterator[Sandbox]:
+    server.reset()
+    yield server
+    server.reset()
+
+
+@pytest.fixture
+def client(sandbox: Sandbox) -> Iterator[ApiClient]:
+    api = ApiClient(sandbox.url, Secret(KEY), timeout=TIMEOUT, connect_timeout=TIMEOUT)
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> bytes:
+    return make_image(tmp_path / "in.png").read_bytes()
+
+
+def send(client: ApiClient, image: bytes, dest: Path, **options: int) -> ApiResult:
+    return client.remove_background(image, filename="in.png", mime="image/png", dest=dest,
+                                    **options)
+
+
+@pytest.mark.parametrize("fault", ["trickle", "trickle-headers"])
+def test_a_trickling_answer_is_dropped_when_the_timeout_is_over(
+        client: ApiClient, sandbox: Sandbox, image: bytes, tmp_path: Path, fault: str) -> None:
+    # One byte every 0.1 s never trips a socket timeout of 1 s: only a bound on the whole
+    # request stops it (the sandbox would go on for 30 s).
+    sandbox.add_faults(fault)
+    dest = tmp_path / "result.png"
+    started = time.monotonic()
+    with pytest.raises(TransportError) as caught:
+        send(client, image, dest)
+    elapsed = time.monotonic() - started
+    assert elapsed < TIMEOUT + 1.0, f"the request held its slot for {elapsed:.1f} s"
+    assert "within 1 s" in caught.value.message and "whole request" in caught.value.message
+    assert KEY not in str(caught.value)
+    assert not dest.exists(), "no partial result is left behind"
+    # The next request works (on a new connection).
+    result = send(client, image, dest)
+    assert dest.read_bytes() and result.size == dest.stat().st_size
+
+
+def test_a_result_is_streamed_to_the_file_with_its_size_and_hash(
+        client: ApiClient, sandbox: Sandbox, image: bytes, tmp_path: Path) -> None:
+    dest = tmp_path / "spool" / "1.png"
+    dest.parent.mkdir()
+    first = client.remove_background(image, filename="in.png", mime="image/png", dest=dest,
+                                     max_bytes=max_result_bytes(160, 120, len(image)))
+    data = dest.read_bytes()
+    assert first.path == dest and first.body is None
+    assert (first.size, first.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert first.content == data and first.content_type == "image/png"
+    assert first.credits_consumed == 1
+    # Without a file the body stays in memory, same checks; the connection is kept alive.
+    second = client.remove_background(image, filename="in.png", mime="image/png")
+    assert second.path is None and second.content == data
+    assert second.sha256 == first.sha256
+    assert len({r.connection for r in sandbox.requests}) == 1
+
+
+@pytest.mark.parametrize("fault", ["huge", "huge-unsized"])
+def test_an_answer_larger_than_the_bound_is_not_read(
+        client: ApiClient, sandbox: Sandbox, image: bytes, tmp_path: Path, fault: str) -> None:
+    sandbox.add_faults(fault)
+    dest = tmp_path / "result.png"
+    bound = max_result_bytes(160, 120, len(image))
+    assert bound < sandbox.huge_bytes
+    with pytest.raises(BadResult) as caught:
+        send(client, image, dest, max_bytes=bound)
+    assert caught.value.status == 200 and caught.value.reason == "bad_result"
+    assert "too large" in caught.value.message and KEY not in str(caught.value)
+    assert not dest.exists()
+
+
+def test_a_300_mb_answer_is_streamed_with_flat_memory(sandbox: Sandbox, image: bytes,
+                                                      tmp_path: Path) -> None:
+    """The whole 300 MB body goes to the file (the bound allows it here); the client's peak
+    RSS (VmHWM, in a child process of its own) grows by far less than the body."""
+    size = 300_000_000
+    sandbox.huge_bytes = size
+    sandbox.add_faults("huge")
+    source, dest = tmp_path / "in.png", tmp_path / "huge.png"
+    source.write_bytes(image)
+    script = f"""
+import json
+from pathlib import Path
+from watchfolder.client import ApiClient
+from watchfolder.config import Secret
+
+def hwm():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+client = ApiClient({sandbox.url!r}, Secret({KEY!r}), timeout=60)
+data = Path({str(source)!r}).read_bytes()
+before = hwm()
+result = client.remove_background(data, filename="in.png", mime="image/png",
+                                  dest=Path({str(dest)!r}), max_bytes={size + 1})
+print(json.dumps({{"before": before, "after": hwm(), "size": result.size,
+                  "sha256": result.sha256}}))
+client.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["size"] == size == dest.stat().st_size
+    digest = hashlib.sha256()
+    with dest.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    assert report["sha256"] == digest.hexdigest()
+    growth = (report["after"] - report["before"]) / 2**20
+    assert growth < 48, f"peak RSS grew by {growth:.0f} MB for a 300 MB answer"
+    dest.unlink()

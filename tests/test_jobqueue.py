@@ -1,0 +1,132 @@
+"""The job queue (order, timers, the account pause and its probes) and the request slots,
+driven by an injected clock and random source: nothing here sleeps."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from watchfolder.errors import CreditsExhausted
+from watchfolder.jobqueue import Job, JobQueue, RequestSlots
+from watchfolder.ratelimit import backoff
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def names(queue: JobQueue, count: int) -> list[str]:
+    found = []
+    for _ in range(count):
+        job = queue.get(timeout=0)
+        found.append("-" if job is None else job.rel)
+    return found
+
+
+def test_ready_jobs_come_in_order_and_front_goes_first() -> None:
+    queue = JobQueue(clock=Clock())
+    for rel in ("a", "b"):
+        queue.put(Job(0, rel))
+    queue.put(Job(0, "urgent"), front=True)
+    assert names(queue, 4) == ["urgent", "a", "b", "-"]
+
+
+def test_a_parked_job_is_ready_exactly_when_its_time_comes() -> None:
+    clock = Clock()
+    queue = JobQueue(clock=clock)
+    queue.put_later(Job(0, "late"), 30.0)
+    queue.put_later(Job(0, "soon"), 10.0)
+    assert len(queue) == 2
+    clock.now += 9.99
+    assert names(queue, 1) == ["-"]
+    clock.now += 0.01
+    assert names(queue, 2) == ["soon", "-"]
+    clock.now += 20.0
+    assert names(queue, 1) == ["late"]
+    assert len(queue) == 0
+
+
+def test_paused_queue_hands_out_one_probe_per_interval_until_resumed() -> None:
+    clock = Clock()
+    queue = JobQueue(clock=clock)
+    for rel in ("a", "b", "c"):
+        queue.put(Job(0, rel))
+    assert queue.pause(CreditsExhausted("no credits", 402), probe_in=60.0) is True
+    assert queue.pause(CreditsExhausted("no credits", 402), probe_in=60.0) is False
+    assert names(queue, 1) == ["-"], "nothing before the first probe is due"
+    clock.now += 60.0
+    probe = queue.get(timeout=0)
+    assert probe is not None and probe.rel == "a" and probe.probe
+    assert names(queue, 1) == ["-"], "one probe per interval, whatever became of the last"
+    clock.now += 59.0
+    assert names(queue, 1) == ["-"]
+    clock.now += 1.0
+    assert names(queue, 1) == ["b"]
+    queue.probe_now()
+    assert names(queue, 1) == ["c"], "probe_now lets the next probe go at once"
+    queue.put(Job(0, "d"))
+    queue.put(Job(0, "e"))
+    assert queue.resume() is True
+    assert names(queue, 3) == ["d", "e", "-"]
+    assert queue.resume() is False
+
+
+def test_get_blocks_until_a_put_and_close_releases_waiters() -> None:
+    queue = JobQueue()
+    got: list[Job | None] = []
+    waiter = threading.Thread(target=lambda: got.append(queue.get()))
+    waiter.start()
+    queue.put(Job(0, "x"))
+    waiter.join(5)
+    assert [job.rel for job in got if job] == ["x"]
+    waiter = threading.Thread(target=lambda: got.append(queue.get()))
+    waiter.start()
+    queue.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and got[-1] is None
+
+
+def test_retry_delay_is_full_jitter_below_the_doubling_ceiling() -> None:
+    queue = JobQueue(clock=Clock(), rng=random.Random(7))
+    for attempt in range(1, 12):
+        ceiling = backoff(attempt, 2.0, 300.0)
+        delays = [queue.retry_delay(attempt, 2.0, 300.0) for _ in range(200)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > 0.8 * ceiling and min(delays) < 0.2 * ceiling, "spread, not fixed"
+    assert backoff(1, 2.0, 300.0) == 2.0 and backoff(3, 2.0, 300.0) == 8.0
+    assert backoff(20, 2.0, 300.0) == 300.0
+    # the server's Retry-After is a floor
+    assert all(queue.retry_delay(1, 2.0, 300.0, at_least=45.0) == 45.0 for _ in range(50))
+
+
+def test_same_seed_same_delays() -> None:
+    first = JobQueue(rng=random.Random(3))
+    second = JobQueue(rng=random.Random(3))
+    assert ([first.retry_delay(4, 1.0, 60.0) for _ in range(5)]
+            == [second.retry_delay(4, 1.0, 60.0) for _ in range(5)])
+
+
+def test_request_slots_bound_and_stop() -> None:
+    slots = RequestSlots(2)
+    stop = threading.Event()
+    assert slots.acquire(stop) and slots.acquire(stop)
+    assert slots.free == 0
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(slots.acquire(stop)))
+    waiter.start()
+    slots.release()
+    waiter.join(5)
+    assert results == [True] and slots.free == 0
+    waiter = threading.Thread(target=lambda: results.append(slots.acquire(stop)))
+    waiter.start()
+    stop.set()
+    slots.wake()
+    waiter.join(5)
+    assert results == [True, False], "a stop releases a waiter without a slot"
+    slots.release()
+    slots.release()
+    assert slots.free == 2

@@ -1,0 +1,157 @@
+"""Studio originals through the real daemon and the sandbox: one request each, a proxy within
+the API's limits, and a full-resolution cut-out of the original's own pixels, checked by
+pixels, bit depth, profile bytes and the sandbox's mask scaled up."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pillow_heif
+import pyvips
+import pytest
+from PIL import Image, ImageOps
+
+from tests.conftest import LogCapture, Running, Studio, make_image, wait_for
+from tests.test_images_studio import (
+    answer_for,
+    blob,
+    check_alpha,
+    max_difference_where_opaque,
+    read,
+    shot,
+    vips_of,
+)
+from watchfolder.images import MAX_BYTES, MAX_PIXELS, inspect_source
+from watchfolder.imaging import make_proxy
+from watchfolder.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg
+from watchfolder.sandbox import Sandbox
+
+
+def _camera(path: Path) -> None:
+    path.write_bytes(camera_jpeg(6000, 4300, orientation=6))  # 25.8 MP, stored sideways
+
+
+def _rotated(path: Path) -> None:
+    path.write_bytes(camera_jpeg(600, 400, orientation=8))
+
+
+def _tiff16(path: Path) -> None:
+    path.write_bytes(adobe_rgb_tiff(900, 600))
+
+
+def _cmyk(path: Path) -> None:
+    cmyk = vips_of(shot()).icc_transform("cmyk", input_profile="srgb", embedded=False)
+    cmyk.jpegsave(str(path), Q=95)
+
+
+def _heic(path: Path) -> None:
+    pillow_heif.from_pillow(shot(640, 480)).save(str(path), quality=92)
+
+
+def _upright(path: Path) -> pyvips.Image:
+    if path.suffix == ".heic":
+        return vips_of(pillow_heif.open_heif(str(path)).to_pillow())
+    if path.suffix == ".jpg" and read(path).interpretation != "cmyk":
+        with Image.open(path) as stored:
+            return vips_of(ImageOps.exif_transpose(stored))
+    return read(path)
+
+
+CASES = [
+    ("R5_0001.jpg", _camera, (6000, 4300), "uchar", True),
+    ("turned.jpg", _rotated, (600, 400), "uchar", True),
+    ("retouch.tif", _tiff16, (900, 600), "ushort", True),
+    ("print.jpg", _cmyk, (480, 360), "uchar", False),
+    ("phone.heic", _heic, (640, 480), "uchar", True),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "size", "depth", "same_colours"), CASES,
+                         ids=[case[0] for case in CASES])
+def test_a_studio_original_becomes_a_full_resolution_cut_out_for_one_credit(
+        tmp_path: Path, sandbox: Sandbox, log_lines: LogCapture, name: str,
+        make: Callable[[Path], None], size: tuple[int, int], depth: str,
+        same_colours: bool) -> None:
+    studio = Studio(tmp_path, sandbox.url)
+    original = tmp_path / name
+    make(original)
+    kept = tmp_path / "kept" / name  # the archive moves it; keep a copy to compare with
+    kept.parent.mkdir()
+    kept.write_bytes(original.read_bytes())
+    original.rename(studio.inbox / name)
+    with Running(studio.config()):
+        wait_for(lambda: log_lines.events("file.done"), timeout=60, what="the file done")
+    [done] = log_lines.events("file.done")
+    assert sandbox.count() == 1 and sandbox.count(200) == 1, "exactly one request"
+    [proxy_line] = log_lines.events("file.proxy")
+    assert proxy_line["file"] == name
+
+    # What was sent is the proxy the library makes of this original: within the API's limits.
+    source = inspect_source(kept)
+    proxy = make_proxy(kept, source, tmp_path / "proxy.jpg")
+    [request] = sandbox.requests
+    assert request.sha256 == hashlib.sha256((tmp_path / "proxy.jpg").read_bytes()).hexdigest()
+    assert proxy.width * proxy.height <= MAX_PIXELS and request.size <= MAX_BYTES
+    answer = answer_for(tmp_path / "proxy.jpg", tmp_path / "answer.png")
+
+    stem = Path(name).stem
+    assert studio.files(studio.outbox) == [f"{stem}.png"]
+    assert done["result"] == str(studio.outbox / f"{stem}.png")
+    out = read(studio.outbox / f"{stem}.png")
+    assert (out.width, out.height) == size, "the original's upright size"
+    assert out.format == depth and out.bands == 4
+    peak = 65535 if depth == "ushort" else 255
+    alpha = check_alpha(out, answer, peak)
+    if same_colours:
+        assert max_difference_where_opaque(out[0:3], _upright(kept), alpha, peak) == 0
+    if source.icc is not None and source.colour != "cmyk":
+        assert blob(out, "icc-profile-data") == source.icc
+    assert studio.files(studio.archive) == [name]
+    assert list((studio.root / "state" / "spool").iterdir()) == [], "proxy and answer gone"
+
+
+def test_a_16bit_tiff_can_come_out_as_a_16bit_tiff(tmp_path: Path, sandbox: Sandbox,
+                                                  log_lines: LogCapture) -> None:
+    studio = Studio(tmp_path, sandbox.url, inbox={"output_format": "tiff"})
+    _tiff16(studio.inbox / "retouch.tif")
+    with Running(studio.config()):
+        wait_for(lambda: log_lines.events("file.done"), timeout=60, what="done")
+    assert studio.files(studio.outbox) == ["retouch.tif"]
+    out = read(studio.outbox / "retouch.tif")
+    assert (out.width, out.height, out.bands, out.format) == (900, 600, 4, "ushort")
+    assert blob(out, "icc-profile-data") == adobe_rgb_profile()
+    assert sandbox.requests[0].accept == "image/png", "the alpha comes from a PNG answer"
+
+
+def test_the_fast_path_is_unchanged_and_carries_the_capture_metadata(
+        tmp_path: Path, sandbox: Sandbox, log_lines: LogCapture) -> None:
+    studio = Studio(tmp_path, sandbox.url)
+    shot(320, 240).save(studio.root / "plain.jpg", "JPEG", quality=92,
+                        exif=_exif_with_copyright())
+    (studio.root / "plain.jpg").rename(studio.inbox / "plain.jpg")
+    make_image(studio.inbox / "small.png")
+    with Running(studio.config()):
+        wait_for(lambda: len(log_lines.events("file.done")) == 2, what="both done")
+    assert log_lines.events("file.proxy") == [], "nothing went by the studio path"
+    assert sandbox.count(200) == 2
+    with Image.open(studio.outbox / "plain.png") as result:
+        assert result.size == (320, 240) and result.mode == "RGBA"
+        assert result.getexif()[0x8298] == "(c) Watchfolder Studio"
+
+
+def test_an_inbox_without_the_studio_path_refuses_what_the_api_cannot_take(
+        tmp_path: Path, sandbox: Sandbox, log_lines: LogCapture) -> None:
+    studio = Studio(tmp_path, sandbox.url, inbox={"studio": False})
+    _tiff16(studio.inbox / "retouch.tif")
+    with Running(studio.config()):
+        wait_for(lambda: log_lines.events("file.failed"), what="failed")
+    assert studio.reason("retouch.tif")["reason"] == "unsupported_format"
+    assert sandbox.count() == 0
+
+
+def _exif_with_copyright() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x8298] = "(c) Watchfolder Studio"
+    return exif

@@ -1,0 +1,182 @@
+"""The files waiting for a worker: ready jobs, jobs waiting for a retry time, the account pause,
+and the request slots that bound how many requests are in flight.
+
+- `JobQueue.get` hands out ready jobs in order; a job parked with a delay (`put_later`,
+  `retry_later`) becomes ready when its time comes, holding no worker meanwhile.
+- While paused (an account problem: bad key, no credits), nothing is handed out but one probe
+  every `probe_in` seconds; the pipeline resumes the queue when a probe is accepted.
+- `RequestSlots` counts requests that may be in flight, so what a crash can cost stays one
+  credit per slot.
+
+Time and the jitter's random source are injectable, so all of this is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from watchfolder.ratelimit import backoff
+
+if TYPE_CHECKING:
+    from watchfolder.errors import AccountError
+    from watchfolder.journal import FileRecord
+
+
+@dataclass
+class Job:
+    """One file of one inbox, as it travels through the queue."""
+
+    index: int  # which inbox (its slot in the configuration, stable across reloads)
+    rel: str  # path below the inbox, POSIX form
+    record: FileRecord | None = None  # known once opened (or resumed from the journal)
+    identity: str | None = None  # content hash + settings, once read
+    probe: bool = False  # handed out as the probe of a paused queue
+    seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.index, self.rel)
+
+
+class JobQueue:
+    """Ready jobs, jobs waiting for a retry time, and the account pause."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._cond = threading.Condition()
+        self._ready: collections.deque[Job] = collections.deque()
+        self._later: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._closed = False
+        self.paused: AccountError | None = None
+        self._probe_at = 0.0
+        self._probe_every = 0.0
+
+    def put(self, job: Job, *, front: bool = False) -> None:
+        with self._cond:
+            if front:
+                self._ready.appendleft(job)
+            else:
+                self._ready.append(job)
+            self._cond.notify()
+
+    def put_later(self, job: Job, delay: float) -> None:
+        with self._cond:
+            heapq.heappush(self._later, (self.clock() + delay, next(self._seq), job))
+            self._cond.notify()
+
+    def retry_delay(self, attempt: int, base: float, cap: float, *,
+                    at_least: float = 0.0) -> float:
+        """How long to park a job before its `attempt`-th retry: exponential, full jitter.
+
+        `at_least` is the server's wish (Retry-After), already capped by the caller.
+        """
+        return max(self.rng.uniform(0, backoff(attempt, base, cap)), at_least)
+
+    def pause(self, error: AccountError, probe_in: float) -> bool:
+        """Stop handing out jobs except one probe every `probe_in` s; True if newly paused."""
+        with self._cond:
+            newly = self.paused is None
+            self.paused = error
+            self._probe_every = probe_in
+            self._probe_at = self.clock() + probe_in
+            return newly
+
+    def resume(self) -> bool:
+        with self._cond:
+            was = self.paused is not None
+            self.paused = None
+            self._cond.notify_all()
+            return was
+
+    def probe_now(self) -> None:
+        """While paused, let the next probe go at once (after a reload with a new key)."""
+        with self._cond:
+            self._probe_at = self.clock()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._ready) + len(self._later)
+
+    def get(self, timeout: float | None = None) -> Job | None:
+        """Block until a job may be worked on; None once closed (or after `timeout` s)."""
+        deadline = None if timeout is None else self.clock() + timeout
+        with self._cond:
+            while not self._closed:
+                now = self.clock()
+                while self._later and self._later[0][0] <= now:
+                    self._ready.append(heapq.heappop(self._later)[2])
+                wake = self._later[0][0] if self._later else None
+                if self.paused is None:
+                    if self._ready:
+                        return self._ready.popleft()
+                elif self._ready and self._probe_at <= now:
+                    # The next probe is due one interval later whatever becomes of this one
+                    # (it may hit a 500, turn out to be a bad file, or hang): never stuck.
+                    self._probe_at = now + self._probe_every
+                    job = self._ready.popleft()
+                    job.probe = True
+                    return job
+                else:
+                    wake = self._probe_at if wake is None else min(wake, self._probe_at)
+                if deadline is not None:
+                    if now >= deadline:
+                        return None
+                    wake = deadline if wake is None else min(wake, deadline)
+                self._cond.wait(None if wake is None else max(0.0, wake - now))
+            return None
+
+
+class RequestSlots:
+    """One slot per request that may be in flight (or answered but not yet journaled).
+
+    Held from before the limiter is asked (a slot waited for after the limiter granted would
+    send later than the limiter counted) until the answer is journaled, so at most `size`
+    records are ever `sending`: what a crash can cost stays one credit per slot.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._cond = threading.Condition()
+
+    @property
+    def free(self) -> int:
+        with self._cond:
+            return self._free
+
+    def acquire(self, stop: threading.Event) -> bool:
+        """Block until a slot is ours (True) or `stop` is set (False)."""
+        with self._cond:
+            while self._free <= 0:
+                if stop.is_set():
+                    return False
+                self._cond.wait()
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Let every waiter look at its stop event again."""
+        with self._cond:
+            self._cond.notify_all()
