@@ -34,13 +34,16 @@ def test_readme_states_every_key_with_the_tables_default() -> None:
 
 def test_check_config_shows_every_key_of_the_table(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
-    config = parse_config({"inboxes": [{"path": "in", "outbox": "out", "errors": "err"}]},
+    config = parse_config({"inboxes": [{"path": "in", "outbox": "out", "errors": "err",
+                                        "outputs": [{"format": "webp"}]}]},
                           base_dir=tmp_path, require_key=False)
     shown = config.redacted()
     for key in reference():
         section, _, name = key.partition(".")
         if not name:
             assert section in shown, key
+        elif key.startswith("inboxes[].outputs[]."):
+            assert key.rsplit(".", 1)[1] in shown["inboxes"][0]["outputs"][0], key
         elif section == "inboxes[]":
             assert name in shown["inboxes"][0] or name == "key_file", key
         elif name != "key_file":  # shown as the key's source, never as a path of its own

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pillow_heif
-import pyvips
 import pytest
+import pyvips
 from PIL import Image, ImageOps
 
 from tests.conftest import LogCapture, Running, Studio, make_image, wait_for

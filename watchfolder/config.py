@@ -10,17 +10,22 @@ the network or starts a thread.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
+import string
 from dataclasses import Field, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 import yaml
 
 from watchfolder.errors import ConfigError
+
+if TYPE_CHECKING:
+    from watchfolder.handoff import HookSettings, WebhookSettings
 
 DEFAULT_URL = "https://clipdrop-api.co/remove-background/v1"
 # output_format → what the API is asked for (the Accept header); TIFF is made locally from a PNG
@@ -72,6 +77,7 @@ class Spec:
     must_exist: bool = False  # folders only
     shown: str | None = None  # how the README states the default, when not the value itself
     secret: bool = False  # check-config shows where it came from, never the value
+    maximum: float | None = None
 
 
 def _setting(default: Any = None, *, factory: Any = None, **spec: Any) -> Any:
@@ -85,7 +91,7 @@ def number(default: float, minimum: float, **kw: Any) -> Any:
     return _setting(default, kind="number", minimum=minimum, **kw)
 
 
-def integer(default: int, minimum: int, **kw: Any) -> Any:
+def integer(default: int | None, minimum: int, **kw: Any) -> Any:
     return _setting(default, kind="integer", minimum=minimum, **kw)
 
 
@@ -120,6 +126,7 @@ class ApiConfig:
     timeout_seconds: float = number(120.0, 0.1)
     connect_timeout_seconds: float = number(10.0, 0.1)
     low_credits_warning: int = integer(20, 0)
+    max_credits_per_day: int | None = integer(None, 1, shown="none")
     key_source: str = not_a_key("none")  # where the key came from (never the key)
 
 
@@ -145,6 +152,51 @@ class MetricsConfig:
     listen: str | None = special(shown="off")
 
 
+IMAGE_FORMATS = ("png", "webp", "jpeg", "tiff")
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg", "tiff": "tif"}
+POSITIONS = ("center", "top", "bottom", "left", "right", "top-left", "top-right",
+             "bottom-left", "bottom-right")
+TOKENS = ("dir", "stem", "ext", "inbox", "date", "hash")
+COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+Colour = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """One output of an inbox's recipe: made from the one answer for the file."""
+
+    name: str = special("{dir}/{stem}.{ext}")
+    format: str = choice("png", IMAGE_FORMATS)
+    background: Colour | None = special(shown="transparent; white for `jpeg`")
+    crop: str = choice("none", ("none", "subject"))
+    margin: str = special("0", shown="`0`")
+    size: tuple[int, int] | None = special(shown="none")
+    position: str = choice("center", POSITIONS)
+    max_size: int | None = integer(None, 1, shown="none")
+    mask: bool = flag(False)
+    dpi: int | None = integer(None, 1, shown="none")
+    quality: int | None = integer(None, 1, maximum=100, shown="none")
+    outbox: Path | None = folder(required=False, shown="the inbox's `outbox`")
+
+    @property
+    def ext(self) -> str:
+        return EXTENSIONS[self.format]
+
+    def margin_pixels(self) -> int:
+        return 0 if self.margin.endswith("%") else int(self.margin)
+
+    def margin_percent(self) -> float:
+        return float(self.margin[:-1]) if self.margin.endswith("%") else 0.0
+
+    def path(self, rel: str, ext: str, *, inbox: str, sha256: str, date: str) -> str:
+        """The output's path below its outbox, from the name template."""
+        parent = PurePosixPath(rel).parent
+        folder = "" if str(parent) == "." else str(parent)
+        template = self.name if folder else self.name.replace("{dir}/", "")
+        return template.format(dir=folder, stem=PurePosixPath(rel).stem, ext=ext, inbox=inbox,
+                               hash=sha256[:8], date=date).lstrip("/")
+
+
 @dataclass(frozen=True)
 class InboxConfig:
     path: Path = folder(required=True, must_exist=True)
@@ -158,12 +210,17 @@ class InboxConfig:
     polling: bool = flag(False)
     polling_interval_seconds: float = number(2.0, 0.05)
     studio: bool = flag(True)
+    outputs: tuple[OutputConfig, ...] = special((), shown="one output in `output_format`")
+    manifest: bool = flag(False)
+    done_marker: bool = flag(False)
 
     @property
     def settings_key(self) -> str:
         """The settings that change the result, part of a result's identity."""
+        recipe = "" if not self.outputs else "|" + hashlib.sha256(
+            repr(self.outputs).encode()).hexdigest()[:12]
         return (f"{self.output_format}|{self.transparency_handling}"
-                + ("" if self.studio else "|api-only"))
+                + ("" if self.studio else "|api-only") + recipe)
 
 
 @dataclass(frozen=True)
@@ -177,6 +234,8 @@ class Config:
     rescan_seconds: float = number(60.0, 0.05)
     shutdown_timeout_seconds: float = number(20.0, 0)
     journal_retention_days: float = number(30.0, 1)
+    hooks: HookSettings | None = special(shown="none")
+    webhook: WebhookSettings | None = special(shown="none")
     inboxes: tuple[InboxConfig, ...] = special(())
     source: Path | None = not_a_key(None)
 
@@ -186,7 +245,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"api": ApiConfig, "retry": RetryConfig, "log": LogConfig,
-                             "metrics": MetricsConfig, "inboxes[]": InboxConfig}
+                             "metrics": MetricsConfig, "inboxes[]": InboxConfig,
+                             "inboxes[].outputs[]": OutputConfig}
 
 
 def spec_of(f: Field[Any]) -> Spec | None:
@@ -198,7 +258,7 @@ def keys_of(cls: type) -> set[str]:
     """The YAML keys a section accepts."""
     keys = {f.name for f in fields(cls) if spec_of(f) is not None}
     if cls is Config:
-        keys |= {name.rstrip("[]") for name in SECTIONS}
+        keys |= {name.rstrip("[]") for name in SECTIONS if "." not in name}
     return keys
 
 
@@ -237,6 +297,10 @@ def _plain(obj: Any) -> Any:
         return [_plain(item) for item in obj]
     if not hasattr(obj, "__dataclass_fields__"):
         return obj
+    if not any(spec_of(f) for f in fields(obj)):  # hooks, webhook: hand-off's own settings
+        redacted = getattr(obj, "redacted", None)
+        return redacted() if redacted else {f.name: _plain(getattr(obj, f.name))
+                                             for f in fields(obj)}
     out: dict[str, Any] = {}
     for f in fields(obj):
         spec = spec_of(f)
@@ -308,6 +372,8 @@ class _Checker:
             return self.folder(data, key, path, required=spec.required,
                                must_exist=spec.must_exist)
         value = data.get(key, default)
+        if value is None and default is None and spec.kind != "flag":
+            return None  # an optional key left out
         if spec.kind in ("number", "integer"):
             kind = int if spec.kind == "integer" else (int, float)
             if isinstance(value, bool) or not isinstance(value, kind):
@@ -316,6 +382,9 @@ class _Checker:
                 return default
             if spec.minimum is not None and value < spec.minimum:
                 self.fail(where, f"must be at least {spec.minimum:g}, got {value}")
+                return default
+            if spec.maximum is not None and value > spec.maximum:
+                self.fail(where, f"must be at most {spec.maximum:g}, got {value}")
                 return default
             return value if spec.kind == "integer" else float(value)
         if spec.kind == "flag":
@@ -375,8 +444,8 @@ def _hint(key: str, path: str, allowed: set[str]) -> str:
     """' (did you mean ...?)': a close key here, or the section where this key belongs."""
     import difflib
 
-    homes = [prefix for prefix, cls in SECTIONS.items()
-             if key in keys_of(cls) and prefix.rstrip("[]") != path.split("[")[0]]
+    here = re.sub(r"\[\d+\]", "[]", path)
+    homes = [prefix for prefix, cls in SECTIONS.items() if key in keys_of(cls) and prefix != here]
     if key in keys_of(Config) and path:
         homes.insert(0, "the top level")
     if homes:
@@ -436,8 +505,14 @@ def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
 
+    from watchfolder.handoff import parse_hooks, parse_webhook  # it needs Secret from here
+
+    hooks, problems = parse_hooks(top.get("hooks"))
+    c.problems += problems
+    webhook, problems = parse_webhook(top.get("webhook"), base_dir=base_dir)
+    c.problems += problems
     config = c.section(
-        top, "", Config, checked=True,
+        top, "", Config, checked=True, hooks=hooks, webhook=webhook,
         inboxes=_read_inboxes(c, top.get("inboxes")),
         api=api,
         retry=c.section(top.get("retry"), "retry", RetryConfig),
@@ -507,7 +582,8 @@ def _read_inboxes(c: _Checker, raw: Any) -> tuple[InboxConfig, ...]:
         before = len(c.problems)
         c.mapping(item, p, keys_of(InboxConfig))
         values = {f.name: c.value(item, f.name, p, spec, f.default) for f in fields(InboxConfig)
-                  if (spec := spec_of(f)) is not None}
+                  if (spec := spec_of(f)) is not None and spec.kind != "special"}
+        values["outputs"] = _read_outputs(c, item.get("outputs"), p)
         inbox_path, recursive = values["path"], values["recursive"]
         for name in ("outbox", "errors", "archive"):
             dest = values[name]
@@ -525,6 +601,88 @@ def _read_inboxes(c: _Checker, raw: Any) -> tuple[InboxConfig, ...]:
         if len(c.problems) == before:
             inboxes.append(InboxConfig(**values))
     return tuple(inboxes)
+
+
+def _read_outputs(c: _Checker, raw: Any, inbox: str) -> tuple[OutputConfig, ...]:
+    """An inbox's `outputs:` list (none: one output in `output_format`)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        c.fail(f"{inbox}.outputs", "must be a non-empty list of outputs (or left out)")
+        return ()
+    outputs: list[OutputConfig] = []
+    names: dict[tuple[str, str, Path | None], int] = {}
+    for index, item in enumerate(raw):
+        p = f"{inbox}.outputs[{index}]"
+        data = c.mapping(item, p, keys_of(OutputConfig))
+        if not isinstance(item, dict):
+            continue
+        values = {f.name: c.value(data, f.name, p, spec, f.default)
+                  for f in fields(OutputConfig)
+                  if (spec := spec_of(f)) is not None and spec.kind != "special"}
+        name = c.text(data, "name", p) or "{dir}/{stem}.{ext}"
+        for _, token, _, _ in string.Formatter().parse(name):
+            if token is not None and token not in TOKENS:
+                c.fail(f"{p}.name", f"unknown token {{{token}}}; the tokens are "
+                                    + ", ".join(f"{{{t}}}" for t in TOKENS))
+        if name.startswith("/") or ".." in PurePosixPath(name).parts:
+            c.fail(f"{p}.name", "must stay below the outbox (no leading / and no ..)")
+        values["name"] = name
+        values["margin"] = _margin(c, data.get("margin"), f"{p}.margin")
+        values["size"] = _size(c, data.get("size"), f"{p}.size")
+        background = data.get("background")
+        values["background"] = _colour(c, background, f"{p}.background")
+        if values["format"] == "jpeg" and background is not None \
+                and values["background"] is None and not values["mask"]:
+            c.fail(f"{p}.background", "JPEG has no transparency: give a colour (the default "
+                                      "is white) or choose png, webp or tiff")
+        if values["format"] == "jpeg" and values["background"] is None:
+            values["background"] = COLOURS["white"]
+        if values["size"] is not None and values["max_size"] is not None:
+            c.fail(f"{p}.max_size", "set either size (an exact canvas) or max_size, not both")
+        key = (name, EXTENSIONS[values["format"]], values["outbox"])
+        if (key in names and "{ext}" in name) or (name, "", values["outbox"]) in names:
+            c.fail(f"{p}.name", f"always the same name as {inbox}.outputs[{names[key]}]: "
+                                f"give each output its own name (e.g. {{stem}}_web.{{ext}})")
+        names.setdefault(key, index)
+        if "{ext}" not in name:
+            names.setdefault((name, "", values["outbox"]), index)
+        outputs.append(OutputConfig(**values))
+    return tuple(outputs)
+
+
+def _margin(c: _Checker, raw: Any, where: str) -> str:
+    if raw is None:
+        return "0"
+    text = str(raw).strip()
+    if re.fullmatch(r"\d+", text) or re.fullmatch(r"\d+(\.\d+)?%", text):
+        return text
+    c.fail(where, f"must be pixels (20) or a percentage (5%), got {raw!r}")
+    return "0"
+
+
+def _size(c: _Checker, raw: Any, where: str) -> tuple[int, int] | None:
+    if raw is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(raw))
+    if match is None or 0 in (int(match[1]), int(match[2])):
+        c.fail(where, f"must be WIDTHxHEIGHT in pixels, e.g. 2000x2000; got {raw!r}")
+        return None
+    return int(match[1]), int(match[2])
+
+
+def _colour(c: _Checker, raw: Any, where: str) -> Colour | None:
+    if raw is None or raw == "transparent":
+        return None
+    text = str(raw).strip().lower()
+    if text in COLOURS:
+        return COLOURS[text]
+    match = re.fullmatch(r"#([0-9a-f]{6})", text)
+    if match is None:
+        c.fail(where, f"must be transparent, white, black or #rrggbb; got {raw!r}")
+        return None
+    value = int(match[1], 16)
+    return (value >> 16, (value >> 8) & 255, value & 255)
 
 
 def inline_key_readable_by_others(path: Path) -> bool:

@@ -26,6 +26,7 @@ from watchfolder import logs, status
 from watchfolder.client import ApiClient
 from watchfolder.config import Config, InboxConfig
 from watchfolder.errors import AccountError, ConfigError
+from watchfolder.handoff import HandOff
 from watchfolder.intake import Intake
 from watchfolder.jobqueue import Job
 from watchfolder.journal import FAILING, FETCHED, STORED, Journal
@@ -60,6 +61,7 @@ class Daemon:
         self.wake = Waker()
         self.reload_requested = False
         self.metrics: Metrics | None = None
+        self.handoff: HandOff | None = None
         self._lock: DaemonLock | None = None
         self._retired_clients: list[ApiClient] = []  # replaced by a reload, closed at stop
         self._watch_lost: dict[int, float] = {}  # inbox slot → when its watch was seen dead
@@ -88,6 +90,8 @@ class Daemon:
         if self.pipeline is not None:
             self.pipeline.stop()
             self.pipeline.join(self.config.shutdown_timeout_seconds)
+        if self.handoff is not None:
+            self.handoff.stop(0)
         if self.metrics is not None:
             self.metrics.close()
         if self.journal is not None:
@@ -112,6 +116,11 @@ class Daemon:
         self.pipeline = Pipeline(config, journal, self.client, limiter,
                                  release=self._release, on_account_problem=self._account_problem)
         self.pipeline.metrics = self.metrics
+        if config.hooks or config.webhook:
+            self.handoff = HandOff(config.state_dir, config.hooks, config.webhook,
+                                   withhold=[config.api.key])
+            self.handoff.start()
+            self.pipeline.handoff = self.handoff
         self.intake = Intake(config, journal, self.pipeline.submit,
                              on_idle=self.request_stop if self.once else None)
         resumed = self._resume(range(len(config.inboxes)), report_orphans=True)
@@ -224,6 +233,8 @@ class Daemon:
             found.append("a worker thread died")
         if not (self.intake and self.intake.alive()):
             found.append("the intake thread died")
+        if self.handoff is not None and not self.handoff.alive():
+            found.append("a hook or webhook thread died")
         watcher, intake = self.watcher, self.intake
         if watcher is not None and intake is not None:
             now = time.monotonic()
@@ -253,6 +264,8 @@ class Daemon:
             if not clean:
                 log.warning("stop.abandoned", in_flight=self.pipeline.in_flight,
                             hint="their files stay in the inbox and are sent again next start")
+        if self.handoff is not None:
+            self.handoff.stop(self.config.shutdown_timeout_seconds)
         if self.client is not None:
             self.client.close()
         for client in self._retired_clients:

@@ -824,3 +824,43 @@ def pending_deliveries(state_dir: Path) -> int:
         except sqlite3.OperationalError:  # created but no table yet
             return 0
     return int(count)
+
+
+class HandOff:
+    """The hooks and the webhook of one daemon, as the pipeline sees them."""
+
+    def __init__(self, state_dir: Path, hooks: HookSettings | None,
+                 webhook: WebhookSettings | None, *, withhold: Iterable[Secret] = ()) -> None:
+        secrets = [*withhold, *([webhook.secret] if webhook else [])]
+        self.hooks = HookRunner(hooks, withhold=secrets) if hooks else None
+        self.deliveries = DeliveryQueue(state_dir, webhook) if webhook else None
+
+    def start(self) -> None:
+        for part in (self.hooks, self.deliveries):
+            if part is not None:
+                part.start()
+
+    def announce(self, manifest_id: str, body: bytes) -> None:
+        """Queue the webhook's delivery durably (before the journal says the file is final)."""
+        if self.deliveries is not None:
+            self.deliveries.enqueue(manifest_id, body)
+
+    def run_hooks(self, manifest: Mapping[str, Any], manifest_path: Path | None,
+                  body: bytes) -> None:
+        if self.hooks is not None:
+            self.hooks.submit(manifest, manifest_path, body)
+
+    def alive(self) -> bool:
+        return all(part.alive() for part in (self.hooks, self.deliveries) if part is not None)
+
+    def stop(self, timeout: float) -> None:
+        """Stop both; running hooks get what is left of `timeout`, then are killed."""
+        deadline = time.monotonic() + timeout
+        for part in (self.hooks, self.deliveries):
+            if part is not None:
+                part.stop()
+        for part in (self.hooks, self.deliveries):
+            if part is not None:
+                part.join(max(0.0, deadline - time.monotonic()))
+        if self.deliveries is not None:
+            self.deliveries.close()

@@ -20,9 +20,15 @@ decoder, so HEIC (phones) is decoded by pillow-heif, whose wheel carries libheif
 
 from __future__ import annotations
 
+import atexit
+import functools
+import hashlib
 import io
 import math
 import mmap
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -58,6 +64,35 @@ pyvips.cache_set_max_files(0)
 _remove_vips_log_handler = getattr(pyvips, "_remove_log_handler", None)
 if _remove_vips_log_handler is not None:
     _remove_vips_log_handler()
+
+def vips_name(path: Path | str) -> str:
+    """A name libvips can open or write for `path`.
+
+    pyvips passes file names to libvips as UTF-8 and reads them back as UTF-8, so a name that
+    is not (from an old Windows or Mac client, a zip archive) is reached through a symbolic
+    link with a plain name, made once per path and kept for the life of the process.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return text
+    raw = os.fsencode(os.path.abspath(text))  # noqa: PTH100 - bytes in, bytes out, no resolving
+    suffix = Path(text).suffix if Path(text).suffix.isascii() else ""
+    alias = _aliases() / f"{hashlib.sha1(raw).hexdigest()}{suffix}"  # noqa: S324 - a name
+    if not os.path.lexists(alias):
+        os.symlink(raw, os.fsencode(alias))  # noqa: PTH211 - the target is bytes
+    return str(alias)
+
+
+@functools.cache
+def _aliases() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="watchfolder-names-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
 
 API_FORMATS = {"jpeg": ("image/jpeg", "jpg"), "png": ("image/png", "png"),
                "webp": ("image/webp", "webp")}
@@ -209,7 +244,7 @@ def _refuse_raw(name: str) -> None:
 def _header(path: Path) -> pyvips.Image:
     try:
         # Opening reads the header only; pixels are decoded when something asks for them.
-        return pyvips.Image.new_from_file(str(path), access="sequential", fail_on=FAIL_ON)
+        return pyvips.Image.new_from_file(vips_name(path), access="sequential", fail_on=FAIL_ON)
     except pyvips.Error as exc:
         raise InputRejected("corrupt", f"the image header is damaged: {_vips_message(exc)}; "
                                        f"export or copy it again") from None
@@ -389,7 +424,7 @@ def open_image(path: Path, source: Source, *, access: str = "sequential") -> pyv
     if source.format == "heic":
         return _decode_heic(path)
     try:
-        return pyvips.Image.new_from_file(str(path), access=access, fail_on=FAIL_ON)
+        return pyvips.Image.new_from_file(vips_name(path), access=access, fail_on=FAIL_ON)
     except pyvips.Error as exc:
         raise InputRejected("corrupt", f"the image cannot be read: {_vips_message(exc)}") \
             from None
@@ -436,7 +471,7 @@ def verify_decodes(path: Path, source: Source) -> None:
             _decode_heic(path)
             return
         options = {"shrink": 8} if source.format == "jpeg" else {}
-        image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on=FAIL_ON,
+        image = pyvips.Image.new_from_file(vips_name(path), access="sequential", fail_on=FAIL_ON,
                                            **options)
         image.avg()
     except pyvips.Error as exc:
@@ -482,7 +517,7 @@ def inspect_result(answer: Path | bytes, width: int, height: int) -> str:
             raise BadResult("the API answered 200 with an empty body", 200)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _inspect_answer(data, width, height, lambda: pyvips.Image.new_from_file(
-                str(path), access="sequential", fail_on=FAIL_ON))
+                vips_name(path), access="sequential", fail_on=FAIL_ON))
 
 
 def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,

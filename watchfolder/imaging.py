@@ -29,7 +29,7 @@ import pyvips
 from watchfolder import atomic
 from watchfolder import metadata as meta
 from watchfolder.errors import BadResult, InputRejected
-from watchfolder.images import FAIL_ON, MAX_BYTES, MAX_PIXELS, Source, open_image
+from watchfolder.images import FAIL_ON, MAX_BYTES, MAX_PIXELS, Source, open_image, vips_name
 from watchfolder.metadata import Metadata
 
 OUTPUT_FORMATS = ("png", "webp", "jpeg", "tiff")
@@ -128,7 +128,7 @@ def make_proxy(path: Path, source: Source, dest: Path, *, max_pixels: int = MAX_
 def _jpeg_writer(image: pyvips.Image, quality: int) -> Callable[[Path], None]:
     def write(temp: Path) -> None:
         # No metadata: the API gets pixels only (sRGB, untagged, upright).
-        image.jpegsave(str(temp), Q=quality, keep=0)
+        image.jpegsave(vips_name(temp), Q=quality, keep=0)
 
     return write
 
@@ -146,7 +146,7 @@ def _proxy_image(path: Path, source: Source, box: tuple[int, int]) -> pyvips.Ima
         else:
             # Shrink-on-load where the format has it (JPEG decodes at 1/2, 1/4, 1/8 scale);
             # the orientation is applied after shrinking, where it is cheap.
-            image = pyvips.Image.thumbnail(str(path), width, height=height, size="down",
+            image = pyvips.Image.thumbnail(vips_name(path), width, height=height, size="down",
                                            fail_on=FAIL_ON, **profile)
     except pyvips.Error as exc:
         raise _decode_error(exc) from None
@@ -217,7 +217,7 @@ def answer_alpha(answer: Path, width: int, height: int, *, sixteen: bool = False
     """The answer's alpha at `width` x `height` (uchar, or ushort when `sixteen`), scaled
     up with a bicubic interpolator and clipped to range; lazy and streaming."""
     try:
-        mask_source = pyvips.Image.new_from_file(str(answer), access="sequential",
+        mask_source = pyvips.Image.new_from_file(vips_name(answer), access="sequential",
                                                  fail_on=FAIL_ON)
     except pyvips.Error as exc:
         raise BadResult(f"the API's answer does not open: {exc}", 200) from None
@@ -317,7 +317,7 @@ def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, 
         image = _eight_bit(image)
 
     def save(temp: Path) -> None:
-        target = str(temp)
+        target = vips_name(temp)
         if fmt == "png":
             image.pngsave(target, compression=PNG_COMPRESSION, keep=_KEEP)
         elif fmt == "webp":

@@ -25,7 +25,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS files (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     route TEXT,
-    proxy TEXT
+    proxy TEXT,
+    outputs TEXT
 );
 CREATE INDEX IF NOT EXISTS files_by_path ON files (inbox, rel);
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state);
@@ -109,6 +110,7 @@ class FileRecord:
     updated: float = 0.0
     route: str | None = None  # "fast" (sent as it is) or "studio" (a proxy is sent)
     proxy: str | None = None  # the proxy in the spool, while it may still be sent
+    outputs: str | None = None  # JSON: [[path, sha256] or null, ...] by recipe position
 
 
 _COLUMNS = [f.name for f in fields(FileRecord)]
@@ -150,7 +152,7 @@ class Journal:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
-            for column in ("route", "proxy"):  # journals of 0.1
+            for column in ("route", "proxy", "outputs"):  # journals of 0.1
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
             if "t" not in {row[1] for row in self._db.execute("PRAGMA table_info(results)")}:
@@ -218,11 +220,11 @@ class Journal:
                           mtime_ns=mtime_ns, settings=settings, created=now, updated=now)
 
     def update(self, record: FileRecord, *, sent: bool = False,
-               remember: tuple[str, str, str] | None = None, **changes: Any) -> None:
+               remember: Sequence[tuple[str, str, str]] = (), **changes: Any) -> None:
         """Commit `changes` to the record, then apply them to the object.
 
         `sent` also journals a send time (the rate limit survives a restart); `remember`
-        (identity, path, sha256) records a result for reuse in the same transaction. The
+        ((identity, path, sha256), ...) records results for reuse in the same transaction. The
         object changes only once the commit succeeded, so memory and disk always agree.
         """
         changes["updated"] = time.time()
@@ -234,9 +236,9 @@ class Journal:
                                  _in((*changes.values(), record.id)))
                 if sent:
                     self._db.execute("INSERT INTO sends (t) VALUES (?)", (changes["updated"],))
-                if remember is not None:
-                    self._db.execute("INSERT OR REPLACE INTO results (identity, path, sha256, t)"
-                                     " VALUES (?, ?, ?, ?)", _in((*remember, time.time())))
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
+                    "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -24,7 +24,7 @@ import pyvips
 from PIL import ExifTags, Image, TiffImagePlugin
 
 from watchfolder import atomic, containers
-from watchfolder.images import describe_profile
+from watchfolder.images import describe_profile, vips_name
 
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
@@ -68,7 +68,7 @@ def read_metadata(path: Path) -> Metadata:
     path = Path(path)
     with path.open("rb") as handle:
         kind = containers.sniff(handle.read(containers.HEAD_BYTES)).kind
-    header = pyvips.Image.new_from_file(str(path))  # reads the header only
+    header = pyvips.Image.new_from_file(vips_name(path))  # reads the header only
     exif = _blob(header, "exif-data")
     if kind == "tiff":
         # libvips does not read a TIFF's EXIF (capture tags in IFD0, an EXIF sub-IFD).

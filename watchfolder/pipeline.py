@@ -36,11 +36,12 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -54,7 +55,7 @@ from PIL import Image
 
 from watchfolder import __version__, failpoints
 from watchfolder.client import ApiClient, ApiResult, max_result_bytes
-from watchfolder.config import Config, InboxConfig
+from watchfolder.config import EXTENSIONS, Config, InboxConfig, OutputConfig
 from watchfolder.errors import (
     AccountError,
     ApiError,
@@ -65,8 +66,8 @@ from watchfolder.errors import (
     RateLimited,
     Retryable,
 )
-from watchfolder.images import inspect_result, inspect_source, verify_decodes
-from watchfolder.imaging import EXTENSIONS, compose, make_proxy, write_output
+from watchfolder.images import inspect_result, inspect_source, verify_decodes, vips_name
+from watchfolder.imaging import Cutout, compose, cutout, make_proxy, write_output
 from watchfolder.jobqueue import Job, JobQueue, RequestSlots
 from watchfolder.journal import (
     DONE,
@@ -83,11 +84,19 @@ from watchfolder.journal import (
     Journal,
 )
 from watchfolder.logs import readable
+from watchfolder.manifest import (
+    OutputFacts,
+    SourceFacts,
+    build_manifest,
+    manifest_id,
+    manifest_json,
+)
 from watchfolder.metadata import carry_metadata, read_metadata
 from watchfolder.outbox import (
     NAME_MAX,
     REASON_SUFFIX,
     Destinations,
+    candidates,
     fsync_dir,
     move_into,
     same_file,
@@ -95,9 +104,11 @@ from watchfolder.outbox import (
     write_atomic,
 )
 from watchfolder.ratelimit import RateLimiter
+from watchfolder.recipes import Recipe, render
 from watchfolder.settle import Signature
 
 if TYPE_CHECKING:
+    from watchfolder.handoff import HandOff
     from watchfolder.metrics import Metrics
 
 log = structlog.get_logger("watchfolder")
@@ -113,7 +124,7 @@ class Advance:
     state: str
     changes: Mapping[str, Any] = field(default_factory=dict)
     sent: bool = False  # a request goes out: journal its send time too (the rate limit)
-    remember: tuple[str, str, str] | None = None  # (identity, result, sha256) for reuse
+    remember: Sequence[tuple[str, str, str]] = ()  # (identity, result, sha256) for reuse
     then: Callable[[], object] | None = None  # done once the transition is committed
 
 
@@ -228,6 +239,7 @@ class Pipeline:
         self.twins = Twins()
         self.stopping = threading.Event()
         self.metrics: Metrics | None = None  # set by the daemon when metrics are served
+        self.handoff: HandOff | None = None  # set by the daemon when hooks or a webhook are
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._format_warned: set[str] = set()
@@ -422,11 +434,9 @@ class Pipeline:
         seen = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                 "route": source.route}
         identity = work.job.identity = f"{sha}|{inbox.settings_key}"
-        earlier = self._earlier_result(identity)
+        earlier = self._earlier_results(identity, len(inbox.outputs) or 1)
         if earlier is not None:
-            path, result_sha = earlier
-            return Advance(FETCHED, {**seen, "reuse_from": path, "spool": None,
-                                     "result_sha": result_sha})
+            return Advance(FETCHED, {**seen, "reuse_from": json.dumps(earlier), "spool": None})
         if not self.twins.claim(identity, work.job):
             return Park(twin=True, changes=seen)
         if source.route == "fast":
@@ -500,11 +510,14 @@ class Pipeline:
         work.payload = payload
         return Advance(SENDING, changes, sent=True)
 
-    def _earlier_result(self, identity: str) -> tuple[str, str] | None:
-        """An outbox file made earlier for the same content and settings, still intact."""
-        found = self.journal.find_result(identity)
-        if found is None or _sha_or_none(Path(found[0])) != found[1]:
-            return None
+    def _earlier_results(self, identity: str, count: int) -> list[str] | None:
+        """The outputs made earlier for the same content and settings, if all are intact."""
+        found = []
+        for index in range(count):
+            entry = self.journal.find_result(_output_identity(identity, index))
+            if entry is None or _sha_or_none(Path(entry[0])) != entry[1]:
+                return None
+            found.append(entry[0])
         return found
 
     def _gone(self, work: Work, hint: str, **facts: Any) -> Advance:
@@ -524,7 +537,7 @@ class Pipeline:
         # The studio path composes from the answer's alpha: it asks for PNG; so does a TIFF
         # output, made locally.
         asked = "png" if record.route == "studio" or inbox.output_format == "tiff" \
-            else inbox.output_format
+            or inbox.outputs else inbox.output_format
         part = self.journal.spool_dir / f".{record.id}.part"
         try:
             result = self._call_api(
@@ -641,70 +654,107 @@ class Pipeline:
     # -- step: fetched → stored ---------------------------------------------------------------
 
     def _store(self, work: Work) -> Outcome:
-        """Make the result from the answer (spooled, or an earlier identical result) and put
-        it in the outbox."""
+        """Make every output of the recipe from the one answer (spooled, or earlier identical
+        results) and put each in its outbox; each is journaled, so after a crash only the
+        missing ones are made, none twice."""
         record, inbox = work.record, work.inbox
-        answer = Path(record.spool or record.reuse_from or "")
-        chosen = Path(record.result) if record.result else None
-
-        def ours(path: Path) -> bool:
-            return _sha_or_none(path) == record.result_sha
-
-        if chosen is not None and os.path.lexists(chosen) and ours(chosen):
-            placed, sha = chosen, record.result_sha or ""  # placed before a crash
-        elif not answer.is_file():
-            # The spool or the reused result vanished (cleaned up by hand): ask again.
-            return Advance(QUEUED, {"spool": None, "reuse_from": None, "result": None})
-        else:
-            maker = self._result_maker(work, answer)
+        reused = _reused(record.reuse_from)
+        answer = Path(record.spool or (reused[0] if reused else ""))
+        count = len(inbox.outputs) or 1
+        placed: list[list[str] | None] = json.loads(record.outputs or "null") or [None] * count
+        done = [entry is not None and _sha_or_none(Path(entry[0])) == entry[1]
+                for entry in placed]
+        if not all(done) and not (answer.is_file() and all(Path(r).is_file() for r in reused)):
+            # The spool or the reused results vanished (cleaned up by hand): ask again.
+            return Advance(QUEUED, {"spool": None, "reuse_from": None, "outputs": None})
+        for index in range(count):
+            if done[index]:
+                continue  # placed before a crash
+            maker = self._output_maker(work, answer, index, reused)
             if isinstance(maker, Park):
                 return maker
-            produce, ext, need = maker
-            rel = PurePosixPath(work.job.rel)
-            target = inbox.outbox.joinpath(*rel.parent.parts, f"{rel.stem}.{ext}")
+            produce, root, target, need = maker
+            entry = placed[index]
+
+            def claim(name: Path, digest: str, index: int = index) -> None:
+                placed[index] = [str(name), digest]
+                first = placed[0]
+                self.journal.update(record, outputs=json.dumps(placed),
+                                    result=first[0] if first else None,
+                                    result_sha=first[1] if first else None)
+
+            def ours(name: Path, entry: list[str] | None = entry) -> bool:
+                return entry is not None and _sha_or_none(name) == entry[1]
+
             try:
-                placed, sha = self.destinations.place_new(
-                    inbox.outbox, "outbox", target, chosen, produce=produce, ours=ours,
-                    claim=lambda name, digest: self.journal.update(
-                        record, result=str(name), result_sha=digest), need=need)
+                path, sha = self.destinations.place_new(
+                    root, "outbox", target, Path(entry[0]) if entry else None,
+                    produce=produce, claim=claim, ours=ours, need=need)
             except InputRejected as exc:  # the original no longer decodes, or too large
                 return failing(exc.reason, exc.message)         # for the asked format
+            placed[index] = [str(path), sha]
             failpoints.hit("result-placed")
         spool = Path(record.spool) if record.spool else None
+        identity = f"{record.sha256}|{record.settings}"
         # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
         # the next start removes, never a reference that keeps it forever.
         return Advance(STORED, {"spool": None},
-                       remember=(f"{record.sha256}|{record.settings}", str(placed), sha),
+                       remember=[(_output_identity(identity, index), entry[0], entry[1])
+                                 for index, entry in enumerate(placed) if entry],
                        then=None if spool is None else lambda: spool.unlink(missing_ok=True))
 
-    def _result_maker(self, work: Work, answer: Path
-                      ) -> tuple[Callable[[Path], object], str, int] | Park:
-        """How to write the result: (write it to a path, its extension, bytes it needs).
+    def _output_maker(self, work: Work, answer: Path, index: int, reused: list[str]
+                      ) -> tuple[Callable[[Path], object], Path, Path, int] | Park:
+        """How to make output `index`: (write it to a path, its outbox, its path, bytes).
 
-        A reused result is copied. On the fast path the answer is the result, with the
-        original's metadata added (its pixels untouched). The studio path, and TIFF output,
-        encode locally: on the local lane.
+        A reused result is copied. With no recipe, on the fast path the answer is the result,
+        with the original's metadata added (its pixels untouched). The studio path, TIFF
+        output and recipes encode locally, on the local lane.
         """
         record, inbox, src = work.record, work.inbox, work.src
+        spec = inbox.outputs[index] if inbox.outputs else None
         size = answer.stat().st_size
-        if record.reuse_from:
-            return partial(shutil.copyfile, answer), answer.suffix[1:], size
-        heavy = record.route == "studio" or inbox.output_format == "tiff"
+
+        def where(ext: str) -> tuple[Path, Path]:
+            root = (spec.outbox if spec else None) or inbox.outbox
+            rel = (spec or DEFAULT_OUTPUT).path(
+                work.job.rel, ext, inbox=inbox.path.name, sha256=record.sha256 or "",
+                date=datetime.now().strftime("%Y-%m-%d"))
+            return root, root / rel
+
+        if reused:
+            earlier = Path(reused[index])
+            return (partial(shutil.copyfile, earlier), *where(earlier.suffix[1:]),
+                    earlier.stat().st_size)
+        fmt = spec.format if spec else inbox.output_format
+        heavy = record.route == "studio" or fmt == "tiff" or spec is not None
         if heavy and work.lane != LOCAL:
             return Park(lane=LOCAL)
         if not self._unchanged(work):
             log.warning("file.changed", **work.log_fields(),
                         hint="the original changed or vanished after it was sent: the result "
                              "is the API's answer as it is")
-            return partial(shutil.copyfile, answer), answer.suffix[1:], size
+            return partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size
+        if spec is not None:
+            cut = self._cutout(work, answer)
+            return (partial(_render, cut, spec), *where(spec.ext),
+                    2 * record.size + 8 * cut.image.width * cut.image.height)
         if record.route == "studio":
-            fmt = inbox.output_format
             source = inspect_source(src, studio=True, verify=False)
-            return (partial(compose, src, source, answer, fmt=fmt), EXTENSIONS[fmt],
+            return (partial(compose, src, source, answer, fmt=fmt), *where(EXTENSIONS[fmt]),
                     2 * record.size + 4 * source.width * source.height)
-        if inbox.output_format == "tiff":
-            return partial(_answer_as_tiff, answer, src), "tif", 4 * size
-        return partial(carry_metadata, answer, src), answer.suffix[1:], 2 * size
+        if fmt == "tiff":
+            return partial(_answer_as_tiff, answer, src), *where("tif"), 4 * size
+        return partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size
+
+    def _cutout(self, work: Work, answer: Path) -> Cutout:
+        """The full-resolution cut-out (studio path), or the answer with the original's
+        metadata (fast path), for the recipe's steps."""
+        if work.record.route == "studio":
+            source = inspect_source(work.src, studio=True, verify=False)
+            return cutout(work.src, source, answer)
+        image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
+        return Cutout(image, replace(read_metadata(work.src), icc=None), answer)
 
     @staticmethod
     def _unchanged(work: Work) -> bool:
@@ -720,13 +770,14 @@ class Pipeline:
     def _finish(self, work: Work) -> Outcome:
         """Move the original to the archive (or leave it in place, remembered as done)."""
         record, archive, src = work.record, work.inbox.archive, work.src
+        changes: dict[str, Any] = {}
         if os.path.lexists(src) and self._replaced(work):
             log.warning("file.changed", **work.log_fields(),
                         hint="replaced while processing; the new version is processed next")
             # Done for the content that was sent; the new content under this name is new work
             # (size -1: no signature of a kept file matches it, now or after a restart).
-            return Advance(DONE, {"size": -1})
-        if archive is not None and os.path.lexists(src):
+            changes["size"] = -1
+        elif archive is not None and os.path.lexists(src):
             chosen = Path(record.archive) if record.archive else None
             self.destinations.place(
                 archive, "archive", archive / work.job.rel, chosen,
@@ -734,7 +785,68 @@ class Pipeline:
                 claim=lambda name: self.journal.update(record, archive=str(name)),
                 put=lambda name: move_into(src, name))
             failpoints.hit("archived")
-        return Advance(DONE)
+        return Advance(DONE, changes, then=self._hand_off(work, "done"))
+
+    def _hand_off(self, work: Work, event: str) -> Callable[[], object] | None:
+        """Tell the next tool: the manifest file and the done marker (done files, when the
+        inbox asks for them), the webhook (queued durably, before the journal says final);
+        returns the hooks' start, for once the final state is journaled."""
+        inbox, handoff = work.inbox, self.handoff
+        wanted = event == "done" and (inbox.manifest or inbox.done_marker)
+        if not wanted and handoff is None:
+            return None
+        manifest = self._manifest(work, event)
+        body = manifest_json(manifest)
+        manifest_path = None
+        if event == "done" and inbox.manifest:
+            manifest_path = self._sidecar(work, ".json", body, manifest["id"])
+        if event == "done" and inbox.done_marker:
+            self._sidecar(work, ".done", f"{manifest['id']}\n".encode(), manifest["id"])
+            failpoints.hit("marked")
+        if handoff is None:
+            return None
+        handoff.announce(manifest["id"], body)
+        return partial(handoff.run_hooks, manifest, manifest_path, body)
+
+    def _manifest(self, work: Work, event: str) -> dict[str, Any]:
+        record = work.record
+        outputs = []
+        for entry in json.loads(record.outputs or "[]") if event == "done" else []:
+            fmt, width, height = _image_facts(Path(entry[0]))
+            outputs.append(OutputFacts(entry[0], fmt or Path(entry[0]).suffix[1:], width or 0,
+                                       height or 0, entry[1]))
+        original = next((Path(p) for p in (record.archive, str(work.src), record.error_path)
+                         if p and os.path.lexists(p)), work.src)
+        _, width, height = _image_facts(original, upright=True)
+        spent = 0 if record.reuse_from or not record.result_sha else 1
+        return build_manifest(
+            manifest_id=manifest_id(record.inbox, record.rel, record.id, record.created),
+            event=event,
+            source=SourceFacts(path=str(work.src), inbox=record.inbox,
+                               moved_to=record.archive or record.error_path,
+                               sha256=record.sha256, width=width, height=height),
+            outputs=outputs, credits_spent=spent, credits_remaining=record.credits,
+            finished_at=datetime.now().astimezone(),
+            reason=record.reason if event == "failed" else None,
+            message=record.message if event == "failed" else None)
+
+    def _sidecar(self, work: Work, suffix: str, data: bytes, manifest_id: str) -> Path:
+        """`<outbox>/<dir>/<stem><suffix>`, with the `-N` of the file's first output; an
+        earlier file of ours there is replaced, anybody else's never."""
+        record, inbox = work.record, work.inbox
+        rel = PurePosixPath(work.job.rel)
+        first = json.loads(record.outputs or "[]")[0][0]
+        intended = inbox.outbox / (inbox.outputs[0] if inbox.outputs else DEFAULT_OUTPUT).path(
+            work.job.rel, Path(first).suffix[1:], inbox=inbox.path.name,
+            sha256=record.sha256 or "", date=datetime.now().strftime("%Y-%m-%d"))
+        taken = re.fullmatch(re.escape(Path(intended).stem) + r"(-\d+)", Path(first).stem)
+        target = inbox.outbox.joinpath(*rel.parent.parts,
+                                       f"{rel.stem}{taken[1] if taken else ''}{suffix}")
+        for candidate in candidates(target):
+            if not os.path.lexists(candidate) or manifest_id.encode() in _head(candidate):
+                self.destinations.guard(inbox.outbox, write_atomic, data, candidate)
+                return candidate
+        raise AssertionError("candidates() never ends")  # pragma: no cover
 
     @staticmethod
     def _replaced(work: Work) -> bool:
@@ -770,7 +882,7 @@ class Pipeline:
         self.destinations.guard(inbox.errors, write_atomic, _reason(record, src, placed),
                                 Path(f"{placed}{REASON_SUFFIX}"))
         failpoints.hit("reason-written")
-        return Advance(FAILED)
+        return Advance(FAILED, then=self._hand_off(work, "failed"))
 
     # -- bugs ---------------------------------------------------------------------------------
 
@@ -846,15 +958,66 @@ def _inside(root: Path, folder: Path) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+DEFAULT_OUTPUT = OutputConfig()
+
+
+def _render(cut: Cutout, spec: OutputConfig, dest: Path) -> None:
+    """One output of a recipe, written to `dest`."""
+    image = render(cut, Recipe(
+        crop_to_subject=spec.crop == "subject", margin_pixels=spec.margin_pixels(),
+        margin_percent=spec.margin_percent(), size=spec.size, position=spec.position,
+        max_size=spec.max_size, background=spec.background, mask=spec.mask))
+    if spec.dpi:
+        image = image.copy(xres=spec.dpi / 25.4, yres=spec.dpi / 25.4)
+    write_output(image, spec.format, dest, cut.metadata, quality=spec.quality)
+
+
+def _output_identity(identity: str, index: int) -> str:
+    """A result's key for reuse: the content and settings, and which output of the recipe."""
+    return identity if index == 0 else f"{identity}#{index}"
+
+
+def _reused(reuse_from: str | None) -> list[str]:
+    """The earlier results a record reuses (0.1 journaled one path, not a JSON list)."""
+    if not reuse_from:
+        return []
+    return json.loads(reuse_from) if reuse_from.startswith("[") else [reuse_from]
+
+
 def _answer_as_tiff(answer: Path, original: Path, dest: Path) -> None:
     """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
-    image = pyvips.Image.new_from_file(str(answer), access="sequential")
+    image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
     write_output(image, "tiff", dest, replace(read_metadata(original), icc=None))
 
 
 def _sendable(name: str) -> str:
     """The name for the request's multipart header, which must be UTF-8."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _image_facts(path: Path, *, upright: bool = False) -> tuple[str | None, int | None,
+                                                                 int | None]:
+    """(format, width, height) from an image's header; Nones when it cannot be read."""
+    try:
+        header = pyvips.Image.new_from_file(vips_name(path))
+    except pyvips.Error:
+        return None, None, None
+    loader = str(header.get("vips-loader")) if header.get_typeof("vips-loader") else ""
+    fmt = next((name for name in ("png", "webp", "jpeg", "tiff", "heif") if name in loader),
+               None)
+    width, height = header.width, header.height
+    if upright and header.get_typeof("orientation") and header.get("orientation") in (5, 6, 7,
+                                                                                        8):
+        width, height = height, width
+    return fmt, width, height
+
+
+def _head(path: Path, size: int = 4096) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
 
 
 def _moved(src: Path, dest: Path) -> bool:

@@ -74,7 +74,7 @@ def _rebuild(journal: Journal, inbox: InboxConfig) -> list[str]:
             identity = f"{sha256_file(path)}|{inbox.settings_key}"
             record = journal.create(str(inbox.path), rel, 0, 0, inbox.settings_key)
             journal.update(record, state=DONE, archive=str(path), result=str(result),
-                           remember=(identity, str(result), sha256_file(result)))
+                           remember=[(identity, str(result), sha256_file(result))])
             reusable += 1
     return [f"{inbox.path}: {kept} file(s) kept in place recorded as done, {reusable} "
             f"archived result(s) recorded for reuse"]
