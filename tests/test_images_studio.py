@@ -5,6 +5,7 @@ path's metadata added to an answer without touching its image data."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 from pathlib import Path
 
@@ -14,7 +15,14 @@ import pyvips
 from PIL import Image, ImageCms, ImageOps
 
 from watchfolder import containers, imaging
-from watchfolder.images import MAX_BYTES, MAX_PIXELS, Source, inspect_result, inspect_source
+from watchfolder.images import (
+    MAX_BYTES,
+    MAX_PIXELS,
+    Source,
+    inspect_result,
+    inspect_source,
+    vips_name,
+)
 from watchfolder.imaging import Output, Proxy, compose, cutout, make_proxy, write_output
 from watchfolder.metadata import carry_metadata, read_metadata
 from watchfolder.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg, studio_image
@@ -38,7 +46,7 @@ def vips_of(image: Image.Image) -> pyvips.Image:
 
 
 def read(path: Path) -> pyvips.Image:
-    return pyvips.Image.new_from_file(str(path))
+    return pyvips.Image.new_from_file(vips_name(path))  # libvips takes names as UTF-8 only
 
 
 def blob(image: pyvips.Image, name: str) -> bytes | None:
@@ -487,3 +495,36 @@ def test_thread_knob() -> None:
     finally:
         imaging.configure()
     assert pyvips.concurrency_get() == imaging.default_threads()
+
+
+def test_fast_path_never_claims_a_profile_the_answer_is_not_in(tmp_path: Path) -> None:
+    # With the studio path off an Adobe RGB JPEG goes as it is; the API answers sRGB pixels.
+    original = tagged_jpeg(tmp_path / "adobe.jpg", adobe_rgb_profile())
+    assert inspect_source(original, studio=False).route == "fast"
+    answer = tmp_path / "answer.png"
+    with Image.open(original) as image:
+        remove_backdrop(image).save(answer, icc_profile=None)  # the API's pixels: untagged
+    carry_metadata(answer, original, tmp_path / "result.png")
+    out = read(tmp_path / "result.png")
+    assert blob(out, "icc-profile-data") is None
+    assert XMP in (blob(out, "xmp-data") or b"")
+
+
+@pytest.mark.parametrize("kind", ["tiff", "heic", "jpeg"])
+def test_names_that_are_not_utf8(tmp_path: Path, kind: str) -> None:
+    # libvips takes names as UTF-8; an old Mac client writes Latin-1 (caf\xe9).
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    folder.mkdir()
+    original = folder / os.fsdecode(b"\xff\xfe photo")
+    if kind == "tiff":
+        original.write_bytes(adobe_rgb_tiff(300, 200))
+    elif kind == "heic":
+        pillow_heif.from_pillow(shot(300, 200)).save(str(original))
+    else:
+        original.write_bytes(camera_jpeg(300, 200, orientation=6))
+    _, proxy, answer, outputs = run(folder, original, "png", "jpeg", "webp", "tiff")
+    assert [o.path.parent for o in outputs] == [folder] * 4
+    assert all((o.width, o.height) == (300, 200) for o in outputs)
+    assert inspect_result(answer, proxy.width, proxy.height) == "png"
+    carry_metadata(answer, original, folder / os.fsdecode(b"r\xe9sult.png"))
+    assert read_metadata(folder / os.fsdecode(b"r\xe9sult.png")) is not None

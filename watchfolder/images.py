@@ -315,28 +315,36 @@ def _refuse_for_api(source: Source, problems: list[tuple[str, str]]) -> None:
 
 
 def _profile(header: pyvips.Image) -> tuple[bytes | None, bool, str | None]:
-    """The embedded ICC profile, whether it is sRGB, and its description.
-
-    sRGB is recognised by its colorants (the description varies between vendors); a
-    profile lcms cannot read is ignored, as a viewer would.
-    """
+    """The embedded ICC profile, whether it is sRGB, and its description; a profile lcms
+    cannot read is ignored, as a viewer would."""
     if not header.get_typeof("icc-profile-data"):
         return None, True, None
     icc = bytes(header.get("icc-profile-data"))
+    described = describe_profile(icc)
+    if described is None:
+        return None, True, None
+    return icc, *described
+
+
+def describe_profile(icc: bytes) -> tuple[bool, str | None] | None:
+    """(is it sRGB, its description) for an ICC profile; None if lcms cannot read it.
+
+    sRGB is recognised by its colorants, since descriptions vary between vendors.
+    """
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile
     except (OSError, ImageCms.PyCMSError, ValueError):
-        return None, True, None
+        return None
     name = (profile.profile_description or "").strip() or None
     if profile.xcolor_space.strip() != "RGB":
-        return icc, False, name
+        return False, name
     colorants = [c[0] for c in (profile.red_colorant, profile.green_colorant,
                                 profile.blue_colorant) if c is not None]
     if len(colorants) != 3:  # a table-based profile: trust the name
-        return icc, "srgb" in (name or "").lower(), name
+        return "srgb" in (name or "").lower(), name
     srgb = all(math.dist(c, want) < 0.005
                for c, want in zip(colorants, _SRGB_COLORANTS, strict=True))
-    return icc, srgb, name
+    return srgb, name
 
 
 # --------------------------------------------------------------------------- raw detection

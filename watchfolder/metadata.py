@@ -24,7 +24,7 @@ import pyvips
 from PIL import ExifTags, Image, TiffImagePlugin
 
 from watchfolder import atomic, containers
-from watchfolder.images import vips_name
+from watchfolder.images import describe_profile, vips_name
 
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
@@ -248,15 +248,17 @@ def _append_at_even(handle: BinaryIO) -> int:
 # --------------------------------------------------------------------------- fast path
 
 
-def carry_metadata(answer: Path, original: Path, dest: Path, *, icc: bool = True) -> None:
+def carry_metadata(answer: Path, original: Path, dest: Path) -> None:
     """Write `answer` to `dest` with the original's EXIF, XMP (and IPTC, ICC) added.
 
     The answer's image data (IDAT, VP8/VP8L/ALPH, JPEG scans) is copied byte for byte. The
-    ICC profile is only added when `icc` is true: on the fast path the original is untagged
-    or sRGB, and the API's pixels are sRGB. Written beside `dest` and renamed into place.
+    original's ICC profile is added only if it is sRGB: the API's pixels are sRGB, and a
+    file with another profile that went fast anyway (studio path off) must not claim it.
+    Written beside `dest` and renamed into place. Raises ValueError if `answer` is not a
+    PNG, WEBP or JPEG.
     """
     metadata = read_metadata(original)
-    if not icc:
+    if metadata.icc is not None and not (describe_profile(metadata.icc) or (False, ""))[0]:
         metadata = replace(metadata, icc=None)
     answer = Path(answer)
     with answer.open("rb") as handle, \
