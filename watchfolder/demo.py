@@ -65,6 +65,7 @@ class _Progress:
         self.manifest = manifest
         self.done: list[str] = []
         self.failed: dict[str, str] = {}
+        self.studio: dict[str, str] = {}  # file → why it went by the studio path
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
 
@@ -78,8 +79,16 @@ class _Progress:
 
     def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> Any:
         name = event.get("event")
-        if name == "file.done":
+        if name == "file.proxy":
+            with self.lock:
+                self.studio[event["file"]] = f"{event.get('why')}: a {event.get('proxy')} " \
+                                             f"proxy was sent"
+        elif name == "file.done":
             note = " (same content as before: reused, no request)" if event.get("reused") else ""
+            with self.lock:
+                why = self.studio.get(event["file"])
+            if why:
+                note += f"\n            studio path, full resolution ({why})"
             print(f"  done    {event['file']}  ->  {self._rel(event.get('result'))}"
                   f"  ({event.get('ms', 0) / 1000:.1f} s){note}", flush=True)
             self._made(event["file"], event.get("result"), event.get("archived"))
@@ -291,7 +300,7 @@ def _drop_samples(folder: Path, manifest: Manifest) -> set[str]:
     file of the user's under a sample's name stops the demo (after nothing was touched)."""
     inbox = folder / "inbox"
     with tempfile.TemporaryDirectory(dir=folder, prefix=".samples-") as staging:
-        paths = samples.write_samples(Path(staging))
+        paths = samples.write_samples(Path(staging), studio=True)
         names = {p.name for p in paths}
         manifest.samples = names
         taken = [p.name for p in paths if os.path.lexists(inbox / p.name)
@@ -328,5 +337,10 @@ def _summary(folder: Path, progress: _Progress, names: Iterable[str]) -> None:
         yours_failed = set(progress.failed) - set(names)
     if yours_done or yours_failed:
         print(f"your files       {len(yours_done)} done, {len(yours_failed)} failed")
+    with progress.lock:
+        studio = sorted(progress.studio)
+    if studio:
+        print(f"studio path      {', '.join(studio)}: the API got a proxy, the cut-out is "
+              f"full size from the original's own pixels")
     if sys.stdout.isatty():
         print("Open the outbox PNGs in an image viewer: the backdrops are transparent.")
