@@ -156,6 +156,18 @@ def _load(args: argparse.Namespace) -> Config | None:
         return None
 
 
+def _load_for_tools(args: argparse.Namespace) -> Config | None:
+    """The configuration without the API key, for status, requeue and reset-journal: they
+    never use it, and whoever runs them usually cannot read it. Their logs go to stderr
+    (stdout is the command's answer)."""
+    logs.configure(None, "warning")
+    try:
+        return load_config(args.config, read_key=False)
+    except ConfigError as exc:
+        _print_problems(args.config, exc.problems)
+        return None
+
+
 def _print_problems(path: Path, problems: list[str], *, hint: bool = True) -> None:
     noun = "problem" if len(problems) == 1 else "problems"
     print(f"watchfolder: {path}: {len(problems)} configuration {noun}:", file=sys.stderr)
@@ -249,11 +261,8 @@ def _reload(args: argparse.Namespace, daemon: Daemon) -> bool:
 
 
 def cmd_reset_journal(args: argparse.Namespace) -> int:
-    logs.configure(None, "warning")  # stderr: stdout is the command's answer
-    try:
-        config = load_config(args.config, read_key=False)
-    except ConfigError as exc:
-        _print_problems(args.config, exc.problems)
+    config = _load_for_tools(args)
+    if config is None:
         return EXIT_USAGE
     try:
         lines = reset_journal(config)
@@ -267,11 +276,8 @@ def cmd_reset_journal(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    logs.configure(None, "warning")  # stderr: stdout is the command's answer
-    try:
-        config = load_config(args.config, read_key=False)
-    except ConfigError as exc:
-        _print_problems(args.config, exc.problems)
+    config = _load_for_tools(args)
+    if config is None:
         return EXIT_USAGE
     try:
         report = status.collect(config)
@@ -283,11 +289,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    logs.configure(None, "warning")  # stderr: stdout is the command's answer
-    try:
-        config = load_config(args.config, read_key=False)
-    except ConfigError as exc:
-        _print_problems(args.config, exc.problems)
+    config = _load_for_tools(args)
+    if config is None:
         return EXIT_USAGE
     outcomes = requeue(config, args.paths, dry_run=args.dry_run)
     for line in report(outcomes, dry_run=args.dry_run, config=args.config):

@@ -84,6 +84,7 @@ from watchfolder import __version__, logs
 from watchfolder.config import Secret
 from watchfolder.errors import WatchfolderError
 from watchfolder.manifest import manifest_json
+from watchfolder.ratelimit import backoff
 
 log = structlog.get_logger("watchfolder")
 
@@ -316,7 +317,7 @@ def _display_url(url: str) -> str:
 def backoff_delay(attempt: int, first: float, cap: float, rand: Callable[[], float]) -> float:
     """Seconds to wait after failed try number `attempt` (1-based): `first` doubled per try,
     capped at `cap`, then jittered into its upper half so that retries spread out."""
-    ceiling = min(cap, first * 2.0 ** min(attempt - 1, 60))
+    ceiling = backoff(min(attempt, 60), first, cap)
     return ceiling * (0.5 + 0.5 * rand())
 
 
