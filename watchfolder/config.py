@@ -17,15 +17,14 @@ import stat
 import string
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import platformdirs
 import yaml
 
 from watchfolder.errors import ConfigError
-
-if TYPE_CHECKING:
-    from watchfolder.handoff import HookSettings, WebhookSettings
+from watchfolder.handoff import HookSettings, WebhookSettings, parse_hooks, parse_webhook
+from watchfolder.secret import Secret
 
 DEFAULT_URL = "https://clipdrop-api.co/remove-background/v1"
 # output_format → what the API is asked for (the Accept header); TIFF is made locally from a PNG
@@ -35,32 +34,6 @@ TRANSPARENCY_MODES = ("return_input_if_non_opaque", "discard_alpha_layer")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CREDENTIAL_NAME = "clipdrop-api-key"
-
-
-class Secret:
-    """A string that never shows itself in repr, str, logs or tracebacks."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('***')" if self._value else "Secret('')"
-
-    __str__ = __repr__
 
 
 # -- the table: every key, its default, type, bounds and redaction, stated once ------------------
@@ -504,8 +477,6 @@ def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
     state_dir = default_state_dir() if not state_raw else Path(state_raw).expanduser()
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
-
-    from watchfolder.handoff import parse_hooks, parse_webhook  # it needs Secret from here
 
     hooks, problems = parse_hooks(top.get("hooks"))
     c.problems += problems

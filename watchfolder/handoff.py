@@ -81,10 +81,10 @@ import requests
 import structlog
 
 from watchfolder import __version__, logs
-from watchfolder.config import Secret
 from watchfolder.errors import WatchfolderError
 from watchfolder.manifest import manifest_json
 from watchfolder.ratelimit import backoff
+from watchfolder.secret import Secret
 
 log = structlog.get_logger("watchfolder")
 
