@@ -53,6 +53,7 @@ def test_demo_run_again_keeps_every_file_of_the_users(tmp_path: Path) -> None:
     # (the edited cut-out's name was taken, so the new one sits beside it).
     outbox = sorted(p.name for p in (folder / "outbox").iterdir())
     assert outbox == sorted(["blue-box on grey.png", "mine.png", "notes.txt",
+                             "camera-sideways.png", "retouch-adobe-rgb-16bit.png",
                              "orange-bottle on green.png", "purple-pair on grey.png",
                              "red-mug on white.png", "red-mug on white-1.png",
                              "teal-ball on white.png"])
