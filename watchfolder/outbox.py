@@ -129,6 +129,14 @@ def write_atomic(data: bytes, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
+def _head(path: Path, size: int = 4096) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -300,6 +308,17 @@ class Destinations:
             temp.unlink(missing_ok=True)
         self.guard(root, fsync_dir, placed.parent)
         return placed, sha
+
+    def replace_own(self, root: Path, target: Path, data: bytes, owner: bytes) -> Path:
+        """Write `data` at `target` (a sidecar: a manifest, a marker), replacing an earlier
+        file of ours (whose first 4 KiB hold `owner`), never anybody else's: theirs pushes
+        ours to `-1`, `-2`, ..."""
+        target = self.folder_for(root, "outbox", target)
+        for candidate in candidates(target):
+            if not os.path.lexists(candidate) or owner in _head(candidate):
+                self.guard(root, write_atomic, data, candidate)
+                return candidate
+        raise AssertionError("candidates() never ends")  # pragma: no cover
 
     def folder_for(self, root: Path, name: str, target: Path, need: int = 0) -> Path:
         """`target` with its folder made below `root` (checked, with `need` bytes free)."""

@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import stat
 import threading
 import time
@@ -84,17 +83,12 @@ from watchfolder.journal import (
 )
 from watchfolder.logs import readable
 from watchfolder.manifest import (
-    OutputFacts,
-    SourceFacts,
-    build_manifest,
-    manifest_id,
     manifest_json,
 )
 from watchfolder.outbox import (
     NAME_MAX,
     REASON_SUFFIX,
     Destinations,
-    candidates,
     fsync_dir,
     move_into,
     same_file,
@@ -767,59 +761,23 @@ class Pipeline:
         wanted = event == "done" and (inbox.manifest or inbox.done_marker)
         if not wanted and handoff is None:
             return None
-        manifest = self._manifest(work, event)
+        manifest = results.manifest_for(work.record, work.src, event)
         body = manifest_json(manifest)
+        owner = manifest["id"].encode()
         manifest_path = None
         if event == "done" and inbox.manifest:
-            manifest_path = self._sidecar(work, ".json", body, manifest["id"])
+            manifest_path = self.destinations.replace_own(
+                inbox.outbox, results.sidecar(work.record, inbox, work.job.rel, ".json"), body,
+                owner)
         if event == "done" and inbox.done_marker:
-            self._sidecar(work, ".done", f"{manifest['id']}\n".encode(), manifest["id"])
+            self.destinations.replace_own(
+                inbox.outbox, results.sidecar(work.record, inbox, work.job.rel, ".done"),
+                owner + b"\n", owner)
             failpoints.hit("marked")
         if handoff is None:
             return None
         handoff.announce(manifest["id"], body)
         return partial(handoff.run_hooks, manifest, manifest_path, body)
-
-    def _manifest(self, work: Work, event: str) -> dict[str, Any]:
-        record = work.record
-        outputs = []
-        for entry in json.loads(record.outputs or "[]") if event == "done" else []:
-            fmt, width, height = results.image_facts(Path(entry[0]))
-            outputs.append(OutputFacts(entry[0], fmt or Path(entry[0]).suffix[1:], width or 0,
-                                       height or 0, entry[1]))
-        original = next((Path(p) for p in (record.archive, str(work.src), record.error_path)
-                         if p and os.path.lexists(p)), work.src)
-        _, width, height = results.image_facts(original, upright=True)
-        spent = 0 if record.reuse_from or not record.result_sha else 1
-        return build_manifest(
-            manifest_id=manifest_id(record.inbox, record.rel, record.id, record.created),
-            event=event,
-            source=SourceFacts(path=str(work.src), inbox=record.inbox,
-                               moved_to=record.archive or record.error_path,
-                               sha256=record.sha256, width=width, height=height),
-            outputs=outputs, credits_spent=spent, credits_remaining=record.credits,
-            finished_at=datetime.now().astimezone(),
-            reason=record.reason if event == "failed" else None,
-            message=record.message if event == "failed" else None)
-
-    def _sidecar(self, work: Work, suffix: str, data: bytes, manifest_id: str) -> Path:
-        """`<outbox>/<dir>/<stem><suffix>`, with the `-N` of the file's first output; an
-        earlier file of ours there is replaced, anybody else's never."""
-        record, inbox = work.record, work.inbox
-        rel = PurePosixPath(work.job.rel)
-        first = json.loads(record.outputs or "[]")[0][0]
-        spec = inbox.outputs[0] if inbox.outputs else results.DEFAULT_OUTPUT
-        intended = inbox.outbox / spec.path(
-            work.job.rel, Path(first).suffix[1:], inbox=inbox.path.name,
-            sha256=record.sha256 or "", date=datetime.now().astimezone().strftime("%Y-%m-%d"))
-        taken = re.fullmatch(re.escape(Path(intended).stem) + r"(-\d+)", Path(first).stem)
-        target = inbox.outbox.joinpath(*rel.parent.parts,
-                                       f"{rel.stem}{taken[1] if taken else ''}{suffix}")
-        for candidate in candidates(target):
-            if not os.path.lexists(candidate) or manifest_id.encode() in _head(candidate):
-                self.destinations.guard(inbox.outbox, write_atomic, data, candidate)
-                return candidate
-        raise AssertionError("candidates() never ends")  # pragma: no cover
 
     @staticmethod
     def _replaced(work: Work) -> bool:
@@ -946,14 +904,6 @@ def _reused(reuse_from: str | None) -> list[str]:
 def _sendable(name: str) -> str:
     """The name for the request's multipart header, which must be UTF-8."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _head(path: Path, size: int = 4096) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(size)
-    except OSError:
-        return b""
 
 
 def _moved(src: Path, dest: Path) -> bool:

@@ -6,6 +6,8 @@
     maker(record, inbox, rel, answer, index, reused, unchanged) -> Maker
                                          how to write output `index`, where, and the bytes
                                          it needs
+    manifest_for(record, src, event)     the manifest (manifest.py) of a finished file
+    sidecar(record, inbox, rel, suffix)  where its manifest or done marker goes
 
 What each output is:
 - reused: a copy of the earlier identical file (no request was sent);
@@ -18,12 +20,16 @@ If the original changed or vanished after it was sent, the answer is the result 
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pyvips
 
@@ -31,6 +37,7 @@ from watchfolder.config import EXTENSIONS, InboxConfig, OutputConfig
 from watchfolder.images import inspect_source, vips_name
 from watchfolder.imaging import Cutout, compose, cutout, write_output
 from watchfolder.journal import FileRecord
+from watchfolder.manifest import OutputFacts, SourceFacts, build_manifest, manifest_id
 from watchfolder.metadata import carry_metadata, read_metadata
 from watchfolder.recipes import Recipe, render
 
@@ -125,3 +132,40 @@ def image_facts(path: Path, *, upright: bool = False) -> tuple[str | None, int |
                                                                                         8):
         width, height = height, width
     return fmt, width, height
+
+
+def manifest_for(record: FileRecord, src: Path, event: str) -> dict[str, Any]:
+    """The manifest of a finished (done or failed) file, from its journal record."""
+    outputs = []
+    for entry in json.loads(record.outputs or "[]") if event == "done" else []:
+        fmt, width, height = image_facts(Path(entry[0]))
+        outputs.append(OutputFacts(entry[0], fmt or Path(entry[0]).suffix[1:], width or 0,
+                                   height or 0, entry[1]))
+    original = next((Path(p) for p in (record.archive, str(src), record.error_path)
+                     if p and os.path.lexists(p)), src)
+    _, width, height = image_facts(original, upright=True)
+    return build_manifest(
+        manifest_id=manifest_id(record.inbox, record.rel, record.id, record.created),
+        event=event,
+        source=SourceFacts(path=str(src), inbox=record.inbox,
+                           moved_to=record.archive or record.error_path,
+                           sha256=record.sha256, width=width, height=height),
+        outputs=outputs,
+        credits_spent=0 if record.reuse_from or not record.result_sha else 1,
+        credits_remaining=record.credits, finished_at=datetime.now().astimezone(),
+        reason=record.reason if event == "failed" else None,
+        message=record.message if event == "failed" else None)
+
+
+def sidecar(record: FileRecord, inbox: InboxConfig, rel: str, suffix: str) -> Path:
+    """`<outbox>/<dir>/<stem><suffix>` (a manifest, a done marker), with the `-N` the file's
+    first output took on a collision."""
+    first = Path(json.loads(record.outputs or "[]")[0][0])
+    spec = inbox.outputs[0] if inbox.outputs else DEFAULT_OUTPUT
+    intended = PurePosixPath(spec.path(
+        rel, first.suffix[1:], inbox=inbox.path.name, sha256=record.sha256 or "",
+        date=datetime.now().astimezone().strftime("%Y-%m-%d")))
+    taken = re.fullmatch(re.escape(intended.stem) + r"(-\d+)", first.stem)
+    source = PurePosixPath(rel)
+    return inbox.outbox.joinpath(*source.parent.parts,
+                                 f"{source.stem}{taken[1] if taken else ''}{suffix}")
