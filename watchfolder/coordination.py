@@ -746,6 +746,8 @@ class Coordinator:
 
     def stop(self) -> None:
         """Release every claim (their files are handed back), leave the store, stop the thread."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
