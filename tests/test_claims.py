@@ -27,7 +27,7 @@ from watchfolder.claims import (
     rel_hash,
 )
 from watchfolder.config import StoreUrl
-from watchfolder.coordination import Store
+from watchfolder.coordination import Store, adopt_empty_store
 from watchfolder.errors import CoordinationUnavailable
 
 LEASE = 1.0
@@ -47,6 +47,8 @@ class Backends:
     def __init__(self, url: str | None) -> None:
         self.url = url
         self.stores: list[Store] = []
+        if url is not None:
+            adopt_empty_store(StoreUrl(url), "any key")  # a store in use for long
 
     def make(self, lease: float = LEASE) -> ShareClaims | StoreClaims:
         holder = Holder.this_process()
@@ -268,7 +270,27 @@ def test_store_claims_wait_while_the_store_is_down(redis_server: RedisServer,
         with pytest.raises(CoordinationUnavailable, match="does not answer"):
             claims.claim(inbox, "a.png")
         redis_server.start()
-        assert claims.claim(inbox, "a.png") is not None
+        # Back, after the grace that follows a reset (see below).
+        assert wait_for(lambda: claims.claim(inbox, "a.png"), timeout=5, what="the claim")
+    finally:
+        made.close()
+
+
+def test_after_the_store_restarts_empty_live_holders_keep_their_files(
+        redis_server: RedisServer, inbox: Path, log_lines: LogCapture) -> None:
+    made = Backends(redis_server.url)
+    try:
+        a, b = made.make(), made.make()
+        held = a.claim(inbox, "a.png")
+        assert held is not None
+        redis_server.restart()  # empty: the claim is gone from the store
+        assert b.claim(inbox, "a.png") is None  # nobody claims before holders renewed
+        assert held.renew()  # re-created by its holder
+        # The grace ends (one lease after the store started, give or take its second) ...
+        assert wait_for(lambda: held.renew() and b.claim(inbox, "new.png"), timeout=5,
+                        what="the end of the grace")
+        assert b.claim(inbox, "a.png") is None  # ... and the file is still a's
+        assert not log_lines.events("claim.lost")
     finally:
         made.close()
 

@@ -379,6 +379,7 @@ def test_without_a_store_the_coordinator_claims_on_the_share(tmp_path: Path) -> 
 
 def test_hosts_sharing_a_store_show_in_status(tmp_path: Path, redis_server: RedisServer) -> None:
     config = config_with(tmp_path, {"url": redis_server.url})
+    adopt_empty_store(StoreUrl(redis_server.url), KEY)
     inbox = config.inboxes[0].path
     first = Coordinator.from_config(config, lease_seconds=1)
     second = Coordinator.from_config(config, lease_seconds=1)

@@ -432,13 +432,38 @@ def unavailable(inbox: Path, exc: OSError) -> CoordinationUnavailable:
 
 # -- in the store ------------------------------------------------------------------------------
 
-# KEYS[1] the claim; ARGV: lease in microseconds, our token. Value: "<expires_us>|<token>".
-# Returns {1, previous value or ""} when ours now, {0, current value} when held by a live claim.
+# After the store lost its data (restarted empty, or a failover), every live holder renews its
+# claims within lease/3, re-creating them; until one lease has passed since the store started,
+# nobody may take a new claim, so a live holder's file cannot be claimed by someone else first.
+# KEYS[2] the store's run_id when last seen, KEYS[3] the grace key. Sets `grace` true or false.
+_GRACE = """
+local info = redis.call('INFO', 'server')
+local run_id = string.match(info, 'run_id:(%w+)')
+local seen = redis.call('GET', KEYS[2])
+if seen ~= run_id then
+  local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) * 1000000
+  local ends = now + lease  -- empty for long (first use, a flush): nothing says since when
+  if seen or uptime < lease then ends = now - uptime + lease end
+  redis.call('SET', KEYS[2], run_id)
+  if ends > now then
+    redis.call('SET', KEYS[3], '1', 'PX', math.ceil((ends - now) / 1000))
+  end
+end
+local grace = redis.call('EXISTS', KEYS[3]) == 1
+"""
+
+# KEYS: 1 the claim, 2 run_id seen, 3 grace; ARGV: lease in microseconds, our token.
+# Value: "<expires_us>|<token>". Returns {1, previous value or ""} when ours now, {0, current
+# value or ""} when held by a live claim (or during the grace after a store reset).
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[1])
+""" + _GRACE + """
 local current = redis.call('GET', KEYS[1])
+if grace then
+  return {0, current or ''}
+end
 if current then
   local expires = tonumber(string.match(current, '^(%d+)|'))
   if expires and expires > now then
@@ -450,15 +475,19 @@ redis.call('SET', KEYS[1], string.format('%.0f|', now + lease) .. ARGV[2],
 return {1, current or ''}
 """
 
-# KEYS[1] the claim; ARGV: lease in microseconds, our token. 1 renewed, 0 not ours any more.
+# KEYS: as _CLAIM; ARGV: lease in microseconds, our token. 1 renewed (or re-created after a
+# store reset), 0 not ours any more.
 _RENEW = """
-local current = redis.call('GET', KEYS[1])
-if not current or string.match(current, '^%d+|(.*)$') ~= ARGV[2] then
-  return 0
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[1])
+""" + _GRACE + """
+local current = redis.call('GET', KEYS[1])
+if current then
+  if string.match(current, '^%d+|(.*)$') ~= ARGV[2] then return 0 end
+elseif not grace then
+  return 0  -- expired two leases ago: whoever took it over may have finished it
+end
 redis.call('SET', KEYS[1], string.format('%.0f|', now + lease) .. ARGV[2],
            'PX', math.floor(2 * lease / 1000) + 1000)
 return 1
@@ -475,6 +504,9 @@ return 0
 """
 
 
+GRACE_KEYS = ("watchfolder:{claims}:run_id", "watchfolder:{claims}:grace")
+
+
 class StoreClaims:
     """Claims as keys in the coordination store, expiring by the store's clock."""
 
@@ -489,6 +521,10 @@ class StoreClaims:
         self._renew = store.script(_RENEW)
         self._release = store.script(_RELEASE)
 
+    def keys(self, inbox: Path, rel: str) -> list[str]:
+        """The claim's key, and the two keys of the grace after a store reset."""
+        return [self.key(inbox, rel), *GRACE_KEYS]
+
     def key(self, inbox: Path, rel: str) -> str:
         inbox_id = self._ids.get(inbox)
         if inbox_id is None:
@@ -500,7 +536,7 @@ class StoreClaims:
 
     def claim(self, inbox: Path, rel: str) -> Claim | None:
         token = json.dumps({**self.holder.as_dict(), "nonce": secrets.token_hex(8)})
-        ours, previous = self.store.run(self._claim, [self.key(inbox, rel)],
+        ours, previous = self.store.run(self._claim, self.keys(inbox, rel),
                                         [self.lease_us, token])
         if not ours:
             return None
@@ -512,7 +548,7 @@ class StoreClaims:
         return Claim(self, inbox, rel, token)
 
     def renew(self, claim: Claim) -> bool:
-        return bool(self.store.run(self._renew, [self.key(claim.inbox, claim.rel)],
+        return bool(self.store.run(self._renew, self.keys(claim.inbox, claim.rel),
                                    [self.lease_us, claim.token]))
 
     def release(self, claim: Claim) -> None:

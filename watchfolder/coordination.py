@@ -66,6 +66,7 @@ from redis.retry import Retry
 
 from watchfolder import errors, logs
 from watchfolder.claims import (
+    GRACE_KEYS,
     Claim,
     ClaimBackend,
     DoneMark,
@@ -870,11 +871,18 @@ def hosts_report(config: Config, *, timeout: float = 1.0) -> dict[str, Any] | No
 
 
 def adopt_empty_store(url: StoreUrl, api_key: str) -> None:
-    """State that no daemon sent with `api_key` in the last minute, so this (empty or restarted)
-    store needs no hold before the first send. Raises CoordinationUnavailable."""
+    """State that no daemon sent with `api_key` in the last minute nor holds a claim, so this
+    (empty or restarted) store needs no hold before the first send or claim.
+    Raises CoordinationUnavailable."""
     store = Store(url, quiet=True)
+
+    def adopt(client: redis.Redis) -> None:
+        run_id = str(client.info("server")["run_id"])
+        client.set(f"watchfolder:{{{key_id(api_key)}}}:epoch", run_id)
+        client.set(GRACE_KEYS[0], run_id)
+        client.delete(GRACE_KEYS[1])
+
     try:
-        keys = [f"watchfolder:{{{key_id(api_key)}}}:epoch"]
-        store.call(lambda client: client.set(keys[0], str(client.info("server")["run_id"])))
+        store.call(adopt)
     finally:
         store.close()
