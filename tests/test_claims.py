@@ -250,6 +250,16 @@ def test_the_sweep_removes_only_what_dead_daemons_left(inbox: Path) -> None:
     claims.close()
 
 
+def test_a_claims_folder_removed_by_hand_is_made_again(inbox: Path) -> None:
+    import shutil
+
+    claims = ShareClaims(Holder.this_process(), LEASE)
+    assert claims.claim(inbox, "a.png") is not None
+    shutil.rmtree(inbox / CLAIMS_FOLDER)
+    assert claims.claim(inbox, "b.png") is not None
+    claims.close()
+
+
 def test_an_unusable_claims_folder_says_so(tmp_path: Path) -> None:
     not_a_folder = tmp_path / "inbox"
     not_a_folder.mkdir()

@@ -213,6 +213,11 @@ class ShareFolder:
                 return self._clock[1]
             return self._clock[1] + round((mono - self._clock[0]) * 1e9)
 
+    def forget_made(self) -> None:
+        self._made = False
+        with self._lock:
+            self._clock = None
+
     def forget_clock(self) -> None:
         with contextlib.suppress(OSError):
             self._clock_file.unlink()
@@ -266,7 +271,12 @@ class ShareClaims:
         folder.ensure()
         path = folder.path / f"{rel_hash(rel)}{CLAIM_SUFFIX}"
         try:
-            return self._claim(folder, path, rel)
+            try:
+                return self._claim(folder, path, rel)
+            except FileNotFoundError:
+                folder.forget_made()  # the claims folder was removed by hand: make it again
+                folder.ensure()
+                return self._claim(folder, path, rel)
         except OSError as exc:
             raise unavailable(inbox, exc) from None
 

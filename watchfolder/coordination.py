@@ -434,6 +434,10 @@ class SharedRateLimiter:
     See the module docstring. `window` and `margin` are the vendor's 60 s and our jitter
     allowance; tests shrink the window. `member_ttl` is how long a daemon's limit counts after
     its last word (its thread renews it every lease/3).
+
+    `on_pause_change(pause or None)` is called whenever the shared pause appears, changes its
+    reason or goes, whoever caused it, except this limiter's own `pause()` (its caller knows).
+    It runs on a worker or on the coordination thread: keep it quick (pause or resume a queue).
     """
 
     def __init__(self, store: Store, key: str, daemon: str, limit: int, *,
