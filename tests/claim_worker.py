@@ -3,7 +3,7 @@
     race INBOX --go FILE [--lease S] [--url URL] REL...
         wait for FILE to exist, try to claim every REL, print the ones won as JSON, and hold
         them (unrenewed) until stdin closes
-    hold INBOX [--lease S] [--url URL] REL...
+    hold INBOX [--lease S] [--url URL] [--instance ID] REL...
         claim every REL with a running coordinator (its thread renews them), print "held",
         then wait to be killed
 """
@@ -22,8 +22,8 @@ from watchfolder.config import StoreUrl
 from watchfolder.coordination import Coordinator, LocalLimiter, Store
 
 
-def coordinator(inbox: Path, lease: float, url: str | None) -> Coordinator:
-    holder = Holder.this_process()
+def coordinator(inbox: Path, lease: float, url: str | None, instance: str) -> Coordinator:
+    holder = Holder.this_process(instance)
     share = ShareClaims(holder, lease)
     store = Store(StoreUrl(url)) if url else None
     claims = StoreClaims(store, holder, lease, share) if store is not None else share
@@ -38,10 +38,11 @@ def main() -> int:
     parser.add_argument("--go", type=Path)
     parser.add_argument("--lease", type=float, default=1.0)
     parser.add_argument("--url")
+    parser.add_argument("--instance", default="")
     parser.add_argument("rels", nargs="*")
     args = parser.parse_intermixed_args()
     logs.configure("json", "info", stream=sys.stderr)  # stdout is for the test
-    coord = coordinator(args.inbox, args.lease, args.url)
+    coord = coordinator(args.inbox, args.lease, args.url, args.instance)
     if args.mode == "race":
         assert args.go is not None
         while not args.go.exists():

@@ -50,8 +50,8 @@ class Backends:
         if url is not None:
             adopt_empty_store(StoreUrl(url), "any key")  # a store in use for long
 
-    def make(self, lease: float = LEASE) -> ShareClaims | StoreClaims:
-        holder = Holder.this_process()
+    def make(self, lease: float = LEASE, instance: str = "") -> ShareClaims | StoreClaims:
+        holder = Holder.this_process(instance)
         share = ShareClaims(holder, lease)
         if self.url is None:
             return share
@@ -209,6 +209,28 @@ def test_a_killed_holder_keeps_its_claims_for_a_lease_then_they_are_taken_over(
             holder.stdout.close()
 
 
+def test_a_restarted_daemon_takes_its_own_claims_back_at_once(backends: Backends,
+                                                              inbox: Path) -> None:
+    extra = ["--url", backends.url] if backends.url else []
+    before = subprocess.Popen(
+        [sys.executable, "-m", "tests.claim_worker", "hold", str(inbox), "--lease", "30",
+         "--instance", "studio-a:1234", *extra, "a.png"], cwd=ROOT, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert before.stdout is not None
+        assert before.stdout.readline().strip() == "held"
+        before.send_signal(signal.SIGKILL)  # a crash; the lease has 30 s to run
+        before.wait(timeout=10)
+    finally:
+        before.kill()
+        before.wait(timeout=10)
+        if before.stdout is not None:
+            before.stdout.close()
+    assert backends.make(instance="studio-b:9999").claim(inbox, "a.png") is None
+    again = backends.make(instance="studio-a:1234")  # the same daemon, restarted
+    assert again.claim(inbox, "a.png") is not None
+
+
 # -- on the share --------------------------------------------------------------------------------
 
 
@@ -320,3 +342,11 @@ def test_a_done_mark_matches_only_the_same_content(inbox: Path) -> None:
     assert marks.find(inbox, rel, 10, 124, "ab" * 32) is None
     assert marks.find(inbox, rel, 10, 123, "cd" * 32) is None
     assert DoneMarks(Holder.this_process()).find(inbox, rel, 10, 123, "ab" * 32) is not None
+
+
+def test_a_daemons_instance_is_kept_in_its_state_dir(tmp_path: Path) -> None:
+    from watchfolder.claims import instance_id
+
+    first = instance_id(tmp_path / "state")
+    assert first == instance_id(tmp_path / "state")
+    assert first != instance_id(tmp_path / "another-state")

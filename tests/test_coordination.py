@@ -7,6 +7,7 @@ store's window of send times before they expire.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 import redis
 
 from tests.conftest import KEY, LogCapture, RedisServer, run_watchfolder, wait_for
+from watchfolder.claims import Holder
 from watchfolder.config import ConfigError, StoreUrl, parse_config
 from watchfolder.coordination import (
     Coordinator,
@@ -49,10 +51,12 @@ class Shared:
             adopt_empty_store(self.url, self.api_key)
 
     def limiter(self, limit: int, **kw: Any) -> SharedRateLimiter:
+        """A limiter of a new host; bursts unspread unless `spread` is given."""
         store = Store(self.url)
         self.stores.append(store)
         return SharedRateLimiter(store, key_id(self.api_key), secrets.token_hex(4), limit,
-                                 window=self.window, margin=MARGIN, retry_every=0.05, **kw)
+                                 window=self.window, margin=MARGIN, retry_every=0.05,
+                                 **{"spread": 0.0, **kw})
 
     def watch(self) -> None:
         """Copy the store's window every 0.2 s (entries live `window + margin`)."""
@@ -149,6 +153,17 @@ def test_the_smallest_limit_among_hosts_holds(shared: Shared) -> None:
     assert [generous.try_acquire() for _ in range(10)] == [0.0] * 10
     assert generous.applied == 10
     assert generous.try_acquire() > 0
+
+
+def test_bursts_are_spread_over_half_a_window(shared: Shared) -> None:
+    a, b = shared.limiter(10, spread=0.5), shared.limiter(10, spread=0.5)
+    shared.watch()
+    granted = hammer([a, b], WINDOW)
+    time.sleep(0.3)
+    times = sorted(shared.seen.values())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) >= 0.5 * WINDOW / 10 - 0.001  # 0.1 s apart at least, in the store's clock
+    assert 9 <= len(granted) <= 10  # the limit's worth in about half a window
 
 
 def test_a_429_holds_every_host(shared: Shared) -> None:
@@ -299,7 +314,7 @@ def test_the_store_sees_only_a_hash_of_the_key(redis_server: RedisServer) -> Non
 def config_with(tmp_path: Path, coordination: dict[str, Any] | None = None,
                 **api: Any) -> Any:
     (tmp_path / "in").mkdir(parents=True, exist_ok=True)
-    raw: dict[str, Any] = {"api": {"key": KEY, **api},
+    raw: dict[str, Any] = {"api": {"key": KEY, **api}, "state_dir": "state",
                            "inboxes": [{"path": "in", "outbox": "out", "errors": "err"}]}
     if coordination is not None:
         raw["coordination"] = coordination
@@ -369,7 +384,9 @@ def test_without_a_store_the_coordinator_claims_on_the_share(tmp_path: Path) -> 
         assert coordinator.claims_held == 1
         assert coordinator.hosts()["hosts"][0]["claims"] == 1
         time.sleep(1.5)  # the thread renews it past its lease
-        other = Coordinator.from_config(config, lease_seconds=1)
+        # Another daemon (its own state_dir, so its own instance) on the same inbox.
+        other = Coordinator.from_config(config, lease_seconds=1,
+                                        holder=Holder.this_process("other-daemon"))
         assert other.claim(inbox, "a.png") is None
         other.stop()
     finally:
@@ -382,7 +399,8 @@ def test_hosts_sharing_a_store_show_in_status(tmp_path: Path, redis_server: Redi
     adopt_empty_store(StoreUrl(redis_server.url), KEY)
     inbox = config.inboxes[0].path
     first = Coordinator.from_config(config, lease_seconds=1)
-    second = Coordinator.from_config(config, lease_seconds=1)
+    second = Coordinator.from_config(config, lease_seconds=1,
+                                     holder=Holder.this_process("second-daemon"))
     stranger = Coordinator.from_config(config_with(tmp_path / "x", {"url": redis_server.url},
                                                    key="another-key-0123456789"))
     for coordinator in (first, second, stranger):

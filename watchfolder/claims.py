@@ -85,18 +85,45 @@ CLOCK_REUSE_SECONDS = 1.0  # one clock-file write serves the judgements of the n
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a claim: this daemon process."""
+    """Who holds a claim: this daemon process, of this daemon installation (`instance`)."""
 
     host: str
     pid: int
     daemon: str  # random per process: a restarted daemon with the same pid is someone else
+    # Random per state_dir, kept there: a claim of the same instance but another process was
+    # left by this daemon's previous life (the state_dir's lock proves that process is gone),
+    # so a restart takes its own files back at once instead of waiting a lease.
+    instance: str = ""
 
     @classmethod
-    def this_process(cls) -> Holder:
-        return cls(socket.gethostname(), os.getpid(), secrets.token_hex(8))
+    def this_process(cls, instance: str = "") -> Holder:
+        return cls(socket.gethostname(), os.getpid(), secrets.token_hex(8), instance)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "pid": self.pid, "daemon": self.daemon}
+        return {"host": self.host, "pid": self.pid, "daemon": self.daemon,
+                "instance": self.instance}
+
+    def left_by_my_previous_life(self, other: dict[str, Any]) -> bool:
+        return bool(self.instance) and other.get("instance") == self.instance and (
+            other.get("daemon") != self.daemon)
+
+
+INSTANCE_FILE = "coordination-instance"
+
+
+def instance_id(state_dir: Path) -> str:
+    """This daemon installation's id, kept in its state_dir (made on first use)."""
+    path = state_dir / INSTANCE_FILE
+    with contextlib.suppress(FileNotFoundError):
+        text = path.read_text(encoding="ascii").strip()
+        if text:
+            return text
+    state_dir.mkdir(parents=True, exist_ok=True)
+    made = f"{socket.gethostname()}:{secrets.token_hex(8)}"
+    temp = path.with_name(f".{INSTANCE_FILE}.{os.getpid()}")
+    temp.write_text(made + "\n", encoding="ascii")
+    temp.replace(path)
+    return made
 
 
 def rel_hash(rel: str) -> str:
@@ -288,9 +315,10 @@ class ShareClaims:
             seen = _read_claim(path)
             if seen is None:
                 continue  # released meanwhile: try again
-            if not self._expired(folder, seen):
+            mine = self.holder.left_by_my_previous_life(seen.holder)
+            if not mine and not self._expired(folder, seen):
                 return None
-            if not self._take_over(folder, path, seen, rel):
+            if not self._take_over(folder, path, seen, rel, mine=mine):
                 return None
         return None  # a crowd keeps taking it: let the others have it
 
@@ -372,8 +400,10 @@ class ShareClaims:
     def _expired(self, folder: ShareFolder, seen: _Seen) -> bool:
         return folder.now_ns() - seen.mtime_ns > self.lease_ns
 
-    def _take_over(self, folder: ShareFolder, path: Path, seen: _Seen, rel: str | None) -> bool:
-        """Remove the expired claim `seen` if nobody else is doing it; True if removed (or gone).
+    def _take_over(self, folder: ShareFolder, path: Path, seen: _Seen, rel: str | None, *,
+                   mine: bool = False) -> bool:
+        """Remove the expired claim `seen` (or `mine`: one left by this daemon's previous life)
+        if nobody else is doing it; True if removed (or gone).
 
         The lock's name carries the expired claim's nonce, so only daemons judging that same
         claim compete for it; the winner looks again under the lock before unlinking.
@@ -392,11 +422,15 @@ class ShareClaims:
             if (again.nonce, again.inode, again.mtime_ns) != (seen.nonce, seen.inode,
                                                             seen.mtime_ns):
                 return False  # renewed, or already taken over: live
-            if not self._expired(folder, again):
+            if not mine and not self._expired(folder, again):
                 return False
             path.unlink(missing_ok=True)
         finally:
             lock.unlink(missing_ok=True)
+        if mine:
+            log.debug("claim.reclaimed", inbox=str(folder.inbox), file=rel,
+                      hint="left by this daemon before its restart")
+            return True
         log.warning("claim.taken_over" if rel is not None else "claim.expired_removed",
                     inbox=str(folder.inbox), file=readable(rel) if rel else None,
                     previous=_holder_label(seen.holder),
@@ -462,27 +496,34 @@ end
 local grace = redis.call('EXISTS', KEYS[3]) == 1
 """
 
-# KEYS: 1 the claim, 2 run_id seen, 3 grace; ARGV: lease in microseconds, our token.
-# Value: "<expires_us>|<token>". Returns {1, previous value or ""} when ours now, {0, current
-# value or ""} when held by a live claim (or during the grace after a store reset).
+# KEYS: 1 the claim, 2 run_id seen, 3 grace; ARGV: lease in microseconds, our token, our
+# instance, our daemon id. Value: "<expires_us>|<token>". Returns {1, previous value or "",
+# 1 if it was left by our own previous life} when ours now, {0, current value or ""} when held
+# by a live claim (or during the grace after a store reset).
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[1])
 """ + _GRACE + """
 local current = redis.call('GET', KEYS[1])
-if grace then
-  return {0, current or ''}
+local mine = false
+if current and ARGV[3] ~= '' then
+  local ok, holder = pcall(cjson.decode, string.match(current, '^%d+|(.*)$') or '')
+  mine = ok and type(holder) == 'table' and holder['instance'] == ARGV[3]
+         and holder['daemon'] ~= ARGV[4]
 end
-if current then
+if grace and not mine then
+  return {0, current or '', 0}
+end
+if current and not mine then
   local expires = tonumber(string.match(current, '^(%d+)|'))
   if expires and expires > now then
-    return {0, current}
+    return {0, current, 0}
   end
 end
 redis.call('SET', KEYS[1], string.format('%.0f|', now + lease) .. ARGV[2],
            'PX', math.floor(2 * lease / 1000) + 1000)
-return {1, current or ''}
+return {1, current or '', mine and 1 or 0}
 """
 
 # KEYS: as _CLAIM; ARGV: lease in microseconds, our token. 1 renewed (or re-created after a
@@ -546,11 +587,15 @@ class StoreClaims:
 
     def claim(self, inbox: Path, rel: str) -> Claim | None:
         token = json.dumps({**self.holder.as_dict(), "nonce": secrets.token_hex(8)})
-        ours, previous = self.store.run(self._claim, self.keys(inbox, rel),
-                                        [self.lease_us, token])
+        ours, previous, mine = self.store.run(
+            self._claim, self.keys(inbox, rel),
+            [self.lease_us, token, self.holder.instance, self.holder.daemon])
         if not ours:
             return None
-        if previous:
+        if mine:
+            log.debug("claim.reclaimed", inbox=str(inbox), file=rel,
+                      hint="left by this daemon before its restart")
+        elif previous:
             holder = _store_holder(previous)
             log.warning("claim.taken_over", inbox=str(inbox), file=rel,
                         previous=_holder_label(holder),

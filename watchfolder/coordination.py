@@ -74,6 +74,7 @@ from watchfolder.claims import (
     Holder,
     ShareClaims,
     StoreClaims,
+    instance_id,
 )
 from watchfolder.errors import CoordinationUnavailable
 from watchfolder.ratelimit import RateLimiter, backoff
@@ -90,6 +91,7 @@ WINDOW = 60.0  # the vendor's window: any 60 s
 STORE_TIMEOUT = 2.0  # per store command: a hung store must not hold a worker longer
 RETRY_SECONDS = 1.0  # while the store is unreachable, ask again this often
 PAUSE_POLL_SECONDS = 5.0  # while paused, a waiting send looks again this often (a resume)
+SPREAD = 0.5  # a burst of the whole limit takes at least half a window (see SharedRateLimiter)
 # Replies that mean "not now" rather than a bug: a replica, a failing disk, a loading dataset.
 UNAVAILABLE_REPLIES = ("READONLY", "MISCONF", "LOADING", "MASTERDOWN", "NOREPLICAS",
                        "CLUSTERDOWN", "TRYAGAIN", "BUSY")
@@ -283,7 +285,7 @@ def _this_host() -> tuple[str, int]:
 
 # KEYS: 1 sends, 2 members, 3 limits, 4 hold, 5 epoch, 6 pause, 7 probe_at
 # ARGV: 1 daemon id, 2 its limit, 3 window us, 4 margin us, 5 member ttl us, 6 unique suffix,
-#       7 pause poll us
+#       7 pause poll us, 8 spread
 # Returns {granted 0|1, wait us, limit applied, hold set for a reset (us) or 0, pause|nil, probe}
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -346,6 +348,15 @@ local n = redis.call('ZCARD', KEYS[1])
 if n >= limit then
   local edge = redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')
   return {0, math.max(1, tonumber(edge[2]) + span - now), limit, reset, pause, 0}
+end
+-- Spread bursts: grants at least `spread * window / limit` apart.
+local spacing = tonumber(ARGV[8]) * window / limit
+if n > 0 and spacing > 0 then
+  local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  local ready = tonumber(newest[2]) + spacing
+  if now < ready then
+    return {0, math.max(1, ready - now), limit, reset, pause, 0}
+  end
 end
 
 -- Paused: one probe per interval for all hosts.
@@ -435,6 +446,14 @@ class SharedRateLimiter:
     allowance; tests shrink the window. `member_ttl` is how long a daemon's limit counts after
     its last word (its thread renews it every lease/3).
 
+    Bursts are spread: grants are at least `spread * window / limit` apart (0.5: at most twice
+    the average rate over short spans, so a backlog of 120 at 120/min starts over 30 s instead
+    of at once). A sliding window replays a burst every minute; when a host dies in the middle
+    of one, the survivors, with fewer request slots, cannot refill the hole it leaves and the
+    key loses part of a minute for good. A spread burst is slow enough for the survivors' slots.
+    It costs a batch of N files N x 0.25 s at 120/min before the last starts, against 2 s or
+    more per answer.
+
     `on_pause_change(pause or None)` is called whenever the shared pause appears, changes its
     reason or goes, whoever caused it, except this limiter's own `pause()` (its caller knows).
     It runs on a worker or on the coordination thread: keep it quick (pause or resume a queue).
@@ -443,7 +462,7 @@ class SharedRateLimiter:
     def __init__(self, store: Store, key: str, daemon: str, limit: int, *,
                  window: float = WINDOW, margin: float = 0.5, backoff: float = 2.0,
                  max_backoff: float = 300.0, member_ttl: float = 60.0,
-                 retry_every: float = RETRY_SECONDS,
+                 spread: float = SPREAD, retry_every: float = RETRY_SECONDS,
                  pause_poll: float = PAUSE_POLL_SECONDS) -> None:
         self.store = store
         self.key = key
@@ -454,6 +473,7 @@ class SharedRateLimiter:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.member_ttl = member_ttl
+        self.spread = spread
         self.retry_every = retry_every
         self.pause_poll = pause_poll
         self.on_pause_change: Callable[[SharedPause | None], None] | None = None
@@ -490,7 +510,7 @@ class SharedRateLimiter:
                 "acquire", _KEYS,
                 [self.daemon, self.limit, int(self.window * 1e6), int(self.margin * 1e6),
                  int(self.member_ttl * 1e6), f"{self.daemon}:{next(self._sequence)}",
-                 int(self.pause_poll * 1e6)])
+                 int(self.pause_poll * 1e6), self.spread])
         except CoordinationUnavailable:
             return self.retry_every
         self.applied = int(applied)
@@ -712,13 +732,14 @@ class Coordinator:
     @classmethod
     def from_config(cls, config: Config, *, lease_seconds: float | None = None,
                     window: float = WINDOW, holder: Holder | None = None) -> Coordinator:
-        """The coordinator a daemon with `config` needs. Connects nowhere until used.
+        """The coordinator a daemon with `config` needs. Connects nowhere until used; makes
+        `state_dir` and this installation's id in it (see `Holder.instance`) if missing.
 
         `lease_seconds` and `window` are for tests (the configuration requires a lease of at
         least 5 s; the vendor's window is 60 s).
         """
         lease = lease_seconds or config.coordination.lease_seconds
-        holder = holder or Holder.this_process()
+        holder = holder or Holder.this_process(instance_id(config.state_dir))
         share = ShareClaims(holder, lease)
         inboxes = [inbox.path for inbox in config.inboxes]
         retry = config.retry
