@@ -181,3 +181,88 @@ def run_watchfolder(*args: str, env: dict[str, str] | None = None, without: tupl
     return subprocess.run([sys.executable, "-m", "watchfolder", *args], capture_output=True,
                           text=True, timeout=timeout, env={**environment, **(env or {})},
                           cwd=cwd, check=False)
+
+
+# -- a real redis-server for the coordination tests (issue 13) ------------------------------------
+#
+# Each test that asks for `redis_server` gets its own `redis-server` process on a free loopback
+# port, in a temp folder, without persistence (a restart comes back empty, like a store without
+# RDB/AOF). Never the system service. When redis-server is missing the test fails and says how
+# to install it: a skipped coordination test would hide exactly what it guards.
+
+REDIS_INSTALL_HINT = ("redis-server is not installed: `apt-get install redis-server` (Debian/"
+                      "Ubuntu; .ci/run does it when run as root) or put a redis-server (or "
+                      "valkey-server) binary on PATH")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process of our own: start, kill -9, start again (empty) on the same port."""
+
+    def __init__(self, folder: Path, binary: str) -> None:
+        self.folder = folder
+        self.binary = binary
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder), "--logfile",
+             str(self.folder / "redis.log"), "--daemonize", "no"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    client.ping()
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        log = self.folder / "redis.log"
+                        pytest.fail("redis-server did not start: "
+                                    + (log.read_text() if log.exists() else "no log"))
+                    time.sleep(0.02)
+                else:
+                    return
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """kill -9: the store vanishes mid-run, with everything it held in memory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        """kill -9 and start again, empty, on the same port."""
+        self.kill()
+        self.start()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    import shutil
+
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if binary is None:
+        pytest.fail(REDIS_INSTALL_HINT)
+    server = RedisServer(tmp_path / "redis", binary)
+    server.start()
+    yield server
+    server.kill()

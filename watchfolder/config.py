@@ -18,6 +18,7 @@ import string
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 import yaml
@@ -34,6 +35,61 @@ TRANSPARENCY_MODES = ("return_input_if_non_opaque", "discard_alpha_layer")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CREDENTIAL_NAME = "clipdrop-api-key"
+
+
+class StoreUrl:
+    """A coordination store's URL (`redis://user:password@host:6379/0`): the password in it is
+    a secret, so repr, str and `check-config` show the URL with `***` in its place."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    @property
+    def password(self) -> str | None:
+        return urlsplit(self._value).password
+
+    def redacted(self) -> str:
+        parts = urlsplit(self._value)
+        if parts.password is None:
+            return self._value
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoreUrl) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return f"StoreUrl({self.redacted()!r})"
+
+    __str__ = redacted
+
+
+def store_url_problem(text: str) -> str | None:
+    """What is wrong with a coordination store URL, said without its password; None if fine."""
+    shown = StoreUrl(text).redacted()
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss"):
+        return f"must be a redis:// or rediss:// URL, got {shown!r}"
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return f"has an invalid port: {shown!r}"
+    if not parts.hostname:
+        return f"names no host: {shown!r}"
+    if parts.path not in ("", "/") and not re.fullmatch(r"/\d+", parts.path):
+        return f"the path must be a database number (/0), got {shown!r}"
+    if parts.query or parts.fragment:
+        return f"takes no ?options or #fragment: {shown!r}"
+    return None
 
 
 # -- the table: every key, its default, type, bounds and redaction, stated once ------------------
@@ -171,6 +227,17 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CoordinationConfig:
+    # redis:// or rediss:// to share the rate limit, the pause and the claims between hosts
+    url: StoreUrl | None = special(shown="none (claims on the share only)")
+    lease_seconds: float = number(60.0, 5)
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True)
 class InboxConfig:
     path: Path = folder(required=True, must_exist=True)
     outbox: Path = folder(required=True)
@@ -202,6 +269,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     state_dir: Path = special(factory=lambda: default_state_dir(),
                               shown="`$STATE_DIRECTORY`, else `~/.local/state/watchfolder`")
     rescan_seconds: float = number(60.0, 0.05)
@@ -218,8 +286,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"api": ApiConfig, "retry": RetryConfig, "log": LogConfig,
-                             "metrics": MetricsConfig, "inboxes[]": InboxConfig,
-                             "inboxes[].outputs[]": OutputConfig}
+                             "metrics": MetricsConfig, "coordination": CoordinationConfig,
+                             "inboxes[]": InboxConfig, "inboxes[].outputs[]": OutputConfig}
 
 
 def spec_of(f: Field[Any]) -> Spec | None:
@@ -264,6 +332,8 @@ def reference() -> dict[str, str]:
 
 
 def _plain(obj: Any) -> Any:
+    if isinstance(obj, StoreUrl):
+        return obj.redacted()
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, tuple):
@@ -489,11 +559,25 @@ def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
         retry=c.section(top.get("retry"), "retry", RetryConfig),
         log=c.section(top.get("log"), "log", LogConfig),
         metrics=MetricsConfig(listen=listen),
+        coordination=_read_coordination(c, top.get("coordination")),
         state_dir=state_dir,
         source=source)
     if c.problems:
         raise ConfigError([p.lstrip(".") for p in c.problems])
     return config
+
+
+def _read_coordination(c: _Checker, raw: Any) -> CoordinationConfig:
+    data = c.mapping(raw, "coordination", keys_of(CoordinationConfig))
+    text = c.text(data, "url", "coordination")
+    url = None
+    if text:
+        problem = store_url_problem(text)
+        if problem is None:
+            url = StoreUrl(text)
+        else:
+            c.fail("coordination.url", problem)
+    return c.section(data, "coordination", CoordinationConfig, checked=True, url=url)
 
 
 def _read_key(c: _Checker, api_raw: dict[str, Any], require_key: bool) -> tuple[Secret, str]:

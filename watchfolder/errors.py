@@ -8,6 +8,8 @@
     ├── InputRejected            a local check refused the file (costs no request): not an
     │                            image, too large, a link, not a regular file, unreadable
     ├── DestinationError         outbox / archive / errors not writable or gone: the file waits
+    ├── CoordinationUnavailable  the coordination store or the share's claims folder cannot be
+    │                            reached: nothing is sent, the file waits
     └── ApiError                 the API (or the way to it) answered something else than a result
         ├── FileRejected         400, other 4xx: this file fails, go to errors
         │   └── FormatNotAcceptable  406: the API cannot produce the asked output_format
@@ -74,6 +76,13 @@ class DestinationError(WatchfolderError):
     """A folder we must write to is missing or not writable; the file keeps waiting."""
 
     reason = "destination_unavailable"
+
+
+class CoordinationUnavailable(WatchfolderError):
+    """The coordination store (or the claims folder on the share) cannot be reached: the file
+    waits, and no request is sent until it answers again."""
+
+    reason = "coordination_unavailable"
 
 
 class ApiError(WatchfolderError):
