@@ -244,7 +244,7 @@ def claim_costs(root: Path, count: int = 2000) -> dict[str, Any]:
     """Microseconds per file: claim + release (share, store), done-mark lookup."""
     from watchfolder.claims import DoneMarks, Holder, ShareClaims, StoreClaims
     from watchfolder.config import StoreUrl
-    from watchfolder.coordination import Store
+    from watchfolder.store import Store
 
     inbox = root / "inbox-costs"
     inbox.mkdir(parents=True)

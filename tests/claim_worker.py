@@ -19,7 +19,8 @@ from pathlib import Path
 from watchfolder import logs
 from watchfolder.claims import DoneMarks, Holder, ShareClaims, StoreClaims
 from watchfolder.config import StoreUrl
-from watchfolder.coordination import Coordinator, LocalLimiter, Store
+from watchfolder.coordination import Coordinator, LocalLimiter
+from watchfolder.store import Store
 
 
 def coordinator(inbox: Path, lease: float, url: str | None, instance: str) -> Coordinator:

@@ -113,7 +113,8 @@ class Studio:
         if not folder.exists():
             return []
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
+                      if p.is_file() and not any(part.startswith(".")
+                                                 for part in p.relative_to(folder).parts))
 
     def states(self) -> list[str]:
         """The journal's state of every file so far (read-only; [] before the first run)."""

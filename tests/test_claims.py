@@ -27,8 +27,9 @@ from watchfolder.claims import (
     rel_hash,
 )
 from watchfolder.config import StoreUrl
-from watchfolder.coordination import Store, adopt_empty_store
+from watchfolder.coordination import adopt_empty_store
 from watchfolder.errors import CoordinationUnavailable
+from watchfolder.store import Store
 
 LEASE = 1.0
 ROOT = Path(__file__).resolve().parent.parent

@@ -70,7 +70,7 @@ from watchfolder.errors import CoordinationUnavailable
 from watchfolder.logs import readable
 
 if TYPE_CHECKING:
-    from watchfolder.coordination import Store
+    from watchfolder.store import Store
 
 log = structlog.get_logger("watchfolder")
 

@@ -52,19 +52,15 @@ import hashlib
 import itertools
 import json
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-from urllib.parse import unquote
 
 import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from watchfolder import errors, logs
+from watchfolder import errors
 from watchfolder.claims import (
     GRACE_KEYS,
     Claim,
@@ -78,9 +74,9 @@ from watchfolder.claims import (
 )
 from watchfolder.errors import CoordinationUnavailable
 from watchfolder.ratelimit import RateLimiter, backoff
+from watchfolder.store import Store
 
 if TYPE_CHECKING:
-    from redis.commands.core import Script
 
     from watchfolder.config import Config, StoreUrl
 
@@ -88,13 +84,9 @@ log = structlog.get_logger("watchfolder")
 
 T = TypeVar("T")
 WINDOW = 60.0  # the vendor's window: any 60 s
-STORE_TIMEOUT = 2.0  # per store command: a hung store must not hold a worker longer
 RETRY_SECONDS = 1.0  # while the store is unreachable, ask again this often
 PAUSE_POLL_SECONDS = 5.0  # while paused, a waiting send looks again this often (a resume)
 SPREAD = 0.5  # a burst of the whole limit takes at least half a window (see SharedRateLimiter)
-# Replies that mean "not now" rather than a bug: a replica, a failing disk, a loading dataset.
-UNAVAILABLE_REPLIES = ("READONLY", "MISCONF", "LOADING", "MASTERDOWN", "NOREPLICAS",
-                       "CLUSTERDOWN", "TRYAGAIN", "BUSY")
 
 
 def key_id(api_key: str) -> str:
@@ -103,74 +95,6 @@ def key_id(api_key: str) -> str:
 
 
 # -- the store ---------------------------------------------------------------------------------
-
-
-class Store:
-    """One connection pool to the coordination store; says once when it is lost and when back."""
-
-    def __init__(self, url: StoreUrl, *, timeout: float = STORE_TIMEOUT, name: str = "watchfolder",
-                 quiet: bool = False) -> None:
-        self.shown = url.redacted()
-        password = url.password
-        if password:
-            logs.add_secret(password)
-            logs.add_secret(unquote(password))
-        self.quiet = quiet  # `status`: report, do not log
-        # One retry at once: a pooled connection may be stale after a store restart.
-        self.client = redis.Redis.from_url(
-            url.reveal(), socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1), decode_responses=True, client_name=name,
-            health_check_interval=0)
-        self._down_since: float | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def reachable(self) -> bool:
-        return self._down_since is None
-
-    def script(self, source: str) -> Script:
-        return self.client.register_script(source)
-
-    def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a registered script (reloaded by itself after a store restart)."""
-        return self.call(lambda client: script(keys=list(keys), args=list(args), client=client))
-
-    def call(self, action: Callable[[redis.Redis], T]) -> T:
-        """`action(client)`, or CoordinationUnavailable when the store does not answer."""
-        try:
-            result = action(self.client)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise self._lost(exc) from None
-        except redis.ResponseError as exc:
-            if str(exc).split(" ", 1)[0].upper() not in UNAVAILABLE_REPLIES:
-                raise
-            raise self._lost(exc) from None
-        if self._down_since is not None:
-            self._back()
-        return result
-
-    def close(self) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.client.close()
-
-    def _lost(self, exc: Exception) -> CoordinationUnavailable:
-        with self._lock:
-            newly = self._down_since is None
-            if newly:
-                self._down_since = time.monotonic()
-        if newly and not self.quiet:
-            log.warning("coordination.unreachable", store=self.shown, error=str(exc),
-                        hint="nothing is sent until the coordination store answers again; "
-                             "files wait")
-        return CoordinationUnavailable(
-            f"the coordination store {self.shown} does not answer: {exc}")
-
-    def _back(self) -> None:
-        with self._lock:
-            since, self._down_since = self._down_since, None
-        if since is not None and not self.quiet:
-            log.info("coordination.recovered", store=self.shown,
-                     down_s=round(time.monotonic() - since, 1))
 
 
 # -- the account pause, as every limiter reports it ---------------------------------------------
@@ -222,6 +146,8 @@ class Limiter(Protocol):
     def try_acquire(self) -> float: ...
 
     def acquire(self, stop: threading.Event) -> bool: ...
+
+    def wait_time(self) -> float: ...
 
     def rate_limited(self, retry_after: float | None) -> float: ...
 
@@ -525,6 +451,10 @@ class SharedRateLimiter:
             self._probe.granted = bool(probe)
             return 0.0
         return max(int(wait_us) / 1e6, 0.001)
+
+    def wait_time(self) -> float:
+        """How long a send would wait: not known without asking the store (0.0)."""
+        return 0.0
 
     def acquire(self, stop: threading.Event) -> bool:
         """Block until the store grants a send (True) or `stop` is set (False)."""

@@ -26,6 +26,7 @@ from watchfolder import logs, status
 from watchfolder.budget import BudgetReached
 from watchfolder.client import ApiClient
 from watchfolder.config import Config, InboxConfig
+from watchfolder.coordination import Coordinator
 from watchfolder.errors import AccountError, ConfigError
 from watchfolder.handoff import HandOff
 from watchfolder.intake import Intake
@@ -36,7 +37,6 @@ from watchfolder.metrics import Metrics
 from watchfolder.notify import Notifier
 from watchfolder.outbox import TEMP_PREFIX, folder_problem
 from watchfolder.pipeline import Pipeline
-from watchfolder.ratelimit import RateLimiter
 from watchfolder.watcher import Watcher
 
 log = structlog.get_logger("watchfolder")
@@ -63,6 +63,7 @@ class Daemon:
         self.reload_requested = False
         self.metrics: Metrics | None = None
         self.handoff: HandOff | None = None
+        self.coordinator: Coordinator | None = None
         self._lock: DaemonLock | None = None
         self._retired_clients: list[ApiClient] = []  # replaced by a reload, closed at stop
         self._watch_lost: dict[int, float] = {}  # inbox slot → when its watch was seen dead
@@ -93,6 +94,8 @@ class Daemon:
             self.pipeline.join(self.config.shutdown_timeout_seconds)
         if self.handoff is not None:
             self.handoff.stop(0)
+        if self.coordinator is not None:
+            self.coordinator.stop()
         if self.metrics is not None:
             self.metrics.close()
         if self.journal is not None:
@@ -110,11 +113,14 @@ class Daemon:
         self.client = ApiClient(config.api.url, config.api.key,
                                 timeout=config.api.timeout_seconds,
                                 connect_timeout=config.api.connect_timeout_seconds)
-        limiter = RateLimiter(config.api.requests_per_minute, backoff=config.retry.backoff_seconds,
-                              max_backoff=config.retry.max_backoff_seconds)
+        # The key's rate limit and pause, and the claims that keep each file to one daemon
+        # (shared through the coordination store, or claims on the share without one).
+        self.coordinator = coordinator = Coordinator.from_config(config)
+        limiter = coordinator.limiter
         now = time.time()
         limiter.preload(now - t for t in journal.recent_sends(60.0))
-        self.pipeline = Pipeline(config, journal, self.client, limiter,
+        coordinator.start()
+        self.pipeline = Pipeline(config, journal, self.client, limiter, coordinator,
                                  release=self._release, on_account_problem=self._account_problem)
         self.pipeline.metrics = self.metrics
         if config.hooks or config.webhook:
@@ -212,7 +218,8 @@ class Daemon:
             return {}
         pending = len(self.intake.known) if self.intake is not None else 0
         return {**self.pipeline.snapshot(), "healthy": not self.problems(),
-                "pending": pending, "rate_wait_s": self.pipeline.limiter.wait_time()}
+                "pending": pending, "rate_wait_s": self.pipeline.limiter.wait_time(),
+                "claims": self.coordinator.claims_held if self.coordinator else 0}
 
     def exit_code(self) -> int:
         if self.account_error is not None and self.once:
@@ -270,6 +277,8 @@ class Daemon:
                             hint="their files stay in the inbox and are sent again next start")
         if self.handoff is not None:
             self.handoff.stop(self.config.shutdown_timeout_seconds)
+        if self.coordinator is not None:
+            self.coordinator.stop()  # releases the claims of files handed back
         if self.client is not None:
             self.client.close()
         for client in self._retired_clients:

@@ -54,9 +54,11 @@ from watchfolder import __version__, failpoints, results
 from watchfolder.budget import Budget, BudgetReached
 from watchfolder.client import ApiClient, ApiResult, max_result_bytes
 from watchfolder.config import Config, InboxConfig
+from watchfolder.coordination import Coordinator, Limiter, SharedPause
 from watchfolder.errors import (
     AccountError,
     ApiError,
+    CoordinationUnavailable,
     DestinationError,
     FileRejected,
     FormatNotAcceptable,
@@ -95,7 +97,6 @@ from watchfolder.outbox import (
     sha256_file,
     write_atomic,
 )
-from watchfolder.ratelimit import RateLimiter
 from watchfolder.settle import Signature
 
 if TYPE_CHECKING:
@@ -211,13 +212,17 @@ class Pipeline:
     """The worker pool and the steps of a file's life. Owns no folders' discovery."""
 
     def __init__(self, config: Config, journal: Journal, client: ApiClient,
-                 limiter: RateLimiter, *, release: Callable[[Job, Signature | None], None],
+                 limiter: Limiter, coordinator: Coordinator, *,
+                 release: Callable[[Job, Signature | None], None],
                  on_account_problem: Callable[[AccountError | BudgetReached], None] | None = None
                  ) -> None:
         self.config = config
         self.journal = journal
         self.client = client
         self.limiter = limiter
+        self.coordinator = coordinator
+        # Another daemon sharing the key paused it (a 402 there), or resumed it.
+        limiter.on_pause_change = self._shared_pause_changed
         self.release = release
         self.on_account_problem = on_account_problem
         self.queue = JobQueue()
@@ -334,17 +339,29 @@ class Pipeline:
         """The job's journal record, created for a new file; None if the file is gone."""
         inbox = self.inboxes[job.index]
         try:
+            # One daemon per file, also across hosts sharing the inbox: no claim, no work.
+            claim = self.coordinator.claim(inbox.path, job.rel)
+        except CoordinationUnavailable:
+            self.queue.put_later(job, 5.0)  # the store or the claims folder: back soon
+            return None
+        if claim is None:
+            # Another daemon holds it; look again in a while (its holder may die).
+            self.queue.put_later(job, max(1.0, self.coordinator.lease_seconds / 3))
+            return None
+        try:
             record = job.record or self.journal.active(str(inbox.path), job.rel)
             if record is None:
                 try:
                     st = (inbox.path / job.rel).lstat()
                 except FileNotFoundError:
+                    self.coordinator.release(inbox.path, job.rel)
                     self.release(job, None)
                     return None
                 record = self.journal.create(str(inbox.path), job.rel, st.st_size,
                                              st.st_mtime_ns, inbox.settings_key)
         except Exception:
             log.exception("file.internal_error", inbox=str(inbox.path), file=job.rel)
+            self.coordinator.release(inbox.path, job.rel)
             self.release(job, None)
             return None
         job.record = record
@@ -389,6 +406,13 @@ class Pipeline:
         kept = None
         if record.state == DONE and inbox.archive is None:
             kept = (record.size, record.mtime_ns)
+            try:  # so that no other daemon sharing the inbox sends it again
+                self.coordinator.mark_done(inbox.path, job.rel, record.size, record.mtime_ns,
+                                           record.sha256 or "", record.result)
+            except CoordinationUnavailable:
+                log.warning("claim.unmarked", **work.log_fields(),
+                            hint="the claims folder or the store could not record it done")
+        self.coordinator.release(inbox.path, job.rel)
         self.release(job, kept)
 
     # -- step: queued → sending | proxied | fetched (reused) | failing | gone -------------------
@@ -428,6 +452,9 @@ class Pipeline:
         seen = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                 "route": source.route}
         identity = work.job.identity = f"{sha}|{inbox.settings_key}"
+        if inbox.archive is None and self.coordinator.done_elsewhere(
+                inbox.path, work.job.rel, st.st_size, st.st_mtime_ns, sha):
+            return Advance(DONE, seen)  # finished in place by another daemon: kept, not resent
         earlier = self._earlier_results(identity, len(inbox.outputs) or 1)
         if earlier is not None:
             return Advance(FETCHED, {**seen, "reuse_from": json.dumps(earlier), "spool": None})
@@ -496,6 +523,10 @@ class Pipeline:
         self.destinations.check(work.inbox.outbox, "outbox", need)
         if work.inbox.archive is not None:
             self.destinations.check(work.inbox.archive, "archive")
+        if not self.coordinator.holds(work.inbox.path, work.job.rel):
+            log.warning("claim.lost", **work.log_fields(),
+                        hint="another daemon took the file over; it is not sent from here")
+            return Advance(GONE, changes)
         if not self.slots.acquire(self.stopping):
             return Park(changes=changes)
         work.holds_slot = True
@@ -615,6 +646,7 @@ class Pipeline:
     def _account_problem(self, exc: AccountError, job: Job) -> None:
         pause = self.config.retry.pause_seconds
         newly = self.queue.pause(exc, pause)
+        self.limiter.pause(exc.reason, pause, status=exc.status, message=exc.message)
         self.journal.set_meta("paused", f"{exc.reason}: {exc.message}")
         if newly:
             log.error("account.paused", reason=exc.reason, status=exc.status,
@@ -624,6 +656,21 @@ class Pipeline:
             log.debug("account.still_paused", reason=exc.reason, probe=job.probe)
         if self.on_account_problem is not None:
             self.on_account_problem(exc)
+
+    def _shared_pause_changed(self, pause: SharedPause | None) -> None:
+        """Another daemon sharing the key paused it, or a probe resumed it: follow."""
+        if pause is not None:
+            error = pause.account_error()
+            if self.queue.pause(error, self.config.retry.pause_seconds):
+                self.journal.set_meta("paused", f"{error.reason}: {error.message}")
+                log.error("account.paused", reason=error.reason, status=error.status,
+                          message=error.message, by=f"{pause.host} (pid {pause.pid})",
+                          hint=_ACCOUNT_HINTS.get(error.reason, ""))
+            if self.on_account_problem is not None:
+                self.on_account_problem(error)
+        elif not isinstance(self.queue.paused, BudgetReached) and self.queue.resume():
+            self.journal.set_meta("paused", None)
+            log.warning("account.resumed", hint="the API accepts requests again")
 
     def _budget_spent(self) -> None:
         """Pause sending until midnight (or a reload that raises the budget): files wait."""

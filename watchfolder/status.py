@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from watchfolder.budget import midnight_after
+from watchfolder.claims import CLAIMS_FOLDER
 from watchfolder.config import Config
+from watchfolder.coordination import hosts_report
 from watchfolder.journal import DONE, FAILED, GONE, SENDING, Journal
 from watchfolder.lock import daemon_running
 from watchfolder.watcher import scan
@@ -100,6 +102,7 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
             inbox.path, inbox.recursive, known.get(str(inbox.path), set()),
             kept.get(str(inbox.path), {}))
     report["inboxes"] = list(inboxes.values())
+    report["coordination"] = hosts_report(config)
     for name in ("waiting", "in_flight", "new", "ignored", "done_today", "failed_today",
                  "gone_today", "in_errors"):
         report[name] = sum(entry[name] for entry in inboxes.values())
@@ -156,7 +159,7 @@ def _count_new(root: Path, recursive: bool, known: set[str],
                 if (st.st_size, st.st_mtime_ns) == kept[rel]:
                     continue
         count += 1
-    return count, len(ignored)
+    return count, sum(1 for path in ignored if Path(path).name != CLAIMS_FOLDER)
 
 
 def _count_reasons(errors: Path) -> int:
@@ -189,6 +192,13 @@ def render(report: dict[str, Any], config: Path | None = None) -> str:
     lines.append(f"  {report['spent_today']} request(s) sent today" + (
         f" of a budget of {limit}, renewed at {_short_time(report['budget']['resets_at'])}"
         if limit else ""))
+    shared = report.get("coordination")
+    if shared:
+        hosts = ", ".join(f"{h['host']} (pid {h['pid']}, {h['claims']} claims)"
+                          for h in shared["hosts"]) or "none"
+        state = f"unreachable: {shared['unreachable']}" if shared.get("unreachable") else \
+            f"daemons sharing the key: {hosts}"
+        lines.append(f"  coordination {shared['store']}: {state}")
     if report["paused"]:
         when = "" if report["running"] else " (when it stopped)"
         lines.append(f"  PAUSED{when}: {report['paused']}")

@@ -1,0 +1,103 @@
+"""Several real daemons on one inbox (issue 13): each file processed once, one request each, no
+twins; a daemon killed mid-batch is finished by the others after its lease; the key's limit
+is shared through a real redis-server."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import KEY, RedisServer, Studio, make_image, wait_for
+from tests.test_service import DaemonProcess
+from watchfolder.config import StoreUrl
+from watchfolder.coordination import adopt_empty_store
+from watchfolder.sandbox import Sandbox
+
+
+def host_config(studio: Studio, name: str, **extra: Any) -> Path:
+    """One host's configuration: the shared folders, a state_dir of its own."""
+    data = {**studio.data, "state_dir": f"state-{name}", **extra}
+    path = studio.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def start_hosts(studio: Studio, count: int, first: int = 0, **extra: Any) -> list[DaemonProcess]:
+    hosts = [DaemonProcess(host_config(studio, f"host{n}", **extra))
+             for n in range(first, first + count)]
+    for host in hosts:
+        host.wait_event("ready")
+    return hosts
+
+
+def stop(hosts: list[DaemonProcess]) -> None:
+    for host in hosts:
+        if host.proc.poll() is None:
+            host.send(signal.SIGTERM)
+    for host in hosts:
+        host.stop(timeout=30)
+
+
+def adopt_fresh(redis_server: RedisServer) -> None:
+    """A store just started for the test: no daemon sent in the last minute, no hold."""
+    adopt_empty_store(StoreUrl(redis_server.url), KEY)
+
+
+def check_once(studio: Studio, sandbox: Sandbox, names: list[str], *, extra: int = 0) -> None:
+    assert studio.files(studio.archive) == sorted(names)
+    assert studio.files(studio.outbox) == sorted(names), "one result each, no '-1' twin"
+    assert studio.files(studio.errors) == []
+    assert len(names) <= sandbox.count(200) <= len(names) + extra
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["claims-on-the-share", "redis"])
+def test_three_daemons_on_one_inbox_send_each_file_once(
+        tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer, store: bool) -> None:
+    sandbox.latency = 0.05
+    studio = Studio(tmp_path, sandbox.url)
+    extra = {"coordination": {"url": redis_server.url, "lease_seconds": 5}} if store else {}
+    adopt_fresh(redis_server)
+    hosts = start_hosts(studio, 3, **extra)
+    try:
+        names = [f"shot{n:02d}.png" for n in range(24)]
+        for n, name in enumerate(names):
+            make_image(studio.inbox / name, seed=n)
+        wait_for(lambda: len(studio.files(studio.archive)) == len(names), timeout=60,
+                 what="every file archived")
+        done = [len(host.events("file.done")) for host in hosts]
+    finally:
+        stop(hosts)
+    check_once(studio, sandbox, names)
+    assert sum(done) == len(names)
+
+
+def test_a_killed_daemons_files_are_finished_by_the_others_after_its_lease(
+        tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer) -> None:
+    sandbox.latency = 1.0  # requests in flight when the host dies
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 2})
+    extra = {"coordination": {"url": redis_server.url, "lease_seconds": 5}}
+    adopt_fresh(redis_server)
+    victim = start_hosts(studio, 1, **extra)[0]
+    names = [f"shot{n:02d}.png" for n in range(6)]
+    try:
+        for n, name in enumerate(names):
+            make_image(studio.inbox / name, seed=n)
+        victim.wait_event("file.done")  # it claimed them all and is mid-batch
+        victim.send(signal.SIGKILL)
+    finally:
+        victim.stop(timeout=10)
+    killed_at = time.monotonic()
+    survivors = start_hosts(studio, 2, first=1, **extra)  # other hosts, other state_dirs
+    try:
+        wait_for(lambda: len(studio.files(studio.archive)) == len(names), timeout=60,
+                 what="the survivors finish the dead host's files")
+    finally:
+        stop(survivors)
+    assert time.monotonic() - killed_at >= 4, "taken over only once the lease ran out"
+    # At most one extra credit per request that was in flight at the kill (concurrency 2).
+    check_once(studio, sandbox, names, extra=2)
