@@ -1,14 +1,16 @@
 """The life of one file: a worker takes a job, runs the step for its journal state, and applies
 what the step returns, until the file is finished or parked.
 
-    queued ──prepare──► sending ──send──► fetched ──store──► stored ──finish──► done
-      │  ▲                 │                ▲ │
-      │  └─── park ◄───────┤ (429, pause, transient error: back to queued, retried later;
-      │                    │  a `sending` left by a crash is sent again)
-      │ (an earlier answer for the same content: reused) ───┘ │ (spool lost: ask again)
-      │                    │                                  ▼
-      └───(refused locally, by the API, or out of attempts)──► failing ──fail──► failed
-    queued, failing ──► gone (the file vanished from the inbox)
+    queued ──prepare───────────────► sending ──send──► fetched ──store──► stored ──finish──► done
+      │ └─prepare (studio)─► proxied ─admit─┘ │         ▲ │  (every output placed)       ▲
+      │                        ▲              │         │ └─(spool lost)─► queued        │
+      │      park ◄────────────┴──────────────┤         │                                │
+      │  (429, account pause, budget, transient error: back to queued or proxied, retried │
+      │   later; a `sending` left by a crash is sent again)                              │
+      ├──(an earlier answer for the same content: reused)┘                                │
+      ├──(finished in place by another daemon sharing the inbox)──────────────────────────┘
+      └──(refused here or by the API, out of attempts; or from fetched)──► failing ─fail─► failed
+    queued, sending (claim lost to another daemon), failing ──► gone (the file vanished)
 
 Each step is a method taking the `Work` item (job, journal record, inbox) and returning an
 `Advance` (the next state and the fields to journal with it) or a `Park` (back to the queue
