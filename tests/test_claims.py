@@ -251,6 +251,31 @@ def test_a_claim_file_names_its_holder_and_lease(inbox: Path) -> None:
     claims.close()
 
 
+def test_without_hard_links_claims_hold_and_an_empty_claim_dies_soon(inbox: Path) -> None:
+    a, b = ShareClaims(Holder.this_process(), 60), ShareClaims(Holder.this_process(), 60)
+    a._links = b._links = False  # a share that refuses hard links: O_CREAT|O_EXCL
+    assert a.claim(inbox, "a.png") is not None
+    assert b.claim(inbox, "a.png") is None
+    # Its creator died between the create and the write: dead after 5 s, not a whole lease.
+    empty = inbox / CLAIMS_FOLDER / f"{rel_hash('c.png')}.claim"
+    empty.touch()
+    assert b.claim(inbox, "c.png") is None
+    old = time.time() - 6
+    os.utime(empty, (old, old))
+    assert b.claim(inbox, "c.png") is not None
+    a.close()
+    b.close()
+
+
+def test_a_single_daemon_leaves_no_trace_in_the_inbox(inbox: Path) -> None:
+    claims = ShareClaims(Holder.this_process(), LEASE)
+    held = claims.claim(inbox, "a.png")
+    assert held is not None
+    held.release()
+    claims.close()
+    assert list(inbox.iterdir()) == []
+
+
 def test_the_sweep_removes_only_what_dead_daemons_left(inbox: Path) -> None:
     claims = ShareClaims(Holder.this_process(), LEASE)
     live = claims.claim(inbox, "live.png")

@@ -11,15 +11,21 @@ Two mechanisms behind one interface, `claim(inbox, rel) -> Claim | None` (None: 
 claim of another daemon):
 
 `ShareClaims` (no coordination store): an exclusive create of
-`<inbox>/.watchfolder-claims/<sha1 of rel>.claim`, holding the holder as JSON. Why it holds:
-- local disk: `O_CREAT|O_EXCL` is atomic in the kernel: one creator wins, the others get EEXIST.
-- NFSv3 and v4: the exclusive create is decided by the server (NFSv3 CREATE in EXCLUSIVE mode,
-  NFSv4 OPEN with an exclusive create), so of two clients racing one gets the file and the other
-  EEXIST; Linux has done this since 2.6.5 (NFSv2 cannot, and is not supported). Opening a file
-  revalidates its attributes (close-to-open consistency), so the mtime read through an open
-  descriptor is the server's, not one cached by this client.
-- SMB 2/3: the client sends CREATE with the FILE_CREATE disposition, which the server refuses
-  with STATUS_OBJECT_NAME_COLLISION when the name exists: again the server decides, atomically.
+`<inbox>/.watchfolder-claims/<sha1 of rel>.claim`, holding the holder as JSON. It is written to
+a private file first and hard-linked to that name (the classic NFS-safe lock file), so it is
+never seen half-written; where the share refuses hard links, `O_CREAT|O_EXCL` then the write.
+Why it holds:
+- local disk: link() and `O_CREAT|O_EXCL` are atomic in the kernel: one creator wins, the
+  others get EEXIST.
+- NFSv3 and v4: both are decided by the server (LINK; CREATE in EXCLUSIVE mode, or NFSv4 OPEN
+  with an exclusive create), so of two clients racing one gets the name and the other EEXIST;
+  Linux has done this since 2.6.5 (NFSv2 cannot, and is not supported). A LINK whose reply was
+  lost and retried answers EEXIST though it worked: the private file's link count tells. Opening
+  a file revalidates its attributes (close-to-open consistency), so the mtime read through an
+  open descriptor is the server's, not one cached by this client.
+- SMB 2/3: CREATE with the FILE_CREATE disposition, and a hard link (FileLinkInformation with
+  ReplaceIfExists false), are refused with STATUS_OBJECT_NAME_COLLISION when the name exists:
+  again the server decides, atomically.
 Expiry never compares two hosts' clocks. The claim file's mtime is stamped by the share's server
 when its holder writes it (at creation, at each renewal); to judge it, a daemon writes its own
 clock file in the same folder and reads that file's mtime back: "now" by the same server's
@@ -52,6 +58,7 @@ Both `.watchfolder-claims` and the files in it are ignored by the intake (a dot-
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -81,6 +88,9 @@ CLAIM_SUFFIX = ".claim"
 TAKEOVER_SUFFIX = ".takeover"
 CLOCK_PREFIX = "clock."
 CLOCK_REUSE_SECONDS = 1.0  # one clock-file write serves the judgements of the next second
+NEW_PREFIX = ".new."  # a claim being written, before it is linked to its name
+EMPTY_CLAIM_NS = 5_000_000_000
+NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV)
 
 
 @dataclass(frozen=True)
@@ -283,6 +293,7 @@ class ShareClaims:
         self.holder = holder
         self.lease_ns = int(lease_seconds * 1e9)
         self.monotonic = monotonic
+        self._links = True  # until the share refuses a hard link
         self._folders: dict[Path, ShareFolder] = {}
         self._lock = threading.Lock()
 
@@ -367,17 +378,21 @@ class ShareClaims:
                     seen = _read_claim(Path(entry.path))
                     if seen is not None:
                         self._take_over(folder, Path(entry.path), seen, None)
-                elif name.endswith(TAKEOVER_SUFFIX) or (
+                elif name.endswith(TAKEOVER_SUFFIX) or name.startswith(NEW_PREFIX) or (
                         name.startswith(CLOCK_PREFIX) and entry.path != str(folder._clock_file)):
                     Path(entry.path).unlink(missing_ok=True)
         except OSError as exc:
             log.debug("claims.sweep_failed", inbox=str(inbox), error=str(exc))
 
     def close(self) -> None:
+        """Remove this daemon's clock files, and claims folders left empty (a single daemon
+        leaves no trace; one still used by another daemon is not empty)."""
         with self._lock:
             folders = list(self._folders.values())
         for folder in folders:
             folder.forget_clock()
+            with contextlib.suppress(OSError):
+                folder.path.rmdir()
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -387,18 +402,51 @@ class ShareClaims:
                             "renewed": time.time()}) + "\n").encode()
 
     def _create(self, path: Path, rel: str, nonce: str) -> bool:
+        """Create the claim file whole, or return False if it exists.
+
+        Written to a private file first, then hard-linked to the claim's name: link() fails
+        with EEXIST when the name exists, atomically (the NFS server decides), and a claim is
+        never seen half-written, not even after its creator died. An NFS reply lost and
+        retried can say EEXIST for a link that was made: the private file's link count tells.
+        Where the share refuses hard links, O_CREAT|O_EXCL and then the write.
+        """
+        content = self._content(rel, nonce)
+        if self._links:
+            temp = path.with_name(f"{NEW_PREFIX}{self.holder.daemon}.{nonce}")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                os.write(fd, content)
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return temp.stat().st_nlink >= 2
+            except OSError as exc:
+                if exc.errno not in NO_LINKS:
+                    raise
+                self._links = False
+                log.info("claims.no_hard_links", folder=str(path.parent),
+                         hint="the share refuses hard links: claims are created with O_EXCL")
+            else:
+                return True
+            finally:
+                temp.unlink(missing_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
         try:
-            os.write(fd, self._content(rel, nonce))
+            os.write(fd, content)
         finally:
             os.close(fd)
         return True
 
     def _expired(self, folder: ShareFolder, seen: _Seen) -> bool:
-        return folder.now_ns() - seen.mtime_ns > self.lease_ns
+        # An empty claim is one whose creator died between O_EXCL and its write (shares
+        # without hard links only): dead after a few seconds rather than a whole lease.
+        lease = self.lease_ns if seen.nonce else min(self.lease_ns, EMPTY_CLAIM_NS)
+        return folder.now_ns() - seen.mtime_ns > lease
 
     def _take_over(self, folder: ShareFolder, path: Path, seen: _Seen, rel: str | None, *,
                    mine: bool = False) -> bool:
