@@ -375,3 +375,17 @@ def test_a_daemons_instance_is_kept_in_its_state_dir(tmp_path: Path) -> None:
     first = instance_id(tmp_path / "state")
     assert first == instance_id(tmp_path / "state")
     assert first != instance_id(tmp_path / "another-state")
+
+
+def test_a_restart_removes_the_half_made_claims_of_its_previous_life(inbox: Path) -> None:
+    before = ShareClaims(Holder.this_process("studio-a:1"), LEASE)
+    before.folder(inbox).ensure()
+    leftover = inbox / CLAIMS_FOLDER / f"{before.folder(inbox).new_prefix}abc"
+    leftover.write_text("{}")  # killed between writing and linking a claim
+    other = ShareClaims(Holder.this_process("studio-b:2"), LEASE).folder(inbox)
+    stranger = inbox / CLAIMS_FOLDER / f"{other.new_prefix}abc"
+    stranger.write_text("{}")
+    again = ShareClaims(Holder.this_process("studio-a:1"), LEASE)
+    assert again.claim(inbox, "a.png") is not None
+    assert not leftover.exists()
+    assert stranger.exists()  # another daemon's: the sweep's, two leases on

@@ -224,6 +224,11 @@ class ShareFolder:
         self._ticks = 0
         self._lock = threading.Lock()
         self._made = False
+        # Claims being written are named after this daemon installation, so that a restart can
+        # remove what a crash left half-done (anybody else's wait for the sweep).
+        tag = hashlib.sha1((holder.instance or holder.daemon).encode(),
+                           usedforsecurity=False).hexdigest()[:12]
+        self.new_prefix = f"{NEW_PREFIX}{tag}."
 
     def ensure(self) -> None:
         if self._made:
@@ -233,6 +238,11 @@ class ShareFolder:
         except OSError as exc:
             raise unavailable(self.inbox, exc) from None
         self._made = True
+        if self.holder.instance:
+            with contextlib.suppress(OSError), os.scandir(self.path) as entries:
+                for entry in entries:
+                    if entry.name.startswith(self.new_prefix):  # left by our previous life
+                        Path(entry.path).unlink(missing_ok=True)
 
     def now_ns(self) -> int:
         """The share's time now: the mtime of our clock file, written at most a second ago."""
@@ -321,7 +331,7 @@ class ShareClaims:
     def _claim(self, folder: ShareFolder, path: Path, rel: str) -> Claim | None:
         for _ in range(5):
             nonce = secrets.token_hex(8)
-            if self._create(path, rel, nonce):
+            if self._create(folder, path, rel, nonce):
                 return Claim(self, folder.inbox, rel, nonce)
             seen = _read_claim(path)
             if seen is None:
@@ -401,7 +411,7 @@ class ShareClaims:
                             "lease_seconds": self.lease_ns / 1e9,
                             "renewed": time.time()}) + "\n").encode()
 
-    def _create(self, path: Path, rel: str, nonce: str) -> bool:
+    def _create(self, folder: ShareFolder, path: Path, rel: str, nonce: str) -> bool:
         """Create the claim file whole, or return False if it exists.
 
         Written to a private file first, then hard-linked to the claim's name: link() fails
@@ -412,7 +422,7 @@ class ShareClaims:
         """
         content = self._content(rel, nonce)
         if self._links:
-            temp = path.with_name(f"{NEW_PREFIX}{self.holder.daemon}.{nonce}")
+            temp = path.with_name(f"{folder.new_prefix}{nonce}")
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 os.write(fd, content)
