@@ -5,7 +5,8 @@ coordinator's thread renews it every lease/3 while this daemon works on the file
 retry or a 429 included), and it is released when the file ends or is handed back at a stop.
 A claim not renewed for a whole lease belongs to a daemon that died (or lost the share or the
 store that long): the next daemon that wants the file takes it over. A takeover may pay for a
-file again, at most once per request the dead holder had in flight.
+file again, at most once per request the dead holder had in flight. A daemon restarted on the
+same state_dir takes the claims of its previous life back at once (`Holder.instance`).
 
 Two mechanisms behind one interface, `claim(inbox, rel) -> Claim | None` (None: held by a live
 claim of another daemon):
@@ -35,7 +36,7 @@ server's too: Samba and Windows set it from their own clock; see docs/several-ho
 A takeover of an expired claim is serialised by a second exclusive create, of
 `<sha1>.<nonce of the expired claim>.takeover`: of the daemons that judged the same claim expired,
 one wins, checks again (same nonce, same inode, same mtime, still expired), unlinks it and then
-creates its own claim with O_EXCL like anyone else (a new daemon racing it is settled by that
+creates its own claim exclusively like anyone else (a new daemon racing it is settled by that
 create). What leases cannot prevent, no lease can: a holder that stalls for a whole lease
 (a hung mount) and then carries on. It finds its claim lost at the next renewal.
 
@@ -534,18 +535,28 @@ def unavailable(inbox: Path, exc: OSError) -> CoordinationUnavailable:
 
 # -- in the store ------------------------------------------------------------------------------
 
+# Which run of the store this is (`run_id`) and since when (`uptime`, us, or nil). INFO may be
+# refused to an ACL user without @dangerous: then run_id is 'unknown' and only a store that
+# lost everything (a missing key) is noticed, not one restored from an older snapshot.
+STORE_RUN = """
+local run_id, uptime = 'unknown', nil
+local info = redis.pcall('INFO', 'server')
+if type(info) == 'string' then
+  run_id = string.match(info, 'run_id:(%w+)') or 'unknown'
+  local up = string.match(info, 'uptime_in_seconds:(%d+)')
+  if up then uptime = tonumber(up) * 1000000 end
+end
+"""
+
 # After the store lost its data (restarted empty, or a failover), every live holder renews its
 # claims within lease/3, re-creating them; until one lease has passed since the store started,
 # nobody may take a new claim, so a live holder's file cannot be claimed by someone else first.
 # KEYS[2] the store's run_id when last seen, KEYS[3] the grace key. Sets `grace` true or false.
-_GRACE = """
-local info = redis.call('INFO', 'server')
-local run_id = string.match(info, 'run_id:(%w+)')
+_GRACE = STORE_RUN + """
 local seen = redis.call('GET', KEYS[2])
 if seen ~= run_id then
-  local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) * 1000000
   local ends = now + lease  -- empty for long (first use, a flush): nothing says since when
-  if seen or uptime < lease then ends = now - uptime + lease end
+  if uptime and (seen or uptime < lease) then ends = now - uptime + lease end
   redis.call('SET', KEYS[2], run_id)
   if ends > now then
     redis.call('SET', KEYS[3], '1', 'PX', math.ceil((ends - now) / 1000))

@@ -67,6 +67,7 @@ from redis.retry import Retry
 from watchfolder import errors, logs
 from watchfolder.claims import (
     GRACE_KEYS,
+    STORE_RUN,
     Claim,
     ClaimBackend,
     DoneMark,
@@ -296,13 +297,11 @@ local span = window + tonumber(ARGV[4])
 
 -- A store that lost its data lost sends that still count: hold until they are out of any window.
 local reset = 0
-local info = redis.call('INFO', 'server')
-local run_id = string.match(info, 'run_id:(%w+)')
+""" + STORE_RUN + """
 local epoch = redis.call('GET', KEYS[5])
 if epoch ~= run_id then
-  local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) * 1000000
   local lost_until
-  if epoch or uptime < window then
+  if uptime and (epoch or uptime < window) then
     lost_until = now - uptime + span  -- every lost send was made before this store started
   else
     lost_until = now + span  -- empty for a long time: nothing says when sends were lost
@@ -900,14 +899,13 @@ def adopt_empty_store(url: StoreUrl, api_key: str) -> None:
     (empty or restarted) store needs no hold before the first send or claim.
     Raises CoordinationUnavailable."""
     store = Store(url, quiet=True)
-
-    def adopt(client: redis.Redis) -> None:
-        run_id = str(client.info("server")["run_id"])
-        client.set(f"watchfolder:{{{key_id(api_key)}}}:epoch", run_id)
-        client.set(GRACE_KEYS[0], run_id)
-        client.delete(GRACE_KEYS[1])
-
+    adopt = store.script(STORE_RUN + """
+redis.call('SET', KEYS[1], run_id)
+redis.call('SET', KEYS[2], run_id)
+redis.call('DEL', KEYS[3])
+return 1
+""")
     try:
-        store.call(adopt)
+        store.run(adopt, [f"watchfolder:{{{key_id(api_key)}}}:epoch", *GRACE_KEYS], [])
     finally:
         store.close()
