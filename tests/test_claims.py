@@ -219,6 +219,8 @@ def test_a_restarted_daemon_takes_its_own_claims_back_at_once(backends: Backends
     try:
         assert before.stdout is not None
         assert before.stdout.readline().strip() == "held"
+        # Same instance but alive (two daemons must never share a state_dir): not taken.
+        assert backends.make(instance="studio-a:1234").claim(inbox, "a.png") is None
         before.send_signal(signal.SIGKILL)  # a crash; the lease has 30 s to run
         before.wait(timeout=10)
     finally:

@@ -115,8 +115,26 @@ class Holder:
                 "instance": self.instance}
 
     def left_by_my_previous_life(self, other: dict[str, Any]) -> bool:
-        return bool(self.instance) and other.get("instance") == self.instance and (
-            other.get("daemon") != self.daemon)
+        """True for the holder of a claim this daemon left before a restart: same instance and
+        host, another daemon id, and its process is gone."""
+        if not self.instance or other.get("instance") != self.instance:
+            return False
+        if other.get("daemon") == self.daemon or other.get("host") != self.host:
+            return False
+        return not _running(other.get("pid"))
+
+
+def _running(pid: Any) -> bool:
+    """Is there a process with this pid here? (When unsure, yes: the lease decides then.)"""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
 
 
 INSTANCE_FILE = "coordination-instance"
@@ -565,34 +583,29 @@ end
 local grace = redis.call('EXISTS', KEYS[3]) == 1
 """
 
-# KEYS: 1 the claim, 2 run_id seen, 3 grace; ARGV: lease in microseconds, our token, our
-# instance, our daemon id. Value: "<expires_us>|<token>". Returns {1, previous value or "",
-# 1 if it was left by our own previous life} when ours now, {0, current value or ""} when held
-# by a live claim (or during the grace after a store reset).
+# KEYS: 1 the claim, 2 run_id seen, 3 grace; ARGV: lease in microseconds, our token, and a
+# value to replace even if live (a claim left by our own previous life) or "". Value:
+# "<expires_us>|<token>". Returns {1, previous value or ""} when ours now, {0, current value
+# or ""} when held by a live claim (or during the grace after a store reset).
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[1])
 """ + _GRACE + """
 local current = redis.call('GET', KEYS[1])
-local mine = false
-if current and ARGV[3] ~= '' then
-  local ok, holder = pcall(cjson.decode, string.match(current, '^%d+|(.*)$') or '')
-  mine = ok and type(holder) == 'table' and holder['instance'] == ARGV[3]
-         and holder['daemon'] ~= ARGV[4]
+local forced = ARGV[3] ~= '' and current == ARGV[3]
+if grace and not forced then
+  return {0, current or ''}
 end
-if grace and not mine then
-  return {0, current or '', 0}
-end
-if current and not mine then
+if current and not forced then
   local expires = tonumber(string.match(current, '^(%d+)|'))
   if expires and expires > now then
-    return {0, current, 0}
+    return {0, current}
   end
 end
 redis.call('SET', KEYS[1], string.format('%.0f|', now + lease) .. ARGV[2],
            'PX', math.floor(2 * lease / 1000) + 1000)
-return {1, current or '', mine and 1 or 0}
+return {1, current or ''}
 """
 
 # KEYS: as _CLAIM; ARGV: lease in microseconds, our token. 1 renewed (or re-created after a
@@ -656,9 +669,14 @@ class StoreClaims:
 
     def claim(self, inbox: Path, rel: str) -> Claim | None:
         token = json.dumps({**self.holder.as_dict(), "nonce": secrets.token_hex(8)})
-        ours, previous, mine = self.store.run(
-            self._claim, self.keys(inbox, rel),
-            [self.lease_us, token, self.holder.instance, self.holder.daemon])
+        keys = self.keys(inbox, rel)
+        ours, previous = self.store.run(self._claim, keys, [self.lease_us, token, ""])
+        mine = False
+        if not ours and previous and self.holder.left_by_my_previous_life(
+                _store_holder(previous)):
+            # Left by this daemon before its restart: replace exactly that claim, at once.
+            ours, previous = self.store.run(self._claim, keys, [self.lease_us, token, previous])
+            mine = bool(ours)
         if not ours:
             return None
         if mine:
