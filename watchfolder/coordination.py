@@ -16,9 +16,10 @@ still send each file once.
 The shared rate limit (`SharedRateLimiter`) has the local limiter's interface. One Lua script,
 run atomically by the store, keeps an exact sliding window: a sorted set of send times in the
 store's clock (`redis.call('TIME')`), never more than the limit within any `window + margin`
-(the margin, as in ratelimit.py, absorbs network jitter). The hosts' clocks never matter. Every
-daemon registers its `requests_per_minute` with an expiry (renewed by its thread) and the
-script applies the smallest registered one, so the most careful host's limit holds. Keys are
+(the margin, as in ratelimit.py, absorbs network jitter), bursts spread over half a window
+(see `SharedRateLimiter`). The hosts' clocks never matter. Every daemon registers its
+`requests_per_minute` with an expiry (renewed by its thread) and the script applies the
+smallest registered one, so the most careful host's limit holds. Keys are
 named after a hash of the API key (never the key): daemons naming the same store and key share
 one window. A 429's hold and the account pause live in the store too: one host's 402 pauses all;
 while paused, the store grants one probe per `retry.pause_seconds` across all hosts, and the
@@ -42,7 +43,8 @@ full window from now (`adopt_empty_store` skips that when the operator knows no 
 the last minute). Not chosen: every host re-inserting its own recent sends. A host that has not
 noticed the restart yet (idle, or between two sends) has not re-inserted its sends when another
 host fills the window, so it cannot promise the limit; the hold can, at the cost of at most one
-minute per store restart.
+minute per store restart. (The claims the store lost are re-created by their holders first: see
+the grace in claims.py.)
 """
 
 from __future__ import annotations
