@@ -68,6 +68,7 @@ def host_main(args: argparse.Namespace) -> int:
         "api": {"url": args.api, "key": KEY, "requests_per_minute": RPM,
                 "concurrency": CONCURRENCY},
         "coordination": {"url": args.store, "lease_seconds": LEASE},
+        "state_dir": str(root / f"state-{args.number}"),  # each daemon has its own
         "inboxes": [{"path": str(root / "inbox"), "outbox": str(root / "outbox"),
                      "errors": str(root / "errors"), "archive": str(root / "archive")}],
     }, base_dir=root)
@@ -194,7 +195,7 @@ def run_hosts(root: Path, windows: int, *, kill_one: bool) -> dict[str, Any]:
         adopt_empty_store(StoreUrl(url), KEY)  # a store up for long: no first-minute hold
         hosts = [subprocess.Popen(
             [sys.executable, "-m", "benchmarks.hosts", "--host", "--root", str(root),
-             "--api", sandbox.url, "--store", url],
+             "--api", sandbox.url, "--store", url, "--number", str(n)],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=(root / f"host{n}.log").open("wb"), text=True) for n in range(HOSTS)]
         for host in hosts:
@@ -244,6 +245,7 @@ def claim_costs(root: Path, count: int = 2000) -> dict[str, Any]:
     """Microseconds per file: claim + release (share, store), done-mark lookup."""
     from watchfolder.claims import DoneMarks, Holder, ShareClaims, StoreClaims
     from watchfolder.config import StoreUrl
+    from watchfolder.coordination import adopt_empty_store
     from watchfolder.store import Store
 
     inbox = root / "inbox-costs"
@@ -278,6 +280,7 @@ def claim_costs(root: Path, count: int = 2000) -> dict[str, Any]:
                lambda name: marks.find(inbox, name, 10, 1, "ab" * 32))}
     share.close()
     with redis_server(root / "redis-costs") as url:
+        adopt_empty_store(StoreUrl(url), KEY)  # no grace: a store in use for long
         store = Store(StoreUrl(url))
         claims = StoreClaims(store, holder, 60, ShareClaims(holder, 60))
 
@@ -303,6 +306,7 @@ def main() -> int:
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--api", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--number", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.host:
         return host_main(args)

@@ -220,6 +220,8 @@ def test_a_restarted_daemon_takes_its_own_claims_back_at_once(backends: Backends
     try:
         assert before.stdout is not None
         assert before.stdout.readline().strip() == "held"
+        # Same instance but alive (two daemons must never share a state_dir): not taken.
+        assert backends.make(instance="studio-a:1234").claim(inbox, "a.png") is None
         before.send_signal(signal.SIGKILL)  # a crash; the lease has 30 s to run
         before.wait(timeout=10)
     finally:
@@ -250,6 +252,31 @@ def test_a_claim_file_names_its_holder_and_lease(inbox: Path) -> None:
     held.release()
     assert not path.exists()
     claims.close()
+
+
+def test_without_hard_links_claims_hold_and_an_empty_claim_dies_soon(inbox: Path) -> None:
+    a, b = ShareClaims(Holder.this_process(), 60), ShareClaims(Holder.this_process(), 60)
+    a._links = b._links = False  # a share that refuses hard links: O_CREAT|O_EXCL
+    assert a.claim(inbox, "a.png") is not None
+    assert b.claim(inbox, "a.png") is None
+    # Its creator died between the create and the write: dead after 5 s, not a whole lease.
+    empty = inbox / CLAIMS_FOLDER / f"{rel_hash('c.png')}.claim"
+    empty.touch()
+    assert b.claim(inbox, "c.png") is None
+    old = time.time() - 6
+    os.utime(empty, (old, old))
+    assert b.claim(inbox, "c.png") is not None
+    a.close()
+    b.close()
+
+
+def test_a_single_daemon_leaves_no_trace_in_the_inbox(inbox: Path) -> None:
+    claims = ShareClaims(Holder.this_process(), LEASE)
+    held = claims.claim(inbox, "a.png")
+    assert held is not None
+    held.release()
+    claims.close()
+    assert list(inbox.iterdir()) == []
 
 
 def test_the_sweep_removes_only_what_dead_daemons_left(inbox: Path) -> None:
@@ -351,3 +378,17 @@ def test_a_daemons_instance_is_kept_in_its_state_dir(tmp_path: Path) -> None:
     first = instance_id(tmp_path / "state")
     assert first == instance_id(tmp_path / "state")
     assert first != instance_id(tmp_path / "another-state")
+
+
+def test_a_restart_removes_the_half_made_claims_of_its_previous_life(inbox: Path) -> None:
+    before = ShareClaims(Holder.this_process("studio-a:1"), LEASE)
+    before.folder(inbox).ensure()
+    leftover = inbox / CLAIMS_FOLDER / f"{before.folder(inbox).new_prefix}abc"
+    leftover.write_text("{}")  # killed between writing and linking a claim
+    other = ShareClaims(Holder.this_process("studio-b:2"), LEASE).folder(inbox)
+    stranger = inbox / CLAIMS_FOLDER / f"{other.new_prefix}abc"
+    stranger.write_text("{}")
+    again = ShareClaims(Holder.this_process("studio-a:1"), LEASE)
+    assert again.claim(inbox, "a.png") is not None
+    assert not leftover.exists()
+    assert stranger.exists()  # another daemon's: the sweep's, two leases on

@@ -452,3 +452,25 @@ def test_an_unreachable_store_is_logged_without_its_password(tmp_path: Path,
     finally:
         coordinator.stop()
     assert "n0t-to-be-seen" not in log_lines.getvalue()
+
+
+def test_a_store_user_without_info_rights_still_coordinates(redis_server: RedisServer,
+                                                            tmp_path: Path) -> None:
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.acl_setuser("wf", enabled=True, passwords=["+pw-0123456789"], keys=["*"],
+                      categories=["+@all", "-@dangerous"])  # INFO is @dangerous
+    admin.close()
+    url = f"redis://wf:pw-0123456789@127.0.0.1:{redis_server.port}/0"
+    shared = Shared(url, window=1.0)
+    try:
+        limiter = shared.limiter(3)
+        assert [limiter.try_acquire() for _ in range(3)] == [0.0] * 3
+        assert limiter.try_acquire() > 0
+        config = config_with(tmp_path, {"url": url})
+        coordinator = Coordinator.from_config(config, lease_seconds=1)
+        try:
+            assert coordinator.claim(config.inboxes[0].path, "a.png") is not None
+        finally:
+            coordinator.stop()
+    finally:
+        shared.close()

@@ -5,21 +5,28 @@ coordinator's thread renews it every lease/3 while this daemon works on the file
 retry or a 429 included), and it is released when the file ends or is handed back at a stop.
 A claim not renewed for a whole lease belongs to a daemon that died (or lost the share or the
 store that long): the next daemon that wants the file takes it over. A takeover may pay for a
-file again, at most once per request the dead holder had in flight.
+file again, at most once per request the dead holder had in flight. A daemon restarted on the
+same state_dir takes the claims of its previous life back at once (`Holder.instance`).
 
 Two mechanisms behind one interface, `claim(inbox, rel) -> Claim | None` (None: held by a live
 claim of another daemon):
 
 `ShareClaims` (no coordination store): an exclusive create of
-`<inbox>/.watchfolder-claims/<sha1 of rel>.claim`, holding the holder as JSON. Why it holds:
-- local disk: `O_CREAT|O_EXCL` is atomic in the kernel: one creator wins, the others get EEXIST.
-- NFSv3 and v4: the exclusive create is decided by the server (NFSv3 CREATE in EXCLUSIVE mode,
-  NFSv4 OPEN with an exclusive create), so of two clients racing one gets the file and the other
-  EEXIST; Linux has done this since 2.6.5 (NFSv2 cannot, and is not supported). Opening a file
-  revalidates its attributes (close-to-open consistency), so the mtime read through an open
-  descriptor is the server's, not one cached by this client.
-- SMB 2/3: the client sends CREATE with the FILE_CREATE disposition, which the server refuses
-  with STATUS_OBJECT_NAME_COLLISION when the name exists: again the server decides, atomically.
+`<inbox>/.watchfolder-claims/<sha1 of rel>.claim`, holding the holder as JSON. It is written to
+a private file first and hard-linked to that name (the classic NFS-safe lock file), so it is
+never seen half-written; where the share refuses hard links, `O_CREAT|O_EXCL` then the write.
+Why it holds:
+- local disk: link() and `O_CREAT|O_EXCL` are atomic in the kernel: one creator wins, the
+  others get EEXIST.
+- NFSv3 and v4: both are decided by the server (LINK; CREATE in EXCLUSIVE mode, or NFSv4 OPEN
+  with an exclusive create), so of two clients racing one gets the name and the other EEXIST;
+  Linux has done this since 2.6.5 (NFSv2 cannot, and is not supported). A LINK whose reply was
+  lost and retried answers EEXIST though it worked: the private file's link count tells. Opening
+  a file revalidates its attributes (close-to-open consistency), so the mtime read through an
+  open descriptor is the server's, not one cached by this client.
+- SMB 2/3: CREATE with the FILE_CREATE disposition, and a hard link (FileLinkInformation with
+  ReplaceIfExists false), are refused with STATUS_OBJECT_NAME_COLLISION when the name exists:
+  again the server decides, atomically.
 Expiry never compares two hosts' clocks. The claim file's mtime is stamped by the share's server
 when its holder writes it (at creation, at each renewal); to judge it, a daemon writes its own
 clock file in the same folder and reads that file's mtime back: "now" by the same server's
@@ -29,7 +36,7 @@ server's too: Samba and Windows set it from their own clock; see docs/several-ho
 A takeover of an expired claim is serialised by a second exclusive create, of
 `<sha1>.<nonce of the expired claim>.takeover`: of the daemons that judged the same claim expired,
 one wins, checks again (same nonce, same inode, same mtime, still expired), unlinks it and then
-creates its own claim with O_EXCL like anyone else (a new daemon racing it is settled by that
+creates its own claim exclusively like anyone else (a new daemon racing it is settled by that
 create). What leases cannot prevent, no lease can: a holder that stalls for a whole lease
 (a hung mount) and then carries on. It finds its claim lost at the next renewal.
 
@@ -52,6 +59,7 @@ Both `.watchfolder-claims` and the files in it are ignored by the intake (a dot-
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -81,6 +89,9 @@ CLAIM_SUFFIX = ".claim"
 TAKEOVER_SUFFIX = ".takeover"
 CLOCK_PREFIX = "clock."
 CLOCK_REUSE_SECONDS = 1.0  # one clock-file write serves the judgements of the next second
+NEW_PREFIX = ".new."  # a claim being written, before it is linked to its name
+EMPTY_CLAIM_NS = 5_000_000_000
+NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV)
 
 
 @dataclass(frozen=True)
@@ -104,8 +115,26 @@ class Holder:
                 "instance": self.instance}
 
     def left_by_my_previous_life(self, other: dict[str, Any]) -> bool:
-        return bool(self.instance) and other.get("instance") == self.instance and (
-            other.get("daemon") != self.daemon)
+        """True for the holder of a claim this daemon left before a restart: same instance and
+        host, another daemon id, and its process is gone."""
+        if not self.instance or other.get("instance") != self.instance:
+            return False
+        if other.get("daemon") == self.daemon or other.get("host") != self.host:
+            return False
+        return not _running(other.get("pid"))
+
+
+def _running(pid: Any) -> bool:
+    """Is there a process with this pid here? (When unsure, yes: the lease decides then.)"""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
 
 
 INSTANCE_FILE = "coordination-instance"
@@ -214,6 +243,11 @@ class ShareFolder:
         self._ticks = 0
         self._lock = threading.Lock()
         self._made = False
+        # Claims being written are named after this daemon installation, so that a restart can
+        # remove what a crash left half-done (anybody else's wait for the sweep).
+        tag = hashlib.sha1((holder.instance or holder.daemon).encode(),
+                           usedforsecurity=False).hexdigest()[:12]
+        self.new_prefix = f"{NEW_PREFIX}{tag}."
 
     def ensure(self) -> None:
         if self._made:
@@ -223,6 +257,11 @@ class ShareFolder:
         except OSError as exc:
             raise unavailable(self.inbox, exc) from None
         self._made = True
+        if self.holder.instance:
+            with contextlib.suppress(OSError), os.scandir(self.path) as entries:
+                for entry in entries:
+                    if entry.name.startswith(self.new_prefix):  # left by our previous life
+                        Path(entry.path).unlink(missing_ok=True)
 
     def now_ns(self) -> int:
         """The share's time now: the mtime of our clock file, written at most a second ago."""
@@ -283,6 +322,7 @@ class ShareClaims:
         self.holder = holder
         self.lease_ns = int(lease_seconds * 1e9)
         self.monotonic = monotonic
+        self._links = True  # until the share refuses a hard link
         self._folders: dict[Path, ShareFolder] = {}
         self._lock = threading.Lock()
 
@@ -310,7 +350,7 @@ class ShareClaims:
     def _claim(self, folder: ShareFolder, path: Path, rel: str) -> Claim | None:
         for _ in range(5):
             nonce = secrets.token_hex(8)
-            if self._create(path, rel, nonce):
+            if self._create(folder, path, rel, nonce):
                 return Claim(self, folder.inbox, rel, nonce)
             seen = _read_claim(path)
             if seen is None:
@@ -367,17 +407,21 @@ class ShareClaims:
                     seen = _read_claim(Path(entry.path))
                     if seen is not None:
                         self._take_over(folder, Path(entry.path), seen, None)
-                elif name.endswith(TAKEOVER_SUFFIX) or (
+                elif name.endswith(TAKEOVER_SUFFIX) or name.startswith(NEW_PREFIX) or (
                         name.startswith(CLOCK_PREFIX) and entry.path != str(folder._clock_file)):
                     Path(entry.path).unlink(missing_ok=True)
         except OSError as exc:
             log.debug("claims.sweep_failed", inbox=str(inbox), error=str(exc))
 
     def close(self) -> None:
+        """Remove this daemon's clock files, and claims folders left empty (a single daemon
+        leaves no trace; one still used by another daemon is not empty)."""
         with self._lock:
             folders = list(self._folders.values())
         for folder in folders:
             folder.forget_clock()
+            with contextlib.suppress(OSError):
+                folder.path.rmdir()
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -386,19 +430,52 @@ class ShareClaims:
                             "lease_seconds": self.lease_ns / 1e9,
                             "renewed": time.time()}) + "\n").encode()
 
-    def _create(self, path: Path, rel: str, nonce: str) -> bool:
+    def _create(self, folder: ShareFolder, path: Path, rel: str, nonce: str) -> bool:
+        """Create the claim file whole, or return False if it exists.
+
+        Written to a private file first, then hard-linked to the claim's name: link() fails
+        with EEXIST when the name exists, atomically (the NFS server decides), and a claim is
+        never seen half-written, not even after its creator died. An NFS reply lost and
+        retried can say EEXIST for a link that was made: the private file's link count tells.
+        Where the share refuses hard links, O_CREAT|O_EXCL and then the write.
+        """
+        content = self._content(rel, nonce)
+        if self._links:
+            temp = path.with_name(f"{folder.new_prefix}{nonce}")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                os.write(fd, content)
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return temp.stat().st_nlink >= 2
+            except OSError as exc:
+                if exc.errno not in NO_LINKS:
+                    raise
+                self._links = False
+                log.info("claims.no_hard_links", folder=str(path.parent),
+                         hint="the share refuses hard links: claims are created with O_EXCL")
+            else:
+                return True
+            finally:
+                temp.unlink(missing_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
         try:
-            os.write(fd, self._content(rel, nonce))
+            os.write(fd, content)
         finally:
             os.close(fd)
         return True
 
     def _expired(self, folder: ShareFolder, seen: _Seen) -> bool:
-        return folder.now_ns() - seen.mtime_ns > self.lease_ns
+        # An empty claim is one whose creator died between O_EXCL and its write (shares
+        # without hard links only): dead after a few seconds rather than a whole lease.
+        lease = self.lease_ns if seen.nonce else min(self.lease_ns, EMPTY_CLAIM_NS)
+        return folder.now_ns() - seen.mtime_ns > lease
 
     def _take_over(self, folder: ShareFolder, path: Path, seen: _Seen, rel: str | None, *,
                    mine: bool = False) -> bool:
@@ -476,18 +553,28 @@ def unavailable(inbox: Path, exc: OSError) -> CoordinationUnavailable:
 
 # -- in the store ------------------------------------------------------------------------------
 
+# Which run of the store this is (`run_id`) and since when (`uptime`, us, or nil). INFO may be
+# refused to an ACL user without @dangerous: then run_id is 'unknown' and only a store that
+# lost everything (a missing key) is noticed, not one restored from an older snapshot.
+STORE_RUN = """
+local run_id, uptime = 'unknown', nil
+local info = redis.pcall('INFO', 'server')
+if type(info) == 'string' then
+  run_id = string.match(info, 'run_id:(%w+)') or 'unknown'
+  local up = string.match(info, 'uptime_in_seconds:(%d+)')
+  if up then uptime = tonumber(up) * 1000000 end
+end
+"""
+
 # After the store lost its data (restarted empty, or a failover), every live holder renews its
 # claims within lease/3, re-creating them; until one lease has passed since the store started,
 # nobody may take a new claim, so a live holder's file cannot be claimed by someone else first.
 # KEYS[2] the store's run_id when last seen, KEYS[3] the grace key. Sets `grace` true or false.
-_GRACE = """
-local info = redis.call('INFO', 'server')
-local run_id = string.match(info, 'run_id:(%w+)')
+_GRACE = STORE_RUN + """
 local seen = redis.call('GET', KEYS[2])
 if seen ~= run_id then
-  local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) * 1000000
   local ends = now + lease  -- empty for long (first use, a flush): nothing says since when
-  if seen or uptime < lease then ends = now - uptime + lease end
+  if uptime and (seen or uptime < lease) then ends = now - uptime + lease end
   redis.call('SET', KEYS[2], run_id)
   if ends > now then
     redis.call('SET', KEYS[3], '1', 'PX', math.ceil((ends - now) / 1000))
@@ -496,34 +583,29 @@ end
 local grace = redis.call('EXISTS', KEYS[3]) == 1
 """
 
-# KEYS: 1 the claim, 2 run_id seen, 3 grace; ARGV: lease in microseconds, our token, our
-# instance, our daemon id. Value: "<expires_us>|<token>". Returns {1, previous value or "",
-# 1 if it was left by our own previous life} when ours now, {0, current value or ""} when held
-# by a live claim (or during the grace after a store reset).
+# KEYS: 1 the claim, 2 run_id seen, 3 grace; ARGV: lease in microseconds, our token, and a
+# value to replace even if live (a claim left by our own previous life) or "". Value:
+# "<expires_us>|<token>". Returns {1, previous value or ""} when ours now, {0, current value
+# or ""} when held by a live claim (or during the grace after a store reset).
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[1])
 """ + _GRACE + """
 local current = redis.call('GET', KEYS[1])
-local mine = false
-if current and ARGV[3] ~= '' then
-  local ok, holder = pcall(cjson.decode, string.match(current, '^%d+|(.*)$') or '')
-  mine = ok and type(holder) == 'table' and holder['instance'] == ARGV[3]
-         and holder['daemon'] ~= ARGV[4]
+local forced = ARGV[3] ~= '' and current == ARGV[3]
+if grace and not forced then
+  return {0, current or ''}
 end
-if grace and not mine then
-  return {0, current or '', 0}
-end
-if current and not mine then
+if current and not forced then
   local expires = tonumber(string.match(current, '^(%d+)|'))
   if expires and expires > now then
-    return {0, current, 0}
+    return {0, current}
   end
 end
 redis.call('SET', KEYS[1], string.format('%.0f|', now + lease) .. ARGV[2],
            'PX', math.floor(2 * lease / 1000) + 1000)
-return {1, current or '', mine and 1 or 0}
+return {1, current or ''}
 """
 
 # KEYS: as _CLAIM; ARGV: lease in microseconds, our token. 1 renewed (or re-created after a
@@ -587,9 +669,14 @@ class StoreClaims:
 
     def claim(self, inbox: Path, rel: str) -> Claim | None:
         token = json.dumps({**self.holder.as_dict(), "nonce": secrets.token_hex(8)})
-        ours, previous, mine = self.store.run(
-            self._claim, self.keys(inbox, rel),
-            [self.lease_us, token, self.holder.instance, self.holder.daemon])
+        keys = self.keys(inbox, rel)
+        ours, previous = self.store.run(self._claim, keys, [self.lease_us, token, ""])
+        mine = False
+        if not ours and previous and self.holder.left_by_my_previous_life(
+                _store_holder(previous)):
+            # Left by this daemon before its restart: replace exactly that claim, at once.
+            ours, previous = self.store.run(self._claim, keys, [self.lease_us, token, previous])
+            mine = bool(ours)
         if not ours:
             return None
         if mine:

@@ -16,9 +16,10 @@ still send each file once.
 The shared rate limit (`SharedRateLimiter`) has the local limiter's interface. One Lua script,
 run atomically by the store, keeps an exact sliding window: a sorted set of send times in the
 store's clock (`redis.call('TIME')`), never more than the limit within any `window + margin`
-(the margin, as in ratelimit.py, absorbs network jitter). The hosts' clocks never matter. Every
-daemon registers its `requests_per_minute` with an expiry (renewed by its thread) and the
-script applies the smallest registered one, so the most careful host's limit holds. Keys are
+(the margin, as in ratelimit.py, absorbs network jitter), bursts spread over half a window
+(see `SharedRateLimiter`). The hosts' clocks never matter. Every daemon registers its
+`requests_per_minute` with an expiry (renewed by its thread) and the script applies the
+smallest registered one, so the most careful host's limit holds. Keys are
 named after a hash of the API key (never the key): daemons naming the same store and key share
 one window. A 429's hold and the account pause live in the store too: one host's 402 pauses all;
 while paused, the store grants one probe per `retry.pause_seconds` across all hosts, and the
@@ -42,7 +43,8 @@ full window from now (`adopt_empty_store` skips that when the operator knows no 
 the last minute). Not chosen: every host re-inserting its own recent sends. A host that has not
 noticed the restart yet (idle, or between two sends) has not re-inserted its sends when another
 host fills the window, so it cannot promise the limit; the hold can, at the cost of at most one
-minute per store restart.
+minute per store restart. (The claims the store lost are re-created by their holders first: see
+the grace in claims.py.)
 """
 
 from __future__ import annotations
@@ -57,12 +59,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import redis
 import structlog
 
 from watchfolder import errors
 from watchfolder.claims import (
     GRACE_KEYS,
+    STORE_RUN,
     Claim,
     ClaimBackend,
     DoneMark,
@@ -222,13 +224,11 @@ local span = window + tonumber(ARGV[4])
 
 -- A store that lost its data lost sends that still count: hold until they are out of any window.
 local reset = 0
-local info = redis.call('INFO', 'server')
-local run_id = string.match(info, 'run_id:(%w+)')
+""" + STORE_RUN + """
 local epoch = redis.call('GET', KEYS[5])
 if epoch ~= run_id then
-  local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) * 1000000
   local lost_until
-  if epoch or uptime < window then
+  if uptime and (epoch or uptime < window) then
     lost_until = now - uptime + span  -- every lost send was made before this store started
   else
     lost_until = now + span  -- empty for a long time: nothing says when sends were lost
@@ -830,14 +830,13 @@ def adopt_empty_store(url: StoreUrl, api_key: str) -> None:
     (empty or restarted) store needs no hold before the first send or claim.
     Raises CoordinationUnavailable."""
     store = Store(url, quiet=True)
-
-    def adopt(client: redis.Redis) -> None:
-        run_id = str(client.info("server")["run_id"])
-        client.set(f"watchfolder:{{{key_id(api_key)}}}:epoch", run_id)
-        client.set(GRACE_KEYS[0], run_id)
-        client.delete(GRACE_KEYS[1])
-
+    adopt = store.script(STORE_RUN + """
+redis.call('SET', KEYS[1], run_id)
+redis.call('SET', KEYS[2], run_id)
+redis.call('DEL', KEYS[3])
+return 1
+""")
     try:
-        store.call(adopt)
+        store.run(adopt, [f"watchfolder:{{{key_id(api_key)}}}:epoch", *GRACE_KEYS], [])
     finally:
         store.close()
