@@ -102,3 +102,28 @@ def test_a_killed_daemons_files_are_finished_by_the_others_after_its_lease(
     assert time.monotonic() - killed_at >= 4, "taken over only once the lease ran out"
     # At most one extra credit per request that was in flight at the kill (concurrency 2).
     check_once(studio, sandbox, names, extra=2)
+
+
+def test_status_shows_the_daemons_sharing_the_key(tmp_path: Path, sandbox: Sandbox,
+                                                  redis_server: RedisServer) -> None:
+    import json
+
+    from tests.conftest import run_watchfolder
+
+    studio = Studio(tmp_path, sandbox.url)
+    extra = {"coordination": {"url": redis_server.url, "lease_seconds": 5}}
+    adopt_fresh(redis_server)
+    hosts = start_hosts(studio, 2, **extra)
+    try:
+        done = run_watchfolder("status", "--config", str(host_config(studio, "host0", **extra)),
+                               "--json")
+        text = run_watchfolder("status", "--config", str(host_config(studio, "host0", **extra)))
+    finally:
+        stop(hosts)
+    assert done.returncode == 0, done.stderr
+    shared = json.loads(done.stdout)["coordination"]
+    assert shared["store"] == redis_server.url
+    pids = sorted(host["pid"] for host in shared["hosts"])
+    assert pids == sorted(host.proc.pid for host in hosts)
+    assert all(host["claims"] == 0 and host["host"] for host in shared["hosts"])
+    assert "daemons sharing the key" in text.stdout
