@@ -129,6 +129,14 @@ def write_atomic(data: bytes, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
+def _holds(path: Path, sha: str) -> bool:
+    """`path` is a regular file with exactly the bytes whose SHA-256 is `sha`."""
+    try:
+        return path.is_file() and not path.is_symlink() and sha256_file(path) == sha
+    except OSError:
+        return False
+
+
 def _head(path: Path, size: int = 4096) -> bytes:
     try:
         with path.open("rb") as handle:
@@ -286,12 +294,16 @@ class Destinations:
 
     def place_new(self, root: Path, name: str, target: Path, chosen: Path | None, *,
                   produce: Callable[[Path], object], claim: Callable[[Path, str], None],
-                  ours: Callable[[Path], bool], need: int = 0) -> tuple[Path, str]:
+                  ours: Callable[[Path], bool], need: int = 0,
+                  adopt_identical: bool = False) -> tuple[Path, str]:
         """`place` a file that `produce` writes (to the path it is given); return where it
         went and its SHA-256, which `claim` journals with each name it tries.
 
         The file is written complete and fsynced beside its target before any name is
         tried, so a reader never sees it partial and a crash leaves only a hidden temp file.
+        With `adopt_identical`, a name already holding exactly these bytes is taken as this
+        file's own (placed by a daemon that died before it could journal it, whose claim was
+        then taken over): no twin.
         """
         if chosen is not None and os.path.lexists(chosen) and ours(chosen):
             return chosen, sha256_file(chosen)
@@ -303,7 +315,8 @@ class Destinations:
             sha = sha256_file(temp)
             placed = self.place(root, name, target, chosen, ours=ours,
                                 claim=lambda candidate: claim(candidate, sha),
-                                put=lambda candidate: _link_no_clobber(temp, candidate))
+                                put=lambda candidate: _link_no_clobber(temp, candidate)
+                                or (adopt_identical and _holds(candidate, sha)))
         finally:
             temp.unlink(missing_ok=True)
         self.guard(root, fsync_dir, placed.parent)

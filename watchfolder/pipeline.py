@@ -757,7 +757,8 @@ class Pipeline:
             try:
                 path, sha = self.destinations.place_new(
                     maker.root, "outbox", maker.target, Path(entry[0]) if entry else None,
-                    produce=maker.produce, claim=claim, ours=ours, need=maker.need)
+                    produce=maker.produce, claim=claim, ours=ours, need=maker.need,
+                    adopt_identical=not reused)
             except InputRejected as exc:  # the original no longer decodes, or too large
                 return failing(exc.reason, exc.message)         # for the asked format
             placed[index] = [str(path), sha]
