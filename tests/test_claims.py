@@ -234,6 +234,21 @@ def test_a_restarted_daemon_takes_its_own_claims_back_at_once(backends: Backends
     assert again.claim(inbox, "a.png") is not None
 
 
+def test_confirm_before_paying_sees_a_takeover_at_once(backends: Backends, inbox: Path) -> None:
+    from watchfolder.coordination import Coordinator, LocalLimiter
+
+    mine = backends.make()
+    coordinator = Coordinator(holder=mine.holder, limiter=LocalLimiter(60), claims=mine,
+                              marks=DoneMarks(mine.holder), lease_seconds=LEASE)
+    assert coordinator.claim(inbox, "slow.png") is not None
+    assert coordinator.confirm(inbox, "slow.png")
+    time.sleep(LEASE + 0.3)  # a wait in the limiter outlasted the lease (the store was away)
+    assert backends.make().claim(inbox, "slow.png") is not None  # taken over meanwhile
+    assert coordinator.holds(inbox, "slow.png")  # the thread has not noticed yet ...
+    assert not coordinator.confirm(inbox, "slow.png")  # ... the check before paying has
+    assert not coordinator.confirm(inbox, "other.png")  # never claimed here
+
+
 # -- on the share --------------------------------------------------------------------------------
 
 

@@ -766,9 +766,21 @@ class Coordinator:
         return claim
 
     def holds(self, inbox: Path, rel: str) -> bool:
+        """Held and not known lost, as of the last renewal (no round trip)."""
         with self._lock:
             held = self._held.get((inbox, rel))
         return held is not None and not held.lost and not held.released
+
+    def confirm(self, inbox: Path, rel: str) -> bool:
+        """Renew the claim now and say whether it is still ours: the check to make right
+        before paying, after the limiter's wait (which may have outlasted a lease while the
+        store was away). One round trip to the store, or one rewrite of the claim file.
+        Raises CoordinationUnavailable (the file should wait)."""
+        with self._lock:
+            held = self._held.get((inbox, rel))
+        if held is None or held.lost or held.released:
+            return False
+        return held.renew()
 
     def release(self, inbox: Path, rel: str) -> None:
         """The file ended here (done, failed, gone) or is handed back. Never raises."""
