@@ -334,6 +334,10 @@ class Pipeline:
             # Reported once by Destinations; the file waits, no request is spent meanwhile.
             back = {"state": QUEUED} if work.record.state == SENDING else {}
             return Park(min(self.config.retry.pause_seconds, 30.0), changes=back)
+        except CoordinationUnavailable:
+            # The store or the claims folder (reported once by them): the file waits.
+            back = {"state": QUEUED} if work.record.state == SENDING else {}
+            return Park(5.0, changes=back)
         except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker nor lose the file
             return self._internal_error(work, exc)
 
@@ -408,12 +412,6 @@ class Pipeline:
         kept = None
         if record.state == DONE and inbox.archive is None:
             kept = (record.size, record.mtime_ns)
-            try:  # so that no other daemon sharing the inbox sends it again
-                self.coordinator.mark_done(inbox.path, job.rel, record.size, record.mtime_ns,
-                                           record.sha256 or "", record.result)
-            except CoordinationUnavailable:
-                log.warning("claim.unmarked", **work.log_fields(),
-                            hint="the claims folder or the store could not record it done")
         self.coordinator.release(inbox.path, job.rel)
         self.release(job, kept)
 
@@ -525,15 +523,16 @@ class Pipeline:
         self.destinations.check(work.inbox.outbox, "outbox", need)
         if work.inbox.archive is not None:
             self.destinations.check(work.inbox.archive, "archive")
-        if not self.coordinator.holds(work.inbox.path, work.job.rel):
-            log.warning("claim.lost", **work.log_fields(),
-                        hint="another daemon took the file over; it is not sent from here")
-            return Advance(GONE, changes)
         if not self.slots.acquire(self.stopping):
             return Park(changes=changes)
         work.holds_slot = True
         if not self.limiter.acquire(self.stopping):
             return Park(changes=changes)
+        # The waits above may have outlasted a lease: ask the claim itself, right before paying.
+        if not self.coordinator.confirm(work.inbox.path, work.job.rel):
+            log.warning("claim.lost", **work.log_fields(),
+                        hint="another daemon took the file over; it is not sent from here")
+            return Advance(GONE, changes)
         if not self.budget.take():
             self._budget_spent()
             return Park(front=True, changes=changes)
@@ -801,6 +800,11 @@ class Pipeline:
                 claim=lambda name: self.journal.update(record, archive=str(name)),
                 put=lambda name: move_into(src, name))
             failpoints.hit("archived")
+        elif archive is None:
+            # Marked before the journal says done: a crash in between must not let another
+            # daemon sharing the inbox send it again once the lease runs out.
+            self.coordinator.mark_done(work.inbox.path, work.job.rel, record.size,
+                                       record.mtime_ns, record.sha256 or "", record.result)
         return Advance(DONE, changes, then=self._hand_off(work, "done"))
 
     def _hand_off(self, work: Work, event: str) -> Callable[[], object] | None:
