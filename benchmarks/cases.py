@@ -5,6 +5,7 @@
 run.py starts them (several at once where they do not disturb each other) and builds the
 table. Every case makes its folders under a fresh temporary folder on the disk and removes
 them afterwards; the sandbox runs in the case's process, the daemon in a child process.
+The studio cases take their big inputs from a cache made once (benchmarks/studio.py).
 """
 
 from __future__ import annotations
@@ -25,20 +26,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks import studio
 from benchmarks.common import (
     KEY,
     REPO,
     DaemonProcess,
     Profiler,
+    ReplaySandbox,
     count_between,
     count_files,
     cpu_seconds,
+    folder_bytes,
     max_in_window,
+    memory_kb,
     names,
     percentile,
     status_kb,
     studio_config,
     task_totals,
+    unique_png,
     write_images,
 )
 from benchmarks.naive import naive_loop
@@ -392,9 +398,219 @@ def memory(params: dict[str, Any]) -> Result:
             "samples": [(n, round(mb, 1)) for n, mb in samples]}
 
 
+# -- studio originals (issue 10) and output recipes (issue 11) -----------------------------------
+
+JPEG45, TIFF100 = "45 MP JPEG", "100 MP 16-bit TIFF"
+# Five outputs: the README's example recipe (the cut-out, a marketplace square on white, a web
+# WEBP, the mask) and a 16-bit TIFF for retouchers.
+RECIPE: list[dict[str, Any]] = [
+    {"name": "{dir}/{stem}.{ext}", "format": "png"},
+    {"name": "{dir}/{stem}_white.{ext}", "format": "jpeg", "background": "#ffffff",
+     "crop": "subject", "margin": "5%", "size": "2000x2000"},
+    {"name": "{dir}/{stem}_web.{ext}", "format": "webp", "max_size": 1600},
+    {"name": "{dir}/{stem}_mask.{ext}", "format": "png", "mask": True},
+    {"name": "{dir}/{stem}_retouch.{ext}", "format": "tiff"},
+]
+
+
+def studio_local(params: dict[str, Any]) -> Result:
+    """Local work per file: inspect, proxy, full-size composite written as PNG; libvips (the
+    daemon's code) beside the same work done with Pillow, each in a process of its own."""
+    folder = studio.CACHE / "studio"
+    found: dict[str, Any] = {}
+    with workspace("local") as root:
+        for name in params["inputs"]:
+            original = studio.make_input(folder, name, *studio.FULL[name])
+            answer, width, height = studio.make_answer(folder, original)
+            sides = {side: studio.measure(side, original, answer, (width, height),
+                                          root / f"out-{side}.png", None)
+                     for side in ("vips", "pillow")}
+            found[name] = {"input_mb": original.stat().st_size / 1e6,
+                           "pixels": studio.FULL[name][0] * studio.FULL[name][1],
+                           "proxy": [width, height], **sides}
+    return {"inputs": found}
+
+
+def recipe_local(params: dict[str, Any]) -> Result:
+    """The outputs of one 45 MP file made from its answer: the default one output, then the
+    five-output recipe (each `repeat` times, alternating; the fastest run of each counts)."""
+    folder = studio.CACHE / "studio"
+    original = studio.make_input(folder, JPEG45, *studio.FULL[JPEG45])
+    answer, _, _ = studio.make_answer(folder, original)
+    runs: dict[str, list[dict[str, Any]]] = {"one": [], "five": []}
+    with workspace("recipe") as root:
+        for _ in range(params["repeat"]):
+            for label, outputs in (("one", None), ("five", RECIPE)):
+                runs[label].append(studio.measure_recipe(original, answer, root / label,
+                                                         outputs))
+    one = min(runs["one"], key=lambda r: r["seconds"])
+    five = min(runs["five"], key=lambda r: r["seconds"])
+    return {"input": JPEG45, "repeat": params["repeat"], "one": one, "five": five,
+            "ratio": five["seconds"] / one["seconds"], "cpu_ratio": five["cpu_s"] / one["cpu_s"],
+            "all_seconds": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()}}
+
+
+def _link_all(paths: list[Path], inbox: Path, names: list[str] | None = None) -> None:
+    inbox.mkdir(parents=True, exist_ok=True)
+    for n, path in enumerate(paths):
+        os.link(path, inbox / (names[n] if names else path.name))
+
+
+def peak_rss(params: dict[str, Any]) -> Result:
+    """A backlog of 100 MP 16-bit TIFFs through `python -m watchfolder run` to the end: the
+    daemon's VmHWM (RSS as the kernel counts it, mapped files included)."""
+    count, conc = params["files"], params["concurrency"]
+    files = studio.unique_copies(TIFF100, count)
+    with workspace("rss") as root, \
+            ReplaySandbox(rpm=params["rpm"], latency=params["latency"]) as api:
+        config = studio_config(root, api.url, rpm=params["rpm"], concurrency=conc)
+        inbox, archive = root / "inbox0", root / "archive0"
+        _link_all(files, inbox)
+        daemon = DaemonProcess(root, config)
+        daemon.start()
+        profiler = Profiler(daemon.pid, _profile_path(params, "peak-rss"))
+        t0 = time.monotonic()
+        deadline = t0 + params["timeout"]
+        peak: dict[str, int] = {}
+        peak_at = 0.0
+        while count_files(archive) < count and time.monotonic() < deadline:
+            now = memory_kb(daemon.pid)
+            if now.get("VmRSS", 0) > peak.get("VmRSS", 0):
+                peak, peak_at = now, time.monotonic() - t0
+            time.sleep(0.1)
+        elapsed = time.monotonic() - t0
+        hwm = status_kb(daemon.pid, "VmHWM")
+        profiler.stop()
+        daemon.stop()
+        processed, errors = count_files(archive), count_files(root / "errors0")
+        requests = sum(1 for r in api.requests if r.status == 200)
+    return {"files": count, "concurrency": conc, "processed": processed, "errors": errors,
+            "requests": requests, "seconds": elapsed, "hwm_mb": hwm / 1024,
+            "sampled_peak_mb": peak.get("VmRSS", 0) / 1024, "sampled_peak_at_s": peak_at,
+            "sampled_anon_mb": peak.get("RssAnon", 0) / 1024,
+            "sampled_file_mb": peak.get("RssFile", 0) / 1024}
+
+
+def _backlog(inbox: Path, params: dict[str, Any]) -> int:
+    """Put the case's files in the inbox; return how many are big (studio path).
+
+    kind "trickle": none yet, the case lands 45 MP JPEGs one by one while it runs.
+    """
+    count = params["files"]
+    if params["kind"] == "trickle":
+        inbox.mkdir(parents=True, exist_ok=True)
+        return count
+    if params["kind"] == "jpeg45":
+        _link_all(studio.unique_copies(JPEG45, count), inbox)
+        return count
+    # mix: one 100 MP TIFF in every `every` files, small PNGs between them
+    every = params["every"]
+    big = [n for n in range(count) if n % every == every - 1]
+    _link_all(studio.unique_copies(TIFF100, len(big)), inbox,
+              [f"m{n:06d}.tif" for n in big])
+    for n in range(count):
+        if n % every != every - 1:
+            (inbox / f"m{n:06d}.png").write_bytes(unique_png(n))
+    return len(big)
+
+
+def _sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+class _Lander(threading.Thread):
+    """Lands `paths` in `inbox` one every `every` seconds (a hard link: complete at once)."""
+
+    def __init__(self, paths: list[Path], inbox: Path, every: float) -> None:
+        super().__init__(name="lander", daemon=True)
+        self.paths, self.inbox, self.every = paths, inbox, every
+        self.stop = threading.Event()
+        self.landed = 0
+
+    def run(self) -> None:
+        start = time.monotonic()
+        for n, path in enumerate(self.paths):
+            if self.stop.wait(max(0.0, start + n * self.every - time.monotonic())):
+                return
+            os.link(path, self.inbox / path.name)
+            self.landed += 1
+
+
+def backlog_rate(params: dict[str, Any]) -> Result:
+    """A backlog of studio files drained at `rpm`: the share of the limit the requests hold
+    over whole minutes, after the first minute (a sliding window lets a burst go at first).
+
+    Counted: the sandbox's accepted requests with receipt times in [t1 + 60 s, t1 + 60 s +
+    `minutes`), t1 the first request's. The backlog is larger than that can drain; if it ran
+    dry before the end the figure is not measured (NaN). Kind "trickle": instead of waiting
+    at start, 45 MP JPEGs land one by one at the limit's pace (a studio copying a shoot in),
+    so each new file's proxy meets the composites of the files before it.
+    """
+    rpm, latency, conc, minutes = (params["rpm"], params["latency"], params["concurrency"],
+                                   params["minutes"])
+    count = params["files"]
+    name = f"backlog-{params['kind']}{'-recipe' if params.get('recipe') else ''}"
+    api = ReplaySandbox(rpm=rpm, latency=latency)
+    with workspace(name) as root, api:
+        config = studio_config(root, api.url, rpm=rpm, concurrency=conc)
+        if params.get("recipe"):
+            config["inboxes"][0]["outputs"] = RECIPE
+        inbox, archive = root / "inbox0", root / "archive0"
+        big = _backlog(inbox, params)
+        lander = None
+        if params["kind"] == "trickle":
+            lander = _Lander(studio.unique_copies(JPEG45, count), inbox, 60 / rpm)
+        daemon = DaemonProcess(root, config)
+        daemon.start(timeout=120)
+        if lander is not None:
+            lander.start()
+        profiler = Profiler(daemon.pid, _profile_path(params, name), wall=True)
+        _wait(lambda: bool(api.requests), 300, 0.05)
+        t1 = api.requests[0].time
+        start, end = t1 + 60, t1 + 60 + 60 * minutes
+        _sleep_until(start)
+        cpu0, done0 = cpu_seconds(daemon.pid), count_files(archive)
+        _sleep_until(end)
+        cpu1, done1 = cpu_seconds(daemon.pid), count_files(archive)
+        spool = folder_bytes(root / "state" / "spool")
+        hwm = status_kb(daemon.pid, "VmHWM")
+        profiler.stop()
+        if lander is not None:
+            lander.stop.set()
+            lander.join()
+        daemon.stop()
+        events = daemon.read_events()
+        requests = list(api.requests)
+        computed = api.computed
+    landed = lander.landed if lander is not None else count
+    accepted = [r for r in requests if r.status == 200]
+    in_window = [r for r in accepted if start <= r.time < end]
+    sent_by_end = sum(1 for r in accepted if r.time < end)
+    # NaN, never a figure: a backlog that ran dry measures the backlog, not the daemon.
+    rate = len(in_window) / minutes if sent_by_end < landed else math.nan
+    return {
+        "kind": params["kind"], "recipe": bool(params.get("recipe")), "files": count,
+        "big_files": big, "minutes": minutes, "counted": len(in_window),
+        "rate": rate, "fraction": rate / rpm,
+        "big_in_window": sum(1 for r in in_window if (r.size or 0) >= 1_000_000),
+        "status_429": sum(1 for r in requests if r.status == 429),
+        "errors": sum(1 for r in requests if r.status not in (200, 429)),
+        "max_window": max_in_window([r.time for r in requests]),
+        "landed": landed, "left_at_end": landed - sent_by_end,
+        "proxies": sum(1 for e in events if e.get("event") == "file.proxy"),
+        "done_in_window": done1 - done0, "done_per_min": (done1 - done0) / minutes,
+        "failed": sum(1 for e in events if e.get("event") == "file.failed"),
+        "cores_used": (cpu1 - cpu0) / (end - start), "spool_gb_at_end": spool / 1e9,
+        "hwm_mb": hwm / 1024, "sandbox_cutouts_computed": computed,
+    }
+
+
 CASES: dict[str, Callable[[dict[str, Any]], Result]] = {
     "throughput": throughput, "limit_safety": limit_safety, "reaction": reaction,
     "idle": idle, "startup": startup, "drop": drop_while_running, "memory": memory,
+    "studio_local": studio_local, "recipe_local": recipe_local, "studio_rss": peak_rss,
+    "studio_rate": backlog_rate, "studio_mix": backlog_rate, "recipe_rate": backlog_rate,
+    "studio_trickle": backlog_rate,
 }
 
 

@@ -6,6 +6,10 @@
     python -m benchmarks.studio --threads 2      # libvips threads per pipeline (default:
                                                  # cores - 1, what the daemon uses)
 
+`python -m benchmarks.run --only studio_local` puts the first and last of these in the report;
+this module also makes the harness's studio inputs (`CACHE`: made once, kept between runs)
+and measures a recipe's outputs (`recipe_child`, for the `recipe_local` case).
+
 Local work is what the daemon does around the one request: the proxy (upright, sRGB, 8-bit,
 within 25 MP, JPEG), then the full-size composite (the original's pixels, the answer's alpha
 scaled up) written as PNG. The answer is made once per case by the sandbox from the proxy,
@@ -28,6 +32,8 @@ import io
 import json
 import math
 import os
+import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,6 +42,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# Studio inputs are big (a 100 MP 16-bit TIFF is 115 MB deflated) and slow to make: they are
+# made once and kept here between runs. Cases hard-link them into their inboxes (the daemon
+# moves its link to the archive; the cached one stays).
+CACHE = Path(os.environ.get("WATCHFOLDER_BENCH_CACHE",
+                            Path(tempfile.gettempdir()) / "watchfolder-bench-cache"))
 PNG_COMPRESSION = 3  # imaging.PNG_COMPRESSION, for the Pillow side too (no libvips import)
 
 # name: (width, height, kind, orientation)
@@ -106,6 +117,58 @@ def make_answer(folder: Path, original: Path) -> tuple[Path, int, int]:
     return answer, proxy.width, proxy.height
 
 
+def unique_copies(name: str, count: int) -> list[Path]:
+    """`count` files with the pixels of the `name` input and bytes of their own (cached).
+
+    Unique bytes matter: watchfolder reuses the result of identical content without a
+    request. A JPEG gets a comment segment (before its tables, after the EXIF), a TIFF its
+    own XResolution (72.0000n dpi): neither reaches the proxy (sent without metadata), so
+    every copy's proxy is the same image, and so is the sandbox's answer.
+    """
+    width, height, kind, orientation = FULL[name]
+    base = make_input(CACHE / "studio", name, width, height, kind, orientation)
+    folder = CACHE / base.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{n:05d}{base.suffix}" for n in range(count)]
+    missing = [(n, path) for n, path in enumerate(paths) if not path.exists()]
+    if missing:
+        data = base.read_bytes() if kind == "jpeg" else b""
+        for n, path in missing:
+            temp = path.with_name(f".{path.name}.tmp")
+            if kind == "jpeg":
+                temp.write_bytes(_with_comment(data, f"watchfolder-bench {n}".encode()))
+            else:
+                shutil.copyfile(base, temp)
+                _set_xresolution(temp, 720_000 + n, 10_000)
+            temp.rename(path)
+        os.sync()  # written now, not flushed while a daemon is being measured
+    return paths
+
+
+def _with_comment(jpeg: bytes, text: bytes) -> bytes:
+    """`jpeg` with a COM segment inserted before its first non-APPn segment."""
+    at = 2
+    while 0xE0 <= jpeg[at + 1] <= 0xEF or jpeg[at + 1] == 0xFE:
+        at += 2 + struct.unpack(">H", jpeg[at + 2:at + 4])[0]
+    return jpeg[:at] + b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text + jpeg[at:]
+
+
+def _set_xresolution(tiff: Path, numerator: int, denominator: int) -> None:
+    """Overwrite the XResolution rational of a little-endian classic TIFF's first IFD."""
+    with tiff.open("r+b") as handle:
+        head = handle.read(8)
+        if head[:4] != b"II*\x00":
+            raise ValueError(f"{tiff}: not a little-endian classic TIFF")
+        handle.seek(struct.unpack("<I", head[4:])[0])
+        for _ in range(struct.unpack("<H", handle.read(2))[0]):
+            tag, kind, count, offset = struct.unpack("<HHII", handle.read(12))
+            if tag == 282 and kind == 5 and count == 1:
+                handle.seek(offset)
+                handle.write(struct.pack("<II", numerator, denominator))
+                return
+    raise ValueError(f"{tiff}: no XResolution to make it unique")
+
+
 # --------------------------------------------------------------------------- children
 
 
@@ -145,8 +208,11 @@ def run_pillow(original: Path, answer: Path, out: Path, box: tuple[int, int]) ->
         exif[0x0112] = 1
     srgb = image
     if icc:
-        srgb = ImageCms.profileToProfile(image, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
-                                         ImageCms.createProfile("sRGB"), outputMode="RGB")
+        converted = ImageCms.profileToProfile(image, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                              ImageCms.createProfile("sRGB"), outputMode="RGB")
+        if converted is None:  # only with inPlace=True
+            raise RuntimeError("ImageCms returned no image")
+        srgb = converted
     proxy = srgb.resize(box, Image.Resampling.LANCZOS) if srgb.size != box else srgb
     proxy.save(out.with_suffix(".proxy.jpg"), "JPEG", quality=92)
     del srgb, proxy
@@ -163,10 +229,57 @@ def run_pillow(original: Path, answer: Path, out: Path, box: tuple[int, int]) ->
             "bytes": out.stat().st_size}
 
 
+def recipe_child(original: Path, answer: Path, out: Path,
+                 outputs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Make every output of a recipe (None: the default one output) from `answer`, as the
+    daemon's `store` step does: results.maker, then placed (written beside its name,
+    fsynced, its SHA-256 taken, linked). The journal's commits are not counted."""
+    from types import SimpleNamespace
+
+    from watchfolder import results
+    from watchfolder.config import parse_config
+    from watchfolder.outbox import Destinations, sha256_file
+
+    inbox = out / "inbox"
+    for folder in (inbox, out / "outbox"):  # the daemon makes its roots at start-up
+        folder.mkdir(parents=True, exist_ok=True)
+    source = inbox / original.name
+    if not source.exists():
+        os.link(original, source)
+    box: dict[str, Any] = {"path": str(inbox), "outbox": str(out / "outbox"),
+                           "errors": str(out / "errors")}
+    if outputs:
+        box["outputs"] = outputs
+    config = parse_config({"api": {"key": "bench-key-0123456789"},
+                           "state_dir": str(out / "state"), "inboxes": [box]}, base_dir=out)
+    settings = config.inboxes[0]
+    # What the pipeline's record holds by then (the file's SHA-256 is taken at `prepare`).
+    record = SimpleNamespace(route="studio", size=source.stat().st_size,
+                             sha256=sha256_file(source))
+    destinations = Destinations()
+    made = []
+    start = time.perf_counter()
+    cpu = time.process_time()
+    for index in range(len(settings.outputs) or 1):
+        mark = time.perf_counter()
+        maker = results.maker(record, settings, source.name, answer, index,  # type: ignore[arg-type]
+                              [], unchanged=True)
+        path, _ = destinations.place_new(
+            maker.root, "outbox", maker.target, None, produce=maker.produce,
+            claim=lambda name, digest: None, ours=lambda name: False, need=maker.need)
+        fmt, width, height = results.image_facts(path)
+        made.append({"name": path.name, "format": fmt, "size": [width, height],
+                     "bytes": path.stat().st_size, "seconds": time.perf_counter() - mark})
+    return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+            "outputs": made}
+
+
 def child(args: argparse.Namespace) -> None:
     original, answer = Path(args.original), Path(args.answer)
     out = Path(args.out)
-    if args.side == "vips":
+    if args.side == "recipe":
+        result = recipe_child(original, answer, out, json.loads(args.recipe))
+    elif args.side == "vips":
         result = run_vips(original, answer, out, args.threads)
     else:
         result = run_pillow(original, answer, out, (args.box[0], args.box[1]))
@@ -197,6 +310,20 @@ def measure(side: str, original: Path, answer: Path, box: tuple[int, int], out: 
     return result
 
 
+def measure_recipe(original: Path, answer: Path, out: Path,
+                   outputs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """`recipe_child` in a process of its own (its peak RSS is its own); `out` is emptied."""
+    command = [sys.executable, "-m", "benchmarks.studio", "--child", "recipe",
+               "--original", str(original), "--answer", str(answer), "--out", str(out),
+               "--recipe", json.dumps(outputs)]
+    done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, check=False)
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"recipe child failed on {original.name}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -206,11 +333,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="libvips threads per pipeline (default: cores - 1)")
     parser.add_argument("--dir", default=None, help="keep inputs here between runs")
-    parser.add_argument("--child", choices=("vips", "pillow"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("vips", "pillow", "recipe"), help=argparse.SUPPRESS)
     parser.add_argument("--original", help=argparse.SUPPRESS)
     parser.add_argument("--answer", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--box", type=int, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", default="null", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.side = args.child
