@@ -166,6 +166,10 @@ class Watcher:
         self._observers: list[BaseObserver] = []
         self._watched: dict[int, BaseObserver] = {}
         self._spy = _OverflowSpy(on_overflow)
+        # watch() runs on the intake's thread (a lost watch restored), stop() on the main
+        # thread (a reload, a stop): once stopped, nothing is watched any more.
+        self._lock = threading.Lock()
+        self._stopped = False
 
     def start(self) -> None:
         logging.getLogger("watchdog.observers").addHandler(self._spy)
@@ -175,7 +179,14 @@ class Watcher:
 
     def watch(self, index: int) -> bool:
         """(Re)schedule one inbox; False when its folder is missing or cannot be watched right
-        now (an OSError is reported once; the inbox's rescans go on meanwhile)."""
+        now (an OSError is reported once; the inbox's rescans go on meanwhile), or when this
+        watcher was stopped."""
+        with self._lock:
+            if self._stopped:
+                return False
+            return self._watch(index)
+
+    def _watch(self, index: int) -> bool:
         inbox = self.inboxes[index]
         try:
             if not inbox.path.is_dir():
@@ -225,5 +236,7 @@ class Watcher:
 
     def stop(self) -> None:
         logging.getLogger("watchdog.observers").removeHandler(self._spy)
-        self._stop(list(self._observers))
-        self._watched.clear()
+        with self._lock:
+            self._stopped = True
+            self._stop(list(self._observers))
+            self._watched.clear()
