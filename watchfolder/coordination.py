@@ -75,7 +75,7 @@ from watchfolder.claims import (
     instance_id,
 )
 from watchfolder.errors import CoordinationUnavailable
-from watchfolder.ratelimit import RateLimiter, backoff
+from watchfolder.ratelimit import RateLimiter, acquire_with, backoff
 from watchfolder.store import Store
 
 if TYPE_CHECKING:
@@ -458,12 +458,7 @@ class SharedRateLimiter:
 
     def acquire(self, stop: threading.Event) -> bool:
         """Block until the store grants a send (True) or `stop` is set (False)."""
-        while True:
-            wait = self.try_acquire()
-            if wait <= 0.0:
-                return True
-            if stop.wait(wait):
-                return False
+        return acquire_with(self.try_acquire, stop)
 
     def rate_limited(self, retry_after: float | None) -> float:
         """The server said 429: hold every host's sends; return the delay applied."""

@@ -25,6 +25,17 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** (attempt - 1))
 
 
+def acquire_with(try_acquire: Callable[[], float], stop: threading.Event) -> bool:
+    """Ask `try_acquire` until it grants (True), waiting as long as it says between asks, or
+    until `stop` is set (False). The loop of every limiter, local or shared."""
+    while True:
+        wait = try_acquire()
+        if wait <= 0.0:
+            return True
+        if stop.wait(wait):
+            return False
+
+
 class RateLimiter:
     def __init__(self, limit: int, *, window: float = 60.0, margin: float = 0.5,
                  backoff: float = 2.0, max_backoff: float = 300.0,
@@ -79,12 +90,7 @@ class RateLimiter:
 
     def acquire(self, stop: threading.Event) -> bool:
         """Block until a slot is ours (True) or `stop` is set (False)."""
-        while True:
-            wait = self.try_acquire()
-            if wait <= 0.0:
-                return True
-            if stop.wait(wait):
-                return False
+        return acquire_with(self.try_acquire, stop)
 
     def rate_limited(self, retry_after: float | None) -> float:
         """The server said 429: hold every send; return the delay applied.
