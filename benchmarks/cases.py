@@ -48,7 +48,7 @@ from benchmarks.common import (
     write_images,
 )
 from benchmarks.naive import naive_loop
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 Result = dict[str, Any]
 INOTIFY_QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")

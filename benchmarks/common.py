@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "bench-key-0123456789"

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import KEY, REPO, max_in_window, percentile, unique_png, write_images
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 RPM = 120
 LATENCY = 2.0
@@ -57,10 +57,10 @@ LEASE = 5.0  # the smallest the configuration allows
 def host_main(args: argparse.Namespace) -> int:
     """One host: claim, limit, send, archive, release, until the inbox is empty."""
     from watchfolder import logs
-    from watchfolder.client import ApiClient
-    from watchfolder.config import parse_config
-    from watchfolder.coordination import Coordinator
+    from watchfolder.config.settings import parse_config
+    from watchfolder.coordination.coordinator import Coordinator
     from watchfolder.errors import ApiError, CoordinationUnavailable, RateLimited
+    from watchfolder.pipeline.client import ApiClient
 
     logs.configure("json", "info", stream=sys.stderr)
     root = Path(args.root)
@@ -184,8 +184,8 @@ def redis_server(folder: Path) -> Iterator[str]:
 
 def run_hosts(root: Path, windows: int, *, kill_one: bool) -> dict[str, Any]:
     """Three hosts drain a backlog of (windows + 1) x RPM files; the sandbox's view of it."""
-    from watchfolder.config import StoreUrl
-    from watchfolder.coordination import adopt_empty_store
+    from watchfolder.config.settings import StoreUrl
+    from watchfolder.coordination.coordinator import adopt_empty_store
 
     files = (windows + 1) * RPM + RPM // 2  # a backlog larger than the measured windows
     root.mkdir(parents=True)
@@ -243,10 +243,10 @@ def run_hosts(root: Path, windows: int, *, kill_one: bool) -> dict[str, Any]:
 
 def claim_costs(root: Path, count: int = 2000) -> dict[str, Any]:
     """Microseconds per file: claim + release (share, store), done-mark lookup."""
-    from watchfolder.claims import DoneMarks, Holder, ShareClaims, StoreClaims
-    from watchfolder.config import StoreUrl
-    from watchfolder.coordination import adopt_empty_store
-    from watchfolder.store import Store
+    from watchfolder.config.settings import StoreUrl
+    from watchfolder.coordination.claims import DoneMarks, Holder, ShareClaims, StoreClaims
+    from watchfolder.coordination.coordinator import adopt_empty_store
+    from watchfolder.coordination.store import Store
 
     inbox = root / "inbox-costs"
     inbox.mkdir(parents=True)

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from watchfolder import logs
-from watchfolder.config import load_config
-from watchfolder.daemon import Daemon
+from watchfolder.config.settings import load_config
+from watchfolder.service.daemon import Daemon
 
 
 def _vm(field: str) -> int:

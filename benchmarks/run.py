@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import KEY, REPO, unique_png
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 RATES = (60, 600)
 LATENCIES = (0.2, 2.0, 5.0)

@@ -69,7 +69,7 @@ def make_input(folder: Path, name: str, width: int, height: int, kind: str,
     """A studio shot with sensor-like noise (so files compress like photographs do)."""
     import pyvips  # only here: the children that benchmark Pillow must not load libvips
 
-    from watchfolder.samples import adobe_rgb_profile, studio_image
+    from watchfolder.dev.samples import adobe_rgb_profile, studio_image
 
     path = folder / (name.replace(" ", "_").replace(",", "") + (".jpg" if kind == "jpeg"
                                                                   else ".tif"))
@@ -104,9 +104,9 @@ def make_answer(folder: Path, original: Path) -> tuple[Path, int, int]:
     """The sandbox's answer for our proxy (made once, untimed, shared by both sides)."""
     from PIL import Image
 
-    from watchfolder.images import inspect_source
-    from watchfolder.imaging import make_proxy
-    from watchfolder.sandbox import remove_backdrop
+    from watchfolder.dev.sandbox import remove_backdrop
+    from watchfolder.imaging.compose import make_proxy
+    from watchfolder.imaging.inspect import inspect_source
 
     answer = original.with_suffix(".answer.png")
     proxy_path = original.with_suffix(".proxy.jpg")
@@ -173,8 +173,8 @@ def _set_xresolution(tiff: Path, numerator: int, denominator: int) -> None:
 
 
 def run_vips(original: Path, answer: Path, out: Path, threads: int | None) -> dict[str, Any]:
-    from watchfolder import imaging
-    from watchfolder.images import inspect_source
+    from watchfolder.imaging import compose as imaging
+    from watchfolder.imaging.inspect import inspect_source
 
     imaging.configure(threads)
     times = {}
@@ -236,9 +236,9 @@ def recipe_child(original: Path, answer: Path, out: Path,
     fsynced, its SHA-256 taken, linked). The journal's commits are not counted."""
     from types import SimpleNamespace
 
-    from watchfolder import results
-    from watchfolder.config import parse_config
-    from watchfolder.outbox import Destinations, sha256_file
+    from watchfolder.config.settings import parse_config
+    from watchfolder.files.place import Destinations, sha256_file
+    from watchfolder.pipeline import outputs as results
 
     inbox = out / "inbox"
     for folder in (inbox, out / "outbox"):  # the daemon makes its roots at start-up

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from watchfolder import logs
-from watchfolder.claims import DoneMarks, Holder, ShareClaims, StoreClaims
-from watchfolder.config import StoreUrl
-from watchfolder.coordination import Coordinator, LocalLimiter
-from watchfolder.store import Store
+from watchfolder.config.settings import StoreUrl
+from watchfolder.coordination.claims import DoneMarks, Holder, ShareClaims, StoreClaims
+from watchfolder.coordination.coordinator import Coordinator, LocalLimiter
+from watchfolder.coordination.store import Store
 
 
 def coordinator(inbox: Path, lease: float, url: str | None, instance: str) -> Coordinator:

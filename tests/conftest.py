@@ -23,9 +23,9 @@ import yaml
 from PIL import Image, ImageDraw
 
 from watchfolder import logs
-from watchfolder.config import Config, parse_config
-from watchfolder.daemon import Daemon
-from watchfolder.sandbox import Sandbox
+from watchfolder.config.settings import Config, parse_config
+from watchfolder.dev.sandbox import Sandbox
+from watchfolder.service.daemon import Daemon
 
 KEY = "test-key-0123456789"
 

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from tests.conftest import LogCapture, Running, Studio, make_image, run_watchfolder, wait_for
-from watchfolder.budget import Budget, midnight_after
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
+from watchfolder.pipeline.budget import Budget, midnight_after
 
 
 class Clock:

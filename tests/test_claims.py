@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LogCapture, RedisServer, wait_for
-from watchfolder.claims import (
+from watchfolder.config.settings import StoreUrl
+from watchfolder.coordination.claims import (
     CLAIMS_FOLDER,
     DoneMarks,
     Holder,
@@ -26,10 +27,9 @@ from watchfolder.claims import (
     StoreClaims,
     rel_hash,
 )
-from watchfolder.config import StoreUrl
-from watchfolder.coordination import adopt_empty_store
+from watchfolder.coordination.coordinator import adopt_empty_store
+from watchfolder.coordination.store import Store
 from watchfolder.errors import CoordinationUnavailable
-from watchfolder.store import Store
 
 LEASE = 1.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,7 +235,7 @@ def test_a_restarted_daemon_takes_its_own_claims_back_at_once(backends: Backends
 
 
 def test_confirm_before_paying_sees_a_takeover_at_once(backends: Backends, inbox: Path) -> None:
-    from watchfolder.coordination import Coordinator, LocalLimiter
+    from watchfolder.coordination.coordinator import Coordinator, LocalLimiter
 
     mine = backends.make()
     coordinator = Coordinator(holder=mine.holder, limiter=LocalLimiter(60), claims=mine,
@@ -388,7 +388,7 @@ def test_a_done_mark_matches_only_the_same_content(inbox: Path) -> None:
 
 
 def test_a_daemons_instance_is_kept_in_its_state_dir(tmp_path: Path) -> None:
-    from watchfolder.claims import instance_id
+    from watchfolder.coordination.claims import instance_id
 
     first = instance_id(tmp_path / "state")
     assert first == instance_id(tmp_path / "state")

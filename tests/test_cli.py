@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import KEY, Studio, make_image, run_watchfolder, wait_for
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from watchfolder.config import Config, keys_of, parse_config, reference
+from watchfolder.config.settings import Config, keys_of, parse_config, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from tests.conftest import KEY, LogCapture, RedisServer, run_watchfolder, wait_for
-from watchfolder.claims import Holder
-from watchfolder.config import ConfigError, StoreUrl, parse_config
-from watchfolder.coordination import (
+from watchfolder.config.settings import ConfigError, StoreUrl, parse_config
+from watchfolder.coordination.claims import Holder
+from watchfolder.coordination.coordinator import (
     Coordinator,
     LocalLimiter,
     SharedPause,

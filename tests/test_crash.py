@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Studio, make_image
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 FILES = 40
 CONCURRENCY = 4

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Studio, make_image
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 GOOD = 4
 POINTS = ["sending", "answered", "spooled", "fetched", "result-placed", "stored",

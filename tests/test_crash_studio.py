@@ -12,8 +12,8 @@ import pytest
 from tests.conftest import Studio, make_image
 from tests.test_crash_points import run
 from tests.test_images_studio import read
-from watchfolder.samples import adobe_rgb_tiff, camera_jpeg
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.samples import adobe_rgb_tiff, camera_jpeg
+from watchfolder.dev.sandbox import Sandbox
 
 POINTS = ["proxied", "sending", "answered", "spooled", "fetched", "result-placed", "stored",
           "archived"]

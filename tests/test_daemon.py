@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import LogCapture, Running, Studio, make_image, wait_for
-from watchfolder.claims import CLAIMS_FOLDER
-from watchfolder.sandbox import Sandbox
+from watchfolder.coordination.claims import CLAIMS_FOLDER
+from watchfolder.dev.sandbox import Sandbox
 
 
 def sha(path: Path) -> str:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import KEY, LogCapture, Running, Studio, make_image, wait_for
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 # -- bad input is caught locally, for free ---------------------------------------------------
 

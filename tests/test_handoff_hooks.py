@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import LogCapture, wait_for
-from watchfolder.config import Secret
-from watchfolder.handoff import HookRunner, HookSettings
-from watchfolder.manifest import OutputFacts, SourceFacts, build_manifest, manifest_json
+from watchfolder.config.settings import Secret
+from watchfolder.handoff.delivery import HookRunner, HookSettings
+from watchfolder.handoff.manifest import OutputFacts, SourceFacts, build_manifest, manifest_json
 
 API_KEY = "api-key-0123456789"
 

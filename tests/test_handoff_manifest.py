@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from watchfolder import __version__
-from watchfolder.manifest import (
+from watchfolder.handoff.manifest import (
     OutputFacts,
     SourceFacts,
     build_manifest,

@@ -18,8 +18,8 @@ import pytest
 
 from tests.conftest import LogCapture, wait_for
 from watchfolder import __version__
-from watchfolder.config import Secret
-from watchfolder.handoff import (
+from watchfolder.config.settings import Secret
+from watchfolder.handoff.delivery import (
     DeliveryQueue,
     WebhookClient,
     WebhookSettings,

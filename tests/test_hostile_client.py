@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from watchfolder.client import ApiClient, ApiResult, max_result_bytes
-from watchfolder.config import Secret
+from watchfolder.config.settings import Secret
+from watchfolder.dev.sandbox import Sandbox
 from watchfolder.errors import BadResult, TransportError
-from watchfolder.sandbox import Sandbox
+from watchfolder.pipeline.client import ApiClient, ApiResult, max_result_bytes
 
 KEY = "hostile-key-0123456789"
 TIMEOUT = 1.0
@@ -121,8 +121,8 @@ def test_a_300_mb_answer_is_streamed_with_flat_memory(sandbox: Sandbox, image: b
     script = f"""
 import json
 from pathlib import Path
-from watchfolder.client import ApiClient
-from watchfolder.config import Secret
+from watchfolder.pipeline.client import ApiClient
+from watchfolder.config.settings import Secret
 
 def hwm():
     for line in Path("/proc/self/status").read_text().splitlines():

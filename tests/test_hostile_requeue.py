@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from tests.conftest import Studio
 from tests.test_status import _fail_twice_under_one_name
-from watchfolder.requeue import report, requeue
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
+from watchfolder.files.requeue import report, requeue
 
 
 def test_dry_run_and_real_run_say_what_they_did(studio: Studio, sandbox: Sandbox) -> None:

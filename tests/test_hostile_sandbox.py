@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from watchfolder.sandbox import Sandbox, add_arguments
+from watchfolder.dev.sandbox import Sandbox, add_arguments
 
 KEY = "hostile-key-0123456789"
 

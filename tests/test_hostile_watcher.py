@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import LogCapture, Running, Studio, make_image, wait_for
-from watchfolder.sandbox import Sandbox
-from watchfolder.watcher import ScanErrors, scan
+from watchfolder.dev.sandbox import Sandbox
+from watchfolder.intake.watcher import ScanErrors, scan
 
 PATH_MAX = os.pathconf("/", "PC_PATH_MAX")
 

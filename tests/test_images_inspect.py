@@ -13,16 +13,16 @@ import pytest
 import pyvips
 from PIL import Image, TiffImagePlugin
 
-from watchfolder import containers
-from watchfolder.errors import BadResult, InputRejected
-from watchfolder.images import MAX_BYTES, inspect_result, inspect_source, max_answer_bytes
-from watchfolder.samples import (
+from watchfolder.dev.samples import (
     adobe_rgb_profile,
     adobe_rgb_tiff,
     camera_jpeg,
     studio_image,
     write_samples,
 )
+from watchfolder.errors import BadResult, InputRejected
+from watchfolder.imaging import containers
+from watchfolder.imaging.inspect import MAX_BYTES, inspect_result, inspect_source, max_answer_bytes
 
 
 def shot(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:

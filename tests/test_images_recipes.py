@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from watchfolder.images import inspect_source
-from watchfolder.imaging import Cutout, cutout, write_output
-from watchfolder.recipes import (
+from watchfolder.dev.samples import adobe_rgb_tiff
+from watchfolder.imaging.compose import Cutout, cutout, write_output
+from watchfolder.imaging.inspect import inspect_source
+from watchfolder.imaging.recipes import (
     Box,
     Recipe,
     crop,
@@ -22,7 +23,6 @@ from watchfolder.recipes import (
     render,
     subject_box,
 )
-from watchfolder.samples import adobe_rgb_tiff
 
 WIDTH, HEIGHT = 600, 400
 SUBJECT = Box(150, 100, 200, 120)  # where the answer's alpha is opaque

@@ -14,8 +14,12 @@ import pytest
 import pyvips
 from PIL import Image, ImageCms, ImageOps
 
-from watchfolder import containers, imaging
-from watchfolder.images import (
+from watchfolder.dev.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg, studio_image
+from watchfolder.dev.sandbox import remove_backdrop
+from watchfolder.imaging import compose as imaging
+from watchfolder.imaging import containers
+from watchfolder.imaging.compose import Output, Proxy, compose, cutout, make_proxy, write_output
+from watchfolder.imaging.inspect import (
     MAX_BYTES,
     MAX_PIXELS,
     Source,
@@ -23,10 +27,7 @@ from watchfolder.images import (
     inspect_source,
     vips_name,
 )
-from watchfolder.imaging import Output, Proxy, compose, cutout, make_proxy, write_output
-from watchfolder.metadata import carry_metadata, read_metadata
-from watchfolder.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg, studio_image
-from watchfolder.sandbox import remove_backdrop
+from watchfolder.imaging.metadata import carry_metadata, read_metadata
 
 XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
        b'02/22-rdf-syntax-ns#"><rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/">'

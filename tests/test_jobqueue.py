@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 import threading
 
+from watchfolder.coordination.ratelimit import backoff
 from watchfolder.errors import CreditsExhausted
-from watchfolder.jobqueue import Job, JobQueue, RequestSlots
-from watchfolder.ratelimit import backoff
+from watchfolder.pipeline.jobqueue import Job, JobQueue, RequestSlots
 
 
 class Clock:

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEY, Running, Studio, make_image, wait_for
 from watchfolder import __version__
-from watchfolder.daemon import Daemon
+from watchfolder.dev.sandbox import Sandbox
 from watchfolder.errors import StartupError
-from watchfolder.sandbox import Sandbox
+from watchfolder.service.daemon import Daemon
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from tests.conftest import LogCapture, Running, Studio, make_image, wait_for
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 
 def done_or_failed(log_lines: LogCapture) -> list[dict[str, object]]:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.conftest import LogCapture, Running, Studio, make_image, wait_for
 from tests.test_crash_points import run
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
 
 RECIPE = [
     {"format": "png"},

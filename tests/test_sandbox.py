@@ -28,9 +28,9 @@ import requests
 from PIL import Image
 
 import watchfolder
-from watchfolder import sandbox as sandbox_module
-from watchfolder.samples import studio_image, write_samples
-from watchfolder.sandbox import FAULTS, RequestRecord, Sandbox
+from watchfolder.dev import sandbox as sandbox_module
+from watchfolder.dev.samples import studio_image, write_samples
+from watchfolder.dev.sandbox import FAULTS, RequestRecord, Sandbox
 
 KEY = "test-key-0123"
 TIMEOUT = 10.0
@@ -739,7 +739,7 @@ def test_run_prints_the_url_first_logs_without_keys_and_stops_on_sigterm() -> No
     secret = "cli-secret-key-987"
     code = (
         "import argparse, sys\n"
-        "from watchfolder import sandbox\n"
+        "from watchfolder.dev import sandbox\n"
         "parser = argparse.ArgumentParser()\n"
         "sandbox.add_arguments(parser)\n"
         "sys.exit(sandbox.run(parser.parse_args(sys.argv[1:])))\n"

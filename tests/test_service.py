@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import KEY, LogCapture, Running, Studio, make_image, wait_for
-from watchfolder.config import CREDENTIAL_NAME
-from watchfolder.daemon import Daemon, supervise
+from watchfolder.config.settings import CREDENTIAL_NAME
+from watchfolder.dev.sandbox import Sandbox
 from watchfolder.errors import ConfigError, StartupError
-from watchfolder.jobqueue import Job
-from watchfolder.notify import Notifier
-from watchfolder.sandbox import Sandbox
+from watchfolder.pipeline.jobqueue import Job
+from watchfolder.service.daemon import Daemon, supervise
+from watchfolder.service.notify import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "watchfolder.service"

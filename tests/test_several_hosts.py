@@ -14,9 +14,9 @@ import yaml
 
 from tests.conftest import KEY, RedisServer, Studio, make_image, wait_for
 from tests.test_service import DaemonProcess
-from watchfolder.config import StoreUrl
-from watchfolder.coordination import adopt_empty_store
-from watchfolder.sandbox import Sandbox
+from watchfolder.config.settings import StoreUrl
+from watchfolder.coordination.coordinator import adopt_empty_store
+from watchfolder.dev.sandbox import Sandbox
 
 
 def host_config(studio: Studio, name: str, **extra: Any) -> Path:

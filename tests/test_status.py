@@ -10,8 +10,8 @@ from typing import Any
 
 from tests.conftest import KEY, Running, Studio, make_image, run_watchfolder, wait_for
 from tests.test_service import DaemonProcess
-from watchfolder.requeue import requeue
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.sandbox import Sandbox
+from watchfolder.files.requeue import requeue
 
 
 def watchfolder(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

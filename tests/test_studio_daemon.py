@@ -23,10 +23,10 @@ from tests.test_images_studio import (
     shot,
     vips_of,
 )
-from watchfolder.images import MAX_BYTES, MAX_PIXELS, inspect_source
-from watchfolder.imaging import make_proxy
-from watchfolder.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg
-from watchfolder.sandbox import Sandbox
+from watchfolder.dev.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg
+from watchfolder.dev.sandbox import Sandbox
+from watchfolder.imaging.compose import make_proxy
+from watchfolder.imaging.inspect import MAX_BYTES, MAX_PIXELS, inspect_source
 
 
 def _camera(path: Path) -> None:

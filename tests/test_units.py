@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from watchfolder.client import error_for, parse_retry_after
-from watchfolder.config import Secret
+from watchfolder.config.settings import Secret
+from watchfolder.coordination.ratelimit import RateLimiter
 from watchfolder.errors import (
     CreditsExhausted,
     EndpointMissing,
@@ -21,9 +21,9 @@ from watchfolder.errors import (
     RateLimited,
     ServerError,
 )
-from watchfolder.outbox import candidates
-from watchfolder.ratelimit import RateLimiter
-from watchfolder.settle import SettleTracker, is_ignored
+from watchfolder.files.place import candidates
+from watchfolder.intake.settle import SettleTracker, is_ignored
+from watchfolder.pipeline.client import error_for, parse_retry_after
 
 
 class Clock:

@@ -18,14 +18,15 @@ from types import FrameType
 import structlog
 import yaml
 
-from watchfolder import __version__, logs, status
-from watchfolder.config import Config, inline_key_readable_by_others, load_config
-from watchfolder.daemon import EXIT_USAGE, STATUS_SECONDS, Daemon, supervise
+from watchfolder import __version__, logs
+from watchfolder.config.settings import Config, inline_key_readable_by_others, load_config
 from watchfolder.errors import ConfigError, JournalUnreadable, StartupError
-from watchfolder.notify import Notifier
-from watchfolder.progress import ProgressLine
-from watchfolder.requeue import report, requeue
-from watchfolder.reset import reset_journal
+from watchfolder.files.requeue import report, requeue
+from watchfolder.journal.reset import reset_journal
+from watchfolder.service import status
+from watchfolder.service.daemon import EXIT_USAGE, STATUS_SECONDS, Daemon, supervise
+from watchfolder.service.notify import Notifier
+from watchfolder.service.progress import ProgressLine
 
 log = structlog.get_logger("watchfolder")
 
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_argument(reset_parser)
     reset_parser.set_defaults(handler=cmd_reset_journal)
 
-    from watchfolder import sandbox
+    from watchfolder.dev import sandbox
 
     sandbox_parser = commands.add_parser(
         "sandbox", help="run a local stand-in for the Clipdrop API, for trying and testing",
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_arguments(sandbox_parser)
     sandbox_parser.set_defaults(handler=sandbox.run)
 
-    from watchfolder import demo
+    from watchfolder.dev import demo
 
     demo_parser = commands.add_parser(
         "demo", help="see it work end to end: sandbox, sample images, no key needed",

@@ -33,13 +33,13 @@ from typing import Any
 
 import pyvips
 
-from watchfolder.config import EXTENSIONS, InboxConfig, OutputConfig
-from watchfolder.images import inspect_source, vips_name
-from watchfolder.imaging import Cutout, compose, cutout, write_output
-from watchfolder.journal import FileRecord
-from watchfolder.manifest import OutputFacts, SourceFacts, build_manifest, manifest_id
-from watchfolder.metadata import carry_metadata, read_metadata
-from watchfolder.recipes import Recipe, render
+from watchfolder.config.settings import EXTENSIONS, InboxConfig, OutputConfig
+from watchfolder.handoff.manifest import OutputFacts, SourceFacts, build_manifest, manifest_id
+from watchfolder.imaging.compose import Cutout, compose, cutout, write_output
+from watchfolder.imaging.inspect import inspect_source, vips_name
+from watchfolder.imaging.metadata import carry_metadata, read_metadata
+from watchfolder.imaging.recipes import Recipe, render
+from watchfolder.journal.db import FileRecord
 
 DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext}
 

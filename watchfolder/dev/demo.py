@@ -33,11 +33,11 @@ from typing import Any
 import structlog
 import yaml
 
-from watchfolder import samples
-from watchfolder.config import load_config
-from watchfolder.daemon import Daemon
-from watchfolder.outbox import move_into, sha256_file
-from watchfolder.sandbox import Sandbox
+from watchfolder.config.settings import load_config
+from watchfolder.dev import samples
+from watchfolder.dev.sandbox import Sandbox
+from watchfolder.files.place import move_into, sha256_file
+from watchfolder.service.daemon import Daemon
 
 MARKER = ".watchfolder-demo"
 MANIFEST = "demo-files.json"

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 import platformdirs
 import yaml
 
+from watchfolder.config.secret import Secret
 from watchfolder.errors import ConfigError
-from watchfolder.handoff import HookSettings, WebhookSettings, parse_hooks, parse_webhook
-from watchfolder.secret import Secret
+from watchfolder.handoff.delivery import HookSettings, WebhookSettings, parse_hooks, parse_webhook
 
 DEFAULT_URL = "https://clipdrop-api.co/remove-background/v1"
 # output_format → what the API is asked for (the Accept header); TIFF is made locally from a PNG

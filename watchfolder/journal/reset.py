@@ -18,12 +18,12 @@ from __future__ import annotations
 import time
 from pathlib import Path, PurePosixPath
 
-from watchfolder.config import Config, InboxConfig
+from watchfolder.config.settings import Config, InboxConfig
 from watchfolder.errors import StartupError
-from watchfolder.journal import DONE, JOURNAL_NAME, Journal
-from watchfolder.lock import daemon_running
-from watchfolder.outbox import sha256_file
-from watchfolder.watcher import scan
+from watchfolder.files.place import sha256_file
+from watchfolder.intake.watcher import scan
+from watchfolder.journal.db import DONE, JOURNAL_NAME, Journal
+from watchfolder.service.lock import daemon_running
 
 RESULT_SUFFIXES = (".png", ".webp", ".jpg")
 

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from watchfolder.ratelimit import backoff
+from watchfolder.coordination.ratelimit import backoff
 
 if TYPE_CHECKING:
-    from watchfolder.budget import BudgetReached
     from watchfolder.errors import AccountError
-    from watchfolder.journal import FileRecord
+    from watchfolder.journal.db import FileRecord
+    from watchfolder.pipeline.budget import BudgetReached
 
 
 @dataclass

@@ -25,7 +25,7 @@ from watchfolder.errors import CoordinationUnavailable
 if TYPE_CHECKING:
     from redis.commands.core import Script
 
-    from watchfolder.config import StoreUrl
+    from watchfolder.config.settings import StoreUrl
 
 log = structlog.get_logger("watchfolder")
 

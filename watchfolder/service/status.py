@@ -26,13 +26,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from watchfolder.budget import midnight_after
-from watchfolder.claims import CLAIMS_FOLDER
-from watchfolder.config import Config
-from watchfolder.coordination import hosts_report
-from watchfolder.journal import DONE, FAILED, GONE, SENDING, Journal
-from watchfolder.lock import daemon_running
-from watchfolder.watcher import scan
+from watchfolder.config.settings import Config
+from watchfolder.coordination.claims import CLAIMS_FOLDER
+from watchfolder.coordination.coordinator import hosts_report
+from watchfolder.intake.watcher import scan
+from watchfolder.journal.db import DONE, FAILED, GONE, SENDING, Journal
+from watchfolder.pipeline.budget import midnight_after
+from watchfolder.service.lock import daemon_running
 
 RECENT_FAILURES = 5
 

@@ -78,7 +78,7 @@ from watchfolder.errors import CoordinationUnavailable
 from watchfolder.logs import readable
 
 if TYPE_CHECKING:
-    from watchfolder.store import Store
+    from watchfolder.coordination.store import Store
 
 log = structlog.get_logger("watchfolder")
 

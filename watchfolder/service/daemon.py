@@ -22,22 +22,23 @@ from typing import Any
 
 import structlog
 
-from watchfolder import logs, status
-from watchfolder.budget import BudgetReached
-from watchfolder.client import ApiClient
-from watchfolder.config import Config, InboxConfig
-from watchfolder.coordination import Coordinator
+from watchfolder import logs
+from watchfolder.config.settings import Config, InboxConfig
+from watchfolder.coordination.coordinator import Coordinator
 from watchfolder.errors import AccountError, ConfigError
-from watchfolder.handoff import HandOff
-from watchfolder.intake import Intake
-from watchfolder.jobqueue import Job
-from watchfolder.journal import FAILING, FETCHED, STORED, Journal
-from watchfolder.lock import DaemonLock
-from watchfolder.metrics import Metrics
-from watchfolder.notify import Notifier
-from watchfolder.outbox import TEMP_PREFIX, folder_problem
-from watchfolder.pipeline import Pipeline
-from watchfolder.watcher import Watcher
+from watchfolder.files.place import TEMP_PREFIX, folder_problem
+from watchfolder.handoff.delivery import HandOff
+from watchfolder.intake.loop import Intake
+from watchfolder.intake.watcher import Watcher
+from watchfolder.journal.db import FAILING, FETCHED, STORED, Journal
+from watchfolder.pipeline.budget import BudgetReached
+from watchfolder.pipeline.client import ApiClient
+from watchfolder.pipeline.driver import Pipeline
+from watchfolder.pipeline.jobqueue import Job
+from watchfolder.service import status
+from watchfolder.service.lock import DaemonLock
+from watchfolder.service.metrics import Metrics
+from watchfolder.service.notify import Notifier
 
 log = structlog.get_logger("watchfolder")
 

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import structlog
 
 from watchfolder import errors
-from watchfolder.claims import (
+from watchfolder.coordination.claims import (
     GRACE_KEYS,
     STORE_RUN,
     Claim,
@@ -74,13 +74,13 @@ from watchfolder.claims import (
     StoreClaims,
     instance_id,
 )
+from watchfolder.coordination.ratelimit import RateLimiter, acquire_with, backoff
+from watchfolder.coordination.store import Store
 from watchfolder.errors import CoordinationUnavailable
-from watchfolder.ratelimit import RateLimiter, acquire_with, backoff
-from watchfolder.store import Store
 
 if TYPE_CHECKING:
 
-    from watchfolder.config import Config, StoreUrl
+    from watchfolder.config.settings import Config, StoreUrl
 
 log = structlog.get_logger("watchfolder")
 

@@ -52,11 +52,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from PIL import Image
 
-from watchfolder import __version__, failpoints, results
-from watchfolder.budget import Budget, BudgetReached
-from watchfolder.client import ApiClient, ApiResult, max_result_bytes
-from watchfolder.config import Config, InboxConfig
-from watchfolder.coordination import Coordinator, Limiter, SharedPause
+from watchfolder import __version__, failpoints
+from watchfolder.config.settings import Config, InboxConfig
+from watchfolder.coordination.coordinator import Coordinator, Limiter, SharedPause
 from watchfolder.errors import (
     AccountError,
     ApiError,
@@ -68,10 +66,23 @@ from watchfolder.errors import (
     RateLimited,
     Retryable,
 )
-from watchfolder.images import inspect_result, inspect_source, verify_decodes
-from watchfolder.imaging import make_proxy
-from watchfolder.jobqueue import Job, JobQueue, RequestSlots
-from watchfolder.journal import (
+from watchfolder.files.place import (
+    NAME_MAX,
+    REASON_SUFFIX,
+    Destinations,
+    fsync_dir,
+    move_into,
+    same_file,
+    sha256_file,
+    write_atomic,
+)
+from watchfolder.handoff.manifest import (
+    manifest_json,
+)
+from watchfolder.imaging.compose import make_proxy
+from watchfolder.imaging.inspect import inspect_result, inspect_source, verify_decodes
+from watchfolder.intake.settle import Signature
+from watchfolder.journal.db import (
     DONE,
     FAILED,
     FAILING,
@@ -86,24 +97,14 @@ from watchfolder.journal import (
     Journal,
 )
 from watchfolder.logs import readable
-from watchfolder.manifest import (
-    manifest_json,
-)
-from watchfolder.outbox import (
-    NAME_MAX,
-    REASON_SUFFIX,
-    Destinations,
-    fsync_dir,
-    move_into,
-    same_file,
-    sha256_file,
-    write_atomic,
-)
-from watchfolder.settle import Signature
+from watchfolder.pipeline import outputs
+from watchfolder.pipeline.budget import Budget, BudgetReached
+from watchfolder.pipeline.client import ApiClient, ApiResult, max_result_bytes
+from watchfolder.pipeline.jobqueue import Job, JobQueue, RequestSlots
 
 if TYPE_CHECKING:
-    from watchfolder.handoff import HandOff
-    from watchfolder.metrics import Metrics
+    from watchfolder.handoff.delivery import HandOff
+    from watchfolder.service.metrics import Metrics
 
 log = structlog.get_logger("watchfolder")
 
@@ -732,14 +733,14 @@ class Pipeline:
         for index in range(count):
             if done[index]:
                 continue  # placed before a crash
-            if work.lane != LOCAL and results.heavy(record.route, inbox, index, reused):
+            if work.lane != LOCAL and outputs.heavy(record.route, inbox, index, reused):
                 return Park(lane=LOCAL)
             unchanged = self._unchanged(work)
             if not unchanged and not reused:
                 log.warning("file.changed", **work.log_fields(),
                             hint="the original changed or vanished after it was sent: the "
                                  "result is the API's answer as it is")
-            maker = results.maker(record, inbox, work.job.rel, answer, index, reused,
+            maker = outputs.maker(record, inbox, work.job.rel, answer, index, reused,
                                   unchanged=unchanged)
             entry = placed[index]
 
@@ -815,17 +816,17 @@ class Pipeline:
         wanted = event == "done" and (inbox.manifest or inbox.done_marker)
         if not wanted and handoff is None:
             return None
-        manifest = results.manifest_for(work.record, work.src, event)
+        manifest = outputs.manifest_for(work.record, work.src, event)
         body = manifest_json(manifest)
         owner = manifest["id"].encode()
         manifest_path = None
         if event == "done" and inbox.manifest:
             manifest_path = self.destinations.replace_own(
-                inbox.outbox, results.sidecar(work.record, inbox, work.job.rel, ".json"), body,
+                inbox.outbox, outputs.sidecar(work.record, inbox, work.job.rel, ".json"), body,
                 owner)
         if event == "done" and inbox.done_marker:
             self.destinations.replace_own(
-                inbox.outbox, results.sidecar(work.record, inbox, work.job.rel, ".done"),
+                inbox.outbox, outputs.sidecar(work.record, inbox, work.job.rel, ".done"),
                 owner + b"\n", owner)
             failpoints.hit("marked")
         if handoff is None:

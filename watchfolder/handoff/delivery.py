@@ -81,10 +81,10 @@ import requests
 import structlog
 
 from watchfolder import __version__, logs
+from watchfolder.config.secret import Secret
+from watchfolder.coordination.ratelimit import backoff
 from watchfolder.errors import WatchfolderError
-from watchfolder.manifest import manifest_json
-from watchfolder.ratelimit import backoff
-from watchfolder.secret import Secret
+from watchfolder.handoff.manifest import manifest_json
 
 log = structlog.get_logger("watchfolder")
 

@@ -26,11 +26,18 @@ from pathlib import Path
 
 import pyvips
 
-from watchfolder import atomic
-from watchfolder import metadata as meta
 from watchfolder.errors import BadResult, InputRejected
-from watchfolder.images import FAIL_ON, MAX_BYTES, MAX_PIXELS, Source, open_image, vips_name
-from watchfolder.metadata import Metadata
+from watchfolder.files import atomic
+from watchfolder.imaging import metadata as meta
+from watchfolder.imaging.inspect import (
+    FAIL_ON,
+    MAX_BYTES,
+    MAX_PIXELS,
+    Source,
+    open_image,
+    vips_name,
+)
+from watchfolder.imaging.metadata import Metadata
 
 OUTPUT_FORMATS = ("png", "webp", "jpeg", "tiff")
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg", "tiff": "tif"}

@@ -26,11 +26,11 @@ from typing import Any
 
 import structlog
 
-from watchfolder.config import Config
-from watchfolder.jobqueue import Job
-from watchfolder.journal import Journal
-from watchfolder.settle import SettleTracker, Signature, is_ignored
-from watchfolder.watcher import SCAN_ERRORS, Watcher, scan
+from watchfolder.config.settings import Config
+from watchfolder.intake.settle import SettleTracker, Signature, is_ignored
+from watchfolder.intake.watcher import SCAN_ERRORS, Watcher, scan
+from watchfolder.journal.db import Journal
+from watchfolder.pipeline.jobqueue import Job
 
 log = structlog.get_logger("watchfolder")
 

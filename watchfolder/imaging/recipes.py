@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pyvips
 
-from watchfolder.imaging import Cutout, answer_alpha, scale_to, to_srgb
+from watchfolder.imaging.compose import Cutout, answer_alpha, scale_to, to_srgb
 
 POSITIONS = ("center", "top", "bottom", "left", "right", "top-left", "top-right",
              "bottom-left", "bottom-right")

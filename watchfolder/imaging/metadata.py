@@ -23,8 +23,9 @@ from typing import BinaryIO
 import pyvips
 from PIL import ExifTags, Image, TiffImagePlugin
 
-from watchfolder import atomic, containers
-from watchfolder.images import describe_profile, vips_name
+from watchfolder.files import atomic
+from watchfolder.imaging import containers
+from watchfolder.imaging.inspect import describe_profile, vips_name
 
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"

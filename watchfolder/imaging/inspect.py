@@ -39,8 +39,8 @@ import pillow_heif
 import pyvips
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from watchfolder import containers
 from watchfolder.errors import BadResult, InputRejected
+from watchfolder.imaging import containers
 
 MAX_BYTES = 30_000_000  # "30 MB" read strictly, as the sandbox does: no request wasted on a 400
 MAX_PIXELS = 25_000_000

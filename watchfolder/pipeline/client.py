@@ -41,7 +41,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from watchfolder import __version__
-from watchfolder.config import OUTPUT_FORMATS, Secret
+from watchfolder.config.settings import OUTPUT_FORMATS, Secret
 from watchfolder.errors import (
     ApiError,
     BadResult,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from watchfolder.config import Config, InboxConfig
-from watchfolder.outbox import move_into, sha256_file
+from watchfolder.config.settings import Config, InboxConfig
+from watchfolder.files.place import move_into, sha256_file
 
 REASON_SUFFIX = ".error.json"
 

@@ -33,8 +33,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from watchfolder.config import InboxConfig
-from watchfolder.settle import is_ignored
+from watchfolder.config.settings import InboxConfig
+from watchfolder.intake.settle import is_ignored
 
 _INTERESTING = {EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED}
 

@@ -1,0 +1,9 @@
+"""The service: the daemon's life and the windows into it.
+
+- `daemon`: wiring journal, limiter, client, pipeline and intake; start, run, reload, stop.
+- `lock`: one daemon per state_dir.
+- `notify`: the sd_notify protocol.
+- `metrics`: Prometheus metrics.
+- `status`: `watchfolder status` and the STATUS= line.
+- `progress`: the progress line of `run --once` on a terminal.
+"""
