@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from watchfolder.config.handoff import HookSettings, WebhookSettings, parse_hooks, parse_webhook
 from watchfolder.config.settings import Secret
-from watchfolder.handoff.delivery import HookSettings, WebhookSettings, parse_hooks, parse_webhook
 
 SECRET = "whsec-0123456789abcdef"
 

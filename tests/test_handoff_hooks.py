@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import LogCapture, wait_for
+from watchfolder.config.handoff import HookSettings
 from watchfolder.config.settings import Secret
-from watchfolder.handoff.delivery import HookRunner, HookSettings
+from watchfolder.handoff.hooks import HookRunner
 from watchfolder.handoff.manifest import OutputFacts, SourceFacts, build_manifest, manifest_json
 
 API_KEY = "api-key-0123456789"

@@ -18,16 +18,11 @@ import pytest
 
 from tests.conftest import LogCapture, wait_for
 from watchfolder import __version__
+from watchfolder.config.handoff import WebhookSettings
 from watchfolder.config.settings import Secret
-from watchfolder.handoff.delivery import (
-    DeliveryQueue,
-    WebhookClient,
-    WebhookSettings,
-    WebhookUnreachable,
-    backoff_delay,
-    pending_deliveries,
-    signature,
-)
+from watchfolder.handoff.deliveries import DeliveryQueue, pending_deliveries
+from watchfolder.handoff.retry import backoff_delay
+from watchfolder.handoff.webhook import WebhookClient, WebhookUnreachable, signature
 
 SECRET = "whsec-0123456789abcdef"
 BODY = json.dumps({"version": 1, "id": "d-1", "event": "done", "path": "/in/été.jpg"},

@@ -1,6 +1,10 @@
 """The configuration: YAML in, frozen dataclasses out, every default and check in one table.
 
-- `settings`: the settings table (each key's default, type, bounds and README wording) and
-  its one reader; `load_config` / `parse_config`.
+- `table`: the vocabulary of the settings table (`number`, `integer`, `flag`, `choice`,
+  `folder`, `argv`, `special` fields carrying their `Spec`) and its one `Reader`, which
+  collects every problem with its path and expands `${VAR}` and secret files.
+- `settings`: the sections (`Config`, `ApiConfig`, `InboxConfig`, `OutputConfig`, ...), the
+  README reference, check-config's view, and `load_config` / `parse_config`.
+- `handoff`: the `hooks:` and `webhook:` sections (`HookSettings`, `WebhookSettings`).
 - `secret`: a string that never shows itself (the API key, the webhook's secret).
 """

@@ -15,7 +15,7 @@ import os
 import re
 import stat
 import string
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,9 +23,23 @@ from urllib.parse import urlsplit, urlunsplit
 import platformdirs
 import yaml
 
+from watchfolder.config.handoff import HookSettings, WebhookSettings, read_hooks, read_webhook
 from watchfolder.config.secret import Secret
+from watchfolder.config.table import (
+    ENV_REF,
+    Reader,
+    choice,
+    flag,
+    folder,
+    integer,
+    not_a_key,
+    number,
+    shown_default,
+    spec_of,
+    special,
+    table_keys,
+)
 from watchfolder.errors import ConfigError
-from watchfolder.handoff.delivery import HookSettings, WebhookSettings, parse_hooks, parse_webhook
 
 DEFAULT_URL = "https://clipdrop-api.co/remove-background/v1"
 # output_format → what the API is asked for (the Accept header); TIFF is made locally from a PNG
@@ -93,56 +107,6 @@ def store_url_problem(text: str) -> str | None:
 
 
 # -- the table: every key, its default, type, bounds and redaction, stated once ------------------
-
-
-@dataclass(frozen=True)
-class Spec:
-    """How one configuration key is read, checked and shown."""
-
-    kind: str  # number | integer | flag | choice | text | folder | special (read by hand)
-    minimum: float | None = None
-    choices: tuple[str, ...] = ()
-    required: bool = False  # folders only
-    must_exist: bool = False  # folders only
-    shown: str | None = None  # how the README states the default, when not the value itself
-    secret: bool = False  # check-config shows where it came from, never the value
-    maximum: float | None = None
-
-
-def _setting(default: Any = None, *, factory: Any = None, **spec: Any) -> Any:
-    metadata = {"spec": Spec(**spec)}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def number(default: float, minimum: float, **kw: Any) -> Any:
-    return _setting(default, kind="number", minimum=minimum, **kw)
-
-
-def integer(default: int | None, minimum: int, **kw: Any) -> Any:
-    return _setting(default, kind="integer", minimum=minimum, **kw)
-
-
-def flag(default: bool) -> Any:
-    return _setting(default, kind="flag")
-
-
-def choice(default: str | None, choices: tuple[str, ...], **kw: Any) -> Any:
-    return _setting(default, kind="choice", choices=choices, **kw)
-
-
-def folder(*, required: bool, must_exist: bool = False, **kw: Any) -> Any:
-    return _setting(None, kind="folder", required=required, must_exist=must_exist, **kw)
-
-
-def special(default: Any = None, **kw: Any) -> Any:
-    return _setting(default, kind="special", **kw)
-
-
-def not_a_key(default: Any) -> Any:
-    """A field computed from other keys (never read from the YAML, never shown)."""
-    return field(default=default)
 
 
 @dataclass(frozen=True)
@@ -282,7 +246,7 @@ class Config:
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets replaced by where they came from."""
-        return _plain(self)
+        return _plain_fields(self)
 
 
 SECTIONS: dict[str, type] = {"api": ApiConfig, "retry": RetryConfig, "log": LogConfig,
@@ -290,14 +254,9 @@ SECTIONS: dict[str, type] = {"api": ApiConfig, "retry": RetryConfig, "log": LogC
                              "inboxes[]": InboxConfig, "inboxes[].outputs[]": OutputConfig}
 
 
-def spec_of(f: Field[Any]) -> Spec | None:
-    spec = f.metadata.get("spec")
-    return spec if isinstance(spec, Spec) else None
-
-
 def keys_of(cls: type) -> set[str]:
     """The YAML keys a section accepts."""
-    keys = {f.name for f in fields(cls) if spec_of(f) is not None}
+    keys = table_keys(cls)
     if cls is Config:
         keys |= {name.rstrip("[]") for name in SECTIONS if "." not in name}
     return keys
@@ -306,21 +265,7 @@ def keys_of(cls: type) -> set[str]:
 def reference() -> dict[str, str]:
     """`dotted.key` → its default as the README's configuration reference states it."""
     table: dict[str, str] = {}
-
-    def shown(f: Field[Any]) -> str:
-        spec = spec_of(f)
-        assert spec is not None
-        if spec.shown is not None:
-            return spec.shown
-        if spec.kind == "folder":
-            return "required" if spec.required else "none"
-        value = f.default
-        if isinstance(value, bool):
-            return f"`{str(value).lower()}`"
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return f"`{value}`"
-
+    shown = shown_default
     for f in fields(Config):
         if spec_of(f) is not None and f.name != "inboxes":
             table[f.name] = shown(f)
@@ -340,10 +285,11 @@ def _plain(obj: Any) -> Any:
         return [_plain(item) for item in obj]
     if not hasattr(obj, "__dataclass_fields__"):
         return obj
-    if not any(spec_of(f) for f in fields(obj)):  # hooks, webhook: hand-off's own settings
-        redacted = getattr(obj, "redacted", None)
-        return redacted() if redacted else {f.name: _plain(getattr(obj, f.name))
-                                             for f in fields(obj)}
+    redacted = getattr(obj, "redacted", None)  # a section that shows itself (the webhook)
+    return redacted() if redacted is not None else _plain_fields(obj)
+
+
+def _plain_fields(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(obj):
         spec = spec_of(f)
@@ -368,120 +314,6 @@ def default_state_dir() -> Path:
 
 
 # -- reading ------------------------------------------------------------------------------------
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class _Checker:
-    """Collects problems while reading a YAML mapping, each with its dotted path."""
-
-    def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
-        self.problems: list[str] = []
-
-    def fail(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def mapping(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(path, f"must be a mapping, got {type(value).__name__}")
-            return {}
-        for key in value:
-            if key not in allowed:
-                self.fail(f"{path}.{key}" if path else str(key),
-                          "unknown key" + _hint(str(key), path, allowed))
-        return value
-
-    def section(self, raw: Any, path: str, cls: type, *, checked: bool = False,
-                **given: Any) -> Any:
-        """Read every table key of `cls` from `raw`; `given` are the special keys, read by hand.
-
-        `checked`: `raw` already went through `mapping` (its unknown keys are reported).
-        """
-        data = raw if checked else self.mapping(raw, path, keys_of(cls))
-        values = dict(given)
-        for f in fields(cls):
-            spec = spec_of(f)
-            if spec is None or spec.kind == "special" or f.name in values:
-                continue
-            values[f.name] = self.value(data, f.name, path, spec, f.default)
-        return cls(**values)
-
-    def value(self, data: dict[str, Any], key: str, path: str, spec: Spec, default: Any) -> Any:
-        where = f"{path}.{key}" if path else key
-        if spec.kind == "folder":
-            return self.folder(data, key, path, required=spec.required,
-                               must_exist=spec.must_exist)
-        value = data.get(key, default)
-        if value is None and default is None and spec.kind != "flag":
-            return None  # an optional key left out
-        if spec.kind in ("number", "integer"):
-            kind = int if spec.kind == "integer" else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kind):
-                noun = "a whole number" if spec.kind == "integer" else "a number"
-                self.fail(where, f"must be {noun}, got {value!r}")
-                return default
-            if spec.minimum is not None and value < spec.minimum:
-                self.fail(where, f"must be at least {spec.minimum:g}, got {value}")
-                return default
-            if spec.maximum is not None and value > spec.maximum:
-                self.fail(where, f"must be at most {spec.maximum:g}, got {value}")
-                return default
-            return value if spec.kind == "integer" else float(value)
-        if spec.kind == "flag":
-            if not isinstance(value, bool):
-                self.fail(where, f"must be true or false, got {value!r}")
-                return default
-            return value
-        if spec.kind == "choice":
-            if value is not None and value not in spec.choices:
-                self.fail(where, f"must be one of {', '.join(spec.choices)}; got {value!r}")
-                return default
-            return value
-        raise AssertionError(f"no reader for {spec.kind}")
-
-    def text(self, data: dict[str, Any], key: str, path: str) -> str | None:
-        value = data.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            self.fail(f"{path}.{key}" if path else key, f"must be a string, got {value!r}")
-            return None
-        return self.expand(value, f"{path}.{key}" if path else key)
-
-    def expand(self, value: str, path: str) -> str:
-        def sub(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in os.environ:
-                self.fail(path, f"environment variable {name} is not set "
-                                f"(export it, or remove the ${{{name}}} reference)")
-                return ""
-            return os.environ[name]
-
-        return _ENV_REF.sub(sub, value)
-
-    def folder(self, data: dict[str, Any], key: str, path: str, *, required: bool,
-               must_exist: bool) -> Path | None:
-        raw = self.text(data, key, path)
-        if raw is None or raw == "":
-            if required:
-                self.fail(f"{path}.{key}", "is required")
-            return None
-        folder = Path(raw).expanduser()
-        if not folder.is_absolute():
-            folder = self.base_dir / folder
-        folder = Path(os.path.normpath(folder))
-        if folder.exists():
-            if not folder.is_dir():
-                self.fail(f"{path}.{key}", f"{folder} is not a folder")
-        elif must_exist:
-            self.fail(f"{path}.{key}", f"folder {folder} does not exist (create it first)")
-        elif not folder.parent.is_dir():
-            self.fail(f"{path}.{key}", f"parent folder {folder.parent} does not exist")
-        return folder
-
 
 def _hint(key: str, path: str, allowed: set[str]) -> str:
     """' (did you mean ...?)': a close key here, or the section where this key belongs."""
@@ -525,7 +357,7 @@ def load_config(path: Path | str, *, require_key: bool = True, read_key: bool = 
 def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
                  require_key: bool = True) -> Config:
     """Validate already-parsed YAML data (relative paths resolve against base_dir)."""
-    c = _Checker(base_dir)
+    c = Reader(base_dir, hint=_hint)
     top = c.mapping(raw, "", keys_of(Config))
     if raw is None:
         c.fail("config", "the file is empty; it needs at least an `inboxes:` list")
@@ -548,12 +380,10 @@ def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
 
-    hooks, problems = parse_hooks(top.get("hooks"))
-    c.problems += problems
-    webhook, problems = parse_webhook(top.get("webhook"), base_dir=base_dir)
-    c.problems += problems
     config = c.section(
-        top, "", Config, checked=True, hooks=hooks, webhook=webhook,
+        top, "", Config, checked=True,
+        hooks=read_hooks(c, top.get("hooks")),
+        webhook=read_webhook(c, top.get("webhook")),
         inboxes=_read_inboxes(c, top.get("inboxes")),
         api=api,
         retry=c.section(top.get("retry"), "retry", RetryConfig),
@@ -567,7 +397,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
     return config
 
 
-def _read_coordination(c: _Checker, raw: Any) -> CoordinationConfig:
+def _read_coordination(c: Reader, raw: Any) -> CoordinationConfig:
     data = c.mapping(raw, "coordination", keys_of(CoordinationConfig))
     text = c.text(data, "url", "coordination")
     url = None
@@ -580,7 +410,7 @@ def _read_coordination(c: _Checker, raw: Any) -> CoordinationConfig:
     return c.section(data, "coordination", CoordinationConfig, checked=True, url=url)
 
 
-def _read_key(c: _Checker, api_raw: dict[str, Any], require_key: bool) -> tuple[Secret, str]:
+def _read_key(c: Reader, api_raw: dict[str, Any], require_key: bool) -> tuple[Secret, str]:
     inline = api_raw.get("key")
     key_file = c.text(api_raw, "key_file", "api")
     if inline is not None and key_file:
@@ -589,38 +419,23 @@ def _read_key(c: _Checker, api_raw: dict[str, Any], require_key: bool) -> tuple[
         if not isinstance(inline, str):
             c.fail("api.key", "must be a string")
             return Secret(""), "none"
-        from_env = bool(_ENV_REF.search(inline))
-        value = c.expand(inline, "api.key").strip()
-        if not value and not from_env:
-            c.fail("api.key", "is empty")
-        return Secret(value), ("environment" if from_env else "config file (inline)")
+        from_env = bool(ENV_REF.search(inline))
+        return (c.inline_secret(inline, "api.key"),
+                "environment" if from_env else "config file (inline)")
     if key_file:
-        path = Path(key_file).expanduser()
-        if not path.is_absolute():
-            path = c.base_dir / path
-        return _key_from_file(c, path, "api.key_file"), f"key_file {path}"
+        path = c.path(key_file)
+        return c.secret_file(path, "api.key_file", noun="key file "), f"key_file {path}"
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL_NAME).is_file():
         path = Path(creds) / CREDENTIAL_NAME
-        return _key_from_file(c, path, "api.key_file"), "systemd credential"
+        return c.secret_file(path, "api.key_file", noun="key file "), "systemd credential"
     if require_key:
         c.fail("api.key", "no API key: set api.key (e.g. ${CLIPDROP_API_KEY}), api.key_file, "
                           f"or a systemd credential named {CREDENTIAL_NAME}")
     return Secret(""), "none"
 
 
-def _key_from_file(c: _Checker, path: Path, where: str) -> Secret:
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        c.fail(where, f"cannot read key file {path}: {exc.strerror}")
-        return Secret("")
-    if not value:
-        c.fail(where, f"key file {path} is empty")
-    return Secret(value)
-
-
-def _read_inboxes(c: _Checker, raw: Any) -> tuple[InboxConfig, ...]:
+def _read_inboxes(c: Reader, raw: Any) -> tuple[InboxConfig, ...]:
     if raw is None:
         c.fail("inboxes", "is required: a list of folders to watch")
         return ()
@@ -658,7 +473,7 @@ def _read_inboxes(c: _Checker, raw: Any) -> tuple[InboxConfig, ...]:
     return tuple(inboxes)
 
 
-def _read_outputs(c: _Checker, raw: Any, inbox: str) -> tuple[OutputConfig, ...]:
+def _read_outputs(c: Reader, raw: Any, inbox: str) -> tuple[OutputConfig, ...]:
     """An inbox's `outputs:` list (none: one output in `output_format`)."""
     if raw is None:
         return ()
@@ -706,7 +521,7 @@ def _read_outputs(c: _Checker, raw: Any, inbox: str) -> tuple[OutputConfig, ...]
     return tuple(outputs)
 
 
-def _margin(c: _Checker, raw: Any, where: str) -> str:
+def _margin(c: Reader, raw: Any, where: str) -> str:
     if raw is None:
         return "0"
     text = str(raw).strip()
@@ -716,7 +531,7 @@ def _margin(c: _Checker, raw: Any, where: str) -> str:
     return "0"
 
 
-def _size(c: _Checker, raw: Any, where: str) -> tuple[int, int] | None:
+def _size(c: Reader, raw: Any, where: str) -> tuple[int, int] | None:
     if raw is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(raw))
@@ -726,7 +541,7 @@ def _size(c: _Checker, raw: Any, where: str) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
-def _colour(c: _Checker, raw: Any, where: str) -> Colour | None:
+def _colour(c: Reader, raw: Any, where: str) -> Colour | None:
     if raw is None or raw == "transparent":
         return None
     text = str(raw).strip().lower()
@@ -748,6 +563,6 @@ def inline_key_readable_by_others(path: Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     key = (data.get("api") or {}).get("key") if isinstance(data, dict) else None
-    if not isinstance(key, str) or not key or _ENV_REF.fullmatch(key.strip()):
+    if not isinstance(key, str) or not key or ENV_REF.fullmatch(key.strip()):
         return False
     return bool(mode & (stat.S_IRGRP | stat.S_IROTH))

@@ -103,7 +103,7 @@ from watchfolder.pipeline.client import ApiClient, ApiResult, max_result_bytes
 from watchfolder.pipeline.jobqueue import Job, JobQueue, RequestSlots
 
 if TYPE_CHECKING:
-    from watchfolder.handoff.delivery import HandOff
+    from watchfolder.handoff.wiring import HandOff
     from watchfolder.service.metrics import Metrics
 
 log = structlog.get_logger("watchfolder")

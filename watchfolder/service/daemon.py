@@ -27,7 +27,7 @@ from watchfolder.config.settings import Config, InboxConfig
 from watchfolder.coordination.coordinator import Coordinator
 from watchfolder.errors import AccountError, ConfigError
 from watchfolder.files.place import TEMP_PREFIX, folder_problem
-from watchfolder.handoff.delivery import HandOff
+from watchfolder.handoff.wiring import HandOff
 from watchfolder.intake.loop import Intake
 from watchfolder.intake.watcher import Watcher
 from watchfolder.journal.db import FAILING, FETCHED, STORED, Journal
