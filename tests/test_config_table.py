@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from watchfolder.config.handoff import handoff_reference
 from watchfolder.config.settings import Config, keys_of, parse_config, reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,3 +65,25 @@ def test_the_example_config_uses_only_keys_of_the_table() -> None:
                     assert f"inboxes[].{inner}" in table, inner
         else:
             assert key in table, key
+
+
+def test_readme_states_the_hand_off_keys_with_the_tables_defaults() -> None:
+    """The `hooks` and `webhook` rows name every key of their section, each default as
+    `key` (value), and no key or default the table does not have."""
+    readme = readme_reference()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {match[1]: match[2] for match in re.finditer(r"^\| `(hooks|webhook)` \| .+? \| (.+) \|$",
+                                                         text, re.MULTILINE)}
+    assert sorted(rows) == ["hooks", "webhook"]
+    table = handoff_reference()
+    for section, row in rows.items():
+        keys = {key.split(".", 1)[1]: shown for key, shown in table.items()
+                if key.startswith(f"{section}.")}
+        named = set(re.findall(r"`([a-z_]+)`", row))
+        assert named == set(keys), f"{section}: keys the README names (README, table)"
+        # a default is one word in brackets: `retries` (3), not `on_done` (argv lists, ...)
+        stated = dict(re.findall(r"`([a-z_]+)` \(([^)\s]+)\)", row))
+        defaults = {key: shown.strip("`") for key, shown in keys.items()
+                    if shown.startswith("`")}
+        assert stated == defaults, f"{section}: README defaults (README, table)"
+        assert readme[section] == reference()[section]

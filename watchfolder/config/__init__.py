@@ -6,5 +6,6 @@
 - `settings`: the sections (`Config`, `ApiConfig`, `InboxConfig`, `OutputConfig`, ...), the
   README reference, check-config's view, and `load_config` / `parse_config`.
 - `handoff`: the `hooks:` and `webhook:` sections (`HookSettings`, `WebhookSettings`).
-- `secret`: a string that never shows itself (the API key, the webhook's secret).
+- `secret`: values that never show their secret: `Secret` (the API key, the webhook's
+  secret) and `StoreUrl` (a coordination store's URL, its password hidden).
 """

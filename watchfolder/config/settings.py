@@ -1,11 +1,16 @@
 """YAML configuration → frozen dataclasses, with every default and every check in one place.
 
 The dataclasses below are the table: each key's default, type, bounds and redaction are stated
-once, in its field, and the reader, `check-config`'s output and the README's reference follow
-from it (a test holds the README against `reference()`). `load_config` validates the whole
-file and raises one `ConfigError` listing every problem with its path (`inboxes[1].outbox:
-parent folder does not exist`), so a user fixes them all in one go. Nothing here touches
-the network or starts a thread.
+once, in its field (the field kinds and the one `Reader` are table.py; the `hooks:` and
+`webhook:` sections are handoff.py), and the reader, `check-config`'s output and the README's
+reference follow from it (tests hold the README against `reference()` and
+`handoff_reference()`). `load_config` validates the whole file and raises one `ConfigError`
+listing every problem with its path (`inboxes[1].outbox: parent folder does not exist`), so a
+user fixes them all in one go. Nothing here touches the network or starts a thread.
+
+A new section: a frozen dataclass of table fields, a `Config` field made with
+`field(default_factory=...)`, an entry in `SECTIONS`, `name=c.section(top.get("name"), "name",
+TheConfig)` in `parse_config`, and its rows in the README's reference.
 """
 
 from __future__ import annotations
@@ -18,13 +23,12 @@ import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 import yaml
 
 from watchfolder.config.handoff import HookSettings, WebhookSettings, read_hooks, read_webhook
-from watchfolder.config.secret import Secret
+from watchfolder.config.secret import Secret, StoreUrl, store_url_problem
 from watchfolder.config.table import (
     ENV_REF,
     Reader,
@@ -49,61 +53,6 @@ TRANSPARENCY_MODES = ("return_input_if_non_opaque", "discard_alpha_layer")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CREDENTIAL_NAME = "clipdrop-api-key"
-
-
-class StoreUrl:
-    """A coordination store's URL (`redis://user:password@host:6379/0`): the password in it is
-    a secret, so repr, str and `check-config` show the URL with `***` in its place."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    @property
-    def password(self) -> str | None:
-        return urlsplit(self._value).password
-
-    def redacted(self) -> str:
-        parts = urlsplit(self._value)
-        if parts.password is None:
-            return self._value
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StoreUrl) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return f"StoreUrl({self.redacted()!r})"
-
-    __str__ = redacted
-
-
-def store_url_problem(text: str) -> str | None:
-    """What is wrong with a coordination store URL, said without its password; None if fine."""
-    shown = StoreUrl(text).redacted()
-    parts = urlsplit(text)
-    if parts.scheme not in ("redis", "rediss"):
-        return f"must be a redis:// or rediss:// URL, got {shown!r}"
-    try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        return f"has an invalid port: {shown!r}"
-    if not parts.hostname:
-        return f"names no host: {shown!r}"
-    if parts.path not in ("", "/") and not re.fullmatch(r"/\d+", parts.path):
-        return f"the path must be a database number (/0), got {shown!r}"
-    if parts.query or parts.fragment:
-        return f"takes no ?options or #fragment: {shown!r}"
-    return None
 
 
 # -- the table: every key, its default, type, bounds and redaction, stated once ------------------
