@@ -1,9 +1,12 @@
-"""The configuration table in config.py is the single statement of every key and default: the
-README's reference, `check-config`'s output and the example config must agree with it."""
+"""The configuration table (config/settings.py, config/handoff.py) is the single statement of
+every key and default: the README's reference, `check-config`'s output and the example config
+must agree with it."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -30,7 +33,7 @@ def test_readme_states_every_key_with_the_tables_default() -> None:
     table = reference()
     assert sorted(readme) == sorted(table), "keys missing from (or unknown to) the README"
     wrong = {key: (readme[key], table[key]) for key in table if readme[key] != table[key]}
-    assert wrong == {}, "README default differs from config.py: (README, table)"
+    assert wrong == {}, "README default differs from the table: (README, table)"
 
 
 def test_check_config_shows_every_key_of_the_table(tmp_path: Path) -> None:
@@ -87,3 +90,15 @@ def test_readme_states_the_hand_off_keys_with_the_tables_defaults() -> None:
                     if shown.startswith("`")}
         assert stated == defaults, f"{section}: README defaults (README, table)"
         assert readme[section] == reference()[section]
+
+
+def test_the_config_package_imports_nothing_but_itself_and_errors() -> None:
+    """Reading a config must not load the hand-off's threads and SQLite, nor anything else."""
+    code = ("import sys, watchfolder.config.settings; "
+            "print(' '.join(m for m in sys.modules if m.startswith('watchfolder')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    loaded = set(done.stdout.split())
+    outside = {m for m in loaded if m not in ("watchfolder", "watchfolder.errors")
+               and not m.startswith("watchfolder.config")}
+    assert outside == set()

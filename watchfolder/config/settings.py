@@ -214,14 +214,13 @@ def keys_of(cls: type) -> set[str]:
 def reference() -> dict[str, str]:
     """`dotted.key` → its default as the README's configuration reference states it."""
     table: dict[str, str] = {}
-    shown = shown_default
     for f in fields(Config):
         if spec_of(f) is not None and f.name != "inboxes":
-            table[f.name] = shown(f)
+            table[f.name] = shown_default(f)
     for prefix, cls in SECTIONS.items():
         for f in fields(cls):
             if spec_of(f) is not None:
-                table[f"{prefix}.{f.name}"] = shown(f)
+                table[f"{prefix}.{f.name}"] = shown_default(f)
     return table
 
 

@@ -2,7 +2,7 @@
 
 Pure: plain facts in, a dict and its bytes out. Placing the file (`<outbox>/<dir>/<stem>.json`,
 no-clobber, before the `.done` marker) is the outbox's job; hooks and the webhook
-(handoff.py) receive the same bytes.
+(hooks.py, deliveries.py) receive the same bytes.
 
 Schema, version 1 (keys always present, in this order; new keys may be added within a
 version, so readers should ignore keys they do not know):
