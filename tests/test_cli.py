@@ -230,6 +230,21 @@ def test_key_file_and_systemd_credential(tmp_path: Path) -> None:
     assert "api.key: no API key" in done.stderr
 
 
+def test_a_key_file_that_is_not_text_is_a_configuration_problem(tmp_path: Path) -> None:
+    # The API key and the webhook secret are read from files by the same code: a binary file
+    # is reported with its path (it used to end check-config with a traceback).
+    (tmp_path / "in").mkdir()
+    (tmp_path / "key").write_bytes(b"sk-\xff\xfe-not-text")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"api": {"key_file": "key"}, "inboxes": [
+        {"path": "in", "outbox": "out", "errors": "err"}]}))
+    done = watchfolder("check-config", "--config", str(path))
+    assert done.returncode == 2, done.stderr
+    assert (f"api.key_file: cannot read key file {tmp_path / 'key'}: UnicodeDecodeError"
+            in done.stderr)
+    assert "Traceback" not in done.stderr and "not-text" not in done.stderr
+
+
 def test_inline_key_readable_by_others_is_warned(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     path = tmp_path / "c.yaml"
