@@ -231,7 +231,8 @@ class DeliveryQueue:
 
 
 def pending_deliveries(state_dir: Path) -> int:
-    """Pending webhook deliveries, read-only (for `status` in another process); 0 if none."""
+    """Pending webhook deliveries, read-only, so another process may ask while the daemon
+    runs (nothing calls it yet but the tests; `status` does not show it); 0 if none."""
     path = Path(state_dir) / DELIVERIES_FILE
     if not path.exists():
         return 0
