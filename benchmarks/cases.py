@@ -77,9 +77,10 @@ def _wait(predicate: Callable[[], bool], timeout: float, every: float = 0.1) -> 
     return True
 
 
-def _land(staging: Path, inbox: Path, name: str) -> float:
-    """Drop one complete file the way a well-behaved sender does: rename it into the inbox."""
-    os.rename(staging / name, inbox / name)
+def _land(staging: Path, inbox: Path, name: str, final: str | None = None) -> float:
+    """Drop one complete file the way a well-behaved sender does: rename it into the inbox
+    (as `final` when given)."""
+    os.rename(staging / name, inbox / (final or name))
     return time.monotonic()
 
 
@@ -196,8 +197,14 @@ def limit_safety(params: dict[str, Any]) -> Result:
 # -- reaction ------------------------------------------------------------------------------------
 
 def reaction(params: dict[str, Any]) -> Result:
-    """Files renamed into the inbox one at a time; time until the sandbox sees each upload."""
-    count, settle = params["files"], params["settle"]
+    """Files landing in the inbox one at a time; time until the sandbox sees each upload.
+
+    `how`: "moved" renames each file in from a folder outside the inbox (a move), "temp"
+    renames it from an rsync-style temporary name inside the inbox (`.name.XXXXXX`): both
+    complete by construction, sent at once. "in_place" writes each file under its final name
+    (one write, as a copy does): it keeps the settle wait.
+    """
+    count, settle, how = params["files"], params["settle"], params.get("how", "moved")
     with workspace("reaction") as root, Sandbox(rpm=600, latency=0.2) as api:
         config = studio_config(root, api.url, rpm=600, concurrency=8)
         config["inboxes"][0]["settle_seconds"] = settle
@@ -206,18 +213,26 @@ def reaction(params: dict[str, Any]) -> Result:
         write_images(staging, files)
         daemon = DaemonProcess(root, config)
         daemon.start()
-        profiler = Profiler(daemon.pid, _profile_path(params, "reaction"))
+        profiler = Profiler(daemon.pid, _profile_path(params, f"reaction-{how}"))
         rng = random.Random(5)
         landed = {}
         for name in files:
-            landed[name] = _land(staging, inbox, name)
+            if how == "temp":
+                temp = inbox / f".{name}.{rng.randrange(16**6):06x}"
+                os.rename(staging / name, temp)
+                landed[name] = _land(inbox, inbox, temp.name, name)
+            elif how == "in_place":
+                (inbox / name).write_bytes((staging / name).read_bytes())
+                landed[name] = time.monotonic()
+            else:
+                landed[name] = _land(staging, inbox, name)
             time.sleep(rng.uniform(0.5, 1.5))  # a steady trickle, well inside the limit
         _wait(lambda: len(api.requests) >= count, 60)
         profiler.stop()
         daemon.stop()
         seen = {r.filename: r.time for r in api.requests}
     delays = [seen[name] - landed[name] for name in files if name in seen]
-    return {"files": count, "settle": settle, "uploaded": len(delays),
+    return {"files": count, "settle": settle, "how": how, "uploaded": len(delays),
             "median": statistics.median(delays), "p95": percentile(delays, 0.95),
             "max": max(delays), "min": min(delays)}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,40 @@ def test_a_file_removed_while_waiting_is_forgotten(studio: Studio, sandbox: Sand
     assert studio.files(studio.errors) == []
     assert studio.files(studio.outbox) == []
     assert sandbox.count(200) == 0
+
+
+def test_a_file_renamed_into_place_is_sent_without_the_settle_wait(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    settle = 3.0
+    studio = Studio(tmp_path, sandbox.url, inbox={"settle_seconds": settle},
+                    rescan_seconds=60)
+    staging = tmp_path / "staging"  # another folder on the same filesystem
+    # Each way a sender completes a file by renaming it: (temporary path, final name).
+    renames = [
+        (studio.inbox / ".rsync.jpg.Xa81Qz", "rsync.jpg"),            # rsync
+        (studio.inbox / "part.png.part", "part.png"),                 # *.part
+        (studio.inbox / "browser.png.crdownload", "browser.png"),     # Chrome
+        (studio.inbox / ".syncthing.sync.png.tmp", "sync.png"),       # Syncthing
+        (staging / "moved.png", "moved.png"),                         # a move from elsewhere
+    ]
+    with Running(studio.config()):
+        delays = {}
+        for seed, (temp, name) in enumerate(renames):
+            make_image(temp, fmt="JPEG" if name.endswith(".jpg") else "PNG", seed=seed)
+            before = sandbox.count()
+            renamed = time.monotonic()
+            temp.rename(studio.inbox / name)
+            wait_for(lambda n=before: sandbox.count() > n, timeout=2 * settle, what=name)
+            delays[name] = sandbox.requests[-1].time - renamed
+            assert sandbox.requests[-1].filename == name
+        # Written in place, a file still waits for its size and mtime to hold still.
+        written = time.monotonic()
+        (studio.inbox / "in-place.png").write_bytes(
+            make_image(staging / "source.png", seed=9).read_bytes())
+        wait_for(lambda: sandbox.count() == len(renames) + 1, timeout=3 * settle,
+                 what="the file written in place")
+        in_place = sandbox.requests[-1].time - written
+        wait_for(lambda: len(studio.files(studio.archive)) == len(renames) + 1, what="archive")
+    # Generous bounds (a loaded 2-core machine) that the settle wait could never meet.
+    assert all(delay < settle / 3 for delay in delays.values()), delays
+    assert in_place >= settle * 0.9, in_place

@@ -2,7 +2,8 @@
 
 It owns three things, and nothing else touches them (messages arrive on one queue):
 - `known`: every path settling, queued or being worked on, so no file is taken twice;
-- the `SettleTracker` of files still being written;
+- the `SettleTracker` of files still being written (a file renamed or moved into place skips
+  it: see `watcher`);
 - `kept`: files finished in keep-in-place mode (no archive), by signature, so they are not
   sent again; a changed file (new size or mtime) under the same name is new work.
 
@@ -59,8 +60,10 @@ class Intake:
 
     # -- called from other threads ------------------------------------------------------------
 
-    def offer(self, index: int, path: Path) -> None:
-        self.messages.put(("path", index, path))
+    def offer(self, index: int, path: Path, at_once: bool = False) -> None:
+        """A candidate path; `at_once` when it was renamed or moved into place (complete by
+        construction: no settle wait)."""
+        self.messages.put(("path", index, path, at_once))
 
     def request_rescan(self) -> None:
         self.messages.put(("rescan",))
@@ -140,8 +143,8 @@ class Intake:
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "path":
-            _, index, path = message
-            self._consider(index, path)
+            _, index, path, at_once = message
+            self._consider(index, path, at_once=at_once)
         elif kind == "release":
             _, key, kept = message
             index, rel = key
@@ -197,7 +200,7 @@ class Intake:
         for path in scan(inbox.path, recursive=inbox.recursive):
             self._consider(index, path)
 
-    def _consider(self, index: int, path: Path) -> None:
+    def _consider(self, index: int, path: Path, *, at_once: bool = False) -> None:
         if index in self.inactive or index >= len(self.config.inboxes):
             return  # a new watch's event ahead of its reload message: the reload rescans
         inbox = self.config.inboxes[index]
@@ -211,6 +214,10 @@ class Intake:
             return
         key = (index, "/".join(parts))
         if key in self.known:
+            if at_once and key in self.tracker:
+                # Seen being written, now replaced by a file renamed over it: complete.
+                self.tracker.forget(key)
+                self.submit(Job(index, key[1]))
             return
         try:
             st = path.lstat()
@@ -223,14 +230,16 @@ class Intake:
             # A folder moved in brings files that produced no events of their own.
             if inbox.recursive:
                 for inner in scan(path, recursive=True):
-                    self._consider(index, inner)
+                    self._consider(index, inner, at_once=at_once)
             return
         signature = (st.st_size, st.st_mtime_ns)
         if self.kept.get(key) == signature:
             return
         self.known.add(key)
-        if not stat.S_ISREG(st.st_mode):
-            self.submit(Job(index, key[1]))  # a link or a device: explained in errors at once
+        if not stat.S_ISREG(st.st_mode) or at_once:
+            # A link or a device: explained in errors at once. A file renamed into place:
+            # its writer finished before the rename, so there is nothing to wait for.
+            self.submit(Job(index, key[1]))
             return
         self.tracker.watch(key, signature, inbox.settle_seconds)
 

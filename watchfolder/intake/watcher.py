@@ -5,6 +5,14 @@ raising handler would stall or kill event delivery). Scans cover what events can
 present at start-up, events the kernel dropped (inotify queue overflow) and network shares
 where inotify is blind (those use the polling observer).
 
+A file renamed into place is complete by construction, so its event says so (`at_once`): a
+watchdog moved event whose source had a temporary or hidden name (rsync's `.name.XXXXXX`,
+`*.part`, `*.crdownload`, Syncthing's `.syncthing.*.tmp`), lay outside the inbox, or is unknown
+(inotify's IN_MOVED_TO without a matching IN_MOVED_FROM: a move from a folder we do not watch;
+the inotify observer is built with `generate_full_events` so those arrive as moves, not as
+creations). Created, modified and closed events, and every event of the polling observer (it
+cannot tell a move from a copy), keep the settle rule.
+
 A filesystem error is the problem of one path, never of the scan: a folder nested deeper than
 PATH_MAX (ENAMETOOLONG), a stale NFS handle (ESTALE), an I/O error on a share (EIO), a folder
 we may not read. Each is logged once as `scan.error` with the path and the errno (not again
@@ -32,9 +40,13 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
+from watchdog.utils import platform
 
 from watchfolder.config.settings import InboxConfig
 from watchfolder.intake.settle import is_ignored
+
+if platform.is_linux():  # the daemon targets Linux; the module still imports elsewhere
+    from watchdog.observers.inotify import InotifyObserver
 
 _INTERESTING = {EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED}
 
@@ -129,17 +141,39 @@ def _entries(folder: Path, errors: ScanErrors) -> list[os.DirEntry[str]]:
     return entries
 
 
+Deliver = Callable[[int, Path, bool], None]
+"""(inbox index, path, at_once): at_once when the file was renamed or moved into place."""
+
+
+def renamed_into_place(source: str, root: Path) -> bool:
+    """True when a move from `source` ("" when unknown) into the inbox at `root` brings a
+    complete file: the source lay outside the inbox, or one of its names below the inbox was
+    a temporary or hidden one. A rename between two ordinary names inside the inbox is not
+    enough: the writer may still hold the file open under its new name."""
+    if not source:
+        return True
+    try:
+        parts = Path(source).relative_to(root).parts
+    except ValueError:
+        return True
+    return any(is_ignored(part) for part in parts)
+
+
 class _Handler(FileSystemEventHandler):
-    def __init__(self, index: int, deliver: Callable[[int, Path], None]) -> None:
+    def __init__(self, index: int, root: Path, deliver: Deliver) -> None:
         self.index = index
+        self.root = root
         self.deliver = deliver
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in _INTERESTING:
             return
-        path = event.dest_path if event.event_type == EVENT_TYPE_MOVED else event.src_path
-        if path:
-            self.deliver(self.index, Path(os.fsdecode(path)))
+        if event.event_type == EVENT_TYPE_MOVED:
+            if event.dest_path:
+                self.deliver(self.index, Path(os.fsdecode(event.dest_path)),
+                             renamed_into_place(os.fsdecode(event.src_path), self.root))
+        elif event.src_path:
+            self.deliver(self.index, Path(os.fsdecode(event.src_path)), False)
 
 
 class _OverflowSpy(logging.Handler):
@@ -158,7 +192,7 @@ class _OverflowSpy(logging.Handler):
 class Watcher:
     """Watchdog observers for every inbox: native inotify, or polling for network shares."""
 
-    def __init__(self, inboxes: tuple[InboxConfig, ...], deliver: Callable[[int, Path], None],
+    def __init__(self, inboxes: tuple[InboxConfig, ...], deliver: Deliver,
                  on_overflow: Callable[[], None], *, inactive: Collection[int] = ()) -> None:
         self.inboxes = inboxes
         self.inactive = frozenset(inactive)  # slots of inboxes a reload removed: not watched
@@ -197,11 +231,15 @@ class Watcher:
         observer: BaseObserver
         if inbox.polling:
             observer = PollingObserver(timeout=inbox.polling_interval_seconds)
+        elif platform.is_linux():
+            # Full events: a move in from an unwatched folder stays a move (with no source)
+            # instead of becoming a creation, so it can skip the settle wait.
+            observer = InotifyObserver(generate_full_events=True)
         else:
             observer = Observer()
         observer.daemon = True
         try:
-            observer.schedule(_Handler(index, self.deliver), str(inbox.path),
+            observer.schedule(_Handler(index, inbox.path, self.deliver), str(inbox.path),
                               recursive=inbox.recursive)
             observer.start()  # starts the emitters here, in our thread: inotify limits raise
         except OSError as exc:
