@@ -9,6 +9,7 @@ import pytest
 import pyvips
 
 from watchfolder.dev.samples import adobe_rgb_tiff
+from watchfolder.errors import InputRejected
 from watchfolder.imaging.compose import Cutout, cutout, write_output
 from watchfolder.imaging.inspect import inspect_source
 from watchfolder.imaging.recipes import (
@@ -128,6 +129,28 @@ def test_mask_only(tmp_path: Path) -> None:
     assert written.crop(SUBJECT.left, SUBJECT.top, SUBJECT.width, SUBJECT.height).min() == 65535
     assert written.getpoint(5, 5) == [0]
     assert not written.get_typeof("icc-profile-data")  # an RGB profile does not fit a mask
+
+
+def test_a_mask_is_made_from_the_answer_alone(tmp_path: Path) -> None:
+    tiff, answer = make_pair(tmp_path)
+    original = tmp_path / "original.jpg"
+    pyvips.Image.new_from_file(str(tiff)).jpegsave(str(original), Q=90)
+    source = inspect_source(original)
+    whole = computed(mask_only(fresh(original, answer).image))
+    # The original's pixels are not read for a mask: cut short after it was inspected (its
+    # header kept), a cut-out of it no longer decodes, its mask still does, to the same
+    # pixels.
+    data = original.read_bytes()
+    original.write_bytes(data[:len(data) // 2])
+    with pytest.raises((pyvips.Error, InputRejected)):
+        computed(cutout(original, source, answer).image)
+    alone = cutout(original, source, answer, alpha_only=True)
+    out = write_output(mask_only(alone.image), "png", tmp_path / "mask.png", alone.metadata)
+    written = computed(pyvips.Image.new_from_file(str(out.path)))
+    assert (written.width, written.height, written.bands) == (WIDTH, HEIGHT, 1)
+    assert (written - whole).abs().max() == 0
+    assert written.crop(SUBJECT.left, SUBJECT.top, SUBJECT.width, SUBJECT.height).min() == 255
+    assert not written.get_typeof("icc-profile-data")
 
 
 def test_place_and_background_on_grey(tmp_path: Path) -> None:

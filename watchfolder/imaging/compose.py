@@ -191,15 +191,24 @@ class Cutout:
     answer: Path  # the API's answer it took its alpha from (recipes find the subject in it)
 
 
-def cutout(original: Path, source: Source, answer: Path) -> Cutout:
+def cutout(original: Path, source: Source, answer: Path, *, alpha_only: bool = False) -> Cutout:
     """The original's own pixels with the API answer's alpha scaled up to their size.
 
     `answer` is the API's answer for the proxy (PNG or WEBP, with alpha), already checked
     by inspect_result. If the original has an alpha of its own, the result's is the product
-    of both (clear in either, clear in the result). Raises InputRejected("corrupt") if the
-    original does not open, BadResult if the answer no longer does, ValueError if the answer
-    has no alpha (asked for as JPEG) or not the original's shape: bugs, not bad luck.
+    of both (clear in either, clear in the result). With `alpha_only`, `image` is that alpha
+    alone, as greyscale (a mask output): when the original has no alpha of its own, it is
+    made from the answer alone and the original's pixels are never decoded. Raises
+    InputRejected("corrupt") if the original does not open, BadResult if the answer no
+    longer does, ValueError if the answer has no alpha (asked for as JPEG) or not the
+    original's shape: bugs, not bad luck.
     """
+    if alpha_only and not source.alpha:
+        width, height = source.upright
+        alpha = answer_alpha(Path(answer), width, height, sixteen=source.bits == 16)
+        grey = alpha.copy(interpretation="grey16" if source.bits == 16 else "b-w")
+        metadata = replace(meta.read_metadata(original), icc=None)  # no colours, no profile
+        return Cutout(meta.attach(grey, metadata), metadata, Path(answer))
     upright = source.orientation == 1
     image = open_image(original, source, access="sequential" if upright else "random")
     if not upright:
@@ -217,6 +226,11 @@ def cutout(original: Path, source: Source, answer: Path) -> Cutout:
                       ("grey", 16): "grey16"}.get((source.colour, source.bits), "cmyk")
     result = colours.bandjoin(alpha).copy(interpretation=interpretation)
     metadata = replace(meta.read_metadata(original), icc=source.icc)
+    if alpha_only:
+        grey = result[result.bands - 1].copy(
+            interpretation="grey16" if source.bits == 16 else "b-w")
+        return Cutout(meta.attach(grey, replace(metadata, icc=None)),
+                      replace(metadata, icc=None), Path(answer))
     return Cutout(meta.attach(result, metadata), metadata, Path(answer))
 
 

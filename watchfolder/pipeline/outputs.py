@@ -90,18 +90,20 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     return Maker(partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size)
 
 
-def _cutout(route: str | None, src: Path, answer: Path) -> Cutout:
+def _cutout(route: str | None, src: Path, answer: Path, *, alpha_only: bool = False) -> Cutout:
     """The full-resolution cut-out (studio path), or the answer with the original's
-    metadata (fast path): what a recipe's steps work on."""
+    metadata (fast path): what a recipe's steps work on. `alpha_only` (a mask output):
+    on the studio path, the alpha alone, without decoding the original's colours."""
     if route == "studio":
-        return cutout(src, inspect_source(src, studio=True, verify=False), answer)
+        return cutout(src, inspect_source(src, studio=True, verify=False), answer,
+                      alpha_only=alpha_only)
     image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
     return Cutout(image, replace(read_metadata(src), icc=None), answer)
 
 
 def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, dest: Path) -> None:
     """One output of a recipe, written to `dest`."""
-    cut = _cutout(route, src, answer)
+    cut = _cutout(route, src, answer, alpha_only=spec.mask)
     image = render(cut, Recipe(
         crop_to_subject=spec.crop == "subject", margin_pixels=spec.margin_pixels(),
         margin_percent=spec.margin_percent(), size=spec.size, position=spec.position,
