@@ -348,3 +348,38 @@ def test_mpo_is_a_jpeg_going_fast(tmp_path: Path) -> None:
     shot().save(path, "MPO", save_all=True, append_images=[shot(seed=1)])
     source = inspect_source(path)
     assert (source.format, source.route, source.mime) == ("jpeg", "fast", "image/jpeg")
+
+
+def framed_png(width: int, height: int, rows: bytes, *, cut: int = 0) -> bytes:
+    """An RGBA PNG of `width` x `height` around raw `rows` (filter bytes included), every
+    chunk's CRC right: only a decode of the pixel data can tell what is wrong with it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    stream = zlib.compress(rows)
+    return (containers.PNG_SIGNATURE + containers.png_chunk(b"IHDR", ihdr)
+            + containers.png_chunk(b"IDAT", stream[:len(stream) - cut])
+            + containers.png_chunk(b"IEND", b""))
+
+
+def test_well_framed_pngs_with_wrong_pixel_data_are_refused(tmp_path: Path) -> None:
+    width, height = 64, 48
+    row = bytes([1]) + bytes(range(256))  # filter "sub", 64 RGBA pixels
+    sound = framed_png(width, height, row * height)
+    broken = {
+        "stream cut short": framed_png(width, height, row * height, cut=9),
+        "rows missing": framed_png(width, height, row * (height - 1)),
+        "rows too many": framed_png(width, height, row * (height + 1)),
+        "bad filter type": framed_png(width, height, row * 20 + bytes([7]) + row[1:]
+                                      + row * (height - 21)),
+    }
+    path = tmp_path / "a.png"
+    path.write_bytes(sound)
+    assert inspect_result(path, width, height) == "png"
+    assert inspect_source(path).route == "fast"
+    assert pyvips.Image.new_from_file(str(path), fail_on="error").avg() > 0  # truly sound
+    for what, data in broken.items():
+        path.write_bytes(data)
+        with pytest.raises(BadResult, match="does not decode completely"):
+            inspect_result(path, width, height)
+        with pytest.raises(BadResult, match="does not decode completely"):
+            inspect_result(data, width, height)
+        assert rejected(path).reason == "corrupt", what
