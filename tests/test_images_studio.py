@@ -14,6 +14,7 @@ import pytest
 import pyvips
 from PIL import Image, ImageCms, ImageOps
 
+from watchfolder.config.settings import parse_config
 from watchfolder.dev.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg, studio_image
 from watchfolder.dev.sandbox import remove_backdrop
 from watchfolder.imaging import compose as imaging
@@ -27,7 +28,7 @@ from watchfolder.imaging.inspect import (
     inspect_source,
     vips_name,
 )
-from watchfolder.imaging.metadata import carry_metadata, read_metadata
+from watchfolder.imaging.metadata import Metadata, carry_metadata, read_metadata
 
 XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
        b'02/22-rdf-syntax-ns#"><rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/">'
@@ -529,3 +530,27 @@ def test_names_that_are_not_utf8(tmp_path: Path, kind: str) -> None:
     assert inspect_result(answer, proxy.width, proxy.height) == "png"
     carry_metadata(answer, original, folder / os.fsdecode(b"r\xe9sult.png"))
     assert read_metadata(folder / os.fsdecode(b"r\xe9sult.png")) is not None
+
+
+def test_deflate_level_of_png_and_tiff_outputs_is_chosen(tmp_path: Path) -> None:
+    # A noisy photograph's worth of detail, with a soft alpha: what levels differ on.
+    noise = pyvips.Image.gaussnoise(400, 300, sigma=40, mean=128)
+    image = noise.bandjoin([noise.rot180(), noise.fliphor(), noise.flipver()]).cast(
+        "uchar").copy(interpretation="srgb")
+    for fmt in ("png", "tiff"):
+        sizes = {}
+        for level in (1, 9):
+            out = write_output(image, fmt, tmp_path / f"{level}.{fmt}", Metadata(),
+                               compression=level)
+            written = pyvips.Image.new_from_file(str(out.path))
+            assert (written - image).abs().max() == 0  # lossless at every level
+            sizes[level] = out.size
+        assert sizes[9] < sizes[1], (fmt, sizes)
+    config = parse_config({"api": {"key": "k" * 20}, "state_dir": str(tmp_path / "s"),
+                           "inboxes": [{"path": str(tmp_path), "outbox": "/o", "errors": "/e",
+                                        "compression": 6,
+                                        "outputs": [{"format": "tiff", "compression": 1},
+                                                    {"format": "png"}]}]}, base_dir=tmp_path)
+    inbox = config.inboxes[0]
+    assert (inbox.compression, inbox.outputs[0].compression, inbox.outputs[1].compression) \
+        == (6, 1, None)

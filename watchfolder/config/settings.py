@@ -118,6 +118,7 @@ class OutputConfig:
     mask: bool = flag(False)
     dpi: int | None = integer(None, 1, shown="none")
     quality: int | None = integer(None, 1, maximum=100, shown="none")
+    compression: int | None = integer(None, 1, maximum=9, shown="the inbox's `compression`")
     outbox: Path | None = folder(required=False, shown="the inbox's `outbox`")
 
     @property
@@ -158,6 +159,7 @@ class InboxConfig:
     archive: Path | None = folder(required=False)
     recursive: bool = flag(True)
     output_format: str = choice("png", tuple(OUTPUT_FORMATS))
+    compression: int = integer(3, 1, maximum=9)
     transparency_handling: str = choice(TRANSPARENCY_MODES[0], TRANSPARENCY_MODES)
     settle_seconds: float = number(2.0, 0)
     polling: bool = flag(False)

@@ -45,9 +45,12 @@ PROXY_QUALITIES = (92, 85, 75)  # JPEG qualities tried in turn to stay under 30 
 # No optimize_coding anywhere: libjpeg then holds every DCT coefficient of the image
 # (300 MB for a 25 MP proxy) to build its Huffman tables, for files about 5 % smaller.
 JPEG_QUALITY, WEBP_QUALITY = 92, 90
-# zlib level 3: on a 27 MP 16-bit composite 2.8 s and 25 MB, against 6.9 s and 21 MB at
-# level 6 (one core); adaptive row filters made noisy photographs bigger and slower.
+# zlib (deflate) levels of PNG and TIFF outputs, chosen by the size/time table in
+# BENCHMARKS.md ("Encoder effort"): level 6, zlib's own default, costs about three times level
+# 3 for files a few per cent smaller; adaptive row filters made noisy photographs bigger and
+# slower. `compression:` in the config sets another level (1-9) per inbox or output.
 PNG_COMPRESSION = 3
+TIFF_COMPRESSION = 3
 WEBP_MAX_SIDE, JPEG_MAX_SIDE = 16383, 65535
 # Perceptual, as Pillow and most viewers: for matrix profiles (Adobe RGB, ProPhoto) it is
 # the same as relative colorimetric; for CMYK it keeps the shadows (relative colorimetric
@@ -297,16 +300,19 @@ class Output:
 
 
 def compose(original: Path, source: Source, answer: Path, dest: Path, fmt: str, *,
-            quality: int | None = None) -> Output:
+            quality: int | None = None, compression: int | None = None) -> Output:
     """The full-resolution cut-out of `original`, written to `dest` as `fmt`."""
     result = cutout(original, source, answer)
-    return write_output(result.image, fmt, dest, result.metadata, quality=quality)
+    return write_output(result.image, fmt, dest, result.metadata, quality=quality,
+                        compression=compression)
 
 
 def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, *,
-                 quality: int | None = None) -> Output:
+                 quality: int | None = None, compression: int | None = None) -> Output:
     """Encode `image` (colour bands, then alpha if any) as `fmt` to `dest`, atomically.
 
+    `compression`: the deflate level of png and tiff (1-9; default PNG_COMPRESSION,
+    TIFF_COMPRESSION); `quality`: jpeg and webp's.
     png: 8 or 16-bit as the image, alpha, ICC, EXIF, XMP. tiff: the same, deflate, CMYK
     kept, IPTC. webp: 8-bit, alpha, ICC, EXIF, XMP. jpeg: 8-bit, flattened onto white, ICC,
     EXIF, XMP, IPTC. CMYK becomes RGB through its profile except in TIFF; greyscale becomes
@@ -340,7 +346,7 @@ def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, 
     def save(temp: Path) -> None:
         target = vips_name(temp)
         if fmt == "png":
-            image.pngsave(target, compression=PNG_COMPRESSION, keep=_KEEP)
+            image.pngsave(target, compression=compression or PNG_COMPRESSION, keep=_KEEP)
         elif fmt == "webp":
             image.webpsave(target, Q=quality or WEBP_QUALITY, keep=_KEEP)
         elif fmt == "jpeg":
@@ -350,7 +356,7 @@ def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, 
             big = image.width * image.height * image.bands * (
                 2 if image.format == "ushort" else 1) > _BIGTIFF_ABOVE
             image.tiffsave(target, compression="deflate", predictor="horizontal",
-                           bigtiff=big, keep=_KEEP)
+                           level=compression or TIFF_COMPRESSION, bigtiff=big, keep=_KEEP)
             meta.add_tiff_metadata(temp, metadata.exif, metadata.iptc)
 
     try:

@@ -78,15 +78,18 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     if not unchanged:
         return Maker(partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size)
     if spec is not None:
-        return Maker(partial(_render, record.route, src, answer, spec), *where(spec.ext),
-                     2 * record.size + 8 * size)
+        return Maker(partial(_render, record.route, src, answer, spec,
+                             spec.compression or inbox.compression),
+                     *where(spec.ext), 2 * record.size + 8 * size)
     fmt = inbox.output_format
     if record.route == "studio":
         source = inspect_source(src, studio=True, verify=False)
-        return Maker(partial(compose, src, source, answer, fmt=fmt), *where(EXTENSIONS[fmt]),
-                     2 * record.size + 4 * source.width * source.height)
+        return Maker(partial(compose, src, source, answer, fmt=fmt,
+                             compression=inbox.compression),
+                     *where(EXTENSIONS[fmt]), 2 * record.size + 4 * source.width * source.height)
     if fmt == "tiff":
-        return Maker(partial(_answer_as_tiff, answer, src), *where("tif"), 4 * size)
+        return Maker(partial(_answer_as_tiff, answer, src, compression=inbox.compression),
+                     *where("tif"), 4 * size)
     return Maker(partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size)
 
 
@@ -101,7 +104,8 @@ def _cutout(route: str | None, src: Path, answer: Path, *, alpha_only: bool = Fa
     return Cutout(image, replace(read_metadata(src), icc=None), answer)
 
 
-def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, dest: Path) -> None:
+def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, compression: int,
+            dest: Path) -> None:
     """One output of a recipe, written to `dest`."""
     cut = _cutout(route, src, answer, alpha_only=spec.mask)
     image = render(cut, Recipe(
@@ -110,13 +114,15 @@ def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, dest
         max_size=spec.max_size, background=spec.background, mask=spec.mask))
     if spec.dpi:
         image = image.copy(xres=spec.dpi / 25.4, yres=spec.dpi / 25.4)
-    write_output(image, spec.format, dest, cut.metadata, quality=spec.quality)
+    write_output(image, spec.format, dest, cut.metadata, quality=spec.quality,
+                 compression=compression)
 
 
-def _answer_as_tiff(answer: Path, original: Path, dest: Path) -> None:
+def _answer_as_tiff(answer: Path, original: Path, dest: Path, *, compression: int) -> None:
     """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
     image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
-    write_output(image, "tiff", dest, replace(read_metadata(original), icc=None))
+    write_output(image, "tiff", dest, replace(read_metadata(original), icc=None),
+                 compression=compression)
 
 
 def image_facts(path: Path, *, upright: bool = False) -> tuple[str | None, int | None,
