@@ -465,6 +465,26 @@ def recipe_local(params: dict[str, Any]) -> Result:
             "all_seconds": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()}}
 
 
+def encoder_levels(params: dict[str, Any]) -> Result:
+    """The full-size cut-out of one 45 MP file as PNG and as TIFF at each deflate level
+    (`compression:`), each made and placed as the daemon does, in a process of its own: the
+    size/time table the default level is chosen from."""
+    folder = studio.CACHE / "studio"
+    original = studio.make_input(folder, JPEG45, *studio.FULL[JPEG45])
+    answer, _, _ = studio.make_answer(folder, original)
+    rows = []
+    with workspace("levels") as root:
+        for fmt in ("png", "tiff"):
+            for level in params["levels"]:
+                run = studio.measure_recipe(original, answer, root / f"{fmt}{level}",
+                                            [{"format": fmt, "compression": level}])
+                made = run["outputs"][0]
+                rows.append({"format": fmt, "level": level, "seconds": run["seconds"],
+                             "cpu_s": run["cpu_s"], "bytes": made["bytes"],
+                             "size": made["size"]})
+    return {"input": JPEG45, "rows": rows}
+
+
 def _link_all(paths: list[Path], inbox: Path, names: list[str] | None = None) -> None:
     inbox.mkdir(parents=True, exist_ok=True)
     for n, path in enumerate(paths):
@@ -623,7 +643,8 @@ def backlog_rate(params: dict[str, Any]) -> Result:
 CASES: dict[str, Callable[[dict[str, Any]], Result]] = {
     "throughput": throughput, "limit_safety": limit_safety, "reaction": reaction,
     "idle": idle, "startup": startup, "drop": drop_while_running, "memory": memory,
-    "studio_local": studio_local, "recipe_local": recipe_local, "studio_rss": peak_rss,
+    "studio_local": studio_local, "recipe_local": recipe_local, "encoder_levels": encoder_levels,
+    "studio_rss": peak_rss,
     "studio_rate": backlog_rate, "studio_mix": backlog_rate, "recipe_rate": backlog_rate,
     "studio_trickle": backlog_rate,
 }
