@@ -161,3 +161,36 @@ def test_place_and_background_on_grey(tmp_path: Path) -> None:
         [255, 0, 0]
     with pytest.raises(ValueError, match="position"):
         place(grey, 20, 10, "middle")
+
+
+def test_a_small_output_starts_from_a_smaller_decode_with_the_same_look(tmp_path: Path) -> None:
+    from watchfolder.config.settings import OutputConfig
+    from watchfolder.imaging.compose import load_shrink
+    from watchfolder.pipeline.outputs import _render
+
+    # A detailed JPEG original (a gradient with stripes) and its answer, 4x its 400x300 size.
+    width, height = 1600, 1200
+    xyz = pyvips.Image.xyz(width, height)
+    stripes = ((xyz[0] / 7).sin() * 60 + 128)
+    rgb = (xyz[0] * 255 / width).bandjoin(xyz[1] * 255 / height).bandjoin(stripes)
+    original = tmp_path / "original.jpg"
+    rgb.cast("uchar").copy(interpretation="srgb").jpegsave(str(original), Q=95)
+    alpha = pyvips.Image.black(width // 4, height // 4).draw_circle(
+        255, width // 8, height // 8, height // 10, fill=True)
+    answer = tmp_path / "answer.png"
+    (pyvips.Image.black(width // 4, height // 4, bands=3) + 90).bandjoin(alpha).cast(
+        "uchar").copy(interpretation="srgb").pngsave(str(answer))
+    source = inspect_source(original)
+
+    assert load_shrink(source, 200 / width) == 4  # 8x smaller: decoded at 1/4, 400x300
+    assert load_shrink(source, 500 / width) == 1  # 3.2x smaller: at full size
+    assert cutout(original, source, answer, shrink=4).image.width == width // 4
+    spec = OutputConfig(format="png", max_size=200)
+    _render("studio", original, answer, spec, 3, tmp_path / "small.png")
+    small = computed(pyvips.Image.new_from_file(str(tmp_path / "small.png")))
+    full = computed(render(fresh(original, answer), Recipe(max_size=200)))
+    assert (small.width, small.height, small.bands) == (full.width, full.height, 4) == \
+        (200, 150, 4)
+    difference = (small.cast("float") - full.cast("float")).abs()
+    assert difference.avg() < 1.5, difference.avg()  # the same picture, to rounding
+    assert difference[3].max() <= 16  # the edge of the subject where it should be

@@ -194,7 +194,18 @@ class Cutout:
     answer: Path  # the API's answer it took its alpha from (recipes find the subject in it)
 
 
-def cutout(original: Path, source: Source, answer: Path, *, alpha_only: bool = False) -> Cutout:
+def load_shrink(source: Source, scale: float) -> int:
+    """The shrink-on-load factor (1, 2, 4 or 8) for an output `scale` times the original's
+    size: a JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT, for a fraction of the time.
+    At least twice the output's pixels a side are kept, as libvips's thumbnail does, so the
+    lanczos3 that follows still does the fine filtering. Other formats: 1."""
+    if source.format != "jpeg" or scale <= 0:
+        return 1
+    return next((k for k in (8, 4, 2) if 2 * k <= 1 / scale), 1)
+
+
+def cutout(original: Path, source: Source, answer: Path, *, alpha_only: bool = False,
+           shrink: int = 1) -> Cutout:
     """The original's own pixels with the API answer's alpha scaled up to their size.
 
     `answer` is the API's answer for the proxy (PNG or WEBP, with alpha), already checked
@@ -204,7 +215,8 @@ def cutout(original: Path, source: Source, answer: Path, *, alpha_only: bool = F
     made from the answer alone and the original's pixels are never decoded. Raises
     InputRejected("corrupt") if the original does not open, BadResult if the answer no
     longer does, ValueError if the answer has no alpha (asked for as JPEG) or not the
-    original's shape: bugs, not bad luck.
+    original's shape: bugs, not bad luck. `shrink` (see `load_shrink`): the cut-out at
+    1/shrink of the original's size, the original decoded at that scale (a small output).
     """
     if alpha_only and not source.alpha:
         width, height = source.upright
@@ -213,10 +225,11 @@ def cutout(original: Path, source: Source, answer: Path, *, alpha_only: bool = F
         metadata = replace(meta.read_metadata(original), icc=None)  # no colours, no profile
         return Cutout(meta.attach(grey, metadata), metadata, Path(answer))
     upright = source.orientation == 1
-    image = open_image(original, source, access="sequential" if upright else "random")
+    image = open_image(original, source, access="sequential" if upright else "random",
+                       shrink=shrink)
     if not upright:
         image = image.autorot()  # reads the orientation the loader found; drops the tag
-    width, height = source.upright
+    width, height = source.upright if shrink == 1 else (image.width, image.height)
     colours = image.extract_band(0, n=source.colour_bands)
     peak = 65535 if source.bits == 16 else 255
 

@@ -417,16 +417,20 @@ def _raw_name(make: str) -> str:
 # --------------------------------------------------------------------------- decoding
 
 
-def open_image(path: Path, source: Source, *, access: str = "sequential") -> pyvips.Image:
+def open_image(path: Path, source: Source, *, access: str = "sequential",
+               shrink: int = 1) -> pyvips.Image:
     """The source's first image as a lazy pyvips image, as stored (not yet upright).
 
     `sequential` streams top to bottom with a few scanlines in memory; `random` is for
-    rotations, which need to read across the whole height.
+    rotations, which need to read across the whole height. `shrink` (2, 4, 8; JPEG only)
+    decodes at that fraction of the size.
     """
     if source.format == "heic":
         return _decode_heic(path)
+    options = {"shrink": shrink} if shrink > 1 and source.format == "jpeg" else {}
     try:
-        return pyvips.Image.new_from_file(vips_name(path), access=access, fail_on=FAIL_ON)
+        return pyvips.Image.new_from_file(vips_name(path), access=access, fail_on=FAIL_ON,
+                                          **options)
     except pyvips.Error as exc:
         raise InputRejected("corrupt", f"the image cannot be read: {_vips_message(exc)}") \
             from None

@@ -35,7 +35,7 @@ import pyvips
 
 from watchfolder.config.settings import EXTENSIONS, InboxConfig, OutputConfig
 from watchfolder.handoff.manifest import OutputFacts, SourceFacts, build_manifest, manifest_id
-from watchfolder.imaging.compose import Cutout, compose, cutout, write_output
+from watchfolder.imaging.compose import Cutout, compose, cutout, load_shrink, write_output
 from watchfolder.imaging.inspect import inspect_source, vips_name
 from watchfolder.imaging.metadata import carry_metadata, read_metadata
 from watchfolder.imaging.recipes import Recipe, render
@@ -93,13 +93,20 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     return Maker(partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size)
 
 
-def _cutout(route: str | None, src: Path, answer: Path, *, alpha_only: bool = False) -> Cutout:
-    """The full-resolution cut-out (studio path), or the answer with the original's
-    metadata (fast path): what a recipe's steps work on. `alpha_only` (a mask output):
-    on the studio path, the alpha alone, without decoding the original's colours."""
+def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig) -> Cutout:
+    """The cut-out (studio path), or the answer with the original's metadata (fast path):
+    what a recipe's steps work on. On the studio path, a mask is the alpha alone (the
+    original's colours are not decoded), and an output a fraction of the original's size
+    without a crop (`size`, `max_size`) starts from the original decoded at a smaller scale
+    (`load_shrink`); everything else at full resolution."""
     if route == "studio":
-        return cutout(src, inspect_source(src, studio=True, verify=False), answer,
-                      alpha_only=alpha_only)
+        source = inspect_source(src, studio=True, verify=False)
+        shrink = 1
+        box = spec.size or ((spec.max_size, spec.max_size) if spec.max_size else None)
+        if box is not None and spec.crop == "none" and not spec.mask:
+            width, height = source.upright
+            shrink = load_shrink(source, min(box[0] / width, box[1] / height))
+        return cutout(src, source, answer, alpha_only=spec.mask, shrink=shrink)
     image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
     return Cutout(image, replace(read_metadata(src), icc=None), answer)
 
@@ -107,7 +114,7 @@ def _cutout(route: str | None, src: Path, answer: Path, *, alpha_only: bool = Fa
 def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, compression: int,
             dest: Path) -> None:
     """One output of a recipe, written to `dest`."""
-    cut = _cutout(route, src, answer, alpha_only=spec.mask)
+    cut = _cutout(route, src, answer, spec)
     image = render(cut, Recipe(
         crop_to_subject=spec.crop == "subject", margin_pixels=spec.margin_pixels(),
         margin_percent=spec.margin_percent(), size=spec.size, position=spec.position,
