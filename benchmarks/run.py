@@ -374,10 +374,10 @@ def _studio_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], 
         one, five = x["one"], x["five"]
         add(f"Local cost of a five-output recipe on a {x['input']} beside one output "
             f"(outputs made and placed; best of {x['repeat']})",
-            "none set (issue 11 asks for the ratio)",
+            "≤ 2x one output (issue 17)",
             f"{five['seconds']:.2f} s vs {one['seconds']:.2f} s = {x['ratio']:.1f}x "
             f"(CPU {five['cpu_s']:.1f} vs {one['cpu_s']:.1f} s = {x['cpu_ratio']:.1f}x); "
-            f"peak {five['peak_mb']:.0f} vs {one['peak_mb']:.0f} MB", None)
+            f"peak {five['peak_mb']:.0f} vs {one['peak_mb']:.0f} MB", x["ratio"] <= 2)
     elif r["case"] == "encoder_levels":
         rows = {(row["format"], row["level"]): row for row in x["rows"]}
         chosen = [(fmt, rows[(fmt, 3)], rows[(fmt, 6)]) for fmt in ("png", "tiff")
