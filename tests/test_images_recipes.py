@@ -166,7 +166,7 @@ def test_place_and_background_on_grey(tmp_path: Path) -> None:
 def test_a_small_output_starts_from_a_smaller_decode_with_the_same_look(tmp_path: Path) -> None:
     from watchfolder.config.settings import OutputConfig
     from watchfolder.imaging.compose import load_shrink
-    from watchfolder.pipeline.outputs import _render
+    from watchfolder.pipeline.outputs import _cutout, _render
 
     # A detailed JPEG original (a gradient with stripes) and its answer, 4x its 400x300 size.
     width, height = 1600, 1200
@@ -194,3 +194,39 @@ def test_a_small_output_starts_from_a_smaller_decode_with_the_same_look(tmp_path
     difference = (small.cast("float") - full.cast("float")).abs()
     assert difference.avg() < 1.5, difference.avg()  # the same picture, to rounding
     assert difference[3].max() <= 16  # the edge of the subject where it should be
+
+    # Cropped to the subject (a disc of 960 px at full size, 10% margin: 1152 px) on a 60 px
+    # square: decoded at 1/8, the same picture.
+    spec = OutputConfig(format="png", crop="subject", margin="10%", size=(60, 60),
+                        background=(255, 255, 255))
+    assert _cutout("studio", original, answer, spec)[1] == 8
+    _render("studio", original, answer, spec, 3, tmp_path / "square.png")
+    square = computed(pyvips.Image.new_from_file(str(tmp_path / "square.png")))
+    full = computed(render(fresh(original, answer), Recipe(
+        crop_to_subject=True, margin_percent=10, size=(60, 60), background=(255, 255, 255))))
+    assert (square.width, square.height, square.bands) == (full.width, full.height, 3)
+    difference = (square.cast("float") - full.cast("float")).abs()
+    assert difference.avg() < 3, difference.avg()
+
+
+def test_the_subject_box_comes_from_the_answer_at_its_own_size(tmp_path: Path) -> None:
+    from watchfolder.imaging.compose import answer_alpha
+    from watchfolder.imaging.recipes import subject_in
+
+    # An answer at half the original's size, its subject a soft-edged disc.
+    half = pyvips.Image.black(WIDTH // 2, HEIGHT // 2).draw_circle(
+        255, 120, 70, 40, fill=True).gaussblur(1.5)
+    answer = tmp_path / "answer.png"
+    (pyvips.Image.black(WIDTH // 2, HEIGHT // 2, bands=3) + 128).bandjoin(half).cast(
+        "uchar").copy(interpretation="srgb").pngsave(str(answer))
+    box = subject_in(answer, WIDTH, HEIGHT)
+    # The box found on the alpha scaled up to full size (how it was found before).
+    left, top, width, height = answer_alpha(answer, WIDTH, HEIGHT).find_trim(
+        threshold=15.5, background=[0], line_art=True)
+    assert box is not None
+    assert box.left <= left and box.top <= top  # it holds the whole subject...
+    assert box.left + box.width >= left + width and box.top + box.height >= top + height
+    assert max(left - box.left, top - box.top, box.left + box.width - left - width,
+               box.top + box.height - top - height) <= 2  # ...to a pixel or two
+    assert subject_in(answer, WIDTH // 2, HEIGHT // 2) == Box(*half.find_trim(
+        threshold=15.5, background=[0], line_art=True))

@@ -1,7 +1,8 @@
 """Output recipes (issue 11): steps on a cut-out's lazy image between `imaging.cutout` and
 `imaging.write_output`, all at the original's resolution and streaming like it.
 
-    subject_box(cutout)            the tight box around the visible pixels (full-size alpha)
+    subject_box(cutout)            the tight box around the visible pixels (from the answer's
+                                   own alpha, scaled to the cut-out: `subject_in`)
     expand(box, pixels, percent)   a margin: percent of the box's width left and right, of its
                                    height above and below, as remove.bg's crop_margin
     crop(image, box)               the box, padded with transparency where it leaves the image
@@ -17,12 +18,16 @@ flattened or scaled (ink values do not blend like light).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyvips
 
-from watchfolder.imaging.compose import Cutout, answer_alpha, scale_to, to_srgb
+from watchfolder.errors import BadResult
+from watchfolder.imaging.compose import Cutout, scale_to, to_srgb
+from watchfolder.imaging.inspect import FAIL_ON, vips_name
 
 POSITIONS = ("center", "top", "bottom", "left", "right", "top-left", "top-right",
              "bottom-left", "bottom-right")
@@ -71,18 +76,55 @@ def render(cutout: Cutout, recipe: Recipe) -> pyvips.Image:
 
 
 def subject_box(cutout: Cutout, threshold: int = SUBJECT_THRESHOLD) -> Box | None:
-    """The smallest box holding every pixel with alpha >= `threshold`, or None (no subject).
+    """The smallest box holding every pixel with alpha >= `threshold`, or None (no subject),
+    in the cut-out's pixels: `subject_in` at the cut-out's size."""
+    return subject_in(cutout.answer, cutout.image.width, cutout.image.height, threshold)
 
-    Found on the answer's alpha scaled up to full size, a pipeline of its own: the original
-    is not decoded for it.
+
+def subject_in(answer: Path, width: int, height: int,
+               threshold: int = SUBJECT_THRESHOLD) -> Box | None:
+    """The subject's box in an image of `width` x `height` cut out with `answer`.
+
+    Found on the answer's own alpha, at the answer's resolution (the original is not
+    decoded, nothing is scaled up for it), then scaled to `width` x `height` outwards: the
+    box holds every pixel the scaled-up alpha can show, give or take the scale's rounding
+    (a pixel or two of a 45 MP original). The answer's box is remembered for the file.
     """
-    width, height = cutout.image.width, cutout.image.height
-    alpha = answer_alpha(cutout.answer, width, height)
-    left, top, box_width, box_height = alpha.find_trim(threshold=threshold - 0.5,
-                                                       background=[0], line_art=True)
+    stat = answer.stat()
+    found = _answer_subject(str(answer), stat.st_size, stat.st_mtime_ns, threshold)
+    if found is None:
+        return None
+    (left, top, box_width, box_height), (answer_width, answer_height) = found
+    if (answer_width, answer_height) == (width, height):
+        return Box(left, top, box_width, box_height)
+    sx, sy = width / answer_width, height / answer_height
+    x0, y0 = max(0, math.floor(left * sx)), max(0, math.floor(top * sy))
+    x1 = min(width, math.ceil((left + box_width) * sx))
+    y1 = min(height, math.ceil((top + box_height) * sy))
+    return Box(x0, y0, x1 - x0, y1 - y0)
+
+
+@functools.lru_cache(maxsize=8)
+def _answer_subject(answer: str, size: int, mtime_ns: int, threshold: int
+                    ) -> tuple[tuple[int, int, int, int], tuple[int, int]] | None:
+    """(box, answer's size) on the answer's alpha; keyed by size and mtime too, so a file
+    replaced under the same name is looked at afresh."""
+    del size, mtime_ns  # part of the cache key only
+    try:
+        image = pyvips.Image.new_from_file(vips_name(Path(answer)), access="sequential",
+                                           fail_on=FAIL_ON)
+        if not image.hasalpha():
+            raise ValueError("the API's answer has no alpha channel (was it asked for JPEG?)")
+        alpha = image[image.bands - 1]
+        if alpha.format == "ushort":
+            alpha = (alpha >> 8).cast("uchar")
+        left, top, box_width, box_height = alpha.find_trim(threshold=threshold - 0.5,
+                                                           background=[0], line_art=True)
+    except pyvips.Error as exc:
+        raise BadResult(f"the API's answer does not open: {exc}", 200) from None
     if box_width <= 0 or box_height <= 0:
         return None
-    return Box(left, top, box_width, box_height)
+    return (left, top, box_width, box_height), (image.width, image.height)
 
 
 def expand(box: Box, pixels: int = 0, percent: float = 0.0) -> Box:

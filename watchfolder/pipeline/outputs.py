@@ -38,7 +38,7 @@ from watchfolder.handoff.manifest import OutputFacts, SourceFacts, build_manifes
 from watchfolder.imaging.compose import Cutout, compose, cutout, load_shrink, write_output
 from watchfolder.imaging.inspect import inspect_source, vips_name
 from watchfolder.imaging.metadata import carry_metadata, read_metadata
-from watchfolder.imaging.recipes import Recipe, render
+from watchfolder.imaging.recipes import Box, Recipe, expand, render, subject_in
 from watchfolder.journal.db import FileRecord
 
 DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext}
@@ -93,30 +93,37 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     return Maker(partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size)
 
 
-def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig) -> Cutout:
+def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig
+            ) -> tuple[Cutout, int]:
     """The cut-out (studio path), or the answer with the original's metadata (fast path):
-    what a recipe's steps work on. On the studio path, a mask is the alpha alone (the
-    original's colours are not decoded), and an output a fraction of the original's size
-    without a crop (`size`, `max_size`) starts from the original decoded at a smaller scale
-    (`load_shrink`); everything else at full resolution."""
-    if route == "studio":
-        source = inspect_source(src, studio=True, verify=False)
-        shrink = 1
-        box = spec.size or ((spec.max_size, spec.max_size) if spec.max_size else None)
-        if box is not None and spec.crop == "none" and not spec.mask:
-            width, height = source.upright
-            shrink = load_shrink(source, min(box[0] / width, box[1] / height))
-        return cutout(src, source, answer, alpha_only=spec.mask, shrink=shrink)
-    image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
-    return Cutout(image, replace(read_metadata(src), icc=None), answer)
+    what a recipe's steps work on, and the shrink it was made at. On the studio path, a mask
+    is the alpha alone (the original's colours are not decoded), and an output a fraction
+    of the original's size (`size`, `max_size`; after the crop to the subject, if any)
+    starts from the original decoded at a smaller scale (`load_shrink`); everything else at
+    full resolution."""
+    if route != "studio":
+        image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
+        return Cutout(image, replace(read_metadata(src), icc=None), answer), 1
+    source = inspect_source(src, studio=True, verify=False)
+    shrink = 1
+    box = spec.size or ((spec.max_size, spec.max_size) if spec.max_size else None)
+    if box is not None and not spec.mask:
+        width, height = source.upright
+        if spec.crop == "subject":
+            subject = subject_in(answer, width, height) or Box(0, 0, width, height)
+            subject = expand(subject, spec.margin_pixels(), spec.margin_percent())
+            width, height = subject.width, subject.height
+        shrink = load_shrink(source, min(box[0] / width, box[1] / height))
+    return cutout(src, source, answer, alpha_only=spec.mask, shrink=shrink), shrink
 
 
 def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, compression: int,
             dest: Path) -> None:
     """One output of a recipe, written to `dest`."""
-    cut = _cutout(route, src, answer, spec)
+    cut, shrink = _cutout(route, src, answer, spec)
     image = render(cut, Recipe(
-        crop_to_subject=spec.crop == "subject", margin_pixels=spec.margin_pixels(),
+        crop_to_subject=spec.crop == "subject",
+        margin_pixels=round(spec.margin_pixels() / shrink),  # the original's pixels
         margin_percent=spec.margin_percent(), size=spec.size, position=spec.position,
         max_size=spec.max_size, background=spec.background, mask=spec.mask))
     if spec.dpi:
