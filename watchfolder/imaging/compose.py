@@ -18,6 +18,7 @@ The colour channels are the original's, never resampled: only the alpha is scale
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -253,17 +254,7 @@ def cutout(original: Path, source: Source, answer: Path, *, alpha_only: bool = F
 def answer_alpha(answer: Path, width: int, height: int, *, sixteen: bool = False) -> pyvips.Image:
     """The answer's alpha at `width` x `height` (uchar, or ushort when `sixteen`), scaled
     up with a bicubic interpolator and clipped to range; lazy and streaming."""
-    try:
-        mask_source = pyvips.Image.new_from_file(vips_name(answer), access="sequential",
-                                                 fail_on=FAIL_ON)
-    except pyvips.Error as exc:
-        raise BadResult(f"the API's answer does not open: {exc}", 200) from None
-    if not mask_source.hasalpha():
-        raise ValueError("the API's answer has no alpha channel (was it asked for JPEG?); "
-                         "the studio path needs PNG or WEBP answers")
-    mask = mask_source[mask_source.bands - 1]
-    if mask.format == "ushort":
-        mask = (mask >> 8).cast("uchar")
+    mask = answer_mask(answer)
     mw, mh = mask.width, mask.height
     if abs(mw / mh - width / height) > 0.02 * width / height + 2 / min(mw, mh):
         raise ValueError(f"the answer is {mw}x{mh}, not the shape of the {width}x{height} "
@@ -275,6 +266,31 @@ def answer_alpha(answer: Path, width: int, height: int, *, sixteen: bool = False
     if sixteen:
         mask = (mask + 0.5).cast("ushort")  # cast clips to 0..65535
     return mask
+
+
+def answer_mask(answer: Path) -> pyvips.Image:
+    """The answer's alpha at the answer's size (uchar), decoded into memory once for all the
+    outputs of a file (a 25 MP answer: 25 MB; the last two answers are kept, each under its
+    size and mtime, so a file replaced under the same name is read afresh)."""
+    stat = Path(answer).stat()
+    return _answer_mask(str(answer), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _answer_mask(answer: str, size: int, mtime_ns: int) -> pyvips.Image:
+    del size, mtime_ns  # part of the cache key only
+    try:
+        source = pyvips.Image.new_from_file(vips_name(Path(answer)), access="sequential",
+                                            fail_on=FAIL_ON)
+        if not source.hasalpha():
+            raise ValueError("the API's answer has no alpha channel (was it asked for JPEG?); "
+                             "the studio path needs PNG or WEBP answers")
+        mask = source[source.bands - 1]
+        if mask.format == "ushort":
+            mask = (mask >> 8).cast("uchar")
+        return mask.copy_memory()
+    except pyvips.Error as exc:
+        raise BadResult(f"the API's answer does not open: {exc}", 200) from None
 
 
 def scale_to(image: pyvips.Image, width: int, height: int) -> pyvips.Image:

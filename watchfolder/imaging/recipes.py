@@ -25,9 +25,7 @@ from pathlib import Path
 
 import pyvips
 
-from watchfolder.errors import BadResult
-from watchfolder.imaging.compose import Cutout, scale_to, to_srgb
-from watchfolder.imaging.inspect import FAIL_ON, vips_name
+from watchfolder.imaging.compose import Cutout, answer_mask, scale_to, to_srgb
 
 POSITIONS = ("center", "top", "bottom", "left", "right", "top-left", "top-right",
              "bottom-left", "bottom-right")
@@ -110,21 +108,12 @@ def _answer_subject(answer: str, size: int, mtime_ns: int, threshold: int
     """(box, answer's size) on the answer's alpha; keyed by size and mtime too, so a file
     replaced under the same name is looked at afresh."""
     del size, mtime_ns  # part of the cache key only
-    try:
-        image = pyvips.Image.new_from_file(vips_name(Path(answer)), access="sequential",
-                                           fail_on=FAIL_ON)
-        if not image.hasalpha():
-            raise ValueError("the API's answer has no alpha channel (was it asked for JPEG?)")
-        alpha = image[image.bands - 1]
-        if alpha.format == "ushort":
-            alpha = (alpha >> 8).cast("uchar")
-        left, top, box_width, box_height = alpha.find_trim(threshold=threshold - 0.5,
-                                                           background=[0], line_art=True)
-    except pyvips.Error as exc:
-        raise BadResult(f"the API's answer does not open: {exc}", 200) from None
+    alpha = answer_mask(Path(answer))
+    left, top, box_width, box_height = alpha.find_trim(threshold=threshold - 0.5,
+                                                       background=[0], line_art=True)
     if box_width <= 0 or box_height <= 0:
         return None
-    return (left, top, box_width, box_height), (image.width, image.height)
+    return (left, top, box_width, box_height), (alpha.width, alpha.height)
 
 
 def expand(box: Box, pixels: int = 0, percent: float = 0.0) -> Box:
