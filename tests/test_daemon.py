@@ -358,3 +358,20 @@ def test_a_file_renamed_into_place_is_sent_without_the_settle_wait(
     # Generous bounds (a loaded 2-core machine) that the settle wait could never meet.
     assert all(delay < settle / 3 for delay in delays.values()), delays
     assert in_place >= settle * 0.9, in_place
+
+
+def test_a_polling_inbox_keeps_the_settle_wait_for_renamed_files(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    settle = 1.5
+    studio = Studio(tmp_path, sandbox.url, rescan_seconds=60,
+                    inbox={"settle_seconds": settle, "polling": True})
+    temp = make_image(studio.inbox / ".share.png.tmp")
+    with Running(studio.config()):
+        threading_pause(0.3)  # the polling observer's first listing holds the temp file
+        renamed = time.monotonic()
+        temp.rename(studio.inbox / "share.png")
+        wait_for(lambda: sandbox.count() == 1, timeout=4 * settle, what="the renamed file")
+        delay = sandbox.requests[-1].time - renamed
+        wait_for(lambda: studio.files(studio.archive) == ["share.png"], what="archive")
+    # A move polling infers from a listing proves nothing about a share's data.
+    assert delay >= settle * 0.9, delay

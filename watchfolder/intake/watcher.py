@@ -11,7 +11,7 @@ watchdog moved event whose source had a temporary or hidden name (rsync's `.name
 (inotify's IN_MOVED_TO without a matching IN_MOVED_FROM: a move from a folder we do not watch;
 the inotify observer is built with `generate_full_events` so those arrive as moves, not as
 creations). Created, modified and closed events, and every event of the polling observer (it
-cannot tell a move from a copy), keep the settle rule.
+infers moves from listings), keep the settle rule.
 
 A filesystem error is the problem of one path, never of the scan: a folder nested deeper than
 PATH_MAX (ENAMETOOLONG), a stale NFS handle (ESTALE), an I/O error on a share (EIO), a folder
@@ -160,10 +160,11 @@ def renamed_into_place(source: str, root: Path) -> bool:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, index: int, root: Path, deliver: Deliver) -> None:
+    def __init__(self, index: int, root: Path, deliver: Deliver, *, renames: bool) -> None:
         self.index = index
         self.root = root
         self.deliver = deliver
+        self.renames = renames  # whether a move may skip the settle wait
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in _INTERESTING:
@@ -171,7 +172,8 @@ class _Handler(FileSystemEventHandler):
         if event.event_type == EVENT_TYPE_MOVED:
             if event.dest_path:
                 self.deliver(self.index, Path(os.fsdecode(event.dest_path)),
-                             renamed_into_place(os.fsdecode(event.src_path), self.root))
+                             self.renames and renamed_into_place(os.fsdecode(event.src_path),
+                                                                 self.root))
         elif event.src_path:
             self.deliver(self.index, Path(os.fsdecode(event.src_path)), False)
 
@@ -239,7 +241,10 @@ class Watcher:
             observer = Observer()
         observer.daemon = True
         try:
-            observer.schedule(_Handler(index, inbox.path, self.deliver), str(inbox.path),
+            # Polling compares listings: on a share, a "move" it infers from a reused inode
+            # proves nothing about the data, so those files keep the settle rule.
+            handler = _Handler(index, inbox.path, self.deliver, renames=not inbox.polling)
+            observer.schedule(handler, str(inbox.path),
                               recursive=inbox.recursive)
             observer.start()  # starts the emitters here, in our thread: inotify limits raise
         except OSError as exc:
