@@ -244,9 +244,12 @@ def run_hosts(root: Path, windows: int, *, kill_one: bool) -> dict[str, Any]:
 def claim_costs(root: Path, count: int = 2000) -> dict[str, Any]:
     """Microseconds per file: claim + release (share, store), done-mark lookup."""
     from watchfolder.config.settings import StoreUrl
-    from watchfolder.coordination.claims import DoneMarks, Holder, ShareClaims, StoreClaims
-    from watchfolder.coordination.coordinator import adopt_empty_store
+    from watchfolder.coordination.claims import Holder
+    from watchfolder.coordination.coordinator import adopt_empty_store, key_id
+    from watchfolder.coordination.done_marks import DoneMarks
+    from watchfolder.coordination.share_claims import ShareClaims
     from watchfolder.coordination.store import Store
+    from watchfolder.coordination.store_claims import StoreClaims
 
     inbox = root / "inbox-costs"
     inbox.mkdir(parents=True)
@@ -282,7 +285,7 @@ def claim_costs(root: Path, count: int = 2000) -> dict[str, Any]:
     with redis_server(root / "redis-costs") as url:
         adopt_empty_store(StoreUrl(url), KEY)  # no grace: a store in use for long
         store = Store(StoreUrl(url))
-        claims = StoreClaims(store, holder, 60, ShareClaims(holder, 60))
+        claims = StoreClaims(store, holder, 60, ShareClaims(holder, 60), key=key_id(KEY))
 
         def store_cycle(name: str) -> None:
             claim = claims.claim(inbox, name)

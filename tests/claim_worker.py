@@ -18,16 +18,21 @@ from pathlib import Path
 
 from watchfolder import logs
 from watchfolder.config.settings import StoreUrl
-from watchfolder.coordination.claims import DoneMarks, Holder, ShareClaims, StoreClaims
-from watchfolder.coordination.coordinator import Coordinator, LocalLimiter
+from watchfolder.coordination.claims import Holder
+from watchfolder.coordination.coordinator import Coordinator, key_id
+from watchfolder.coordination.done_marks import DoneMarks
+from watchfolder.coordination.limits import LocalLimiter
+from watchfolder.coordination.share_claims import ShareClaims
 from watchfolder.coordination.store import Store
+from watchfolder.coordination.store_claims import StoreClaims
 
 
 def coordinator(inbox: Path, lease: float, url: str | None, instance: str) -> Coordinator:
     holder = Holder.this_process(instance)
     share = ShareClaims(holder, lease)
     store = Store(StoreUrl(url)) if url else None
-    claims = StoreClaims(store, holder, lease, share) if store is not None else share
+    claims = (StoreClaims(store, holder, lease, share, key=key_id("any key"))
+              if store is not None else share)
     return Coordinator(holder=holder, limiter=LocalLimiter(60), claims=claims,
                        marks=DoneMarks(holder), lease_seconds=lease, inboxes=[inbox], store=store)
 

@@ -19,16 +19,12 @@ import pytest
 
 from tests.conftest import LogCapture, RedisServer, wait_for
 from watchfolder.config.settings import StoreUrl
-from watchfolder.coordination.claims import (
-    CLAIMS_FOLDER,
-    DoneMarks,
-    Holder,
-    ShareClaims,
-    StoreClaims,
-    rel_hash,
-)
-from watchfolder.coordination.coordinator import adopt_empty_store
+from watchfolder.coordination.claims import CLAIMS_FOLDER, Holder, rel_hash
+from watchfolder.coordination.coordinator import adopt_empty_store, key_id
+from watchfolder.coordination.done_marks import DoneMarks
+from watchfolder.coordination.share_claims import ShareClaims
 from watchfolder.coordination.store import Store
+from watchfolder.coordination.store_claims import StoreClaims
 from watchfolder.errors import CoordinationUnavailable
 
 LEASE = 1.0
@@ -42,6 +38,9 @@ def inbox(tmp_path: Path) -> Path:
     return folder
 
 
+STORE_KEY = "any key"  # the API key whose epoch dates the store's last loss (reset.py)
+
+
 class Backends:
     """Makes claim backends of either kind, closing what it made."""
 
@@ -49,7 +48,7 @@ class Backends:
         self.url = url
         self.stores: list[Store] = []
         if url is not None:
-            adopt_empty_store(StoreUrl(url), "any key")  # a store in use for long
+            adopt_empty_store(StoreUrl(url), STORE_KEY)  # a store in use for long
 
     def make(self, lease: float = LEASE, instance: str = "") -> ShareClaims | StoreClaims:
         holder = Holder.this_process(instance)
@@ -58,7 +57,7 @@ class Backends:
             return share
         store = Store(StoreUrl(self.url))
         self.stores.append(store)
-        return StoreClaims(store, holder, lease, share)
+        return StoreClaims(store, holder, lease, share, key=key_id(STORE_KEY))
 
     def close(self) -> None:
         for store in self.stores:
@@ -235,7 +234,8 @@ def test_a_restarted_daemon_takes_its_own_claims_back_at_once(backends: Backends
 
 
 def test_confirm_before_paying_sees_a_takeover_at_once(backends: Backends, inbox: Path) -> None:
-    from watchfolder.coordination.coordinator import Coordinator, LocalLimiter
+    from watchfolder.coordination.coordinator import Coordinator
+    from watchfolder.coordination.limits import LocalLimiter
 
     mine = backends.make()
     coordinator = Coordinator(holder=mine.holder, limiter=LocalLimiter(60), claims=mine,

@@ -17,20 +17,20 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 
 from tests.conftest import KEY, LogCapture, RedisServer, run_watchfolder, wait_for
 from watchfolder.config.settings import ConfigError, StoreUrl, parse_config
 from watchfolder.coordination.claims import Holder
 from watchfolder.coordination.coordinator import (
     Coordinator,
-    LocalLimiter,
-    SharedPause,
-    SharedRateLimiter,
-    Store,
     adopt_empty_store,
     hosts_report,
     key_id,
 )
+from watchfolder.coordination.limits import LocalLimiter, SharedPause
+from watchfolder.coordination.shared_limit import SharedRateLimiter
+from watchfolder.coordination.store import Store
 
 WINDOW = 2.0
 MARGIN = 0.05
@@ -467,6 +467,7 @@ def test_a_store_user_without_info_rights_still_coordinates(redis_server: RedisS
         assert [limiter.try_acquire() for _ in range(3)] == [0.0] * 3
         assert limiter.try_acquire() > 0
         config = config_with(tmp_path, {"url": url})
+        adopt_empty_store(StoreUrl(url), KEY)  # the grace after a loss is the key's (reset.py)
         coordinator = Coordinator.from_config(config, lease_seconds=1)
         try:
             assert coordinator.claim(config.inboxes[0].path, "a.png") is not None
@@ -474,3 +475,72 @@ def test_a_store_user_without_info_rights_still_coordinates(redis_server: RedisS
             coordinator.stop()
     finally:
         shared.close()
+
+
+# -- the first file after a store loss (issue 20) -------------------------------------------------
+
+
+@pytest.mark.parametrize("lease", [60.0, 120.0])
+def test_the_first_file_on_a_fresh_store_waits_one_window_whatever_the_lease(
+        redis_server: RedisServer, tmp_path: Path, log_lines: LogCapture, lease: float) -> None:
+    # A store just started, never used by this key: the claim grace and the send hold run
+    # from its start, together, so the first file goes at start + window + margin, not after a
+    # lease and then a window more (121 s with lease 60 and the vendor's window).
+    window = 2.0
+    started = time.monotonic()  # the store started a moment before: this bound is the looser
+    config = config_with(tmp_path, {"url": redis_server.url, "lease_seconds": lease},
+                         requests_per_minute=10)
+    coordinator = Coordinator.from_config(config, window=window)
+    inbox = config.inboxes[0].path
+    stop = threading.Event()
+    try:
+        # What the pipeline does with a file: claim it (or look again when told), then send.
+        while coordinator.claim(inbox, "a.png") is None:
+            assert time.monotonic() - started < 30, "the claim never came"
+            time.sleep(coordinator.claim_wait())
+        assert coordinator.limiter.acquire(stop)
+        sent = time.monotonic() - started
+    finally:
+        coordinator.stop()
+    # The store tells its uptime in whole seconds: its start is known to a second, late (safe).
+    assert window <= sent <= window + 0.5 + 1.0 + 0.4, f"sent {sent:.2f} s after the store started"
+    # Said once, when the wait began (at the first refused claim), with the wait that was left.
+    resets = log_lines.events("coordination.store_reset")
+    assert len(resets) == 1
+    assert window + 0.5 - 0.4 <= resets[0]["hold_s"] <= window + 0.5 + 1.0
+
+
+def test_coordination_adopt_lets_a_new_store_be_used_at_once(redis_server: RedisServer,
+                                                            tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    wait_for(lambda: client.info("server")["uptime_in_seconds"] >= 2, what="uptime")
+    client.close()
+    config = config_with(tmp_path, {"url": redis_server.url, "lease_seconds": 60})
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump({"api": {"key": KEY}, "state_dir": "state",
+                                    "coordination": {"url": redis_server.url},
+                                    "inboxes": [{"path": "in", "outbox": "out",
+                                                 "errors": "err"}]}), encoding="utf-8")
+    path.chmod(0o600)
+    done = run_watchfolder("coordination", "adopt", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "adopted" in done.stdout and KEY not in done.stdout + done.stderr
+    coordinator = Coordinator.from_config(config, window=1.0)
+    try:
+        assert coordinator.claim(config.inboxes[0].path, "a.png") is not None
+        assert coordinator.limiter.try_acquire() == 0.0
+    finally:
+        coordinator.stop()
+    redis_server.kill()
+    down = run_watchfolder("coordination", "adopt", "--config", str(path))
+    assert down.returncode == 1 and "does not answer" in down.stderr
+
+
+def test_coordination_adopt_needs_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump({"api": {"key": KEY}, "state_dir": "state",
+                                    "inboxes": [{"path": "in", "outbox": "out",
+                                                 "errors": "err"}]}), encoding="utf-8")
+    (tmp_path / "in").mkdir()
+    done = run_watchfolder("coordination", "adopt", "--config", str(path))
+    assert done.returncode == 2 and "no coordination.url" in done.stderr

@@ -44,6 +44,8 @@ examples:
   watchfolder status --config daemon.yaml          waiting, in flight, done, failed, paused
   watchfolder requeue --config daemon.yaml         put failed files back in their inbox
   watchfolder sandbox --port 8765                  a local stand-in for the API
+  watchfolder coordination adopt --config daemon.yaml
+                                                   skip a new store's first-minute hold
 
 exit codes: 0 ok, 1 some files failed (--once), 2 usage/config error,
             3 account problem (bad key, no credits) or the daily budget
@@ -112,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "must be stopped.")
     _config_argument(reset_parser)
     reset_parser.set_defaults(handler=cmd_reset_journal)
+
+    coordination = commands.add_parser(
+        "coordination", help="the coordination store shared by several daemons",
+        description="Commands about the coordination store (coordination.url).")
+    actions = coordination.add_subparsers(dest="action", metavar="ACTION", required=True)
+    adopt = actions.add_parser(
+        "adopt", help="skip the first-minute hold of a store new to this API key",
+        description="A store that is new to the API key (first use, a FLUSHALL) or restarted "
+                    "empty holds new claims and sends for up to a minute, because it cannot "
+                    "know when sends it never saw were made. If you know that no daemon sent "
+                    "with this key in the last minute nor holds a claim, record that here and "
+                    "the daemons start at once. Uses the config's coordination.url and API key "
+                    "(only a hash of the key is written).")
+    _config_argument(adopt)
+    adopt.set_defaults(handler=cmd_coordination_adopt)
 
     from watchfolder.dev import sandbox
 
@@ -239,6 +256,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         if progress:
             progress.close()
     return daemon.exit_code()
+
+
+def cmd_coordination_adopt(args: argparse.Namespace) -> int:
+    from watchfolder.coordination.coordinator import adopt_empty_store
+    from watchfolder.errors import CoordinationUnavailable
+
+    config = _load(args)
+    if config is None:
+        return EXIT_USAGE
+    url = config.coordination.url
+    if url is None:
+        print(f"watchfolder: {args.config} has no coordination.url: there is no store to adopt",
+              file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(None, "warning")
+    try:
+        adopt_empty_store(url, config.api.key.reveal())
+    except CoordinationUnavailable as exc:
+        print(f"watchfolder: {exc}", file=sys.stderr)
+        return 1
+    print(f"adopted {url.redacted()}: daemons using this API key claim and send at once, "
+          f"without the first-minute hold")
+    return 0
 
 
 def _reload(args: argparse.Namespace, daemon: Daemon) -> bool:

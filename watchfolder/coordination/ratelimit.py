@@ -25,6 +25,28 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** (attempt - 1))
 
 
+class Strikes:
+    """Consecutive 429s without Retry-After, and the hold each calls for: the one backoff rule
+    of every limiter, local or shared. A success starts the count again."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def delay(self, retry_after: float | None, base: float, cap: float) -> float:
+        """The hold after a 429: the server's `retry_after` (already capped by the caller), or
+        without one base, 2 x base, ... up to `cap` for each 429 in a row."""
+        if retry_after is not None:
+            return max(0.0, retry_after)
+        with self._lock:
+            self._count += 1
+            return backoff(self._count, base, cap)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._count = 0
+
+
 def acquire_with(try_acquire: Callable[[], float], stop: threading.Event) -> bool:
     """Ask `try_acquire` until it grants (True), waiting as long as it says between asks, or
     until `stop` is set (False). The loop of every limiter, local or shared."""
@@ -48,7 +70,7 @@ class RateLimiter:
         self.clock = clock
         self._sent: deque[float] = deque()
         self._blocked_until = 0.0
-        self._strikes = 0  # consecutive 429s without Retry-After
+        self._strikes = Strikes()  # consecutive 429s without Retry-After
         self._lock = threading.Lock()
 
     def preload(self, ages: Iterable[float]) -> None:
@@ -98,15 +120,10 @@ class RateLimiter:
         `retry_after` is the server's wish, already capped by the caller; without one we back
         off exponentially (up to `max_backoff`) until a request succeeds again.
         """
+        delay = self._strikes.delay(retry_after, self.backoff, self.max_backoff)
         with self._lock:
-            if retry_after is None:
-                self._strikes += 1
-                delay = backoff(self._strikes, self.backoff, self.max_backoff)
-            else:
-                delay = max(0.0, retry_after)  # the caller caps what the server asks for
             self._blocked_until = max(self._blocked_until, self.clock() + delay)
-            return delay
+        return delay
 
     def succeeded(self) -> None:
-        with self._lock:
-            self._strikes = 0
+        self._strikes.clear()

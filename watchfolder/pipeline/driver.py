@@ -54,7 +54,8 @@ from PIL import Image
 
 from watchfolder import __version__, failpoints
 from watchfolder.config.settings import Config, InboxConfig
-from watchfolder.coordination.coordinator import Coordinator, Limiter, SharedPause
+from watchfolder.coordination.coordinator import Coordinator
+from watchfolder.coordination.limits import Limiter, SharedPause
 from watchfolder.errors import (
     AccountError,
     ApiError,
@@ -353,7 +354,7 @@ class Pipeline:
             return None
         if claim is None:
             # Another daemon holds it; look again in a while (its holder may die).
-            self.queue.put_later(job, max(1.0, self.coordinator.lease_seconds / 3))
+            self.queue.put_later(job, self.coordinator.claim_wait())
             return None
         try:
             record = job.record or self.journal.active(str(inbox.path), job.rel)
