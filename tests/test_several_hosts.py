@@ -129,3 +129,65 @@ def test_status_shows_the_daemons_sharing_the_key(tmp_path: Path, sandbox: Sandb
     assert pids == sorted(host.proc.pid for host in hosts)
     assert all(host["claims"] == 0 and host["host"] for host in shared["hosts"])
     assert "daemons sharing the key" in text.stdout
+
+
+def journal_states(state_dir: Path) -> list[str]:
+    """The journal's state of every file a host has seen (read-only; [] before its first)."""
+    import contextlib
+    import sqlite3
+
+    path = state_dir / "journal.sqlite3"
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+        try:
+            return [state for (state,) in db.execute("SELECT state FROM files ORDER BY id")]
+        except sqlite3.OperationalError:
+            return []  # the schema is being made
+
+
+def test_a_takeover_pays_only_for_the_request_slots_of_the_dead_host(
+        tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer) -> None:
+    # Issue 20: an answer the dead host had received but not placed died with its spool, and
+    # its request slot had already gone to new requests: the taker paid for all of them.
+    sandbox.latency = 1.0
+    other = {"path": "inbox-y", "outbox": "outbox-y", "errors": "errors-y",
+             "archive": "archive-y", "settle_seconds": 0.1, "polling_interval_seconds": 0.1}
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1}, extra_inboxes=[other])
+    for folder in ("inbox-y", "outbox-y", "errors-y", "archive-y", "outbox", "archive"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    extra = {"coordination": {"url": redis_server.url, "lease_seconds": 5}}
+    adopt_fresh(redis_server)
+    # The failpoint kills the victim when a second answer arrives (if one ever does).
+    victim = DaemonProcess(host_config(studio, "host0", **extra),
+                           env={"WATCHFOLDER_FAILPOINT": "answered:2"})
+    try:
+        victim.wait_event("ready")
+        make_image(studio.inbox / "x1.png", seed=1)
+        wait_for(lambda: journal_states(tmp_path / "state-host0") == ["sending"],
+                 what="x1's request on its way")
+        # Its answer will have nowhere to go: it stays in the victim's spool.
+        studio.outbox.rename(tmp_path / "outbox-away")
+        victim.wait_event("destination.unavailable")
+        for n in range(2):
+            make_image(tmp_path / "inbox-y" / f"y{n}.png", seed=10 + n)
+        # A freed slot sends y0 at once and dies at its answer; a held one sends nothing.
+        deadline = time.monotonic() + 4 * sandbox.latency + 2
+        while victim.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if victim.proc.poll() is None:
+            victim.send(signal.SIGKILL)
+    finally:
+        victim.stop(timeout=10)
+    (tmp_path / "outbox-away").rename(studio.outbox)
+    survivors = start_hosts(studio, 1, first=1, **extra)
+    try:
+        wait_for(lambda: len(studio.files(studio.archive)) == 1
+                 and len(studio.files(tmp_path / "archive-y")) == 2, timeout=60,
+                 what="the survivor finishes the dead host's files")
+    finally:
+        stop(survivors)
+    assert studio.files(studio.outbox) == ["x1.png"], "one result, no '-1' twin"
+    assert studio.files(tmp_path / "outbox-y") == ["y0.png", "y1.png"]
+    # Three files, and one request slot (concurrency 1) of the dead host paid twice at most.
+    assert sandbox.count(200) <= 3 + 1

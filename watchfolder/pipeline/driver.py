@@ -19,8 +19,11 @@ every transition *before* the next step has its effect, so after a crash at any 
 next start resumes each file from its last state without a second result or a lost original.
 
 `api.concurrency` counts requests, not workers: a request holds one of the `RequestSlots`
-from before the limiter is asked until its answer is journaled, while a few spare workers do
-the local steps of other files, so local work never leaves a slot idle at the rate limit.
+from before the limiter is asked until its answer is placed and the original archived (parked
+meanwhile, the job waits on the local lane, whose workers never wait for a slot), while a few
+spare workers do the local steps of other files. A received answer keeps its slot because,
+should this daemon die, the daemon that takes the file over pays for it again: so a crash
+costs at most one credit per slot, whether its request was in flight or answered.
 
 Policies, per the API contract:
 - a transient failure (5xx, reset, timeout, broken 200) parks the job with exponential backoff
@@ -150,6 +153,11 @@ def failing(reason: str, message: str, status: int | None = None, *,
     return Advance(FAILING, changes)
 
 
+# A request slot is held from before the limiter is asked until the file is finished: its
+# answer, once received, stays counted until it is placed and the original archived, so a
+# daemon that dies costs a taker at most one credit per slot (see RequestSlots).
+ANSWER_UNFINISHED = (SENDING, FETCHED, STORED)
+ANSWER_WAITING = (FETCHED, STORED)  # parked in these, a job keeps its slot
 MAIN, LOCAL = "main", "local"  # the lanes: requests and light steps / heavy local image work
 
 
@@ -172,7 +180,6 @@ class Work:
     inbox: InboxConfig
     lane: str = MAIN
     payload: Payload | None = None  # made by `prepare`, sent by `send` (never across a park)
-    holds_slot: bool = False
 
     @property
     def src(self) -> Path:
@@ -316,17 +323,21 @@ class Pipeline:
             while record.state not in FINAL:
                 outcome = self._step(work)
                 if isinstance(outcome, Park):
+                    if outcome.changes.get("state", record.state) not in ANSWER_WAITING:
+                        self._release_slot(job)  # back to the queue: no answer is waiting
                     self._park(work, outcome)
                     return
                 self.journal.update(record, state=outcome.state, sent=outcome.sent,
                                     remember=outcome.remember, **outcome.changes)
                 failpoints.hit(outcome.state)
-                if record.state != SENDING:
-                    self._release_slot(work)  # the answer is journaled (or none will come)
+                if record.state not in ANSWER_UNFINISHED:
+                    self._release_slot(job)  # the file is finished (or no answer will come)
                 if outcome.then is not None:
                     outcome.then()
-        finally:
-            self._release_slot(work)
+        except BaseException:
+            self._release_slot(job)  # the job is lost to this run: never keep its slot
+            raise
+        self._release_slot(job)
         self._finished(work)
 
     def _step(self, work: Work) -> Outcome:
@@ -350,10 +361,14 @@ class Pipeline:
             # One daemon per file, also across hosts sharing the inbox: no claim, no work.
             claim = self.coordinator.claim(inbox.path, job.rel)
         except CoordinationUnavailable:
-            self.queue.put_later(job, 5.0)  # the store or the claims folder: back soon
+            # The store or the claims folder: back soon (a slot it holds stays held: nothing
+            # is sent while the store is away anyway).
+            self.queue.put_later(job, 5.0)
             return None
         if claim is None:
-            # Another daemon holds it; look again in a while (its holder may die).
+            # Another daemon holds it (or the store's grace after a loss runs); look again in a
+            # while (its holder may die). Taken over, its answer is the taker's to pay for.
+            self._release_slot(job)
             self.queue.put_later(job, self.coordinator.claim_wait())
             return None
         try:
@@ -382,7 +397,10 @@ class Pipeline:
         job.probe = False
         if park.twin:
             return  # Twins holds it until the first copy is finished
-        queue = self.local if (park.lane or work.lane) == LOCAL else self.queue
+        # A job holding a request slot never waits for a main worker: those may all be
+        # waiting for its slot.
+        local = (park.lane or work.lane) == LOCAL or job.holds_slot
+        queue = self.local if local else self.queue
         if park.delay > 0:
             queue.put_later(job, park.delay)
         else:
@@ -520,6 +538,9 @@ class Pipeline:
     def _admit(self, work: Work, payload: Payload, changes: Mapping[str, Any], *,
                need: int) -> Outcome:
         """Take a request slot and a send time: the request goes out next."""
+        if work.lane == LOCAL:
+            # Local workers never wait for a slot: the jobs holding the slots need them.
+            return Park(lane=MAIN, front=True, changes=changes)
         # No request while its answer would have nowhere to go (`need`: about what the
         # outbox must hold).
         self.destinations.check(work.inbox.outbox, "outbox", need)
@@ -527,7 +548,7 @@ class Pipeline:
             self.destinations.check(work.inbox.archive, "archive")
         if not self.slots.acquire(self.stopping):
             return Park(changes=changes)
-        work.holds_slot = True
+        work.job.holds_slot = True
         if not self.limiter.acquire(self.stopping):
             return Park(changes=changes)
         # The waits above may have outlasted a lease: ask the claim itself, right before paying.
@@ -897,9 +918,9 @@ class Pipeline:
             with self._lock:
                 self.in_flight -= 1
 
-    def _release_slot(self, work: Work) -> None:
-        if work.holds_slot:
-            work.holds_slot = False
+    def _release_slot(self, job: Job) -> None:
+        if job.holds_slot:
+            job.holds_slot = False
             self.slots.release()
 
 

@@ -40,6 +40,7 @@ class Job:
     record: FileRecord | None = None  # known once opened (or resumed from the journal)
     identity: str | None = None  # content hash + settings, once read
     probe: bool = False  # handed out as the probe of a paused queue
+    holds_slot: bool = False  # one of the RequestSlots, from its request until it is finished
     seen: float = field(default_factory=time.monotonic)
 
     @property
@@ -145,11 +146,13 @@ class JobQueue:
 
 
 class RequestSlots:
-    """One slot per request that may be in flight (or answered but not yet journaled).
+    """One slot per request that may be in flight, or answered but its file not yet finished.
 
     Held from before the limiter is asked (a slot waited for after the limiter granted would
-    send later than the limiter counted) until the answer is journaled, so at most `size`
-    records are ever `sending`: what a crash can cost stays one credit per slot.
+    send later than the limiter counted) until the file is finished (its answer placed, its
+    original archived), so at most `size` records are ever `sending`, `fetched` or `stored`:
+    what a crash can cost stays one credit per slot, also when another daemon takes the
+    files over (the dead daemon's spool died with it).
     """
 
     def __init__(self, size: int) -> None:
