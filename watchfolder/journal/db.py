@@ -16,7 +16,9 @@ that after a crash at any instant the next start resumes each file from its last
 
 The journal also keeps the results table (content identity → outbox file, so the same content
 dropped again costs nothing), the send times of the last minute (so a restart cannot burst past
-the rate limit), and a small key/value table for status (pause reason, credits last seen).
+the rate limit; each with the boot id and the monotonic time, so that a wall-clock step between
+two runs can neither let a burst through nor hold the queue), and a small key/value table for
+status (pause reason, credits last seen).
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ def _damaged(path: Path, detail: str) -> str:
             f"files in the inboxes then simply wait again")
 
 JOURNAL_NAME = "journal.sqlite3"
+
+
+def _boot_id() -> str:
+    """This boot of the machine (Linux), or "" where unknown: monotonic times of two runs
+    compare only within one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()
 
 QUEUED, PROXIED, SENDING = "queued", "proxied", "sending"
 FETCHED, STORED, DONE = "fetched", "stored", "done"
@@ -80,7 +94,7 @@ CREATE TABLE IF NOT EXISTS results (
     sha256 TEXT NOT NULL,
     t REAL
 );
-CREATE TABLE IF NOT EXISTS sends (t REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sends (t REAL NOT NULL, boot TEXT, mono REAL);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
 """
 
@@ -155,6 +169,10 @@ class Journal:
             for column in ("route", "proxy", "outputs"):  # journals of 0.1
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
+            sends = {row[1] for row in self._db.execute("PRAGMA table_info(sends)")}
+            for column, kind in (("boot", "TEXT"), ("mono", "REAL")):  # journals of 0.2
+                if column not in sends:
+                    self._db.execute(f"ALTER TABLE sends ADD COLUMN {column} {kind}")
             if "t" not in {row[1] for row in self._db.execute("PRAGMA table_info(results)")}:
                 # Journals of 0.1: their results count as made now for retention.
                 self._db.execute("ALTER TABLE results ADD COLUMN t REAL")
@@ -235,7 +253,8 @@ class Journal:
                 self._db.execute(f"UPDATE files SET {assignments} WHERE id = ?",  # noqa: S608
                                  _in((*changes.values(), record.id)))
                 if sent:
-                    self._db.execute("INSERT INTO sends (t) VALUES (?)", (changes["updated"],))
+                    self._db.execute("INSERT INTO sends (t, boot, mono) VALUES (?, ?, ?)",
+                                     (changes["updated"], BOOT_ID or None, time.monotonic()))
                 self._db.executemany(
                     "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
                     "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
@@ -324,15 +343,23 @@ class Journal:
         """Requests sent at or after `since` (wall clock): the day's spend."""
         return int(self._query("SELECT COUNT(*) FROM sends WHERE t >= ?", (since,))[0][0])
 
-    def recent_sends(self, window: float = 60.0) -> list[float]:
-        """Wall-clock times of requests sent in the last `window` seconds (oldest first)."""
-        cutoff = time.time() - window
+    def recent_send_ages(self, window: float = 60.0) -> list[float]:
+        """Seconds since each request of the last `window` was sent, for the rate limit after a
+        restart. A send of this boot is aged on the monotonic clock, so a wall-clock step
+        between two runs (NTP, an operator) changes nothing; one of another boot (or journaled
+        before boot ids were) is aged by the wall clock, and one that the wall clock puts in
+        the future counts as just sent: recent for one window at most, never longer."""
+        now, mono = time.time(), time.monotonic()
         with self._lock:
             # Two days are kept: the rate limit needs a minute, the daily budget a day.
-            self._db.execute("DELETE FROM sends WHERE t < ?", (time.time() - 2 * 86400,))
-            rows = self._db.execute("SELECT t FROM sends WHERE t >= ? ORDER BY t",
-                                    (cutoff,)).fetchall()
-        return [t for (t,) in rows]
+            self._db.execute("DELETE FROM sends WHERE t < ?", (now - 2 * 86400,))
+            this_boot = self._db.execute(
+                "SELECT mono FROM sends WHERE boot = ? AND mono >= ?",
+                (BOOT_ID, mono - window)).fetchall() if BOOT_ID else []
+            other = self._db.execute(
+                "SELECT t FROM sends WHERE (boot IS NULL OR boot != ?) AND t >= ?",
+                (BOOT_ID, now - window)).fetchall()
+        return [mono - m for (m,) in this_boot] + [max(0.0, now - t) for (t,) in other]
 
     def set_meta(self, key: str, value: str | None) -> None:
         with self._lock:

@@ -118,8 +118,7 @@ class Daemon:
         # (shared through the coordination store, or claims on the share without one).
         self.coordinator = coordinator = Coordinator.from_config(config)
         limiter = coordinator.limiter
-        now = time.time()
-        limiter.preload(now - t for t in journal.recent_sends(60.0))
+        limiter.preload(journal.recent_send_ages(60.0))
         coordinator.start()
         self.pipeline = Pipeline(config, journal, self.client, limiter, coordinator,
                                  release=self._release, on_account_problem=self._account_problem)
