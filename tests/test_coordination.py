@@ -544,3 +544,28 @@ def test_coordination_adopt_needs_a_store(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     done = run_watchfolder("coordination", "adopt", "--config", str(path))
     assert done.returncode == 2 and "no coordination.url" in done.stderr
+
+
+def test_a_store_new_to_the_key_counts_its_minute_from_the_daemons_start(
+        redis_server: RedisServer, tmp_path: Path, log_lines: LogCapture) -> None:
+    # Up for longer than a window, never used with this key: nothing says when sends were
+    # lost, so the hold runs a window from the first daemon's start, not from the first file.
+    window = 2.0
+    client = redis.Redis.from_url(redis_server.url)
+    wait_for(lambda: client.info("server")["uptime_in_seconds"] >= 3, timeout=10, what="uptime")
+    client.close()
+    config = config_with(tmp_path, {"url": redis_server.url, "lease_seconds": 60})
+    coordinator = Coordinator.from_config(config, window=window)
+    stop = threading.Event()
+    try:
+        coordinator.start()
+        started = time.monotonic()
+        assert log_lines.events("coordination.store_reset"), "said at the start"
+        time.sleep(1.5)  # the first file comes later
+        while coordinator.claim(config.inboxes[0].path, "a.png") is None:
+            time.sleep(coordinator.claim_wait())
+        assert coordinator.limiter.acquire(stop)
+        sent = time.monotonic() - started
+    finally:
+        coordinator.stop()
+    assert window <= sent <= window + 0.5 + 0.4

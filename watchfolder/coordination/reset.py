@@ -19,9 +19,11 @@ lost is re-created by its holder before anyone else may take the file. As the gr
 longer than the send hold and both start at the loss, the first file after a first use or a
 restart waits at most `window + margin`, whatever the lease.
 
-Whoever notices first (a claim, a renewal or a send, on any host) records the loss; everyone
+Whoever notices first (a daemon's start or beat, a claim, a renewal or a send, on any host)
+records the loss; everyone
 else reads it, so every host holds until the same instant. `coordination.store_reset` is
-logged by each daemon once per loss, when it first meets the wait, with the wait that remains.
+logged by each daemon once per loss, when it first meets the wait (its start or a beat, a
+claim, a renewal, a send), with the wait that remains.
 `adopt_empty_store` records "no loss" for a store the operator vouches for
 (`watchfolder coordination adopt`).
 """

@@ -123,7 +123,9 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(span / 1000) + 1000)
 return {1, 0, limit, reset, pause, probe}
 """
 
-# KEYS: 1 members, 2 limits, 3 pause. ARGV: 1 daemon, 2 limit, 3 ttl us. Returns the pause.
+# KEYS: 1 members, 2 limits, 3 pause, 4 epoch. ARGV: 1 daemon, 2 limit, 3 ttl us, 4 window +
+# margin us. Returns {the pause, the hold left after a store loss (us)}. Dating a loss here, at
+# a daemon's start, starts the first-use minute then rather than at the first file.
 _REFRESH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -132,7 +134,9 @@ redis.call('ZADD', KEYS[1], string.format('%.0f', now + ttl), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) + 1000)
 redis.call('PEXPIRE', KEYS[2], math.ceil(ttl / 1000) + 1000)
-return redis.call('GET', KEYS[3])
+""" + since_loss("KEYS[4]", "tonumber(ARGV[4])") + """
+local left = math.max(0, loss + tonumber(ARGV[4]) - now)
+return {redis.call('GET', KEYS[3]), string.format('%.0f', left)}
 """
 
 # KEYS: 1 hold. ARGV: 1 delay us. Holds every host's sends for the delay (the longest wins).
@@ -326,12 +330,16 @@ class SharedRateLimiter:
             self._run("probe_now", ("pause", "probe_at"))
 
     def refresh(self) -> None:
-        """Renew this daemon's limit in the store and look at the pause (the thread's beat)."""
+        """Renew this daemon's limit in the store, look at the pause and notice a loss of the
+        store's data (the thread's beat, and the daemon's start)."""
         try:
-            pause = self._run("refresh", ("members", "limits", "pause"),
-                              [self.daemon, self.limit, int(self.member_ttl * 1e6)])
+            pause, reset_us = self._run(
+                "refresh", ("members", "limits", "pause", "epoch"),
+                [self.daemon, self.limit, int(self.member_ttl * 1e6),
+                 int((self.window + self.margin) * 1e6)])
         except CoordinationUnavailable:
             return
+        self.notice.waiting(int(reset_us))
         self._note_pause(pause)
 
     def leave(self) -> None:
