@@ -361,9 +361,9 @@ class Pipeline:
             # One daemon per file, also across hosts sharing the inbox: no claim, no work.
             claim = self.coordinator.claim(inbox.path, job.rel)
         except CoordinationUnavailable:
-            # The store or the claims folder: back soon (a slot it holds stays held: nothing
-            # is sent while the store is away anyway).
-            self.queue.put_later(job, 5.0)
+            # The store or the claims folder: back soon. A slot it holds stays held (its answer
+            # still waits), so it waits on the local lane like any parked slot holder.
+            (self.local if job.holds_slot else self.queue).put_later(job, 5.0)
             return None
         if claim is None:
             # Another daemon holds it (or the store's grace after a loss runs); look again in a
@@ -384,6 +384,7 @@ class Pipeline:
                                              st.st_mtime_ns, inbox.settings_key)
         except Exception:
             log.exception("file.internal_error", inbox=str(inbox.path), file=job.rel)
+            self._release_slot(job)
             self.coordinator.release(inbox.path, job.rel)
             self.release(job, None)
             return None
