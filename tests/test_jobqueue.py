@@ -9,6 +9,7 @@ import threading
 from watchfolder.coordination.ratelimit import backoff
 from watchfolder.errors import CreditsExhausted
 from watchfolder.pipeline.jobqueue import Job, JobQueue, RequestSlots
+from watchfolder.pipeline.pause import Pause
 
 
 class Clock:
@@ -52,11 +53,12 @@ def test_a_parked_job_is_ready_exactly_when_its_time_comes() -> None:
 
 def test_paused_queue_hands_out_one_probe_per_interval_until_resumed() -> None:
     clock = Clock()
-    queue = JobQueue(clock=clock)
+    pause = Pause(clock=clock)
+    queue = JobQueue(clock=clock, pause=pause)
     for rel in ("a", "b", "c"):
         queue.put(Job(0, rel))
-    assert queue.pause(CreditsExhausted("no credits", 402), probe_in=60.0) is True
-    assert queue.pause(CreditsExhausted("no credits", 402), probe_in=60.0) is False
+    assert pause.pause(CreditsExhausted("no credits", 402), probe_in=60.0) is True
+    assert pause.pause(CreditsExhausted("no credits", 402), probe_in=60.0) is False
     assert names(queue, 1) == ["-"], "nothing before the first probe is due"
     clock.now += 60.0
     probe = queue.get(timeout=0)
@@ -66,13 +68,13 @@ def test_paused_queue_hands_out_one_probe_per_interval_until_resumed() -> None:
     assert names(queue, 1) == ["-"]
     clock.now += 1.0
     assert names(queue, 1) == ["b"]
-    queue.probe_now()
+    pause.probe_now()
     assert names(queue, 1) == ["c"], "probe_now lets the next probe go at once"
     queue.put(Job(0, "d"))
     queue.put(Job(0, "e"))
-    assert queue.resume() is True
+    assert pause.resume() is True
     assert names(queue, 3) == ["d", "e", "-"]
-    assert queue.resume() is False
+    assert pause.resume() is False
 
 
 def test_get_blocks_until_a_put_and_close_releases_waiters() -> None:

@@ -254,6 +254,11 @@ class SharedRateLimiter:
         with self._lock:
             self.limit = limit
 
+    def set_backoff(self, base: float, cap: float) -> None:
+        """The backoff after a 429 without Retry-After (a reload's `retry` settings)."""
+        with self._lock:
+            self.backoff, self.max_backoff = base, cap
+
     def try_acquire(self) -> float:
         """Take a slot and return 0.0, or return how long to wait before asking again
         (`retry_every` while the store does not answer)."""

@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS files (
     updated REAL NOT NULL,
     route TEXT,
     proxy TEXT,
-    outputs TEXT
+    outputs TEXT,
+    handoff TEXT
 );
 CREATE INDEX IF NOT EXISTS files_by_path ON files (inbox, rel);
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state);
@@ -125,6 +126,7 @@ class FileRecord:
     route: str | None = None  # "fast" (sent as it is) or "studio" (a proxy is sent)
     proxy: str | None = None  # the proxy in the spool, while it may still be sent
     outputs: str | None = None  # JSON: [[path, sha256] or null, ...] by recipe position
+    handoff: str | None = None  # "pending": final, but not yet handed on (manifest, webhook)
 
 
 _COLUMNS = [f.name for f in fields(FileRecord)]
@@ -166,7 +168,7 @@ class Journal:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
-            for column in ("route", "proxy", "outputs"):  # journals of 0.1
+            for column in ("route", "proxy", "outputs", "handoff"):  # older journals
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
             sends = {row[1] for row in self._db.execute("PRAGMA table_info(sends)")}
@@ -270,6 +272,10 @@ class Journal:
         found = self._rows("WHERE inbox = ? AND rel = ? AND state NOT IN (?, ?, ?) "
                            "ORDER BY id DESC LIMIT 1", (inbox, rel, *FINAL))
         return found[0] if found else None
+
+    def handoffs_pending(self) -> list[FileRecord]:
+        """Final records whose hand-off a crash interrupted (it follows the final commit)."""
+        return self._rows("WHERE handoff IS NOT NULL ORDER BY id")
 
     def unfinished(self) -> list[FileRecord]:
         return self._rows("WHERE state NOT IN (?, ?, ?) ORDER BY id", FINAL)

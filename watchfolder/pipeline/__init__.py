@@ -1,8 +1,14 @@
 """The pipeline: each file's life from queued to done or failed, and what it needs.
 
-- `driver`: the worker pool and the loop that runs a file's steps, journaling each
-  transition before the next step acts.
-- `jobqueue`: the ready and delayed jobs, the account pause, the request slots.
+- `driver`: the worker pool, the loop that runs a file's steps (journaling each transition
+  before the next step acts) and the table from state to lane.
+- `steps/`: the steps by concern (prepare, admit, send, store, finish with fail and
+  hand-off), functions of the context and the work item.
+- `context`: what the steps need (journal, client, limiter, slots, destinations, budget,
+  pause), the one writer of a reload's settings.
+- `work`: the work item and what a step returns.
+- `pause`: the one pause (account, budget, shared, by a person per inbox), persisted.
+- `jobqueue`: the ready and delayed jobs, handed out as the pause allows; the request slots.
 - `budget`: the daily credit budget.
 - `client`: the Clipdrop API, one call: bytes in, a result file or a typed error out.
 - `outputs`: making one file's outputs from the API's one answer, and its manifest.

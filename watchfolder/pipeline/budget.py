@@ -55,6 +55,11 @@ class Budget:
             self._resets_at = midnight_after(self._now())
             self._spent = self._sent_since(self._day_start())
 
+    def set_limit(self, limit: int | None) -> None:
+        """A reload's `api.max_credits_per_day`."""
+        with self._lock:
+            self.limit = limit
+
     def take(self) -> bool:
         """Count one request now, or False when today's budget is spent."""
         with self._lock:

@@ -1,10 +1,11 @@
-"""The files waiting for a worker: ready jobs, jobs waiting for a retry time, the account pause,
-and the request slots that bound how many requests are in flight.
+"""The files waiting for a worker: ready jobs, jobs waiting for a retry time, and the request
+slots that bound how many requests are in flight.
 
 - `JobQueue.get` hands out ready jobs in order; a job parked with a delay (`put_later`,
   `retry_later`) becomes ready when its time comes, holding no worker meanwhile.
-- While paused (an account problem: bad key, no credits), nothing is handed out but one probe
-  every `probe_in` seconds; the pipeline resumes the queue when a probe is accepted.
+- A queue given the `Pause` (pause.py, the main lane's: requests) reads it: while the account
+  or budget pause holds, nothing is handed out but one probe every `probe_in` seconds, and a
+  job of an inbox a person paused waits (the others go on).
 - `RequestSlots` counts requests that may be in flight, so what a crash can cost stays one
   credit per slot.
 
@@ -24,9 +25,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from watchfolder.coordination.ratelimit import backoff
+from watchfolder.pipeline.pause import Pause
 
 if TYPE_CHECKING:
     from watchfolder.errors import AccountError
+    from watchfolder.imaging.compose import Output
+    from watchfolder.imaging.inspect import Source
     from watchfolder.journal.db import FileRecord
     from watchfolder.pipeline.budget import BudgetReached
 
@@ -41,6 +45,11 @@ class Job:
     identity: str | None = None  # content hash + settings, once read
     probe: bool = False  # handed out as the probe of a paused queue
     holds_slot: bool = False  # one of the RequestSlots, from its request until it is finished
+    # What was learned about the file in this run, kept across parks and lane changes so
+    # nothing is inspected twice; a restart learns it again.
+    source: Source | None = None
+    source_of: tuple[int, int] | None = None  # (size, mtime_ns) of the file `source` read
+    outputs: list[Output | None] | None = None  # by recipe position, as written
     seen: float = field(default_factory=time.monotonic)
 
     @property
@@ -49,10 +58,11 @@ class Job:
 
 
 class JobQueue:
-    """Ready jobs, jobs waiting for a retry time, and the account pause."""
+    """Ready jobs and jobs waiting for a retry time, handed out as the `Pause` allows."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, *, pause: Pause | None = None,
+                 held: Callable[[Job], bool] = lambda job: False) -> None:
         self.clock = clock
         self.rng = rng or random.Random()
         self._cond = threading.Condition()
@@ -60,9 +70,19 @@ class JobQueue:
         self._later: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._closed = False
-        self.paused: AccountError | BudgetReached | None = None
-        self._probe_at = 0.0
-        self._probe_every = 0.0
+        self.pause = pause
+        self._held = held  # whether a person paused the job's inbox (with `pause`)
+        if pause is not None:
+            pause.on_change(self._wake)
+
+    @property
+    def paused(self) -> AccountError | BudgetReached | None:
+        """The account or budget pause this queue follows, if any."""
+        return None if self.pause is None else self.pause.error
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def put(self, job: Job, *, front: bool = False) -> None:
         with self._cond:
@@ -85,28 +105,6 @@ class JobQueue:
         """
         return max(self.rng.uniform(0, backoff(attempt, base, cap)), at_least)
 
-    def pause(self, error: AccountError | BudgetReached, probe_in: float) -> bool:
-        """Stop handing out jobs except one probe every `probe_in` s; True if newly paused."""
-        with self._cond:
-            newly = self.paused is None
-            self.paused = error
-            self._probe_every = probe_in
-            self._probe_at = self.clock() + probe_in
-            return newly
-
-    def resume(self) -> bool:
-        with self._cond:
-            was = self.paused is not None
-            self.paused = None
-            self._cond.notify_all()
-            return was
-
-    def probe_now(self) -> None:
-        """While paused, let the next probe go at once (after a reload with a new key)."""
-        with self._cond:
-            self._probe_at = self.clock()
-            self._cond.notify_all()
-
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -125,24 +123,36 @@ class JobQueue:
                 while self._later and self._later[0][0] <= now:
                     self._ready.append(heapq.heappop(self._later)[2])
                 wake = self._later[0][0] if self._later else None
-                if self.paused is None:
-                    if self._ready:
-                        return self._ready.popleft()
-                elif self._ready and self._probe_at <= now:
-                    # The next probe is due one interval later whatever becomes of this one
-                    # (it may hit a 500, turn out to be a bad file, or hang): never stuck.
-                    self._probe_at = now + self._probe_every
-                    job = self._ready.popleft()
-                    job.probe = True
-                    return job
+                pause = self.pause
+                if pause is None or pause.error is None:
+                    job = self._take()
+                    if job is not None:
+                        return job
                 else:
-                    wake = self._probe_at if wake is None else min(wake, self._probe_at)
+                    probe_at = pause.probe_at()
+                    if probe_at <= now and self._ready:
+                        job = self._take()
+                        if job is not None and pause.take_probe(now):
+                            job.probe = True
+                            return job
+                        if job is not None:
+                            self._ready.appendleft(job)
+                    elif probe_at > now:  # else: due, but every ready job is held: a put
+                        wake = probe_at if wake is None else min(wake, probe_at)  # wakes us
                 if deadline is not None:
                     if now >= deadline:
                         return None
                     wake = deadline if wake is None else min(wake, deadline)
                 self._cond.wait(None if wake is None else max(0.0, wake - now))
             return None
+
+    def _take(self) -> Job | None:
+        """The first ready job not held by a person's pause of its inbox."""
+        for index, job in enumerate(self._ready):
+            if not self._held(job):
+                del self._ready[index]
+                return job
+        return None
 
 
 class RequestSlots:

@@ -3,10 +3,14 @@
     heavy(route, inbox, index, reused)   whether output `index` is local image work (the
                                          pipeline's local lane): the studio path, TIFF and
                                          recipes encode; a copy or the fast path do not
-    maker(record, inbox, rel, answer, index, reused, unchanged) -> Maker
+    maker(record, inbox, rel, answer, index, reused, unchanged, source) -> Maker
                                          how to write output `index`, where, and the bytes
-                                         it needs
-    manifest_for(record, src, event)     the manifest (manifest.py) of a finished file
+                                         it needs (`source`: the original as inspected
+                                         before, if known: not inspected again)
+    manifest_for(record, src, event, made, upright)
+                                         the manifest (manifest.py) of a finished file;
+                                         `made`: the `Output`s written in this run (their
+                                         headers are not read again)
     sidecar(record, inbox, rel, suffix)  where its manifest or done marker goes
 
 What each output is:
@@ -35,8 +39,15 @@ import pyvips
 
 from watchfolder.config.settings import EXTENSIONS, InboxConfig, OutputConfig
 from watchfolder.handoff.manifest import OutputFacts, SourceFacts, build_manifest, manifest_id
-from watchfolder.imaging.compose import Cutout, compose, cutout, load_shrink, write_output
-from watchfolder.imaging.inspect import inspect_source, vips_name
+from watchfolder.imaging.compose import (
+    Cutout,
+    Output,
+    compose,
+    cutout,
+    load_shrink,
+    write_output,
+)
+from watchfolder.imaging.inspect import Source, inspect_source, vips_name
 from watchfolder.imaging.metadata import carry_metadata, read_metadata
 from watchfolder.imaging.recipes import Box, Recipe, expand, render, subject_in
 from watchfolder.journal.db import FileRecord
@@ -46,7 +57,8 @@ DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext
 
 @dataclass(frozen=True)
 class Maker:
-    produce: Callable[[Path], object]  # writes the output to the path it is given
+    produce: Callable[[Path], object]  # writes the output to the path it is given (an
+    # `Output` when it encodes one, None for a copy)
     root: Path  # the outbox it goes to
     target: Path  # its name there, before collisions
     need: int  # about the bytes it takes
@@ -59,7 +71,7 @@ def heavy(route: str | None, inbox: InboxConfig, index: int, reused: list[str]) 
 
 
 def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index: int,
-          reused: list[str], *, unchanged: bool) -> Maker:
+          reused: list[str], *, unchanged: bool, source: Source | None = None) -> Maker:
     spec = inbox.outputs[index] if inbox.outputs else None
     src = inbox.path / rel
 
@@ -79,11 +91,11 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
         return Maker(partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size)
     if spec is not None:
         return Maker(partial(_render, record.route, src, answer, spec,
-                             spec.compression or inbox.compression),
+                             spec.compression or inbox.compression, source),
                      *where(spec.ext), 2 * record.size + 8 * size)
     fmt = inbox.output_format
     if record.route == "studio":
-        source = inspect_source(src, studio=True, verify=False)
+        source = source or inspect_source(src, studio=True, verify=False)
         return Maker(partial(compose, src, source, answer, fmt=fmt,
                              compression=inbox.compression),
                      *where(EXTENSIONS[fmt]), 2 * record.size + 4 * source.width * source.height)
@@ -93,8 +105,8 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     return Maker(partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size)
 
 
-def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig
-            ) -> tuple[Cutout, int]:
+def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig,
+            source: Source | None) -> tuple[Cutout, int]:
     """The cut-out (studio path), or the answer with the original's metadata (fast path):
     what a recipe's steps work on, and the shrink it was made at. On the studio path, a mask
     is the alpha alone (the original's colours are not decoded), and an output a fraction
@@ -104,7 +116,7 @@ def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig
     if route != "studio":
         image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
         return Cutout(image, replace(read_metadata(src), icc=None), answer), 1
-    source = inspect_source(src, studio=True, verify=False)
+    source = source or inspect_source(src, studio=True, verify=False)
     shrink = 1
     box = spec.size or ((spec.max_size, spec.max_size) if spec.max_size else None)
     if box is not None and not spec.mask:
@@ -118,9 +130,9 @@ def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig
 
 
 def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, compression: int,
-            dest: Path) -> None:
+            source: Source | None, dest: Path) -> Output:
     """One output of a recipe, written to `dest`."""
-    cut, shrink = _cutout(route, src, answer, spec)
+    cut, shrink = _cutout(route, src, answer, spec, source)
     image = render(cut, Recipe(
         crop_to_subject=spec.crop == "subject",
         margin_pixels=round(spec.margin_pixels() / shrink),  # the original's pixels
@@ -128,14 +140,14 @@ def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, comp
         max_size=spec.max_size, background=spec.background, mask=spec.mask))
     if spec.dpi:
         image = image.copy(xres=spec.dpi / 25.4, yres=spec.dpi / 25.4)
-    write_output(image, spec.format, dest, cut.metadata, quality=spec.quality,
-                 compression=compression)
+    return write_output(image, spec.format, dest, cut.metadata, quality=spec.quality,
+                        compression=compression)
 
 
-def _answer_as_tiff(answer: Path, original: Path, dest: Path, *, compression: int) -> None:
+def _answer_as_tiff(answer: Path, original: Path, dest: Path, *, compression: int) -> Output:
     """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
     image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
-    write_output(image, "tiff", dest, replace(read_metadata(original), icc=None),
+    return write_output(image, "tiff", dest, replace(read_metadata(original), icc=None),
                  compression=compression)
 
 
@@ -156,16 +168,31 @@ def image_facts(path: Path, *, upright: bool = False) -> tuple[str | None, int |
     return fmt, width, height
 
 
-def manifest_for(record: FileRecord, src: Path, event: str) -> dict[str, Any]:
-    """The manifest of a finished (done or failed) file, from its journal record."""
+def manifest_for(record: FileRecord, src: Path, event: str,
+                 made: list[Output | None] | None = None,
+                 upright: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The manifest of a finished (done or failed) file, from its journal record, the
+    outputs written in this run and the original's upright size if it was inspected (what
+    is not known is read from the files' headers: a copy, or after a restart)."""
     outputs = []
-    for entry in json.loads(record.outputs or "[]") if event == "done" else []:
-        fmt, width, height = image_facts(Path(entry[0]))
+    entries = json.loads(record.outputs or "[]") if event == "done" else []
+    for index, entry in enumerate(entries):
+        out = made[index] if made and index < len(made) else None
+        fmt: str | None
+        width: int | None
+        height: int | None
+        if out is not None and str(out.path) == entry[0]:
+            fmt, width, height = out.format, out.width, out.height
+        else:
+            fmt, width, height = image_facts(Path(entry[0]))
         outputs.append(OutputFacts(entry[0], fmt or Path(entry[0]).suffix[1:], width or 0,
                                    height or 0, entry[1]))
     original = next((Path(p) for p in (record.archive, str(src), record.error_path)
                      if p and os.path.lexists(p)), src)
-    _, width, height = image_facts(original, upright=True)
+    if upright is None:
+        _, width, height = image_facts(original, upright=True)
+    else:
+        width, height = upright
     return build_manifest(
         manifest_id=manifest_id(record.inbox, record.rel, record.id, record.created),
         event=event,

@@ -30,7 +30,7 @@ from watchfolder.files.place import TEMP_PREFIX, folder_problem
 from watchfolder.handoff.wiring import HandOff
 from watchfolder.intake.loop import Intake
 from watchfolder.intake.watcher import Watcher
-from watchfolder.journal.db import FAILING, FETCHED, STORED, Journal
+from watchfolder.journal.db import FAILING, FETCHED, PROXIED, SENDING, STORED, Journal
 from watchfolder.pipeline.budget import BudgetReached
 from watchfolder.pipeline.client import ApiClient
 from watchfolder.pipeline.driver import Pipeline
@@ -110,7 +110,6 @@ class Daemon:
             self.metrics = Metrics(self.snapshot)
             self.metrics.serve(config.metrics.listen)
         self.journal = journal = Journal(config.state_dir)
-        journal.set_meta("paused", None)  # a pause belongs to the process that saw it
         self.client = ApiClient(config.api.url, config.api.key,
                                 timeout=config.api.timeout_seconds,
                                 connect_timeout=config.api.connect_timeout_seconds)
@@ -122,12 +121,12 @@ class Daemon:
         coordinator.start()
         self.pipeline = Pipeline(config, journal, self.client, limiter, coordinator,
                                  release=self._release, on_account_problem=self._account_problem)
-        self.pipeline.metrics = self.metrics
+        self.pipeline.ctx.metrics = self.metrics
         if config.hooks or config.webhook:
             self.handoff = HandOff(config.state_dir, config.hooks, config.webhook,
                                    withhold=[config.api.key])
             self.handoff.start()
-            self.pipeline.handoff = self.handoff
+            self.pipeline.ctx.handoff = self.handoff
         self.intake = Intake(config, journal, self.pipeline.submit,
                              on_idle=self.request_stop if self.once else None)
         resumed = self._resume(range(len(config.inboxes)), report_orphans=True)
@@ -168,9 +167,12 @@ class Daemon:
 
     @staticmethod
     def _remove_orphans(journal: Journal) -> None:
-        """Spool files no unfinished record points at (a crash before their unlink)."""
+        """Spool files no unfinished record points at (a crash before their unlink). A proxy
+        is kept while its record may still send it: making it again costs seconds of CPU."""
         referenced = {record.spool for record in journal.unfinished()
                       if record.spool and record.state == FETCHED}
+        referenced |= {record.proxy for record in journal.unfinished()
+                       if record.proxy and record.state in (PROXIED, SENDING)}
         for leftover in journal.spool_dir.iterdir():
             if str(leftover) not in referenced:
                 leftover.unlink(missing_ok=True)
@@ -340,28 +342,28 @@ class Daemon:
                 if self.metrics is None:
                     self.metrics = Metrics(self.snapshot)
                 self.metrics.serve(new.metrics.listen)  # binds before letting the old go
-                pipeline.metrics = self.metrics
+                pipeline.ctx.metrics = self.metrics
             elif self.metrics is not None:
                 self.metrics.close()
 
         # Nothing below can fail on the configuration: commit.
         config = dataclasses.replace(new, inboxes=tuple(slots))
-        self.config = pipeline.config = config
+        self.config = config
         self.inactive = inactive
         self._watch_lost.clear()
         api, before = config.api, old.api
+        client = None
         if (api.url, api.key, api.timeout_seconds, api.connect_timeout_seconds) != (
                 before.url, before.key, before.timeout_seconds, before.connect_timeout_seconds):
             logs.add_secret(api.key.reveal())
             if self.client is not None:
                 self._retired_clients.append(self.client)  # requests in flight still use it
-            self.client = pipeline.client = ApiClient(
+            self.client = client = ApiClient(
                 api.url, api.key, timeout=api.timeout_seconds,
                 connect_timeout=api.connect_timeout_seconds)
-        pipeline.limiter.set_limit(api.requests_per_minute)
-        pipeline.budget.limit = api.max_credits_per_day
-        pipeline.limiter.backoff = config.retry.backoff_seconds
-        pipeline.limiter.max_backoff = config.retry.max_backoff_seconds
+        # One writer for what the workers read: config, client, limits, backoff, budget (and a
+        # probe at once if paused: the new key or URL may be what fixes the pause).
+        pipeline.reconfigure(config, client)
         # The watches are replaced around the intake, which keeps running: events of a new
         # watch that arrive before the reload message are covered by the rescan it does.
         if self.watcher is not None:
@@ -375,8 +377,6 @@ class Daemon:
             found: int | None = reply.result(timeout=max(60.0, config.rescan_seconds))
         except concurrent.futures.TimeoutError:
             found = None  # a long rescan of a slow share: it goes on in the intake thread
-        if pipeline.queue.paused is not None:
-            pipeline.queue.probe_now()  # the new key or URL may be what fixes the pause
         log.info("reload.done", inboxes=[str(slots[i].path) for i in range(len(slots))
                                          if i not in inactive],
                  added=[str(slots[i].path) for i in added],

@@ -1,0 +1,59 @@
+"""proxied → sending, and the admission every request passes (`admit`): room for its
+answer, a request slot, the rate limit, the claim still ours, the day's budget."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from PIL import Image
+
+from watchfolder.journal.db import GONE, QUEUED, SENDING
+from watchfolder.pipeline.context import Context
+from watchfolder.pipeline.work import Advance, Outcome, Park, Payload, Work
+
+log = structlog.get_logger("watchfolder")
+
+
+def admit_proxy(ctx: Context, work: Work) -> Outcome:
+    """Send the proxy made on the local lane."""
+    if ctx.stopping.is_set():
+        return Park()
+    proxy = Path(work.record.proxy or "")
+    try:
+        data = proxy.read_bytes()
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except (OSError, ValueError):
+        # The spool was cleaned by hand (or the proxy is damaged): make it again.
+        return Advance(QUEUED, {"proxy": None})
+    return admit(ctx, work, Payload(data, "image/jpeg", width, height), {},
+                 need=2 * work.record.size + width * height * 4)
+
+
+def admit(ctx: Context, work: Work, payload: Payload, changes: Mapping[str, Any], *,
+          need: int) -> Outcome:
+    """Take a request slot and a send time: the request goes out next."""
+    # No request while its answer would have nowhere to go (`need`: about what the
+    # outbox must hold).
+    ctx.destinations.check(work.inbox.outbox, "outbox", need)
+    if work.inbox.archive is not None:
+        ctx.destinations.check(work.inbox.archive, "archive")
+    if not ctx.slots.acquire(ctx.stopping):
+        return Park(changes=changes)
+    work.job.holds_slot = True
+    if not ctx.limiter.acquire(ctx.stopping):
+        return Park(changes=changes)
+    # The waits above may have outlasted a lease: ask the claim itself, right before paying.
+    if not ctx.coordinator.confirm(work.inbox.path, work.job.rel):
+        log.warning("claim.lost", **work.log_fields(),
+                    hint="another daemon took the file over; it is not sent from here")
+        return Advance(GONE, changes)
+    if not ctx.budget.take():
+        ctx.budget_spent()
+        return Park(front=True, changes=changes)
+    work.payload = payload
+    return Advance(SENDING, changes, sent=True)

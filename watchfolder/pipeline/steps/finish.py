@@ -1,0 +1,154 @@
+"""stored → done, failing → failed | gone, and the hand-off that follows either.
+
+The hand-off (the manifest file and the done marker when the inbox asks for them, the
+webhook's durable enqueue, the hooks) happens only after the journal committed the final
+state, so nothing is handed on that the journal does not call final. The final commit also
+journals `handoff = "pending"` when there is something to hand on; the hand-off clears it
+when it is complete, and `handoffs_pending` lets the next start finish one a crash
+interrupted (each part is idempotent: a sidecar of ours is replaced, the webhook is queued
+once per id; a hook may run again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from watchfolder import __version__, failpoints
+from watchfolder.files.place import NAME_MAX, REASON_SUFFIX, move_into, write_atomic
+from watchfolder.handoff.manifest import manifest_json
+from watchfolder.journal.db import DONE, FAILED, FileRecord
+from watchfolder.logs import readable
+from watchfolder.pipeline import outputs
+from watchfolder.pipeline.context import Context
+from watchfolder.pipeline.steps.prepare import gone
+from watchfolder.pipeline.work import Advance, Outcome, Work, moved, sha_or_none
+
+log = structlog.get_logger("watchfolder")
+
+PENDING = "pending"
+
+
+def finish(ctx: Context, work: Work) -> Outcome:
+    """Move the original to the archive (or leave it in place, remembered as done)."""
+    record, archive, src = work.record, work.inbox.archive, work.src
+    changes: dict[str, Any] = {"handoff": PENDING if _hands_on(ctx, work, DONE) else None}
+    if os.path.lexists(src) and _replaced(work):
+        log.warning("file.changed", **work.log_fields(),
+                    hint="replaced while processing; the new version is processed next")
+        # Done for the content that was sent; the new content under this name is new work
+        # (size -1: no signature of a kept file matches it, now or after a restart).
+        changes["size"] = -1
+    elif archive is not None and os.path.lexists(src):
+        chosen = Path(record.archive) if record.archive else None
+        ctx.destinations.place(
+            archive, "archive", archive / work.job.rel, chosen,
+            ours=lambda name: moved(src, name),
+            claim=lambda name: ctx.journal.update(record, archive=str(name)),
+            put=lambda name: move_into(src, name))
+        failpoints.hit("archived")
+    elif archive is None:
+        # Marked before the journal says done: a crash in between must not let another
+        # daemon sharing the inbox send it again once the lease runs out.
+        ctx.coordinator.mark_done(work.inbox.path, work.job.rel, record.size,
+                                  record.mtime_ns, record.sha256 or "", record.result)
+    return Advance(DONE, changes, then=lambda: hand_off(ctx, work))
+
+
+def fail(ctx: Context, work: Work) -> Outcome:
+    """Move the file to errors, then write its reason beside it."""
+    record, inbox, src = work.record, work.inbox, work.src
+    if record.proxy:
+        Path(record.proxy).unlink(missing_ok=True)  # never sent, never needed again
+    chosen = Path(record.error_path) if record.error_path else None
+    if not os.path.lexists(src) and (chosen is None or not os.path.lexists(chosen)):
+        return gone(work, "removed from the inbox before it was moved to errors",
+                    reason=record.reason, message=record.message)
+
+    placed = ctx.destinations.place(
+        inbox.errors, "errors", inbox.errors / work.job.rel, chosen,
+        ours=lambda name: not os.path.lexists(src) or moved(src, name),
+        claim=lambda name: ctx.journal.update(record, error_path=str(name)),
+        put=lambda name: move_into(src, name), also_free=(REASON_SUFFIX,))
+    failpoints.hit("error-moved")
+    ctx.destinations.guard(inbox.errors, write_atomic, _reason(record, src, placed),
+                           Path(f"{placed}{REASON_SUFFIX}"))
+    failpoints.hit("reason-written")
+    return Advance(FAILED, {"handoff": PENDING if _hands_on(ctx, work, FAILED) else None},
+                   then=lambda: hand_off(ctx, work))
+
+
+def _hands_on(ctx: Context, work: Work, state: str) -> bool:
+    wanted = state == DONE and (work.inbox.manifest or work.inbox.done_marker)
+    return bool(wanted) or ctx.handoff is not None
+
+
+def hand_off(ctx: Context, work: Work) -> None:
+    """Tell the next tool about a final (done or failed) file, once: the manifest file and
+    the done marker (done files, when the inbox asks for them), the webhook (queued
+    durably), the hooks; then journal that it is handed on."""
+    record, inbox, handoff = work.record, work.inbox, ctx.handoff
+    if record.handoff is None:
+        return
+    event = "done" if record.state == DONE else "failed"
+    source = work.job.source
+    upright = source.upright if source is not None and \
+        work.job.source_of == (record.size, record.mtime_ns) else None
+    manifest = outputs.manifest_for(record, work.src, event, work.job.outputs, upright)
+    body = manifest_json(manifest)
+    owner = manifest["id"].encode()
+    manifest_path = None
+    if event == "done" and inbox.manifest:
+        manifest_path = ctx.destinations.replace_own(
+            inbox.outbox, outputs.sidecar(record, inbox, work.job.rel, ".json"), body, owner)
+    if event == "done" and inbox.done_marker:
+        ctx.destinations.replace_own(
+            inbox.outbox, outputs.sidecar(record, inbox, work.job.rel, ".done"),
+            owner + b"\n", owner)
+        failpoints.hit("marked")
+    if handoff is not None:
+        handoff.announce(manifest["id"], body)
+        handoff.run_hooks(manifest, manifest_path, body)
+    ctx.journal.update(record, handoff=None)
+
+
+def _replaced(work: Work) -> bool:
+    """The file at the source's path is not the content that was sent (by size and mtime,
+    then by hash: some tools replace a file keeping both)."""
+    record = work.record
+    try:
+        st = work.src.lstat()
+    except FileNotFoundError:
+        return False
+    if (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns):
+        return True
+    return stat.S_ISREG(st.st_mode) and sha_or_none(work.src) != record.sha256
+
+
+def _reason(record: FileRecord, src: Path, placed: Path) -> bytes:
+    """The `.error.json` beside a failed file: why, and where it came from."""
+    report: dict[str, Any] = {
+        "reason": record.reason,
+        "message": record.message and readable(record.message),
+        "status": record.status,
+        "attempts": record.attempts,
+        "source": readable(str(src)),
+        "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inbox": readable(record.inbox),
+        "file": readable(record.rel),
+        "sha256": record.sha256,
+        "watchfolder": __version__,
+    }
+    raw = os.fsencode(record.rel)
+    if readable(record.rel) != record.rel:
+        report["file_bytes"] = raw.hex()  # the exact name, for requeue
+    if placed.name != src.name and len(os.fsencode(src.name + REASON_SUFFIX)) > NAME_MAX:
+        report["renamed"] = (f"the name is too long for the errors folder with "
+                             f"'{REASON_SUFFIX}' after it: shortened to {readable(placed.name)}")
+    return (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()

@@ -1,0 +1,141 @@
+"""queued → sending | proxied | fetched (reused) | done (elsewhere) | failing | gone.
+
+`prepare` checks the file and learns its route from its header (kept on the job: a file is
+inspected once per run); a route the journal did not know yet is journaled first, so the
+driver can move the file to the lane the route needs (a studio file's proxy is local work).
+Then an earlier identical result is reused, an identical file in flight is waited for, or
+what will be sent is made: the original's bytes (fast path), or a proxy (studio path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from watchfolder.errors import InputRejected
+from watchfolder.files.place import sha256_file
+from watchfolder.imaging.compose import make_proxy
+from watchfolder.imaging.inspect import inspect_source, verify_decodes
+from watchfolder.journal.db import DONE, FETCHED, GONE, PROXIED, QUEUED
+from watchfolder.pipeline.context import Context
+from watchfolder.pipeline.steps.admit import admit
+from watchfolder.pipeline.work import (
+    Advance,
+    Outcome,
+    Park,
+    Payload,
+    Work,
+    failing,
+    output_identity,
+    sha_or_none,
+)
+
+log = structlog.get_logger("watchfolder")
+
+
+def prepare(ctx: Context, work: Work) -> Outcome:
+    """Check the file; reuse an earlier answer, or make what will be sent."""
+    if ctx.stopping.is_set():
+        return Park()
+    if not _inside(work.inbox.path, work.src.parent):
+        # Reached through a linked folder: it lives outside the inbox; never touch it.
+        log.warning("file.outside_inbox", **work.log_fields())
+        return Advance(GONE)
+    record, inbox, src, job = work.record, work.inbox, work.src, work.job
+    try:
+        st = _check_file(work)
+        if st is None:
+            return gone(work, "removed from the inbox before it was processed")
+        if job.source is None or job.source_of != (st.st_size, st.st_mtime_ns):
+            job.source = inspect_source(src, studio=inbox.studio, verify=False)
+            job.source_of = (st.st_size, st.st_mtime_ns)
+        source = job.source
+        if source.route != (record.route or "fast"):
+            return Advance(QUEUED, {"route": source.route})  # the driver picks the lane
+        if source.route == "fast":
+            verify_decodes(src, source)
+            data = _read(work)
+            sha = hashlib.sha256(data).hexdigest()
+        else:
+            sha = sha256_file(src)
+    except InputRejected as exc:
+        return failing(exc.reason, exc.message)
+    except FileNotFoundError:
+        return gone(work, "removed from the inbox before it was processed")
+    except OSError as exc:
+        return failing("unreadable", f"cannot read the file: {exc.strerror or exc}")
+    seen = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "route": source.route}
+    identity = job.identity = f"{sha}|{inbox.settings_key}"
+    if inbox.archive is None and ctx.coordinator.done_elsewhere(
+            inbox.path, job.rel, st.st_size, st.st_mtime_ns, sha):
+        return Advance(DONE, seen)  # finished in place by another daemon: kept, not resent
+    earlier = _earlier_results(ctx, identity, len(inbox.outputs) or 1)
+    if earlier is not None:
+        return Advance(FETCHED, {**seen, "reuse_from": json.dumps(earlier), "spool": None})
+    if not ctx.twins.claim(identity, job):
+        return Park(twin=True, changes=seen)
+    if source.route == "fast":
+        width, height = source.width, source.height
+        return admit(ctx, work, Payload(data, source.mime, width, height), seen,
+                     need=width * height * 4)
+    proxy = ctx.journal.spool_dir / f"{record.id}.proxy.jpg"
+    try:
+        made = make_proxy(src, source, proxy)
+    except InputRejected as exc:
+        return failing(exc.reason, exc.message)
+    log.info("file.proxy", **work.log_fields(), why=source.reason,
+             original=f"{source.upright[0]}x{source.upright[1]}",
+             proxy=f"{made.width}x{made.height}", bytes=made.size)
+    return Advance(PROXIED, {**seen, "proxy": str(proxy)})
+
+
+def gone(work: Work, hint: str, **facts: Any) -> Advance:
+    log.warning("file.gone", **work.log_fields(), hint=hint, **facts)
+    return Advance(GONE)
+
+
+def _check_file(work: Work) -> os.stat_result | None:
+    """The file's stat if it is a regular file of ours; None if it is gone."""
+    try:
+        st = work.src.lstat()
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise InputRejected("symlink", "the file is a symbolic link; watchfolder never "
+                            "follows links out of the inbox. Put the file itself in the "
+                            "inbox.")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputRejected("not_a_file", "not a regular file (a device, socket or pipe); "
+                            "only image files can be processed")
+    return st
+
+
+def _read(work: Work) -> bytes:
+    """The file's bytes (a fast-path file: at most 30 MB), read without following links."""
+    fd = os.open(work.src, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def _earlier_results(ctx: Context, identity: str, count: int) -> list[str] | None:
+    """The outputs made earlier for the same content and settings, if all are intact."""
+    found = []
+    for index in range(count):
+        entry = ctx.journal.find_result(output_identity(identity, index))
+        if entry is None or sha_or_none(Path(entry[0])) != entry[1]:
+            return None
+        found.append(entry[0])
+    return found
+
+
+def _inside(root: Path, folder: Path) -> bool:
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(folder)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)

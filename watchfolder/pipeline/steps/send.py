@@ -1,0 +1,133 @@
+"""sending → fetched | failing, or parked back to `proxied`/`queued`: one request, its answer
+streamed to the spool and fsynced before it is journaled.
+
+Policies, per the API contract: a transient failure parks the file with exponential backoff
+and full jitter (no worker, no slot held); a 429 holds the limiter and puts the file back at
+the front, costing no attempt; an account problem pauses sending (the context's pause).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import structlog
+
+from watchfolder import failpoints
+from watchfolder.errors import (
+    AccountError,
+    ApiError,
+    FileRejected,
+    FormatNotAcceptable,
+    RateLimited,
+    Retryable,
+)
+from watchfolder.files.place import fsync_dir
+from watchfolder.imaging.inspect import inspect_result
+from watchfolder.journal.db import FETCHED
+from watchfolder.pipeline.client import ApiResult, max_result_bytes
+from watchfolder.pipeline.context import Context
+from watchfolder.pipeline.work import (
+    Advance,
+    Outcome,
+    Park,
+    Work,
+    back_from_sending,
+    failing,
+)
+
+log = structlog.get_logger("watchfolder")
+
+
+def send(ctx: Context, work: Work) -> Outcome:
+    """One request; its answer is streamed to the spool, fsynced, before it is journaled."""
+    record, inbox, payload = work.record, work.inbox, work.payload
+    back = back_from_sending(record)
+    if payload is None:
+        # Journaled as sending by a run that never finished the request: send it again
+        # (the one credit a crash can cost per request in flight).
+        return Advance(back["state"])
+    config = ctx.config
+    # The studio path composes from the answer's alpha: it asks for PNG; so does a TIFF
+    # output, made locally.
+    asked = "png" if record.route == "studio" or inbox.output_format == "tiff" \
+        or inbox.outputs else inbox.output_format
+    part = ctx.journal.spool_dir / f".{record.id}.part"
+    try:
+        result = _call_api(
+            ctx, payload.data, filename=_sendable(PurePosixPath(work.job.rel).name),
+            mime=payload.mime, dest=part,
+            max_bytes=max_result_bytes(payload.width, payload.height, len(payload.data)),
+            output_format=asked, transparency=inbox.transparency_handling)
+        ext = inspect_result(part, payload.width, payload.height)
+    except RateLimited as exc:
+        delay = ctx.limiter.rate_limited(
+            None if exc.delay is None else min(exc.delay, config.retry.retry_after_cap_seconds))
+        log.warning("api.rate_limited", delay_s=round(delay, 2),
+                    retry_after=exc.delay is not None)
+        return Park(front=True, changes=back)
+    except AccountError as exc:
+        ctx.account_problem(exc, probe=work.job.probe)
+        return Park(front=True, changes=back)
+    except FileRejected as exc:
+        if isinstance(exc, FormatNotAcceptable):
+            ctx.warn_format_refused(inbox.output_format, str(inbox.path))
+        return failing(exc.reason, exc.message, exc.status, attempts=record.attempts + 1)
+    except Retryable as exc:
+        part.unlink(missing_ok=True)
+        return _retry(ctx, work, exc, back)
+    except OSError as exc:  # the spool's disk: full, or gone
+        part.unlink(missing_ok=True)
+        ctx.destinations.failed(ctx.journal.spool_dir, exc)
+    failpoints.hit("answered")
+    ctx.accepted(probe=work.job.probe)
+    spool = ctx.journal.spool_dir / f"{record.id}.{ext}"
+    part.replace(spool)
+    fsync_dir(spool.parent)
+    failpoints.hit("spooled")
+    ctx.credits.note(result.credits_remaining, config.api.low_credits_warning)
+    proxy = Path(record.proxy) if record.proxy else None
+    return Advance(FETCHED, {"spool": str(spool), "result_sha": result.sha256,
+                             "credits": result.credits_remaining,
+                             "attempts": record.attempts + 1, "proxy": None},
+                   then=None if proxy is None else lambda: proxy.unlink(missing_ok=True))
+
+
+def _call_api(ctx: Context, data: bytes, **options: Any) -> ApiResult:
+    """The API call, timed and counted by status for the metrics."""
+    started = time.monotonic()
+    status: int | None = None
+    try:
+        result = ctx.client.remove_background(data, **options)
+        status = 200
+    except ApiError as exc:
+        status = exc.status
+        raise
+    finally:
+        if ctx.metrics is not None:
+            ctx.metrics.api_response(status, time.monotonic() - started)
+    return result
+
+
+def _retry(ctx: Context, work: Work, exc: ApiError, back: Mapping[str, Any]) -> Outcome:
+    record = work.record
+    attempts = record.attempts + 1
+    retry = ctx.config.retry
+    if attempts >= retry.max_attempts:
+        return failing(exc.reason, f"gave up after {attempts} attempts: {exc.message}",
+                       exc.status, attempts=attempts)
+    wish = getattr(exc, "delay", None)
+    delay = ctx.queue.retry_delay(
+        attempts, retry.backoff_seconds, retry.max_backoff_seconds,
+        at_least=0.0 if wish is None else min(wish, retry.retry_after_cap_seconds))
+    log.info("file.retry", **work.log_fields(), reason=exc.reason, status=exc.status,
+             attempt=attempts, retry_in_s=round(delay, 2), message=exc.message)
+    return Park(delay, changes={**back, "attempts": attempts, "reason": exc.reason,
+                                "message": exc.message, "status": exc.status})
+
+
+def _sendable(name: str) -> str:
+    """The name for the request's multipart header, which must be UTF-8."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

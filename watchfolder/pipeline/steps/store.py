@@ -1,0 +1,100 @@
+"""fetched → stored: every output of the recipe made from the one answer (spooled, or earlier
+identical results) and placed in its outbox, each journaled as it is placed, so after a crash
+only the missing ones are made, none twice. The outputs written are kept on the job for the
+manifest (nothing is read again)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import structlog
+
+from watchfolder import failpoints
+from watchfolder.errors import InputRejected
+from watchfolder.imaging.compose import Output
+from watchfolder.journal.db import QUEUED, STORED
+from watchfolder.pipeline import outputs
+from watchfolder.pipeline.context import Context
+from watchfolder.pipeline.work import (
+    Advance,
+    Outcome,
+    Work,
+    failing,
+    output_identity,
+    reused,
+    sha_or_none,
+)
+
+log = structlog.get_logger("watchfolder")
+
+
+def store(ctx: Context, work: Work) -> Outcome:
+    """Make and place every output not placed yet; forget the spool with the last one."""
+    record, inbox, job = work.record, work.inbox, work.job
+    earlier = reused(record.reuse_from)
+    answer = Path(record.spool or (earlier[0] if earlier else ""))
+    count = len(inbox.outputs) or 1
+    placed: list[list[str] | None] = json.loads(record.outputs or "null") or [None] * count
+    done = [entry is not None and sha_or_none(Path(entry[0])) == entry[1] for entry in placed]
+    if not all(done) and not (answer.is_file() and all(Path(r).is_file() for r in earlier)):
+        # The spool or the reused results vanished (cleaned up by hand): ask again.
+        return Advance(QUEUED, {"spool": None, "reuse_from": None, "outputs": None})
+    made: list[Output | None] = job.outputs or [None] * count
+    job.outputs = made
+    for index in range(count):
+        if done[index]:
+            continue  # placed before a crash
+        unchanged = _unchanged(work)
+        if not unchanged and not earlier:
+            log.warning("file.changed", **work.log_fields(),
+                        hint="the original changed or vanished after it was sent: the "
+                             "result is the API's answer as it is")
+        source = job.source if job.source_of == (record.size, record.mtime_ns) else None
+        maker = outputs.maker(record, inbox, job.rel, answer, index, earlier,
+                              unchanged=unchanged, source=source)
+        entry = placed[index]
+        wrote: list[object] = []
+
+        def claim(name: Path, digest: str, index: int = index) -> None:
+            placed[index] = [str(name), digest]
+            first = placed[0]
+            ctx.journal.update(record, outputs=json.dumps(placed),
+                               result=first[0] if first else None,
+                               result_sha=first[1] if first else None)
+
+        def ours(name: Path, entry: list[str] | None = entry) -> bool:
+            return entry is not None and sha_or_none(name) == entry[1]
+
+        def produce(dest: Path, make: outputs.Maker = maker, wrote: list[object] = wrote) -> None:
+            wrote.append(make.produce(dest))
+
+        try:
+            path, sha = ctx.destinations.place_new(
+                maker.root, "outbox", maker.target, Path(entry[0]) if entry else None,
+                produce=produce, claim=claim, ours=ours, need=maker.need,
+                adopt_identical=not earlier)
+        except InputRejected as exc:  # the original no longer decodes, or too large
+            return failing(exc.reason, exc.message)         # for the asked format
+        placed[index] = [str(path), sha]
+        if wrote and isinstance(wrote[-1], Output):
+            made[index] = dataclasses.replace(wrote[-1], path=path)
+        failpoints.hit("result-placed")
+    spool = Path(record.spool) if record.spool else None
+    identity = f"{record.sha256}|{record.settings}"
+    # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
+    # the next start removes, never a reference that keeps it forever.
+    return Advance(STORED, {"spool": None},
+                   remember=[(output_identity(identity, index), entry[0], entry[1])
+                             for index, entry in enumerate(placed) if entry],
+                   then=None if spool is None else lambda: spool.unlink(missing_ok=True))
+
+
+def _unchanged(work: Work) -> bool:
+    """The original is still the file that was sent (by size and mtime)."""
+    try:
+        st = work.src.lstat()
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (work.record.size, work.record.mtime_ns)
