@@ -16,11 +16,12 @@ TheConfig)` in `parse_config`, and its rows in the README's reference.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
 import string
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -103,6 +104,16 @@ COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 Colour = tuple[int, int, int]
 
 
+RESULT_KEY_VERSION = "v1:"  # bump when the meaning of a field in the result key changes
+_PLACEMENT = ("name", "outbox")  # where an output goes, not what it is
+
+
+def _default(spec: Field[Any]) -> Any:
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    return spec.default
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """One output of an inbox's recipe: made from the one answer for the file."""
@@ -124,6 +135,12 @@ class OutputConfig:
     @property
     def ext(self) -> str:
         return EXTENSIONS[self.format]
+
+    def result_settings(self) -> dict[str, Any]:
+        """The fields that change this output's pixels or encoding (not where it goes),
+        those at their default left out: part of the result key (`settings_key`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _PLACEMENT and getattr(self, f.name) != _default(f)}
 
     def margin_pixels(self) -> int:
         return 0 if self.margin.endswith("%") else int(self.margin)
@@ -171,7 +188,20 @@ class InboxConfig:
 
     @property
     def settings_key(self) -> str:
-        """The settings that change the result, part of a result's identity."""
+        """The settings that change the result, part of a result's identity: versioned JSON
+        of named fields, each recipe output's without its defaults, so a field added later
+        (with a default) keeps every result reusable."""
+        settings: dict[str, Any] = {"format": self.output_format,
+                                    "transparency": self.transparency_handling}
+        if not self.studio:
+            settings["api_only"] = True
+        if self.outputs:
+            settings["outputs"] = [output.result_settings() for output in self.outputs]
+        return RESULT_KEY_VERSION + json.dumps(settings, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def legacy_settings_key(self) -> str:
+        """The key 0.2 journaled (a `repr` hash of the recipe), still looked up for reuse."""
         recipe = "" if not self.outputs else "|" + hashlib.sha256(
             repr(self.outputs).encode()).hexdigest()[:12]
         return (f"{self.output_format}|{self.transparency_handling}"

@@ -48,7 +48,10 @@ class Intake:
         self.submit = submit
         self.clock = clock
         self.tracker = SettleTracker(clock)
-        self.known: set[tuple[int, str]] = set()
+        self.known: set[tuple[int, str]] = set()  # the intake thread's alone
+        # How many are known, published by the intake thread for readers on other threads
+        # (status, metrics): an int is read whole, a set being changed is not.
+        self.pending = 0
         self.kept: dict[tuple[int, str], Signature] = {}
         self._remember_kept(range(len(config.inboxes)))
         self.messages: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -88,6 +91,7 @@ class Intake:
     def adopt(self, job: Job) -> None:
         """Count a job recovered from the journal as known (before `start`)."""
         self.known.add(job.key)
+        self.pending = len(self.known)
         self.submit(job)
 
     def scan_all(self) -> int:
@@ -252,6 +256,7 @@ class Intake:
         return (st.st_size, st.st_mtime_ns)
 
     def _update_idle(self) -> None:
+        self.pending = len(self.known)
         if not self.known and self.on_idle is not None:
             self.on_idle()
 

@@ -218,7 +218,7 @@ class Daemon:
         """The pipeline's counters plus `healthy` (for STATUS= and metrics); {} before start."""
         if self.pipeline is None:
             return {}
-        pending = len(self.intake.known) if self.intake is not None else 0
+        pending = self.intake.pending if self.intake is not None else 0
         return {**self.pipeline.snapshot(), "healthy": not self.problems(),
                 "pending": pending, "rate_wait_s": self.pipeline.limiter.wait_time(),
                 "claims": self.coordinator.claims_held if self.coordinator else 0}

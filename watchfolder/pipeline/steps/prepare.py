@@ -76,7 +76,8 @@ def prepare(ctx: Context, work: Work) -> Outcome:
     if inbox.archive is None and ctx.coordinator.done_elsewhere(
             inbox.path, job.rel, st.st_size, st.st_mtime_ns, sha):
         return Advance(DONE, seen)  # finished in place by another daemon: kept, not resent
-    earlier = _earlier_results(ctx, identity, len(inbox.outputs) or 1)
+    earlier = _earlier_results(ctx, [identity, f"{sha}|{inbox.legacy_settings_key}"],
+                               len(inbox.outputs) or 1)
     if earlier is not None:
         return Advance(FETCHED, {**seen, "reuse_from": json.dumps(earlier), "spool": None})
     if not ctx.twins.claim(identity, job):
@@ -124,15 +125,19 @@ def _read(work: Work) -> bytes:
         return handle.read()
 
 
-def _earlier_results(ctx: Context, identity: str, count: int) -> list[str] | None:
-    """The outputs made earlier for the same content and settings, if all are intact."""
-    found = []
-    for index in range(count):
-        entry = ctx.journal.find_result(output_identity(identity, index))
-        if entry is None or sha_or_none(Path(entry[0])) != entry[1]:
-            return None
-        found.append(entry[0])
-    return found
+def _earlier_results(ctx: Context, identities: list[str], count: int) -> list[str] | None:
+    """The outputs made earlier for the same content and settings, if all are intact
+    (under the result key of today, or the one an older version journaled)."""
+    for identity in identities:
+        found = []
+        for index in range(count):
+            entry = ctx.journal.find_result(output_identity(identity, index))
+            if entry is None or sha_or_none(Path(entry[0])) != entry[1]:
+                break
+            found.append(entry[0])
+        else:
+            return found
+    return None
 
 
 def _inside(root: Path, folder: Path) -> bool:
