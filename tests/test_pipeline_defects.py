@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Studio, make_image
+from tests.conftest import LogCapture, Running, Studio, make_image, run_watchfolder, wait_for
 from tests.test_crash_points import run
 from watchfolder.config.settings import InboxConfig, OutputConfig
 from watchfolder.dev.samples import adobe_rgb_tiff
@@ -166,3 +166,22 @@ def test_a_persons_pause_holds_one_inbox_and_survives_a_restart(tmp_path: Path) 
         assert held is not None and held.rel == "held.png"
     finally:
         journal.close()
+
+
+def test_a_persons_pause_holds_the_daemons_inbox_and_status_says_so(
+        tmp_path: Path, sandbox: Sandbox, log_lines: LogCapture) -> None:
+    studio = Studio(tmp_path, sandbox.url)
+    config = studio.config()
+    with Running(config) as daemon:
+        assert daemon.pipeline is not None
+        pause = daemon.pipeline.ctx.pause
+        pause.set(str(studio.inbox), "web")
+        make_image(studio.inbox / "held.png")
+        wait_for(lambda: daemon.snapshot().get("waiting") == 1, what="the file held in the queue")
+        report = json.loads(run_watchfolder("status", "--config", str(studio.write_config()),
+                                            "--json").stdout)
+        assert report["paused_inboxes"] == {str(studio.inbox): "paused by web"}
+        assert sandbox.count() == 0 and not log_lines.events("file.done")
+        pause.clear(str(studio.inbox))
+        wait_for(lambda: log_lines.events("file.done"), what="the file after the pause")
+    assert sandbox.count(200) == 1

@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 ALL = "*"  # the key of a person's pause of every inbox
 
 
+def held_in(meta: dict[str, str | None]) -> dict[str, str]:
+    """{inbox or "*": "paused by <who>"} from the journal's meta (for `watchfolder status`,
+    which reads the journal, not the daemon)."""
+    return {inbox: f"paused by {who}" for inbox, who in
+            json.loads(meta.get("paused_by") or "{}").items()}
+
+
 class Pause:
     """Every reason sending is held, and the probe timing of the account pause."""
 
@@ -48,7 +55,8 @@ class Pause:
             # An account or budget pause belongs to the process that saw it; a person's
             # pause is kept until that person (or another) clears it.
             journal.set_meta("paused", None)
-            self._held = json.loads(journal.meta().get("paused_by") or "{}")
+            self._held = {inbox: held.removeprefix("paused by ")
+                          for inbox, held in held_in(journal.meta()).items()}
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` (no lock held) whenever a pause is lifted or a probe made due."""

@@ -11,7 +11,8 @@ the folders, so the same command answers while the daemon runs and after it stop
 - new: files in the inboxes the journal does not know yet (settling, or dropped while the
   daemon was stopped); done today / failed today: finished records since local midnight;
 - the last failures with their reasons, files sitting in the errors folders, and from the
-  journal's meta table the pause reason and the credits of the last successful request.
+  journal's meta table the pause reasons (the account's or budget's, and a person's per inbox,
+  as `pause.Pause` persists them) and the credits of the last successful request.
 
 No status file is written by the daemon: there would be two sources of truth to keep in step.
 
@@ -32,6 +33,7 @@ from watchfolder.coordination.coordinator import hosts_report
 from watchfolder.intake.watcher import scan
 from watchfolder.journal.db import DONE, FAILED, GONE, SENDING, Journal
 from watchfolder.pipeline.budget import midnight_after
+from watchfolder.pipeline.pause import held_in
 from watchfolder.service.lock import daemon_running
 
 RECENT_FAILURES = 5
@@ -79,6 +81,7 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
         "checked_at": now.isoformat(timespec="seconds"),
         "today_since": midnight.isoformat(timespec="seconds"),
         "paused": None,
+        "paused_inboxes": {},
         "credits": None,
         "spent_today": 0,
         "budget": {"max_credits_per_day": config.api.max_credits_per_day,
@@ -132,6 +135,7 @@ def _read_journal(journal: Journal, report: dict[str, Any],
         for r in journal.recent_failures(RECENT_FAILURES)]
     meta = journal.meta()
     report["paused"] = meta.get("paused") or None
+    report["paused_inboxes"] = held_in(meta)
     with contextlib.suppress(TypeError, ValueError, KeyError):
         credits = json.loads(meta.get("credits") or "null")
         report["credits"] = {"remaining": int(credits["remaining"]),
@@ -202,6 +206,8 @@ def render(report: dict[str, Any], config: Path | None = None) -> str:
     if report["paused"]:
         when = "" if report["running"] else " (when it stopped)"
         lines.append(f"  PAUSED{when}: {report['paused']}")
+    for inbox, held in report["paused_inboxes"].items():
+        lines.append(f"  PAUSED {'every inbox' if inbox == '*' else inbox}: {held}")
     lines.append("")
     for entry in report["inboxes"]:
         label = entry["path"] + ("" if entry["configured"] else " (no longer configured)")
