@@ -12,13 +12,15 @@ that after a crash at any instant the next start resumes each file from its last
   credit a crash can cost (one per request in flight).
 - `fetched`: the result is safe in the spool (`state_dir/spool`), fsynced; nothing is paid twice.
 - `stored`: the result is in the outbox under the name recorded in `result`.
-- `done` / `failed` / `gone` are final.
+- `done` / `failed` / `gone` are final. A final record's `handoff` is "pending" from the
+  final commit until its hand-off (manifest, done marker, webhook, hooks) is complete.
 
 The journal also keeps the results table (content identity → outbox file, so the same content
 dropped again costs nothing), the send times of the last minute (so a restart cannot burst past
 the rate limit; each with the boot id and the monotonic time, so that a wall-clock step between
 two runs can neither let a burst through nor hold the queue), and a small key/value table for
-status (pause reason, credits last seen).
+status (the pause reasons and a person's per-inbox pauses, as `pipeline.pause` writes them;
+credits last seen).
 """
 
 from __future__ import annotations
