@@ -174,7 +174,7 @@ def test_a_persons_pause_holds_the_daemons_inbox_and_status_says_so(
     config = studio.config()
     with Running(config) as daemon:
         assert daemon.pipeline is not None
-        pause = daemon.pipeline.ctx.pause
+        pause = daemon.pipeline.pause
         pause.set(str(studio.inbox), "web")
         make_image(studio.inbox / "held.png")
         wait_for(lambda: daemon.snapshot().get("waiting") == 1, what="the file held in the queue")

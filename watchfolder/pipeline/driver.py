@@ -79,7 +79,7 @@ from watchfolder.pipeline.budget import BudgetReached
 from watchfolder.pipeline.client import ApiClient
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.jobqueue import Job, JobQueue
-from watchfolder.pipeline.pause import ALL
+from watchfolder.pipeline.pause import ALL, Pause
 from watchfolder.pipeline.steps import STEPS
 from watchfolder.pipeline.steps.finish import hand_off
 from watchfolder.pipeline.work import (
@@ -148,6 +148,7 @@ class Pipeline:
         self.local_workers, self.vips_threads = local_split(cores or os.cpu_count() or 2)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._refused: list[Work] = []  # hand-offs a folder refused, tried again
         self.in_flight = 0
         self.done = 0
         self.failed = 0
@@ -156,6 +157,11 @@ class Pipeline:
     @property
     def config(self) -> Config:
         return self.ctx.config
+
+    @property
+    def pause(self) -> Pause:
+        """The one pause: read by status and metrics, set per inbox by a person (`set`)."""
+        return self.ctx.pause
 
     @property
     def inboxes(self) -> tuple[InboxConfig, ...]:
@@ -187,6 +193,13 @@ class Pipeline:
             if index is not None:  # else it waits until its inbox is configured again
                 work = Work(Job(index, record.rel, record=record), record, self.inboxes[index])
                 self._then(work, partial(hand_off, self.ctx, work))
+
+    def retry_hand_offs(self) -> None:
+        """Try again the hand-offs an unusable outbox refused (from the main loop)."""
+        with self._lock:
+            waiting, self._refused = self._refused, []
+        for work in waiting:
+            self._then(work, partial(hand_off, self.ctx, work))
 
     def stop(self) -> None:
         """Take no new jobs; requests in flight may finish (see `join`)."""
@@ -274,12 +287,15 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker nor lose the file
             return self._internal_error(work, exc)
 
-    @staticmethod
-    def _then(work: Work, then: Callable[[], object]) -> None:
-        """What follows a commit; a failure is logged (a pending hand-off is done again at
-        the next start), never lets the file's state go back."""
+    def _then(self, work: Work, then: Callable[[], object]) -> None:
+        """What follows a commit. The transition stands whatever happens here: a hand-off
+        an unusable outbox refused (reported once by Destinations) is tried again from the
+        main loop; a bug is logged and its hand-off stays pending for the next start."""
         try:
             then()
+        except DestinationError:
+            with self._lock:
+                self._refused.append(work)
         except Exception as exc:
             log.exception("file.internal_error", **work.log_fields(), error=type(exc).__name__)
 

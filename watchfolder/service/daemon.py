@@ -191,10 +191,12 @@ class Daemon:
     # -- running ------------------------------------------------------------------------------
 
     def housekeeping(self) -> None:
-        """Every turn of the main loop: end a budget pause that is over. At start and once a
-        day: forget what the journal no longer needs."""
+        """Every turn of the main loop: end a budget pause that is over, try again the
+        hand-offs a folder refused. At start and once a day: forget what the journal no
+        longer needs."""
         if self.pipeline is not None:
             self.pipeline.check_budget()
+            self.pipeline.retry_hand_offs()
         now = time.monotonic()
         if self.journal is None or now < self._next_prune:
             return
