@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
+import pyvips
 
 from tests.conftest import LogCapture, Running, Studio, make_image, run_watchfolder, wait_for
 from tests.test_crash_points import run
@@ -185,3 +187,12 @@ def test_a_persons_pause_holds_the_daemons_inbox_and_status_says_so(
         pause.clear(str(studio.inbox))
         wait_for(lambda: log_lines.events("file.done"), what="the file after the pause")
     assert sandbox.count(200) == 1
+
+
+def test_the_running_daemon_sets_libvips_threads_to_its_share(studio: Studio) -> None:
+    with Running(studio.config()) as daemon:
+        pipeline = daemon.pipeline
+        assert pipeline is not None
+        assert pyvips.concurrency_get() == pipeline.vips_threads
+        cores = os.cpu_count() or 2
+        assert pipeline.local_workers * pipeline.vips_threads <= max(1, cores - 1)
