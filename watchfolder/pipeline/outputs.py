@@ -91,7 +91,7 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
         return Maker(partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size)
     if spec is not None:
         return Maker(partial(_render, record.route, src, answer, spec,
-                             spec.compression or inbox.compression, source),
+                             spec.compression or inbox.compression, source=source),
                      *where(spec.ext), 2 * record.size + 8 * size)
     fmt = inbox.output_format
     if record.route == "studio":
@@ -106,7 +106,7 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
 
 
 def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig,
-            source: Source | None) -> tuple[Cutout, int]:
+            source: Source | None = None) -> tuple[Cutout, int]:
     """The cut-out (studio path), or the answer with the original's metadata (fast path):
     what a recipe's steps work on, and the shrink it was made at. On the studio path, a mask
     is the alpha alone (the original's colours are not decoded), and an output a fraction
@@ -130,7 +130,7 @@ def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig,
 
 
 def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, compression: int,
-            source: Source | None, dest: Path) -> Output:
+            dest: Path, *, source: Source | None = None) -> Output:
     """One output of a recipe, written to `dest`."""
     cut, shrink = _cutout(route, src, answer, spec, source)
     image = render(cut, Recipe(
