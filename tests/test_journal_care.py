@@ -91,3 +91,38 @@ def test_retention_forgets_finished_records_but_not_files_kept_in_place(
 def _signature(path: Path) -> tuple[int, int]:
     st = path.stat()
     return (st.st_size, st.st_mtime_ns)
+
+
+def test_reset_journal_finds_tiff_results_and_recipe_outputs(tmp_path: Path,
+                                                            sandbox: Sandbox) -> None:
+    """Files kept in place whose results are TIFFs or a recipe's outputs (one in an output
+    outbox of its own, one named with the day and the content's hash) are recorded as done:
+    a restart after the reset spends nothing."""
+    studio = Studio(tmp_path, sandbox.url, inbox={"archive": None, "output_format": "tiff"},
+                    extra_inboxes=[{
+                        "path": "in2", "outbox": "out2", "errors": "err2",
+                        "settle_seconds": 0.1, "outputs": [
+                            {"format": "png"},
+                            {"name": "{dir}/{stem}_white.{ext}", "format": "jpeg",
+                             "background": "#ffffff"},
+                            {"name": "{date}/{stem}-{hash}.{ext}", "format": "webp",
+                             "outbox": "thumbs"}]}])
+    (tmp_path / "in2").mkdir()
+    (tmp_path / "thumbs").mkdir()
+    config = studio.write_config()
+    for n in range(2):
+        make_image(studio.inbox / "sub" / f"kept{n}.png", seed=n)
+        make_image(tmp_path / "in2" / f"recipe{n}.png", seed=5 + n)
+    assert run_watchfolder("run", "--config", str(config), "--once").returncode == 0
+    assert sandbox.count(200) == 4
+    assert studio.files(studio.outbox) == ["sub/kept0.tif", "sub/kept1.tif"]
+    assert len(studio.files(tmp_path / "thumbs")) == 2
+    (studio.root / "state" / "journal.sqlite3").write_bytes(b"not a database" * 100)
+    done = run_watchfolder("reset-journal", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    again = run_watchfolder("run", "--config", str(config), "--once")
+    assert again.returncode == 0, again.stderr
+    assert sandbox.count(200) == 4, "nothing was sent again"
+    assert done.stdout.count("2 file(s) kept in place recorded as done") == 2, done.stdout
+    assert studio.files(studio.outbox) == ["sub/kept0.tif", "sub/kept1.tif"]
+    assert len(studio.files(tmp_path / "out2")) == 4

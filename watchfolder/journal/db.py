@@ -25,6 +25,7 @@ credits last seen).
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -129,6 +130,46 @@ class FileRecord:
     proxy: str | None = None  # the proxy in the spool, while it may still be sent
     outputs: str | None = None  # JSON: [[path, sha256] or null, ...] by recipe position
     handoff: str | None = None  # "pending": final, but not yet handed on (manifest, webhook)
+
+    # The JSON columns are read through these, never with json.loads elsewhere.
+
+    def placed(self) -> list[tuple[str, str] | None]:
+        """The outputs placed so far, (path, sha256) or None by recipe position; [] if none."""
+        return [None if entry is None else (entry[0], entry[1])
+                for entry in json.loads(self.outputs or "[]")]
+
+    def reused(self) -> list[str]:
+        """The earlier results this record reuses, by recipe position (0.1 journaled one path,
+        not a JSON list)."""
+        if not self.reuse_from:
+            return []
+        if not self.reuse_from.startswith("["):
+            return [self.reuse_from]
+        return [str(path) for path in json.loads(self.reuse_from)]
+
+
+def encode_outputs(placed: Sequence[tuple[str, str] | list[str] | None]) -> str:
+    """The `outputs` column for outputs placed so far (see `FileRecord.placed`)."""
+    return json.dumps([None if entry is None else [entry[0], entry[1]] for entry in placed])
+
+
+def encode_reused(paths: Sequence[str]) -> str:
+    """The `reuse_from` column for earlier results reused by recipe position."""
+    return json.dumps(list(paths))
+
+
+def output_identity(identity: str, index: int) -> str:
+    """A result's key in the results table: the content and settings, and which output of
+    the recipe (the first keeps the bare identity, as 0.1 wrote it)."""
+    return identity if index == 0 else f"{identity}#{index}"
+
+
+@dataclass(frozen=True)
+class Credits:
+    """The account's credits as last seen in an answer."""
+
+    remaining: int
+    at: float  # wall clock
 
 
 _COLUMNS = [f.name for f in fields(FileRecord)]

@@ -6,26 +6,34 @@ start (exit 2) rather than guess. This command, run while the daemon is stopped:
 - renames `journal.sqlite3` (and its `-wal`/`-shm`) to `journal.sqlite3.broken-<time>` and the
   spool to `spool.broken-<time>`: nothing is deleted, a paid result can still be recovered;
 - starts a new journal and fills in what the folders show for certain: a file kept in place
-  (inbox without `archive`) that already has its result in the outbox is recorded as done, so
-  it is not sent again; an archived original with its result in the outbox is recorded as a
-  reusable result, so the same content dropped again costs nothing.
+  (inbox without `archive`) that already has every output in its outbox (the one result in
+  `output_format`, PNG, WEBP, JPEG or TIFF, or each output of the inbox's recipe, under the
+  name its template gives) is recorded as done, so it is not sent again; an archived original
+  with all its outputs is recorded as reusable results, so the same content dropped again
+  costs nothing.
 
 Everything else in the inboxes simply waits again and is processed as new.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import Any
 
-from watchfolder.config.settings import Config, InboxConfig
+from watchfolder.config.settings import EXTENSIONS, Config, InboxConfig, OutputConfig
 from watchfolder.errors import StartupError
 from watchfolder.files.place import sha256_file
 from watchfolder.intake.watcher import scan
-from watchfolder.journal.db import DONE, JOURNAL_NAME, Journal
+from watchfolder.journal.db import DONE, JOURNAL_NAME, Journal, encode_outputs, output_identity
 from watchfolder.service.lock import daemon_running
 
-RESULT_SUFFIXES = (".png", ".webp", ".jpg")
+DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext}
+# What the API answers in (png, webp, jpeg): the result when the original changed after it
+# was sent is the answer as it is, whatever `output_format` asked for.
+ANSWER_EXTENSIONS = tuple(EXTENSIONS[fmt] for fmt in ("png", "webp", "jpeg"))
 
 
 def reset_journal(config: Config) -> list[str]:
@@ -57,34 +65,65 @@ def _rebuild(journal: Journal, inbox: InboxConfig) -> list[str]:
     if inbox.archive is None:
         for path in scan(inbox.path, recursive=inbox.recursive):
             rel = path.relative_to(inbox.path).as_posix()
-            result = _result_for(inbox, rel)
-            if result is None or not path.is_file():
+            results = _results_for(inbox, rel, path) if path.is_file() else None
+            if results is None:
                 continue
             st = path.lstat()
             record = journal.create(str(inbox.path), rel, st.st_size, st.st_mtime_ns,
                                     inbox.settings_key)
-            journal.update(record, state=DONE, result=str(result))
+            journal.update(record, state=DONE, **_outputs(results))
             kept += 1
     else:
         for path in scan(inbox.archive, recursive=True):
             rel = path.relative_to(inbox.archive).as_posix()
-            result = _result_for(inbox, rel)
-            if result is None or not path.is_file():
+            results = _results_for(inbox, rel, path) if path.is_file() else None
+            if results is None:
                 continue
             identity = f"{sha256_file(path)}|{inbox.settings_key}"
+            outputs = _outputs(results)
             record = journal.create(str(inbox.path), rel, 0, 0, inbox.settings_key)
-            journal.update(record, state=DONE, archive=str(path), result=str(result),
-                           remember=[(identity, str(result), sha256_file(result))])
+            journal.update(record, state=DONE, archive=str(path), **outputs,
+                           remember=[(output_identity(identity, index), name, sha)
+                                     for index, (name, sha) in enumerate(
+                                         json.loads(outputs["outputs"]))])
             reusable += 1
     return [f"{inbox.path}: {kept} file(s) kept in place recorded as done, {reusable} "
             f"archived result(s) recorded for reuse"]
 
 
-def _result_for(inbox: InboxConfig, rel: str) -> Path | None:
-    """The outbox file made for `rel` (its mirrored name with a result's extension), if any."""
-    path = PurePosixPath(rel)
-    for suffix in RESULT_SUFFIXES:
-        candidate = inbox.outbox.joinpath(*path.parent.parts, path.stem + suffix)
-        if candidate.is_file():
-            return candidate
+def _outputs(results: list[Path]) -> dict[str, Any]:
+    """The journal columns of a finished file whose outputs are `results`."""
+    placed = [(str(result), sha256_file(result)) for result in results]
+    return {"result": placed[0][0], "result_sha": placed[0][1],
+            "outputs": encode_outputs(placed)}
+
+
+def _results_for(inbox: InboxConfig, rel: str, original: Path) -> list[Path] | None:
+    """Every output made for `rel` (by recipe position), found under the names the daemon
+    gives them; None unless each one is there."""
+    if not inbox.outputs:
+        found = _first(inbox, inbox.outbox, DEFAULT_OUTPUT, rel, original,
+                       (EXTENSIONS[inbox.output_format], *ANSWER_EXTENSIONS))
+        return None if found is None else [found]
+    results = []
+    for spec in inbox.outputs:
+        found = _first(inbox, spec.outbox or inbox.outbox, spec, rel, original, (spec.ext,))
+        if found is None:
+            return None
+        results.append(found)
+    return results
+
+
+def _first(inbox: InboxConfig, root: Path, spec: OutputConfig, rel: str, original: Path,
+           extensions: tuple[str, ...]) -> Path | None:
+    """The first file at `spec`'s name for `rel` with one of `extensions` (a `{date}` in the
+    name matches any day: the day it was made is not known)."""
+    sha = sha256_file(original) if "{hash}" in spec.name else ""
+    escaped = glob.escape(rel)
+    for ext in dict.fromkeys(extensions):
+        pattern = spec.path(escaped, ext, inbox=glob.escape(inbox.path.name),
+                            sha256=sha, date="*")
+        for candidate in sorted(root.glob(pattern)):
+            if candidate.is_file():
+                return candidate
     return None
