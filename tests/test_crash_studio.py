@@ -4,8 +4,10 @@ one request in flight at the crash is paid again."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +47,27 @@ def test_crash_on_the_studio_path_then_restart(tmp_path: Path, sandbox: Sandbox,
     assert hidden == [], "no temp file left behind"
     assert 3 <= sandbox.count(200) <= 4
     assert os.listdir(studio.root / "state" / "spool") == [], "no proxy or answer left"
+
+
+def test_a_restart_keeps_the_proxies_of_proxied_files(tmp_path: Path, sandbox: Sandbox) -> None:
+    """A file that stopped `proxied` (its proxy made and journaled, not yet sent) is sent
+    with that proxy after a restart: the start-up clean-up of the spool keeps it."""
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1})
+    (studio.inbox / "retouch.tif").write_bytes(adobe_rgb_tiff(240, 160))
+    config = studio.write_config()
+
+    crashed = run(config, failpoint="proxied:1")
+    assert crashed.returncode == -9, f"the failpoint was not reached: {crashed.stderr}"
+    assert [e for e in _events(crashed.stderr) if e["event"] == "file.proxy"]
+    assert studio.states() == ["proxied"]
+    again = run(config)
+    assert again.returncode == 0, again.stderr
+    assert [e["event"] for e in _events(again.stderr) if e["event"] == "file.proxy"] == [], \
+        "the proxy was made again"
+    assert studio.files(studio.outbox) == ["retouch.png"]
+    assert sandbox.count(200) == 1
+    assert os.listdir(studio.root / "state" / "spool") == []
+
+
+def _events(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
