@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import threading
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -200,3 +201,30 @@ def test_a_signed_webhook_survives_a_500_and_a_restart(tmp_path: Path, sandbox: 
     for headers, body in _Receiver.seen:
         digest = hmac.new(b"s3cret-value-for-tests", body, hashlib.sha256).hexdigest()
         assert headers["X-Watchfolder-Signature"] == f"sha256={digest}"
+
+
+def test_a_restart_clears_temp_files_in_every_output_folder(tmp_path: Path,
+                                                            sandbox: Sandbox) -> None:
+    """A crash while an output was being written leaves a hidden temp file beside its name,
+    in whichever outbox and folder the output's template names: the restart removes it."""
+    (tmp_path / "thumbs").mkdir()
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1}, inbox={"outputs": [
+        {"format": "png"},
+        {"name": "masks/{dir}/{stem}_mask.{ext}", "format": "png", "mask": True},
+        {"name": "{date}/{stem}-{hash}.{ext}", "format": "webp", "outbox": "thumbs"}]})
+    make_image(studio.inbox / "sub" / "a.png", seed=1)
+    config = studio.write_config()
+    crashed = run(config, failpoint="fetched:1")
+    assert crashed.returncode == -9, crashed.stderr
+    day = datetime.now().astimezone().strftime("%Y-%m-%d")
+    left = [folder / ".watchfolder-0123456789ab.tmp" for folder in (
+        studio.outbox / "sub", studio.outbox / "masks" / "sub", tmp_path / "thumbs" / day)]
+    for temp in left:
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_bytes(b"half an output")
+    again = run(config)
+    assert again.returncode == 0, again.stderr
+    assert [temp for temp in left if temp.exists()] == []
+    assert studio.files(studio.outbox) == ["masks/sub/a_mask.png", "sub/a.png"]
+    assert len(studio.files(tmp_path / "thumbs")) == 1
+    assert sandbox.count(200) == 1

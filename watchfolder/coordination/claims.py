@@ -38,11 +38,11 @@ from typing import Any, Protocol
 import structlog
 
 from watchfolder.errors import CoordinationUnavailable
+from watchfolder.files.layout import CLAIMS_FOLDER
 from watchfolder.logs import readable
 
 log = structlog.get_logger("watchfolder")
 
-CLAIMS_FOLDER = ".watchfolder-claims"
 DONE_FOLDER = "done"
 
 

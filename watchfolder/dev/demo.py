@@ -36,6 +36,7 @@ import yaml
 from watchfolder.config.settings import load_config
 from watchfolder.dev import samples
 from watchfolder.dev.sandbox import Sandbox
+from watchfolder.files import layout
 from watchfolder.files.place import move_into, sha256_file
 from watchfolder.service.daemon import Daemon
 
@@ -99,7 +100,7 @@ class _Progress:
             print(f"  failed  {event['file']}  ->  {self._rel(event.get('moved_to'))}"
                   f"  ({event.get('reason')}: {event.get('message')})", flush=True)
             moved = event.get("moved_to")
-            self._made(event["file"], moved, moved and f"{moved}.error.json")
+            self._made(event["file"], moved, moved and str(layout.reason_file(Path(moved))))
             with self.changed:
                 self.failed[event["file"]] = str(event.get("reason"))
                 self.changed.notify_all()
@@ -327,7 +328,7 @@ def _same_content(a: Path, b: Path) -> bool:
 
 
 def _summary(folder: Path, progress: _Progress, names: Iterable[str]) -> None:
-    reports = sorted((folder / "errors").glob("*.error.json"))
+    reports = sorted((folder / "errors").glob("*" + layout.REASON_SUFFIX))
     print(f"\n{len(progress.done)} cut-outs in   {folder / 'outbox'}")
     print(f"originals in     {folder / 'archive'}")
     for report in reports:

@@ -9,7 +9,6 @@ handle. Everything is drawn from a seed, so the same call gives the same pixels.
 from __future__ import annotations
 
 import io
-import os
 import random
 import struct
 import tempfile
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pyvips
 from PIL import Image, ImageChops, ImageDraw
+
+from watchfolder.files.atomic import write_atomic
 
 __all__ = ["BACKDROPS", "SUBJECTS", "adobe_rgb_profile", "adobe_rgb_tiff", "camera_jpeg",
            "studio_image", "write_samples"]
@@ -146,16 +147,6 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # A watching daemon ignores dot-files, and the rename makes the real name appear complete.
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)  # atomic within one folder, like os.replace
-
-
 def write_samples(folder: Path, *, studio: bool = False) -> list[Path]:
     """Write five sample shots (JPEG, PNG, WEBP) and one truncated ``broken.jpg``.
 
@@ -170,18 +161,18 @@ def write_samples(folder: Path, *, studio: bool = False) -> list[Path]:
     for seed, (name, width, height, backdrop, subject, colour, fmt) in enumerate(_SAMPLES):
         image = studio_image(width, height, backdrop, subject, seed, colour=colour)
         path = folder / name
-        _write_atomically(path, _encode(image, fmt))
+        write_atomic(_encode(image, fmt), path)
         paths.append(path)
 
     whole = _encode(studio_image(640, 480, "white", "box", 99, colour="black"), "JPEG")
     broken = folder / "broken.jpg"
-    _write_atomically(broken, whole[: len(whole) // 3])
+    write_atomic(whole[: len(whole) // 3], broken)
     paths.append(broken)
     if studio:
         camera = folder / "camera-sideways.jpg"
-        _write_atomically(camera, camera_jpeg())
+        write_atomic(camera_jpeg(), camera)
         retouch = folder / "retouch-adobe-rgb-16bit.tif"
-        _write_atomically(retouch, adobe_rgb_tiff())
+        write_atomic(adobe_rgb_tiff(), retouch)
         paths += [camera, retouch]
     return paths
 

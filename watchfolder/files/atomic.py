@@ -1,41 +1,52 @@
-"""Writing an image file so that readers see all of it or nothing, and it survives a crash.
+"""Writing a file so that readers see all of it or nothing, and it survives a crash.
 
-Encoders (libvips savers, chunk writers) write to a temp name beside the destination; the
-file is fsynced, renamed over the destination, and the folder is fsynced. Temp names start
-with outbox's `.watchfolder-` prefix, so the daemon's own clean-up and the watcher treat them
-as ours; this module keeps its own copy to stay free of the pipeline's modules.
+The one way the daemon writes a file whole: the content goes to a hidden temp name beside the
+destination (layout's `temp_beside`, which the intake ignores and a restart clears), is
+fsynced, renamed over the destination, and the folder is fsynced. Encoders (libvips savers,
+chunk writers) use `write_atomically`; bytes in memory (spool entries, reason files,
+manifests, markers) use `write_atomic`.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-TEMP_PREFIX = ".watchfolder-"
+from watchfolder.files.layout import temp_beside
 
 
-def write_atomically(dest: Path, write: Callable[[Path], None]) -> int:
-    """Call `write(temp)` to fill a temp file beside `dest`, then put it in place; its size."""
-    dest = Path(dest)
-    temp = dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}.tmp")
+def fsync_file(path: Path) -> int:
+    """Flush `path`'s content to disk; its size."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        write(temp)
-        fd = os.open(temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        temp.replace(dest)
+        os.fsync(fd)
+        return os.fstat(fd).st_size
     finally:
-        temp.unlink(missing_ok=True)
-    fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush `folder`'s entries (a rename or link in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomically(dest: Path, write: Callable[[Path], None]) -> int:
+    """Call `write(temp)` to fill a temp file beside `dest`, then put it in place (replacing
+    what is there); its size."""
+    dest = Path(dest)
+    temp = temp_beside(dest)
+    try:
+        write(temp)
+        size = fsync_file(temp)
+        temp.replace(dest)
+    finally:
+        temp.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
     return size
 
 
@@ -48,3 +59,8 @@ def write_parts(dest: Path, parts: Iterable[bytes | memoryview]) -> int:
                 handle.write(part)
 
     return write_atomically(dest, write)
+
+
+def write_atomic(data: bytes, dest: Path) -> None:
+    """Write `data` to `dest` (replacing it) so that readers see all of it or nothing."""
+    write_parts(dest, (data,))

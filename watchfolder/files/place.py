@@ -1,7 +1,5 @@
 """Putting files in place without ever showing a partial file or overwriting one.
 
-- `write_atomic`: temp file in the same folder, fsync, rename; for files whose name we own
-  (spool entries, reason files).
 - `copy_into` / `move_into`: place a file at `dest` only if `dest` is free. The final step is
   `link()`, which fails instead of overwriting, so two writers cannot clobber each other; where
   hard links are not supported (some SMB/FAT mounts) it falls back to exists-check + rename.
@@ -20,7 +18,6 @@ import itertools
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -29,15 +26,14 @@ import structlog
 
 from watchfolder import failpoints
 from watchfolder.errors import DestinationError
+from watchfolder.files.atomic import fsync_dir, fsync_file, write_atomic
+from watchfolder.files.layout import temp_beside
 
 log = structlog.get_logger("watchfolder")
 T = TypeVar("T")
 
-TEMP_PREFIX = ".watchfolder-"
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
-
-REASON_SUFFIX = ".error.json"  # beside a failed file in errors: why it failed
 NAME_MAX = 255  # bytes in one name, on every filesystem we write to (ext4, XFS, NFS, SMB)
 
 
@@ -103,32 +99,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_beside(dest: Path) -> Path:
-    return dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}.tmp")
-
-
-def write_atomic(data: bytes, dest: Path) -> None:
-    """Write `data` to `dest` (replacing it) so that readers see all of it or nothing."""
-    temp = _temp_beside(dest)
-    try:
-        with temp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temp.replace(dest)
-    finally:
-        temp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
-
-
 def _holds(path: Path, sha: str) -> bool:
     """`path` is a regular file with exactly the bytes whose SHA-256 is `sha`."""
     try:
@@ -143,14 +113,6 @@ def _head(path: Path, size: int = 4096) -> bytes:
             return handle.read(size)
     except OSError:
         return b""
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _link_no_clobber(src: Path, dest: Path) -> bool:
@@ -172,7 +134,7 @@ def copy_into(src: Path, dest: Path) -> bool:
     """Copy `src` to `dest` complete and fsynced; False (nothing written) if `dest` is taken."""
     if os.path.lexists(dest):
         return False
-    temp = _temp_beside(dest)
+    temp = temp_beside(dest)
     try:
         with src.open("rb") as reader, temp.open("wb") as writer:
             shutil.copyfileobj(reader, writer, 1 << 20)
@@ -308,10 +270,10 @@ class Destinations:
         if chosen is not None and os.path.lexists(chosen) and ours(chosen):
             return chosen, sha256_file(chosen)
         target = self.folder_for(root, name, target, need)
-        temp = _temp_beside(target)
+        temp = temp_beside(target)
         try:
             self.guard(root, produce, temp)
-            self.guard(root, _fsync_file, temp)
+            self.guard(root, fsync_file, temp)
             sha = sha256_file(temp)
             placed = self.place(root, name, target, chosen, ours=ours,
                                 claim=lambda candidate: claim(candidate, sha),

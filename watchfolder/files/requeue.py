@@ -32,9 +32,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from watchfolder.config.settings import Config, InboxConfig
+from watchfolder.files.layout import REASON_SUFFIX, reason_file
 from watchfolder.files.place import move_into, sha256_file
-
-REASON_SUFFIX = ".error.json"
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def _failed_when(reason: Path) -> tuple[int, str]:
 
 
 def _reason_path(moved: Path) -> Path:
-    return moved.with_name(moved.name + REASON_SUFFIX)
+    return reason_file(moved)
 
 
 def _read_reason(reason: Path) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from watchfolder.errors import JournalUnreadable
+from watchfolder.files.layout import JOURNAL_NAME, SPOOL
 
 
 def _damaged(path: Path, detail: str) -> str:
@@ -43,7 +44,6 @@ def _damaged(path: Path, detail: str) -> str:
             f"move it aside and rebuild what the folders tell with `watchfolder reset-journal`; "
             f"files in the inboxes then simply wait again")
 
-JOURNAL_NAME = "journal.sqlite3"
 
 
 def _boot_id() -> str:
@@ -200,7 +200,7 @@ class Journal:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / JOURNAL_NAME
-        self.spool_dir = Path(state_dir) / "spool"
+        self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -242,7 +242,7 @@ class Journal:
             return None
         self = cls.__new__(cls)
         self.path = path
-        self.spool_dir = Path(state_dir) / "spool"
+        self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
         mode = "mode=ro" if live or Path(f"{path}-wal").exists() else "immutable=1"
         try:

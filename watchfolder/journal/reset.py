@@ -17,23 +17,19 @@ Everything else in the inboxes simply waits again and is processed as new.
 
 from __future__ import annotations
 
-import glob
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from watchfolder.config.settings import EXTENSIONS, Config, InboxConfig, OutputConfig
+from watchfolder.config.settings import EXTENSIONS, Config, InboxConfig
 from watchfolder.errors import StartupError
+from watchfolder.files import layout
+from watchfolder.files.layout import JOURNAL_NAME, SPOOL
 from watchfolder.files.place import sha256_file
 from watchfolder.intake.watcher import scan
-from watchfolder.journal.db import DONE, JOURNAL_NAME, Journal, encode_outputs, output_identity
+from watchfolder.journal.db import DONE, Journal, encode_outputs, output_identity
 from watchfolder.service.lock import daemon_running
-
-DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext}
-# What the API answers in (png, webp, jpeg): the result when the original changed after it
-# was sent is the answer as it is, whatever `output_format` asked for.
-ANSWER_EXTENSIONS = tuple(EXTENSIONS[fmt] for fmt in ("png", "webp", "jpeg"))
 
 
 def reset_journal(config: Config) -> list[str]:
@@ -45,7 +41,7 @@ def reset_journal(config: Config) -> list[str]:
                            f"state_dir {state}: stop it first")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     done: list[str] = []
-    for name in (JOURNAL_NAME, f"{JOURNAL_NAME}-wal", f"{JOURNAL_NAME}-shm", "spool"):
+    for name in (JOURNAL_NAME, f"{JOURNAL_NAME}-wal", f"{JOURNAL_NAME}-shm", SPOOL):
         old = state / name
         if old.exists():
             aside = old.with_name(f"{old.name}.broken-{stamp}")
@@ -101,29 +97,18 @@ def _outputs(results: list[Path]) -> dict[str, Any]:
 def _results_for(inbox: InboxConfig, rel: str, original: Path) -> list[Path] | None:
     """Every output made for `rel` (by recipe position), found under the names the daemon
     gives them; None unless each one is there."""
-    if not inbox.outputs:
-        found = _first(inbox, inbox.outbox, DEFAULT_OUTPUT, rel, original,
-                       (EXTENSIONS[inbox.output_format], *ANSWER_EXTENSIONS))
-        return None if found is None else [found]
     results = []
-    for spec in inbox.outputs:
-        found = _first(inbox, spec.outbox or inbox.outbox, spec, rel, original, (spec.ext,))
+    for spec in layout.output_specs(inbox):
+        # With no recipe the result is in `output_format`, or the API's answer as it is
+        # when the original changed after it was sent.
+        extensions = (spec.ext,) if inbox.outputs else (
+            EXTENSIONS[inbox.output_format], *layout.ANSWER_EXTENSIONS)
+        sha = sha256_file(original) if "{hash}" in spec.name else ""
+        root = layout.output_root(inbox, spec)
+        found = next((path for ext in dict.fromkeys(extensions)
+                      for path in sorted(root.glob(layout.output_pattern(
+                          inbox, spec, rel, ext, sha256=sha))) if path.is_file()), None)
         if found is None:
             return None
         results.append(found)
     return results
-
-
-def _first(inbox: InboxConfig, root: Path, spec: OutputConfig, rel: str, original: Path,
-           extensions: tuple[str, ...]) -> Path | None:
-    """The first file at `spec`'s name for `rel` with one of `extensions` (a `{date}` in the
-    name matches any day: the day it was made is not known)."""
-    sha = sha256_file(original) if "{hash}" in spec.name else ""
-    escaped = glob.escape(rel)
-    for ext in dict.fromkeys(extensions):
-        pattern = spec.path(escaped, ext, inbox=glob.escape(inbox.path.name),
-                            sha256=sha, date="*")
-        for candidate in sorted(root.glob(pattern)):
-            if candidate.is_file():
-                return candidate
-    return None

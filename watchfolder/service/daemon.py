@@ -26,7 +26,8 @@ from watchfolder import logs
 from watchfolder.config.settings import Config, InboxConfig
 from watchfolder.coordination.coordinator import Coordinator
 from watchfolder.errors import AccountError, ConfigError
-from watchfolder.files.place import TEMP_PREFIX, folder_problem
+from watchfolder.files import layout
+from watchfolder.files.place import folder_problem
 from watchfolder.handoff.wiring import HandOff
 from watchfolder.intake.loop import Intake
 from watchfolder.intake.watcher import Watcher
@@ -161,7 +162,7 @@ class Daemon:
                                 state=record.state, hint="this inbox is no longer configured; "
                                 "the file resumes when it is configured again")
                 continue
-            _clear_temp_files(inboxes[index], record.rel, record.state)
+            _clear_temp_files(inboxes[index], record)
             jobs.append(Job(index, record.rel, record=record))
         return jobs
 
@@ -530,15 +531,17 @@ def still_in_place(inbox: str, rel: str, size: int, mtime_ns: int) -> bool:
     return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
 
 
-def _clear_temp_files(inbox: InboxConfig, rel: str, state: str) -> None:
-    """Remove the hidden temp files a crash can leave where this file was being written."""
-    parent = PurePosixPath(rel).parent.parts
-    roots: dict[str, Path | None] = {FETCHED: inbox.outbox, STORED: inbox.archive,
-                                     FAILING: inbox.errors}
-    root = roots.get(state)
-    if root is not None:
-        folder = root.joinpath(*parent)
+def _clear_temp_files(inbox: InboxConfig, record: FileRecord) -> None:
+    """Remove the hidden temp files a crash can leave where this file was being written: in
+    every outbox its outputs and sidecars go to, the archive, or errors."""
+    parent = PurePosixPath(record.rel).parent.parts
+    if record.state == FETCHED:
+        folders = layout.output_folders(inbox, record.rel, record.sha256 or "*")
+    else:
+        root = {STORED: inbox.archive, FAILING: inbox.errors}.get(record.state)
+        folders = [] if root is None else [root.joinpath(*parent)]
+    for folder in folders:
         with contextlib.suppress(OSError):
             for entry in list(folder.iterdir()):
-                if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(".tmp"):
+                if layout.is_temp(entry.name):
                     entry.unlink(missing_ok=True)

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from watchfolder.config.settings import Config
-from watchfolder.coordination.claims import CLAIMS_FOLDER
 from watchfolder.coordination.coordinator import hosts_report
+from watchfolder.files import layout
 from watchfolder.intake.watcher import scan
 from watchfolder.journal.db import DONE, FAILED, GONE, SENDING, Journal
 from watchfolder.pipeline.budget import midnight_after
@@ -163,13 +163,14 @@ def _count_new(root: Path, recursive: bool, known: set[str],
                 if (st.st_size, st.st_mtime_ns) == kept[rel]:
                     continue
         count += 1
-    return count, sum(1 for path in ignored if Path(path).name != CLAIMS_FOLDER)
+    return count, sum(1 for path in ignored if Path(path).name != layout.CLAIMS_FOLDER)
 
 
 def _count_reasons(errors: Path) -> int:
     if not errors.is_dir():
         return 0
-    return sum(1 for path in errors.rglob("*.error.json") if not path.name.startswith("."))
+    return sum(1 for path in errors.rglob("*" + layout.REASON_SUFFIX)
+               if not path.name.startswith("."))
 
 
 # -- rendering --------------------------------------------------------------------------------
