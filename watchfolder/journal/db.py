@@ -410,9 +410,31 @@ class Journal:
                 (BOOT_ID, now - window)).fetchall()
         return [mono - m for (m,) in this_boot] + [max(0.0, now - t) for (t,) in other]
 
-    def set_meta(self, key: str, value: str | None) -> None:
+    def set_paused(self, reason: str | None) -> None:
+        """Record why the queue is paused (`reason: message`), or that it is not (None)."""
+        self._set_meta("paused", reason)
+
+    def paused(self) -> str | None:
+        """Why the queue was last recorded paused; None when it was not."""
+        return self._meta("paused") or None
+
+    def set_credits(self, remaining: int, at: float | None = None) -> None:
+        """Record the credits an answer said were left (at `at`, wall clock; now if None)."""
+        self._set_meta("credits", json.dumps(
+            {"remaining": remaining, "at": time.time() if at is None else at}))
+
+    def credits(self) -> Credits | None:
+        """The credits last recorded; None when none were (or the value is unreadable)."""
+        try:
+            loaded = json.loads(self._meta("credits") or "null")
+            return Credits(int(loaded["remaining"]), float(loaded["at"]))
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    def _set_meta(self, key: str, value: str | None) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
 
-    def meta(self) -> dict[str, str | None]:
-        return dict(self._query("SELECT k, v FROM meta"))  # type: ignore[arg-type]
+    def _meta(self, key: str) -> str | None:
+        rows = self._query("SELECT v FROM meta WHERE k = ?", (key,))
+        return rows[0][0] if rows else None

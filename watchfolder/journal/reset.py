@@ -17,10 +17,8 @@ Everything else in the inboxes simply waits again and is processed as new.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
 
 from watchfolder.config.settings import EXTENSIONS, Config, InboxConfig
 from watchfolder.errors import StartupError
@@ -67,7 +65,9 @@ def _rebuild(journal: Journal, inbox: InboxConfig) -> list[str]:
             st = path.lstat()
             record = journal.create(str(inbox.path), rel, st.st_size, st.st_mtime_ns,
                                     inbox.settings_key)
-            journal.update(record, state=DONE, **_outputs(results))
+            placed = _placed(results)
+            journal.update(record, state=DONE, result=placed[0][0], result_sha=placed[0][1],
+                           outputs=encode_outputs(placed))
             kept += 1
     else:
         for path in scan(inbox.archive, recursive=True):
@@ -76,22 +76,20 @@ def _rebuild(journal: Journal, inbox: InboxConfig) -> list[str]:
             if results is None:
                 continue
             identity = f"{sha256_file(path)}|{inbox.settings_key}"
-            outputs = _outputs(results)
             record = journal.create(str(inbox.path), rel, 0, 0, inbox.settings_key)
-            journal.update(record, state=DONE, archive=str(path), **outputs,
+            placed = _placed(results)
+            journal.update(record, state=DONE, archive=str(path), result=placed[0][0],
+                           result_sha=placed[0][1], outputs=encode_outputs(placed),
                            remember=[(output_identity(identity, index), name, sha)
-                                     for index, (name, sha) in enumerate(
-                                         json.loads(outputs["outputs"]))])
+                                     for index, (name, sha) in enumerate(placed)])
             reusable += 1
     return [f"{inbox.path}: {kept} file(s) kept in place recorded as done, {reusable} "
             f"archived result(s) recorded for reuse"]
 
 
-def _outputs(results: list[Path]) -> dict[str, Any]:
-    """The journal columns of a finished file whose outputs are `results`."""
-    placed = [(str(result), sha256_file(result)) for result in results]
-    return {"result": placed[0][0], "result_sha": placed[0][1],
-            "outputs": encode_outputs(placed)}
+def _placed(results: list[Path]) -> list[tuple[str, str]]:
+    """(path, sha256) of each output, by recipe position."""
+    return [(str(result), sha256_file(result)) for result in results]
 
 
 def _results_for(inbox: InboxConfig, rel: str, original: Path) -> list[Path] | None:

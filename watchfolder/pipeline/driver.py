@@ -73,6 +73,9 @@ from watchfolder.journal.db import (
     STORED,
     FileRecord,
     Journal,
+    encode_outputs,
+    encode_reused,
+    output_identity,
 )
 from watchfolder.pipeline import outputs
 from watchfolder.pipeline.budget import BudgetReached

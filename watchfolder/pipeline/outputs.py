@@ -24,7 +24,6 @@ If the original changed or vanished after it was sent, the answer is the result 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -209,7 +208,9 @@ def manifest_for(record: FileRecord, src: Path, event: str,
 def sidecar(record: FileRecord, inbox: InboxConfig, rel: str, suffix: str) -> Path:
     """`<outbox>/<dir>/<stem><suffix>` (a manifest, a done marker), with the `-N` the file's
     first output took on a collision."""
-    first = Path(json.loads(record.outputs or "[]")[0][0])
+    placed = record.placed()[0]
+    assert placed is not None, "a sidecar is written once the first output is placed"
+    first = Path(placed[0])
     spec = inbox.outputs[0] if inbox.outputs else DEFAULT_OUTPUT
     intended = PurePosixPath(spec.path(
         rel, first.suffix[1:], inbox=inbox.path.name, sha256=record.sha256 or "",
