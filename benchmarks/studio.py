@@ -105,9 +105,11 @@ def make_answer(folder: Path, original: Path) -> tuple[Path, int, int]:
     from PIL import Image
 
     from watchfolder.dev.sandbox import remove_backdrop
+    from watchfolder.imaging import libraries
     from watchfolder.imaging.compose import make_proxy
     from watchfolder.imaging.inspect import inspect_source
 
+    libraries.configure()
     answer = original.with_suffix(".answer.png")
     proxy_path = original.with_suffix(".proxy.jpg")
     proxy = make_proxy(original, inspect_source(original), proxy_path)
@@ -174,8 +176,10 @@ def _set_xresolution(tiff: Path, numerator: int, denominator: int) -> None:
 
 def run_vips(original: Path, answer: Path, out: Path, threads: int | None) -> dict[str, Any]:
     from watchfolder.imaging import compose as imaging
+    from watchfolder.imaging import libraries
     from watchfolder.imaging.inspect import inspect_source
 
+    libraries.configure()
     imaging.configure(threads)
     times = {}
     start = time.perf_counter()

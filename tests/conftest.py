@@ -25,9 +25,16 @@ from PIL import Image, ImageDraw
 from watchfolder import logs
 from watchfolder.config.settings import Config, parse_config
 from watchfolder.dev.sandbox import Sandbox
+from watchfolder.imaging import libraries
 from watchfolder.service.daemon import Daemon
 
 KEY = "test-key-0123456789"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def image_libraries() -> None:
+    """libvips set up as the daemon sets it at start (tests call imaging code directly)."""
+    libraries.configure()
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from watchfolder.dev.samples import (
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.imaging import containers
 from watchfolder.imaging.inspect import MAX_BYTES, inspect_result, inspect_source, max_answer_bytes
+from watchfolder.imaging.metadata import read_metadata
 
 
 def shot(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
@@ -383,3 +386,32 @@ def test_well_framed_pngs_with_wrong_pixel_data_are_refused(tmp_path: Path) -> N
         with pytest.raises(BadResult, match="does not decode completely"):
             inspect_result(data, width, height)
         assert rejected(path).reason == "corrupt", what
+
+
+def test_importing_the_daemon_leaves_the_image_libraries_as_they_are() -> None:
+    """No process-wide setting changes at import: Pillow's decompression-bomb guard keeps its
+    default and libvips keeps its cache until `libraries.configure()` is called (the daemon
+    does, at start)."""
+    code = ("import pyvips; from PIL import Image; default = Image.MAX_IMAGE_PIXELS; "
+            "import watchfolder.cli, watchfolder.service.daemon, watchfolder.pipeline.outputs; "
+            "print(Image.MAX_IMAGE_PIXELS == default, pyvips.cache_get_max() > 0); "
+            "from watchfolder.imaging import libraries; libraries.configure(); "
+            "print(Image.MAX_IMAGE_PIXELS == default, pyvips.cache_get_max())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["True True", "True 0"]
+
+
+def test_tiff_metadata_is_read_with_pillows_guard_on(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TIFF directory is read without Pillow's decompression-bomb check, which would
+    refuse a large studio file (its pixels are never decoded by Pillow): shown here with the
+    guard's limit lowered below this small file's size."""
+    path = tmp_path / "shot.tif"
+    exif = Image.Exif()
+    exif[0x010F] = "Camera Maker"  # Make
+    Image.new("RGB", (160, 120), "white").save(path, "TIFF", exif=exif)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    metadata = read_metadata(path)
+    assert metadata.exif is not None and b"Camera Maker" in metadata.exif

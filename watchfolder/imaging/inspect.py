@@ -39,7 +39,7 @@ from typing import Literal
 
 import pillow_heif
 import pyvips
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import ImageCms
 
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.imaging import containers
@@ -51,21 +51,6 @@ MAX_PIXELS = 25_000_000
 MAX_SOURCE_PIXELS = 500_000_000
 # libvips stops at errors (a truncated JPEG otherwise decodes with a grey bottom, silently).
 FAIL_ON = "error"
-# Our own pixel limits are checked on the header first; Pillow (used here for headers and
-# metadata only) would otherwise warn, or refuse, on a 150 MP studio file.
-Image.MAX_IMAGE_PIXELS = None
-# libvips's operation cache would keep decoded images alive (memory), and would answer a
-# second open of a path with the first file's pixels even after the file was replaced.
-pyvips.cache_set_max(0)
-pyvips.cache_set_max_mem(0)
-pyvips.cache_set_max_files(0)
-# pyvips forwards libvips's log to Python's logging through a callback, which libvips calls
-# from its own worker threads when a damaged file makes it warn; each such thread then stays
-# registered as a threading._DummyThread for good. Failures reach us as exceptions with the
-# same text, so the log goes to GLib's default handler (stderr) instead.
-_remove_vips_log_handler = getattr(pyvips, "_remove_log_handler", None)
-if _remove_vips_log_handler is not None:
-    _remove_vips_log_handler()
 
 def vips_name(path: Path | str) -> str:
     """A name libvips can open or write for `path`.
@@ -640,54 +625,3 @@ def png_inflates(data: bytes | mmap.mmap) -> str | None:
     if inflater.unused_data or done != expected:
         return f"{done:,} bytes of pixel data where {width}x{height} needs {expected:,}"
     return None
-
-
-# --------------------------------------------------------------------------- legacy
-
-# Today's pipeline hands over bytes; it keeps working until it is wired to inspect_source.
-_PIL_FORMATS = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"),
-                "MPO": ("image/jpeg", "jpg"), "WEBP": ("image/webp", "webp")}
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    format: str
-    mime: str
-    width: int
-    height: int
-
-
-def inspect_input(data: bytes) -> ImageInfo:
-    """Before the studio path: what the API needs to know, or InputRejected. Deprecated."""
-    if not data:
-        raise InputRejected("empty", "the file is empty (0 bytes); was the copy interrupted?")
-    if len(data) > MAX_BYTES:
-        raise InputRejected("too_large", f"the file is {len(data) / 1e6:.1f} MB; the API "
-                                         f"accepts at most 30 MB: export it smaller")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise InputRejected("not_an_image", "the file is not an image Pillow can read "
-                                            "(expected PNG, JPEG or WEBP)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputRejected("corrupt", f"the image header is damaged: {exc}") from None
-    with image:
-        fmt = image.format or "unknown"
-        if fmt not in _PIL_FORMATS:
-            raise InputRejected("unsupported_format",
-                                f"{fmt} images are not accepted by the API; convert it to PNG, "
-                                f"JPEG or WEBP")
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise InputRejected("too_many_pixels",
-                                f"the image is {width}x{height} ({width * height / 1e6:.1f} MP); "
-                                f"the API accepts at most 25 MP, resize it first")
-        try:
-            if fmt in ("JPEG", "MPO"):
-                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise InputRejected("corrupt", f"the image does not decode completely "
-                                           f"(truncated or corrupt): {exc}") from None
-    mime, _ = _PIL_FORMATS[fmt]
-    return ImageInfo(format=fmt, mime=mime, width=width, height=height)

@@ -89,7 +89,9 @@ def _tiff_exif(path: Path) -> bytes | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            with Image.open(path) as image:  # Pillow reads the directory, not the pixels
+            # Through the plugin: Image.open's decompression-bomb check would refuse a large
+            # studio file, whose pixels libvips checked already and Pillow never decodes.
+            with TiffImagePlugin.TiffImageFile(path) as image:
                 exif = image.getexif()
                 exif.get_ifd(ExifTags.IFD.Exif)
                 exif.get_ifd(ExifTags.IFD.GPSInfo)

@@ -29,6 +29,7 @@ from watchfolder.errors import AccountError, ConfigError
 from watchfolder.files import layout
 from watchfolder.files.place import folder_problem
 from watchfolder.handoff.wiring import HandOff
+from watchfolder.imaging import libraries
 from watchfolder.intake.loop import Intake
 from watchfolder.intake.watcher import Watcher
 from watchfolder.journal.db import FAILING, FETCHED, PROXIED, SENDING, STORED, Journal
@@ -78,6 +79,7 @@ class Daemon:
 
     def start(self) -> None:
         """Start everything, or (on any error) stop what was started and raise."""
+        libraries.configure()  # process-wide, so here in the main thread, before any worker
         prepare_folders(self.config)
         self._lock = DaemonLock.acquire(self.config.state_dir)
         try:
