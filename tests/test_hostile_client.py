@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +152,28 @@ client.close()
     growth = (report["after"] - report["before"]) / 2**20
     assert growth < 48, f"peak RSS grew by {growth:.0f} MB for a 300 MB answer"
     dest.unlink()
+
+
+def test_requests_in_flight_share_one_deadline_thread(client: ApiClient, sandbox: Sandbox,
+                                                      image: bytes, tmp_path: Path) -> None:
+    """The whole-request bound is kept by one watchdog thread per client, not a thread per
+    request; it ends when the client is closed."""
+    sandbox.latency = 0.4
+    seen: list[int] = []
+    results: list[ApiResult] = []
+
+    def one(n: int) -> None:
+        results.append(send(client, image, tmp_path / f"result{n}.png"))
+
+    senders = [threading.Thread(target=one, args=(n,)) for n in range(3)]
+    for sender in senders:
+        sender.start()
+    while any(sender.is_alive() for sender in senders):
+        seen.append(sum(1 for t in threading.enumerate() if "deadline" in t.name))
+        time.sleep(0.02)
+    for sender in senders:
+        sender.join()
+    assert len(results) == 3
+    assert max(seen) == 1, f"{max(seen)} deadline threads for 3 requests in flight"
+    client.close()
+    assert not [t for t in threading.enumerate() if "deadline" in t.name]

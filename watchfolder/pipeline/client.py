@@ -9,8 +9,8 @@ Two defences against a server that misbehaves:
 
 - `timeout` bounds the whole request (connect, upload, headers, every byte of the answer).
   Socket timeouts only bound the wait for the next byte, so a server trickling one byte a
-  second would hold a request slot for as long as it likes; a timer shuts the connection's
-  socket down when the request's time is up (see `_Deadline`).
+  second would hold a request slot for as long as it likes; the client's one watchdog thread
+  shuts the connection's socket down when the request's time is up (see `_Deadline`).
 - The answer is streamed, never read whole: to the caller's file (written, flushed, fsynced)
   with its SHA-256 computed on the way, and never beyond `max_bytes`, so a 300 MB body costs
   one 64 KiB buffer and stops at the bound.
@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import hashlib
+import heapq
 import io
+import itertools
 import json
 import os
 import socket
@@ -115,6 +117,7 @@ class ApiClient:
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
+        self._watchdog = _Watchdog()
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -130,10 +133,13 @@ class ApiClient:
         return session
 
     def close(self) -> None:
+        """Close the connections and stop the watchdog thread (a later call starts them
+        again)."""
         with self._lock:
             for session in self._sessions:
                 session.close()
             self._sessions.clear()
+        self._watchdog.close()
 
     def remove_background(self, data: bytes, *, filename: str, mime: str,
                           dest: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -149,7 +155,7 @@ class ApiClient:
         """
         headers = {"x-api-key": self._key.reveal(), "Accept": OUTPUT_FORMATS[output_format]}
         started = time.monotonic()
-        with _Deadline(self.timeout[1]) as deadline:
+        with _Deadline(self.timeout[1], self._watchdog) as deadline:
             try:
                 response = self._session().post(
                     self.url,
@@ -210,7 +216,7 @@ class ApiClient:
                     raise BadResult(f"result too large: more than the {limit:,} bytes this "
                                     f"image can need; stopped reading", 200)
                 yield chunk
-                if deadline.expired:  # only reached when the timer could not abort the socket
+                if deadline.expired:  # only reached when the watchdog could not abort the socket
                     raise TransportError(deadline.message())
         except (requests.RequestException, OSError) as exc:
             raise self._transport_error(exc, deadline) from None
@@ -261,27 +267,29 @@ def _declared_length(response: requests.Response) -> int | None:
 # urllib3 runs each request on one connection, on the calling thread. Our connection classes
 # tell the thread's current deadline which socket the request uses (when the socket is made,
 # after the TLS handshake wraps it, and on each request over a kept-alive connection), so
-# that the deadline's timer can shut that socket down: a read or write blocked in it returns
+# that the watchdog can shut that socket down when the time is up: a read or write blocked in
+# it returns
 # at once, whatever stage the request is at (TLS handshake, upload, headers, body). The
 # socket itself is kept, not the connection: http.client hands it over to the response and
 # forgets it when the answer says `Connection: close`. An SSLSocket is shut down through the
-# plain socket method, so its TLS state is not touched from the timer's thread.
+# plain socket method, so its TLS state is not touched from the watchdog's thread. One
+# watchdog thread serves every request of a client: a thread per request would cost a thread
+# start and join on each call.
 
 _current = threading.local()
 
 
 class _Deadline:
-    """The time limit of one request: a timer that aborts its connection when it is over."""
+    """The time limit of one request: when it is over, the watchdog aborts its connection."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, watchdog: _Watchdog) -> None:
         self.seconds = seconds
         self.expired = False
+        self.due = 0.0
+        self._watchdog = watchdog
         self._socket: socket.socket | None = None
         self._finished = False
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.name = "watchfolder-api-deadline"
-        self._timer.daemon = True
 
     def message(self) -> str:
         return (f"no complete answer within {self.seconds:g} s (api.timeout_seconds bounds "
@@ -289,15 +297,14 @@ class _Deadline:
 
     def __enter__(self) -> _Deadline:
         _current.deadline = self
-        self._timer.start()
+        self.due = time.monotonic() + self.seconds
+        self._watchdog.watch(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         with self._lock:
             self._finished = True
         _current.deadline = None
-        self._timer.cancel()
-        self._timer.join()
 
     def attach(self, sock: socket.socket | None) -> None:
         if sock is None:
@@ -307,13 +314,51 @@ class _Deadline:
             if self.expired:
                 _shut_down(sock)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The time is up: shut the request's socket down (unless it finished)."""
         with self._lock:
             if self._finished:
                 return
             self.expired = True
             if self._socket is not None:
                 _shut_down(self._socket)
+
+
+class _Watchdog:
+    """One thread that expires the deadlines whose time is up, started with the first."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._due: list[tuple[float, int, _Deadline]] = []  # a heap, earliest first
+        self._count = itertools.count()  # ties in `due` never compare deadlines
+        self._thread: threading.Thread | None = None
+        self._generation = 0  # a closed watchdog's thread ends even if a new one starts
+
+    def watch(self, deadline: _Deadline) -> None:
+        with self._changed:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, args=(self._generation,),
+                                                daemon=True, name="watchfolder-api-deadlines")
+                self._thread.start()
+            heapq.heappush(self._due, (deadline.due, next(self._count), deadline))
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            thread, self._thread = self._thread, None
+            self._generation += 1
+            self._due.clear()
+            self._changed.notify()
+        if thread is not None:
+            thread.join()
+
+    def _run(self, generation: int) -> None:
+        with self._changed:
+            while generation == self._generation:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    heapq.heappop(self._due)[2].expire()  # a finished one ignores it
+                self._changed.wait(self._due[0][0] - now if self._due else None)
 
 
 def _shut_down(sock: socket.socket) -> None:
