@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from pathlib import Path
 
 from tests.conftest import LogCapture, Running, Studio, make_image, wait_for
+from watchfolder import logs
 from watchfolder.dev.sandbox import Sandbox
-from watchfolder.intake.watcher import ScanErrors, scan
+from watchfolder.intake.watcher import ScanErrors, Watcher, scan
 
 PATH_MAX = os.pathconf("/", "PC_PATH_MAX")
 
@@ -97,3 +99,34 @@ def test_the_daemon_starts_and_works_beside_a_folder_deeper_than_path_max(
         wait_for(lambda: len(studio.files(studio.archive)) == 3, what="a file dropped later")
     assert studio.files(studio.archive) == ["after.png", "before.png", "nested/before.png"]
     assert len(log_lines.events("scan.error")) == 1, "once, not at every rescan"
+
+
+INOTIFY_QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+def test_an_inotify_overflow_asks_for_a_rescan_whatever_the_log_level(
+        tmp_path: Path, log_lines: LogCapture) -> None:
+    """The kernel drops events when its inotify queue is full; watchdog tells the handler
+    (EventsLostEvent) and the watcher asks for a rescan, recursive inbox or not, and with
+    `log.level: error` too (watchdog's own warning is then not even logged). The queue is
+    made tiny while the watch is set up (the limit is taken when the inotify instance is
+    made; lowering it needs root), then restored at once."""
+    logs.configure("json", "error", stream=log_lines)
+    studio = Studio(tmp_path, "http://127.0.0.1:9", inbox={"recursive": False})
+    inbox = studio.config().inboxes[0]
+    seen: list[Path] = []
+    overflows = threading.Event()
+    watcher = Watcher((inbox,), lambda _index, path, _moved: seen.append(path), overflows.set)
+    assert os.access(INOTIFY_QUEUE, os.W_OK), "this test lowers max_queued_events: run as root"
+    original = INOTIFY_QUEUE.read_text().strip()
+    INOTIFY_QUEUE.write_text("16")
+    try:
+        watcher.start()
+    finally:
+        INOTIFY_QUEUE.write_text(original)
+    try:
+        for n in range(400):
+            (inbox.path / f"f{n}.png").write_bytes(b"x")
+        assert overflows.wait(10), "no rescan was asked for after the queue overflowed"
+    finally:
+        watcher.stop()

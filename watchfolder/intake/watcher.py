@@ -22,7 +22,6 @@ at every rescan, until the path works again), and the scan goes on with the rest
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator
@@ -34,6 +33,7 @@ from watchdog.events import (
     EVENT_TYPE_CREATED,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
+    EventsLostEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -160,11 +160,13 @@ def renamed_into_place(source: str, root: Path) -> bool:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, index: int, root: Path, deliver: Deliver, *, renames: bool) -> None:
+    def __init__(self, index: int, root: Path, deliver: Deliver, *, renames: bool,
+                 on_overflow: Callable[[], None]) -> None:
         self.index = index
         self.root = root
         self.deliver = deliver
         self.renames = renames  # whether a move may skip the settle wait
+        self.on_overflow = on_overflow
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in _INTERESTING:
@@ -177,18 +179,10 @@ class _Handler(FileSystemEventHandler):
         elif event.src_path:
             self.deliver(self.index, Path(os.fsdecode(event.src_path)), False)
 
-
-class _OverflowSpy(logging.Handler):
-    """watchdog rebuilds its watches after an inotify overflow but tells handlers nothing;
-    its warning is the only signal, and what it means for us is: rescan now."""
-
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
-        self.on_overflow = on_overflow
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self.on_overflow()
+    def on_events_lost(self, event: EventsLostEvent) -> None:
+        # The kernel's inotify queue overflowed (watchdog has restored its watches by now):
+        # what was dropped is found by rescanning.
+        self.on_overflow()
 
 
 class Watcher:
@@ -201,14 +195,13 @@ class Watcher:
         self.deliver = deliver
         self._observers: list[BaseObserver] = []
         self._watched: dict[int, BaseObserver] = {}
-        self._spy = _OverflowSpy(on_overflow)
+        self.on_overflow = on_overflow
         # watch() runs on the intake's thread (a lost watch restored), stop() on the main
         # thread (a reload, a stop): once stopped, nothing is watched any more.
         self._lock = threading.Lock()
         self._stopped = False
 
     def start(self) -> None:
-        logging.getLogger("watchdog.observers").addHandler(self._spy)
         for index in range(len(self.inboxes)):
             if index not in self.inactive:
                 self.watch(index)
@@ -243,7 +236,8 @@ class Watcher:
         try:
             # Polling compares listings: on a share, a "move" it infers from a reused inode
             # proves nothing about the data, so those files keep the settle rule.
-            handler = _Handler(index, inbox.path, self.deliver, renames=not inbox.polling)
+            handler = _Handler(index, inbox.path, self.deliver, renames=not inbox.polling,
+                               on_overflow=self.on_overflow)
             observer.schedule(handler, str(inbox.path),
                               recursive=inbox.recursive)
             observer.start()  # starts the emitters here, in our thread: inotify limits raise
@@ -278,7 +272,6 @@ class Watcher:
                 self._observers.remove(observer)
 
     def stop(self) -> None:
-        logging.getLogger("watchdog.observers").removeHandler(self._spy)
         with self._lock:
             self._stopped = True
             self._stop(list(self._observers))
