@@ -85,27 +85,9 @@ class Daemon:
         try:
             self._start()
         except BaseException:
-            self._abort()
+            # Hand-offs queued by an earlier run stay queued (durably): no wait for them.
+            self._shut_down(handoff_seconds=0)
             raise
-
-    def _abort(self) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
-        if self.intake is not None:
-            self.intake.stop()
-        if self.pipeline is not None:
-            self.pipeline.stop()
-            self.pipeline.join(self.config.shutdown_timeout_seconds)
-        if self.handoff is not None:
-            self.handoff.stop(0)
-        if self.coordinator is not None:
-            self.coordinator.stop()
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.journal is not None:
-            self.journal.close()
-        if self._lock is not None:
-            self._lock.release()
 
     def _start(self) -> None:
         config = self.config
@@ -271,6 +253,16 @@ class Daemon:
         Returns False if some had to be abandoned (their files stay waiting, journal intact).
         """
         log.info("stopping", timeout_s=self.config.shutdown_timeout_seconds)
+        clean = self._shut_down(handoff_seconds=self.config.shutdown_timeout_seconds)
+        log.info("stopped", clean=clean)
+        return clean
+
+    def _shut_down(self, *, handoff_seconds: float) -> bool:
+        """The one shutdown sequence, for a stop and for a start that failed half-way: stop
+        taking files, let requests in flight finish within the shutdown timeout, give
+        hand-offs `handoff_seconds`, then close everything that was started, in reverse.
+        False if requests had to be abandoned (the journal is then left open: a worker may
+        still write to it)."""
         if self.watcher is not None:
             self.watcher.stop()
         if self.intake is not None:
@@ -283,7 +275,7 @@ class Daemon:
                 log.warning("stop.abandoned", in_flight=self.pipeline.in_flight,
                             hint="their files stay in the inbox and are sent again next start")
         if self.handoff is not None:
-            self.handoff.stop(self.config.shutdown_timeout_seconds)
+            self.handoff.stop(handoff_seconds)
         if self.coordinator is not None:
             self.coordinator.stop()  # releases the claims of files handed back
         if self.client is not None:
@@ -297,7 +289,6 @@ class Daemon:
         if self._lock is not None:
             self._lock.release()
         self.wake.close()
-        log.info("stopped", clean=clean)
         return clean
 
     # -- reload -------------------------------------------------------------------------------
