@@ -15,7 +15,6 @@ thread takes the new configuration, the files to resume and the new watches, and
 
 from __future__ import annotations
 
-import os
 import queue
 import stat
 import threading
@@ -28,7 +27,13 @@ from typing import Any
 import structlog
 
 from watchfolder.config.settings import Config
-from watchfolder.intake.settle import SettleTracker, Signature, is_ignored
+from watchfolder.intake.settle import (
+    SettleTracker,
+    Signature,
+    is_ignored,
+    signature,
+    signature_of,
+)
 from watchfolder.intake.watcher import SCAN_ERRORS, Watcher, scan
 from watchfolder.journal.db import Journal
 from watchfolder.pipeline.jobqueue import Job
@@ -236,7 +241,7 @@ class Intake:
                 for inner in scan(path, recursive=True):
                     self._consider(index, inner, at_once=at_once)
             return
-        signature = (st.st_size, st.st_mtime_ns)
+        signature = signature_of(st)
         if self.kept.get(key) == signature:
             return
         self.known.add(key)
@@ -249,11 +254,7 @@ class Intake:
 
     def _look(self, key: Hashable) -> Signature | None:
         index, rel = _key(key)
-        try:
-            st = os.lstat(self.config.inboxes[index].path / rel)
-        except OSError:
-            return None
-        return (st.st_size, st.st_mtime_ns)
+        return signature(self.config.inboxes[index].path / rel)
 
     def _update_idle(self) -> None:
         self.pending = len(self.known)

@@ -11,9 +11,11 @@ they are left alone until renamed into place.
 from __future__ import annotations
 
 import heapq
+import os
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 
 IGNORED_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download",
                     ".swp", ".filepart", "~")
@@ -21,6 +23,23 @@ IGNORED_PREFIXES = (".", "~$", "~lock.")
 IGNORED_NAMES = ("thumbs.db", "desktop.ini", "icon\r")
 
 Signature = tuple[int, int]  # (size, mtime_ns)
+
+
+def signature_of(st: os.stat_result) -> Signature:
+    """What says a file is still the same file: its size and mtime (to the nanosecond).
+
+    The one rule for "unchanged": settling, a file kept in place (done, not sent again), the
+    original still being the content that was sent."""
+    return (st.st_size, st.st_mtime_ns)
+
+
+def signature(path: Path) -> Signature | None:
+    """The signature of the file at `path` (not following a link); None if it cannot be
+    read (gone, or not reachable)."""
+    try:
+        return signature_of(os.lstat(path))
+    except OSError:
+        return None
 
 
 def is_ignored(name: str) -> bool:

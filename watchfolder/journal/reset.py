@@ -25,6 +25,7 @@ from watchfolder.errors import StartupError
 from watchfolder.files import layout
 from watchfolder.files.layout import JOURNAL_NAME, SPOOL
 from watchfolder.files.place import sha256_file
+from watchfolder.intake.settle import signature_of
 from watchfolder.intake.watcher import scan
 from watchfolder.journal.db import DONE, Journal, encode_outputs, output_identity
 from watchfolder.service.lock import daemon_running
@@ -62,8 +63,7 @@ def _rebuild(journal: Journal, inbox: InboxConfig) -> list[str]:
             results = _results_for(inbox, rel, path) if path.is_file() else None
             if results is None:
                 continue
-            st = path.lstat()
-            record = journal.create(str(inbox.path), rel, st.st_size, st.st_mtime_ns,
+            record = journal.create(str(inbox.path), rel, *signature_of(path.lstat()),
                                     inbox.settings_key)
             placed = _placed(results)
             journal.update(record, state=DONE, result=placed[0][0], result_sha=placed[0][1],

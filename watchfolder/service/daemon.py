@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 import select
 import socket
 import threading
@@ -31,6 +30,7 @@ from watchfolder.files.place import folder_problem
 from watchfolder.handoff.wiring import HandOff
 from watchfolder.imaging import libraries
 from watchfolder.intake.loop import Intake
+from watchfolder.intake.settle import signature
 from watchfolder.intake.watcher import Watcher
 from watchfolder.journal.db import FAILING, FETCHED, PROXIED, SENDING, STORED, Journal
 from watchfolder.pipeline.budget import BudgetReached
@@ -517,11 +517,7 @@ def prepare_folders(config: Config) -> None:
 
 def still_in_place(inbox: str, rel: str, size: int, mtime_ns: int) -> bool:
     """The file a kept-in-place record describes is still at its path, unchanged."""
-    try:
-        st = os.lstat(Path(inbox) / rel)
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
+    return signature(Path(inbox) / rel) == (size, mtime_ns)
 
 
 def _clear_temp_files(inbox: InboxConfig, record: FileRecord) -> None:

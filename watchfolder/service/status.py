@@ -21,7 +21,6 @@ Opening the journal never changes it (see `Journal.for_reading`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 from watchfolder.config.settings import Config
 from watchfolder.coordination.coordinator import hosts_report
 from watchfolder.files import layout
+from watchfolder.intake.settle import signature
 from watchfolder.intake.watcher import scan
 from watchfolder.journal.db import DONE, FAILED, GONE, SENDING, Journal
 from watchfolder.pipeline.budget import midnight_after
@@ -157,11 +157,8 @@ def _count_new(root: Path, recursive: bool, known: set[str],
         rel = path.relative_to(root).as_posix()
         if rel in known:
             continue
-        if rel in kept:
-            with contextlib.suppress(OSError):
-                st = path.lstat()
-                if (st.st_size, st.st_mtime_ns) == kept[rel]:
-                    continue
+        if rel in kept and signature(path) == kept[rel]:
+            continue
         count += 1
     return count, sum(1 for path in ignored if Path(path).name != layout.CLAIMS_FOLDER)
 
