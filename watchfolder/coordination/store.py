@@ -55,10 +55,6 @@ class Store:
         self._down_since: float | None = None
         self._lock = threading.Lock()
 
-    @property
-    def reachable(self) -> bool:
-        return self._down_since is None
-
     def script(self, source: str) -> Script:
         return self.client.register_script(source)
 

@@ -27,6 +27,7 @@ from watchfolder import logs
 from watchfolder.config.handoff import WebhookSettings, display_url
 from watchfolder.handoff.retry import backoff_delay
 from watchfolder.handoff.webhook import WebhookClient, WebhookUnreachable
+from watchfolder.journal.sqlite import open_durable, open_read_only
 
 log = structlog.get_logger("watchfolder")
 
@@ -76,11 +77,7 @@ class DeliveryQueue:
         self._thread: threading.Thread | None = None
         logs.add_secret(settings.secret.reveal())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: an enqueued delivery survives power loss, not only a crash of the process.
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_durable(self.path)  # an enqueued delivery survives power loss
         self._db.executescript(_SCHEMA)
         self._db.execute("DELETE FROM deliveries WHERE state != ? AND finished < ?",
                          (PENDING, clock() - KEEP_FINISHED_SECONDS))
@@ -236,8 +233,7 @@ def pending_deliveries(state_dir: Path) -> int:
     path = Path(state_dir) / DELIVERIES_FILE
     if not path.exists():
         return 0
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
-                                            timeout=5)) as db:
+    with contextlib.closing(open_read_only(path, live=True)) as db:
         try:
             (count,) = db.execute("SELECT COUNT(*) FROM deliveries WHERE state = ?",
                                   (PENDING,)).fetchone()

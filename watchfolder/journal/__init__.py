@@ -1,5 +1,6 @@
 """The journal: the durable record of each file's state (SQLite in `state_dir`).
 
 - `db`: the `Journal` and its records; the only module that knows the schema.
+- `sqlite`: opening the daemon's SQLite files (the journal, the webhook's queue) one way.
 - `reset`: `watchfolder reset-journal`: move a damaged journal aside and rebuild it.
 """

@@ -37,6 +37,7 @@ from typing import Any
 
 from watchfolder.errors import JournalUnreadable
 from watchfolder.files.layout import JOURNAL_NAME, SPOOL
+from watchfolder.journal.sqlite import open_durable, open_read_only
 
 
 def _damaged(path: Path, detail: str) -> str:
@@ -204,11 +205,7 @@ class Journal:
         self._lock = threading.Lock()
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed step survives power loss too, not only a process crash.
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = open_durable(self.path)
             self._db.executescript(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
             for column in ("route", "proxy", "outputs", "handoff"):  # older journals
@@ -233,9 +230,7 @@ class Journal:
     def for_reading(cls, state_dir: Path, *, live: bool) -> Journal | None:
         """Open the journal without ever changing it (for `status`); None if there is none.
 
-        While the daemon runs (or its `-wal` file exists) it is opened `mode=ro`; after a clean
-        stop `immutable=1`, because a read-only open of a WAL database would create `-wal` and
-        `-shm` files owned by whoever reads (root, say), which the daemon could not write.
+        See `sqlite.open_read_only` for how (`live`: the daemon runs).
         """
         path = Path(state_dir) / JOURNAL_NAME
         if not path.exists():
@@ -244,10 +239,8 @@ class Journal:
         self.path = path
         self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
-        mode = "mode=ro" if live or Path(f"{path}-wal").exists() else "immutable=1"
         try:
-            self._db = sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True,
-                                       check_same_thread=False, timeout=5)
+            self._db = open_read_only(path, live=live)
         except sqlite3.Error as exc:
             raise JournalUnreadable(f"cannot read the journal {path}: {exc} (run status as "
                                     f"the daemon's user or a member of its group)") from None
