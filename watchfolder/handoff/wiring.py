@@ -6,10 +6,11 @@ file stays where the pipeline put it.
 
 Wiring, per finished (done or failed) file, in this order:
 
+    place the outputs (journal: stored)
     manifest = build_manifest(...); body = manifest_json(manifest)     # manifest.py
-    place the outputs, then the manifest file (done only)
+    place the manifest file, then the .done marker (done only, each when asked for)
     handoff.announce(manifest["id"], body)   # durable webhook delivery; before the journal
-    place the .done marker; journal: done / failed
+    journal: done / failed
     handoff.run_hooks(manifest, manifest_path, body)   # returns at once
     at stop: handoff.stop(timeout)   # hooks and sender joined, the queue's database closed
 """

@@ -3,11 +3,15 @@
 Every step that has an effect outside the process is written here *before* it is done, so
 that after a crash at any instant the next start resumes each file from its last state:
 
-    queued ──► sending ──► fetched ──► stored ──► done
-       │          │                                 ▲
-       │          └─► (retry / pause: back to queued)
-       └──────────────────────────► failing ──► failed        (gone: vanished from the inbox)
+    queued ──► proxied ──► sending ──► fetched ──► stored ──► done
+      │   (studio path)         │
+      │                         └─► retry / pause: back to proxied (studio) or queued
+      ├─► fetched      identical content already made: reused, no request
+      ├─► done         finished in place by another daemon (coordination)
+      └─► failing ──► failed                    (gone, from any state: vanished from the inbox)
 
+- `proxied`: a studio file's proxy is made and fsynced in the spool (`proxy`); it is what is
+  sent, also after a restart.
 - `sending`: a request may be in flight. After a crash it is sent again: that is the only
   credit a crash can cost (one per request in flight).
 - `fetched`: the result is safe in the spool (`state_dir/spool`), fsynced; nothing is paid twice.
