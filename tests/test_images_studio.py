@@ -14,7 +14,7 @@ import pytest
 import pyvips
 from PIL import Image, ImageCms, ImageOps
 
-from watchfolder.config.settings import parse_config
+from watchfolder.config.settings import EXTENSIONS, parse_config
 from watchfolder.dev.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg, studio_image
 from watchfolder.dev.sandbox import remove_backdrop
 from watchfolder.imaging import compose as imaging
@@ -71,7 +71,7 @@ def run(tmp_path: Path, original: Path, *fmts: str,
     check_proxy(tmp_path / "proxy.jpg", proxy, source, max_pixels)
     answer = answer_for(tmp_path / "proxy.jpg", tmp_path / "answer.png")
     assert inspect_result(answer, proxy.width, proxy.height) == "png"
-    outputs = [compose(original, source, answer, tmp_path / f"out.{imaging.EXTENSIONS[f]}", f)
+    outputs = [compose(original, source, answer, tmp_path / f"out.{EXTENSIONS[f]}", f)
                for f in fmts or ("png",)]
     return source, proxy, answer, outputs
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyvips
 
+from watchfolder.config.settings import IMAGE_FORMATS
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.files import atomic
 from watchfolder.imaging import metadata as meta
@@ -40,8 +41,6 @@ from watchfolder.imaging.inspect import (
 )
 from watchfolder.imaging.metadata import Metadata
 
-OUTPUT_FORMATS = ("png", "webp", "jpeg", "tiff")
-EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg", "tiff": "tif"}
 PROXY_QUALITIES = (92, 85, 75)  # JPEG qualities tried in turn to stay under 30 MB
 # No optimize_coding anywhere: libjpeg then holds every DCT coefficient of the image
 # (300 MB for a 25 MP proxy) to build its Huffman tables, for files about 5 % smaller.
@@ -348,8 +347,8 @@ def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, 
     RGB in WEBP only. Raises InputRejected("output_too_large") when the format cannot hold
     the size, OSError when writing fails.
     """
-    if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, not {fmt!r}")
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"output format must be one of {IMAGE_FORMATS}, not {fmt!r}")
     limit = {"webp": WEBP_MAX_SIDE, "jpeg": JPEG_MAX_SIDE}.get(fmt)
     if limit and max(image.width, image.height) > limit:
         raise InputRejected("output_too_large",

@@ -41,6 +41,7 @@ import pillow_heif
 import pyvips
 from PIL import ImageCms
 
+from watchfolder.config.settings import EXTENSIONS
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.imaging import containers
 
@@ -81,8 +82,8 @@ def _aliases() -> Path:
     return folder
 
 
-API_FORMATS = {"jpeg": ("image/jpeg", "jpg"), "png": ("image/png", "png"),
-               "webp": ("image/webp", "webp")}
+# What the API takes and answers in: the MIME type it is sent as, the extension it is saved as.
+API_FORMATS = {fmt: (f"image/{fmt}", EXTENSIONS[fmt]) for fmt in ("jpeg", "png", "webp")}
 _NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "tiff": "TIFF", "heic": "HEIC",
           "avif": "AVIF"}
 _COLOUR_BANDS = {"grey": 1, "rgb": 3, "cmyk": 4}

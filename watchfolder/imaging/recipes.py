@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pyvips
 
+from watchfolder.config.settings import POSITIONS
 from watchfolder.imaging.compose import Cutout, answer_mask, scale_to, to_srgb
 
-POSITIONS = ("center", "top", "bottom", "left", "right", "top-left", "top-right",
-             "bottom-left", "bottom-right")
 SUBJECT_THRESHOLD = 16  # alpha (of 255) from which a pixel counts as part of the subject
 
 Colour = tuple[int, int, int]
