@@ -3,7 +3,8 @@ JPEG segments, RIFF chunks. Nothing here decodes a pixel.
 
 Used to tell formats apart from their bytes (never the extension), to recognise camera raw
 files by their tags, to find where an image really ends (trailing garbage), and to add
-metadata to a file without re-encoding it.
+metadata to a file without re-encoding it, and whether a PNG's compressed pixel data is
+complete (`png_inflates`: inflated and its row structure checked, never unfiltered).
 """
 
 from __future__ import annotations
@@ -392,3 +393,64 @@ def webp_alpha(data: bytes | mmap.mmap) -> bool:
             bits = int.from_bytes(data[chunk.data_start + 1:chunk.data_start + 5], "little")
             return bool(bits >> 28 & 1)
     return False
+
+
+# Colour type → samples per pixel. Palette images (3) are left to libvips: an index past
+# the palette's end is an error only a decoder sees.
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 4: (8, 16), 6: (8, 16)}
+_INFLATE_STEP = 1 << 20  # bytes inflated at a time: memory stays flat whatever the size
+
+
+def png_inflates(data: bytes | mmap.mmap) -> str | None:
+    """Whether a PNG's pixel data is complete, without decoding a pixel through libvips.
+
+    None: sound (every chunk's CRC matches; the IDAT stream inflates, its checksum holds,
+    to exactly the rows IHDR declares, each starting with a valid filter type, with
+    nothing left over; unfiltering such data cannot fail). A message: what is wrong. "":
+    not decided here (interlaced or palette images): decode it with libvips instead.
+    Costs one inflate in C, a fraction of a libvips decode and none of its set-up, which
+    dominates for the small images of the fast path.
+    """
+    try:
+        width, height = png_size(data)
+        chunks = list(png_chunks(data))
+    except ValueError as exc:
+        return str(exc)
+    depth, colour, _, _, interlace = data[24], data[25], data[26], data[27], data[28]
+    if colour not in _PNG_CHANNELS or interlace != 0:
+        return ""
+    if depth not in _PNG_DEPTHS[colour]:
+        return f"bit depth {depth} is not valid for PNG colour type {colour}"
+    stride = 1 + (width * _PNG_CHANNELS[colour] * depth + 7) // 8
+    expected, done = height * stride, 0
+    inflater = zlib.decompressobj()
+    view = memoryview(data)
+    try:
+        for chunk in chunks:
+            body = view[chunk.data_start:chunk.data_start + chunk.length]
+            crc = int.from_bytes(view[chunk.end - 4:chunk.end], "big")
+            if zlib.crc32(body, zlib.crc32(chunk.type)) != crc:
+                return f"PNG chunk {chunk.type!r} fails its CRC (corrupt)"
+            if chunk.type != b"IDAT":
+                continue
+            pending: bytes | memoryview = body
+            while pending:
+                if inflater.eof:
+                    return "data after the end of the compressed pixel stream"
+                rows = inflater.decompress(pending, _INFLATE_STEP)
+                pending = inflater.unconsumed_tail
+                if done + len(rows) > expected:
+                    return f"more pixel data than {width}x{height} can hold"
+                if rows and max(rows[(-done) % stride::stride], default=0) > 4:
+                    return "a row with an invalid filter type (corrupt)"
+                done += len(rows)
+        if not inflater.eof:
+            return f"the pixel data stops after {done:,} of {expected:,} bytes (truncated)"
+    except zlib.error as exc:
+        return f"the pixel data does not inflate: {exc}"
+    finally:
+        view.release()
+    if inflater.unused_data or done != expected:
+        return f"{done:,} bytes of pixel data where {width}x{height} needs {expected:,}"
+    return None

@@ -7,7 +7,7 @@ streaming, so a truncated file is refused before a request is spent:
     inspect_source(path)  -> Source    route "fast" (send the bytes as they are) or "studio"
                                        (send a proxy, compose at full size: see imaging.py)
     inspect_result(path, w, h) -> ext  the API's answer: header first (image bombs), then a
-                                       full decode (a PNG: `png_inflates`) and no bytes
+                                       full decode (a PNG: containers.png_inflates), no bytes
                                        after the image's end
     max_answer_bytes(w, h)             a bound for streaming the answer to disk
 
@@ -31,7 +31,6 @@ import os
 import shutil
 import tempfile
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -456,7 +455,7 @@ def verify_decodes(path: Path, source: Source) -> None:
     """Decode the whole image once, streaming; raise InputRejected("corrupt") if it fails.
 
     A JPEG is decoded at 1/8 scale: every byte of its stream is still read, so truncation
-    is caught, for a fraction of the time and memory. A PNG is checked by `png_inflates`
+    is caught, for a fraction of the time and memory. A PNG is checked by containers' `png_inflates`
     (its pixel data inflated to the exact size, every chunk's CRC), without libvips.
     """
     try:
@@ -466,7 +465,7 @@ def verify_decodes(path: Path, source: Source) -> None:
         if source.format == "png":
             with path.open("rb") as handle, \
                     mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                problem = png_inflates(data)
+                problem = containers.png_inflates(data)
             if problem is None:
                 return
             if problem:
@@ -553,7 +552,7 @@ def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
     if end != len(data):
         raise BadResult(f"the API's answer has {len(data) - end} bytes after the end of the "
                         f"image", 200)
-    problem = png_inflates(data) if kind == "png" else ""
+    problem = containers.png_inflates(data) if kind == "png" else ""
     if problem:
         raise BadResult(f"the API answered 200 but the body does not decode completely: "
                         f"{problem}", 200)
@@ -565,64 +564,3 @@ def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
             raise BadResult(f"the API answered 200 but the body does not decode completely: "
                             f"{_vips_message(exc)}", 200) from None
     return API_FORMATS[kind][1]
-
-
-# Colour type → samples per pixel. Palette images (3) are left to libvips: an index past
-# the palette's end is an error only a decoder sees.
-_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
-_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 4: (8, 16), 6: (8, 16)}
-_INFLATE_STEP = 1 << 20  # bytes inflated at a time: memory stays flat whatever the size
-
-
-def png_inflates(data: bytes | mmap.mmap) -> str | None:
-    """Whether a PNG's pixel data is complete, without decoding a pixel through libvips.
-
-    None: sound (every chunk's CRC matches; the IDAT stream inflates, its checksum holds,
-    to exactly the rows IHDR declares, each starting with a valid filter type, with
-    nothing left over; unfiltering such data cannot fail). A message: what is wrong. "":
-    not decided here (interlaced or palette images): decode it with libvips instead.
-    Costs one inflate in C, a fraction of a libvips decode and none of its set-up, which
-    dominates for the small images of the fast path.
-    """
-    try:
-        width, height = containers.png_size(data)
-        chunks = list(containers.png_chunks(data))
-    except ValueError as exc:
-        return str(exc)
-    depth, colour, _, _, interlace = data[24], data[25], data[26], data[27], data[28]
-    if colour not in _PNG_CHANNELS or interlace != 0:
-        return ""
-    if depth not in _PNG_DEPTHS[colour]:
-        return f"bit depth {depth} is not valid for PNG colour type {colour}"
-    stride = 1 + (width * _PNG_CHANNELS[colour] * depth + 7) // 8
-    expected, done = height * stride, 0
-    inflater = zlib.decompressobj()
-    view = memoryview(data)
-    try:
-        for chunk in chunks:
-            body = view[chunk.data_start:chunk.data_start + chunk.length]
-            crc = int.from_bytes(view[chunk.end - 4:chunk.end], "big")
-            if zlib.crc32(body, zlib.crc32(chunk.type)) != crc:
-                return f"PNG chunk {chunk.type!r} fails its CRC (corrupt)"
-            if chunk.type != b"IDAT":
-                continue
-            pending: bytes | memoryview = body
-            while pending:
-                if inflater.eof:
-                    return "data after the end of the compressed pixel stream"
-                rows = inflater.decompress(pending, _INFLATE_STEP)
-                pending = inflater.unconsumed_tail
-                if done + len(rows) > expected:
-                    return f"more pixel data than {width}x{height} can hold"
-                if rows and max(rows[(-done) % stride::stride], default=0) > 4:
-                    return "a row with an invalid filter type (corrupt)"
-                done += len(rows)
-        if not inflater.eof:
-            return f"the pixel data stops after {done:,} of {expected:,} bytes (truncated)"
-    except zlib.error as exc:
-        return f"the pixel data does not inflate: {exc}"
-    finally:
-        view.release()
-    if inflater.unused_data or done != expected:
-        return f"{done:,} bytes of pixel data where {width}x{height} needs {expected:,}"
-    return None
