@@ -428,6 +428,14 @@ class Journal:
         except (TypeError, ValueError, KeyError):
             return None
 
+    def set_meta(self, key: str, value: str | None) -> None:
+        """A value the pipeline's pause keeps (per-inbox holds); `paused` and `credits` have
+        their typed accessors above."""
+        self._set_meta(key, value)
+
+    def meta(self) -> dict[str, str | None]:
+        return dict(self._query("SELECT k, v FROM meta"))  # type: ignore[arg-type]
+
     def _set_meta(self, key: str, value: str | None) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))

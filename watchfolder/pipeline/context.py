@@ -9,9 +9,7 @@ The credits last reported by the API are `Credits`' alone.
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -60,8 +58,7 @@ class Credits:
             warn = credits < threshold and not self._warned
             self._warned = credits < threshold
             # For `watchfolder status`, also after a stop (records finish out of order).
-            self._journal.set_meta("credits", json.dumps({"remaining": credits,
-                                                          "at": time.time()}))
+            self._journal.set_credits(credits)
         if warn:
             log.warning("credits.low", credits_remaining=credits, threshold=threshold,
                         hint="top up the Clipdrop account before it runs out")

@@ -73,9 +73,6 @@ from watchfolder.journal.db import (
     STORED,
     FileRecord,
     Journal,
-    encode_outputs,
-    encode_reused,
-    output_identity,
 )
 from watchfolder.pipeline import outputs
 from watchfolder.pipeline.budget import BudgetReached
@@ -93,14 +90,13 @@ from watchfolder.pipeline.work import (
     Work,
     back_from_sending,
     failing,
-    reused,
 )
 
 log = structlog.get_logger("watchfolder")
 
 
 def _heavy_outputs(record: FileRecord, inbox: InboxConfig) -> str | None:
-    return LOCAL if outputs.heavy(record.route, inbox, 0, reused(record.reuse_from)) else None
+    return LOCAL if outputs.heavy(record.route, inbox, 0, record.reused()) else None
 
 
 # A request slot is held from before the limiter is asked until the file is finished: its

@@ -174,8 +174,10 @@ def manifest_for(record: FileRecord, src: Path, event: str,
     outputs written in this run and the original's upright size if it was inspected (what
     is not known is read from the files' headers: a copy, or after a restart)."""
     outputs = []
-    entries = json.loads(record.outputs or "[]") if event == "done" else []
+    entries = record.placed() if event == "done" else []
     for index, entry in enumerate(entries):
+        if entry is None:
+            continue
         out = made[index] if made and index < len(made) else None
         fmt: str | None
         width: int | None

@@ -54,7 +54,7 @@ class Pause:
         if journal is not None:
             # An account or budget pause belongs to the process that saw it; a person's
             # pause is kept until that person (or another) clears it.
-            journal.set_meta("paused", None)
+            journal.set_paused(None)
             self._held = {inbox: held.removeprefix("paused by ")
                           for inbox, held in held_in(journal.meta()).items()}
 
@@ -82,7 +82,7 @@ class Pause:
             self._probe_every = probe_in
             self._probe_at = self.clock() + probe_in
         if self._journal is not None:
-            self._journal.set_meta("paused", f"{error.reason}: {error.message}")
+            self._journal.set_paused(f"{error.reason}: {error.message}")
         return newly
 
     def resume(self, *, kind: type[Exception] | None = None) -> bool:
@@ -93,7 +93,7 @@ class Pause:
                 self._error = None
         if was:
             if self._journal is not None:
-                self._journal.set_meta("paused", None)
+                self._journal.set_paused(None)
             self._changed()
         return was
 

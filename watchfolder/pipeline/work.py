@@ -7,7 +7,6 @@ key for reuse, the earlier results a record reuses.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,18 +114,6 @@ class Twins:
                 return []
             del self._owners[identity]
             return self._waiting.pop(identity, [])
-
-
-def output_identity(identity: str, index: int) -> str:
-    """A result's key for reuse: the content and settings, and which output of the recipe."""
-    return identity if index == 0 else f"{identity}#{index}"
-
-
-def reused(reuse_from: str | None) -> list[str]:
-    """The earlier results a record reuses (0.1 journaled one path, not a JSON list)."""
-    if not reuse_from:
-        return []
-    return json.loads(reuse_from) if reuse_from.startswith("[") else [reuse_from]
 
 
 def moved(src: Path, dest: Path) -> bool:

@@ -32,7 +32,15 @@ from watchfolder.imaging import libraries
 from watchfolder.intake.loop import Intake
 from watchfolder.intake.settle import signature
 from watchfolder.intake.watcher import Watcher
-from watchfolder.journal.db import FAILING, FETCHED, PROXIED, SENDING, STORED, Journal
+from watchfolder.journal.db import (
+    FAILING,
+    FETCHED,
+    PROXIED,
+    SENDING,
+    STORED,
+    FileRecord,
+    Journal,
+)
 from watchfolder.pipeline.budget import BudgetReached
 from watchfolder.pipeline.client import ApiClient
 from watchfolder.pipeline.driver import Pipeline

@@ -133,13 +133,11 @@ def _read_journal(journal: Journal, report: dict[str, Any],
         {"inbox": r.inbox, "file": r.rel, "reason": r.reason, "message": r.message,
          "status": r.status, "moved_to": r.error_path, "at": _iso(r.updated)}
         for r in journal.recent_failures(RECENT_FAILURES)]
-    meta = journal.meta()
-    report["paused"] = meta.get("paused") or None
-    report["paused_inboxes"] = held_in(meta)
-    with contextlib.suppress(TypeError, ValueError, KeyError):
-        credits = json.loads(meta.get("credits") or "null")
-        report["credits"] = {"remaining": int(credits["remaining"]),
-                             "seen_at": _iso(float(credits["at"]))}
+    report["paused"] = journal.paused()
+    report["paused_inboxes"] = held_in(journal.meta())
+    credits = journal.credits()
+    if credits is not None:
+        report["credits"] = {"remaining": credits.remaining, "seen_at": _iso(credits.at)}
 
 
 def _iso(timestamp: float) -> str:

@@ -21,7 +21,10 @@ from typing import Any
 import structlog
 
 from watchfolder import __version__, failpoints
-from watchfolder.files.place import NAME_MAX, REASON_SUFFIX, move_into, write_atomic
+from watchfolder.files import layout
+from watchfolder.files.atomic import write_atomic
+from watchfolder.files.layout import REASON_SUFFIX
+from watchfolder.files.place import NAME_MAX, move_into
 from watchfolder.handoff.manifest import manifest_json
 from watchfolder.journal.db import DONE, FAILED, FileRecord
 from watchfolder.logs import readable
@@ -105,11 +108,11 @@ def hand_off(ctx: Context, work: Work) -> None:
     owner = manifest["id"].encode()
     manifest_path = None
     if event == "done" and inbox.manifest:
-        manifest_path = ctx.destinations.replace_own(
-            inbox.outbox, outputs.sidecar(record, inbox, work.job.rel, ".json"), body, owner)
+        sidecar = outputs.sidecar(record, inbox, work.job.rel, layout.MANIFEST_SUFFIX)
+        manifest_path = ctx.destinations.replace_own(inbox.outbox, sidecar, body, owner)
     if event == "done" and inbox.done_marker:
         ctx.destinations.replace_own(
-            inbox.outbox, outputs.sidecar(record, inbox, work.job.rel, ".done"),
+            inbox.outbox, outputs.sidecar(record, inbox, work.job.rel, layout.DONE_SUFFIX),
             owner + b"\n", owner)
         failpoints.hit("marked")
     if handoff is not None:

@@ -10,7 +10,6 @@ what will be sent is made: the original's bytes (fast path), or a proxy (studio 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 from pathlib import Path
@@ -19,10 +18,19 @@ from typing import Any
 import structlog
 
 from watchfolder.errors import InputRejected
+from watchfolder.files import layout
 from watchfolder.files.place import sha256_file
 from watchfolder.imaging.compose import make_proxy
 from watchfolder.imaging.inspect import inspect_source, verify_decodes
-from watchfolder.journal.db import DONE, FETCHED, GONE, PROXIED, QUEUED
+from watchfolder.journal.db import (
+    DONE,
+    FETCHED,
+    GONE,
+    PROXIED,
+    QUEUED,
+    encode_reused,
+    output_identity,
+)
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.steps.admit import admit
 from watchfolder.pipeline.work import (
@@ -32,7 +40,6 @@ from watchfolder.pipeline.work import (
     Payload,
     Work,
     failing,
-    output_identity,
     sha_or_none,
 )
 
@@ -79,14 +86,14 @@ def prepare(ctx: Context, work: Work) -> Outcome:
     earlier = _earlier_results(ctx, [identity, f"{sha}|{inbox.legacy_settings_key}"],
                                len(inbox.outputs) or 1)
     if earlier is not None:
-        return Advance(FETCHED, {**seen, "reuse_from": json.dumps(earlier), "spool": None})
+        return Advance(FETCHED, {**seen, "reuse_from": encode_reused(earlier), "spool": None})
     if not ctx.twins.claim(identity, job):
         return Park(twin=True, changes=seen)
     if source.route == "fast":
         width, height = source.width, source.height
         return admit(ctx, work, Payload(data, source.mime, width, height), seen,
                      need=width * height * 4)
-    proxy = ctx.journal.spool_dir / f"{record.id}.proxy.jpg"
+    proxy = ctx.journal.spool_dir / layout.proxy_name(record.id)
     try:
         made = make_proxy(src, source, proxy)
     except InputRejected as exc:

@@ -24,7 +24,8 @@ from watchfolder.errors import (
     RateLimited,
     Retryable,
 )
-from watchfolder.files.place import fsync_dir
+from watchfolder.files import layout
+from watchfolder.files.atomic import fsync_dir
 from watchfolder.imaging.inspect import inspect_result
 from watchfolder.journal.db import FETCHED
 from watchfolder.pipeline.client import ApiResult, max_result_bytes
@@ -54,7 +55,7 @@ def send(ctx: Context, work: Work) -> Outcome:
     # output, made locally.
     asked = "png" if record.route == "studio" or inbox.output_format == "tiff" \
         or inbox.outputs else inbox.output_format
-    part = ctx.journal.spool_dir / f".{record.id}.part"
+    part = ctx.journal.spool_dir / layout.part_name(record.id)
     try:
         result = _call_api(
             ctx, payload.data, filename=_sendable(PurePosixPath(work.job.rel).name),
@@ -83,7 +84,7 @@ def send(ctx: Context, work: Work) -> Outcome:
         ctx.destinations.failed(ctx.journal.spool_dir, exc)
     failpoints.hit("answered")
     ctx.accepted(probe=work.job.probe)
-    spool = ctx.journal.spool_dir / f"{record.id}.{ext}"
+    spool = ctx.journal.spool_dir / layout.answer_name(record.id, ext)
     part.replace(spool)
     fsync_dir(spool.parent)
     failpoints.hit("spooled")

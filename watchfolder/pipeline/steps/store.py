@@ -6,7 +6,6 @@ manifest (nothing is read again)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import structlog
@@ -14,7 +13,7 @@ import structlog
 from watchfolder import failpoints
 from watchfolder.errors import InputRejected
 from watchfolder.imaging.compose import Output
-from watchfolder.journal.db import QUEUED, STORED
+from watchfolder.journal.db import QUEUED, STORED, encode_outputs, output_identity
 from watchfolder.pipeline import outputs
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.work import (
@@ -22,8 +21,6 @@ from watchfolder.pipeline.work import (
     Outcome,
     Work,
     failing,
-    output_identity,
-    reused,
     sha_or_none,
 )
 
@@ -33,10 +30,10 @@ log = structlog.get_logger("watchfolder")
 def store(ctx: Context, work: Work) -> Outcome:
     """Make and place every output not placed yet; forget the spool with the last one."""
     record, inbox, job = work.record, work.inbox, work.job
-    earlier = reused(record.reuse_from)
+    earlier = record.reused()
     answer = Path(record.spool or (earlier[0] if earlier else ""))
     count = len(inbox.outputs) or 1
-    placed: list[list[str] | None] = json.loads(record.outputs or "null") or [None] * count
+    placed: list[tuple[str, str] | None] = record.placed() or [None] * count
     done = [entry is not None and sha_or_none(Path(entry[0])) == entry[1] for entry in placed]
     if not all(done) and not (answer.is_file() and all(Path(r).is_file() for r in earlier)):
         # The spool or the reused results vanished (cleaned up by hand): ask again.
@@ -58,13 +55,13 @@ def store(ctx: Context, work: Work) -> Outcome:
         wrote: list[object] = []
 
         def claim(name: Path, digest: str, index: int = index) -> None:
-            placed[index] = [str(name), digest]
+            placed[index] = (str(name), digest)
             first = placed[0]
-            ctx.journal.update(record, outputs=json.dumps(placed),
+            ctx.journal.update(record, outputs=encode_outputs(placed),
                                result=first[0] if first else None,
                                result_sha=first[1] if first else None)
 
-        def ours(name: Path, entry: list[str] | None = entry) -> bool:
+        def ours(name: Path, entry: tuple[str, str] | None = entry) -> bool:
             return entry is not None and sha_or_none(name) == entry[1]
 
         def produce(dest: Path, make: outputs.Maker = maker, wrote: list[object] = wrote) -> None:
@@ -77,7 +74,7 @@ def store(ctx: Context, work: Work) -> Outcome:
                 adopt_identical=not earlier)
         except InputRejected as exc:  # the original no longer decodes, or too large
             return failing(exc.reason, exc.message)         # for the asked format
-        placed[index] = [str(path), sha]
+        placed[index] = (str(path), sha)
         if wrote and isinstance(wrote[-1], Output):
             made[index] = dataclasses.replace(wrote[-1], path=path)
         failpoints.hit("result-placed")
