@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.conftest import Running, Studio, make_image, run_watchfolder, wait_for
 from watchfolder.dev.sandbox import Sandbox
 from watchfolder.journal.db import Journal
-from watchfolder.service.daemon import still_in_place
+from watchfolder.service.recovery import still_in_place
 
 
 def test_a_damaged_journal_exits_2_naming_the_file_and_the_fix(studio: Studio,

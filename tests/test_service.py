@@ -28,8 +28,9 @@ from watchfolder.config.settings import CREDENTIAL_NAME
 from watchfolder.dev.sandbox import Sandbox
 from watchfolder.errors import ConfigError, StartupError
 from watchfolder.pipeline.jobqueue import Job
-from watchfolder.service.daemon import Daemon, supervise
+from watchfolder.service.daemon import Daemon
 from watchfolder.service.notify import Notifier
+from watchfolder.service.runloop import supervise
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "watchfolder.service"

@@ -24,9 +24,10 @@ from watchfolder.errors import ConfigError, JournalUnreadable, StartupError
 from watchfolder.files.requeue import report, requeue
 from watchfolder.journal.reset import reset_journal
 from watchfolder.service import status
-from watchfolder.service.daemon import EXIT_USAGE, STATUS_SECONDS, Daemon, supervise
+from watchfolder.service.daemon import EXIT_USAGE, Daemon
 from watchfolder.service.notify import Notifier
 from watchfolder.service.progress import ProgressLine
+from watchfolder.service.runloop import STATUS_SECONDS, supervise
 
 log = structlog.get_logger("watchfolder")
 

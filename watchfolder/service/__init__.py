@@ -1,6 +1,8 @@
 """The service: the daemon's life and the windows into it.
 
-- `daemon`: wiring journal, limiter, client, pipeline and intake; start, run, reload, stop.
+- `daemon`: wiring journal, limiter, client, pipeline and intake; start, reload, stop.
+- `runloop`: the main loop (watchdog pings, STATUS=, signals' requests) and its `Waker`.
+- `recovery`: what a start puts right: folders, unfinished records, a crash's left-overs.
 - `lock`: one daemon per state_dir.
 - `notify`: the sd_notify protocol.
 - `metrics`: Prometheus metrics.

@@ -1,22 +1,18 @@
 """Wiring: journal, limiter, client, pipeline, intake and watchers; start, run, reload, stop.
 
 `Daemon.start()` returns once every watch is set and the start-up scan is queued (the moment
-systemd's READY=1 and the `ready` log line stand for). `supervise` is the main loop: it pings
-the watchdog, keeps STATUS= current, and does what signal handlers asked for (they only set
-flags). Parsing argv, installing signal handlers and exit codes belong to cli.py.
+systemd's READY=1 and the `ready` log line stand for); `runloop.supervise` then runs it until a
+stop; `stop()` is the one shutdown sequence. What a start puts right (folders, unfinished
+records, left-overs of a crash) is in `recovery`. Parsing argv, installing signal handlers and
+exit codes belong to cli.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import select
-import socket
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import structlog
@@ -24,36 +20,31 @@ import structlog
 from watchfolder import logs
 from watchfolder.config.settings import Config, InboxConfig
 from watchfolder.coordination.coordinator import Coordinator
-from watchfolder.errors import AccountError, ConfigError
-from watchfolder.files import layout
-from watchfolder.files.place import folder_problem
+from watchfolder.errors import AccountError
 from watchfolder.handoff.wiring import HandOff
 from watchfolder.imaging import libraries
 from watchfolder.intake.loop import Intake
-from watchfolder.intake.settle import signature
 from watchfolder.intake.watcher import Watcher
 from watchfolder.journal.db import (
-    FAILING,
-    FETCHED,
-    PROXIED,
-    SENDING,
-    STORED,
-    FileRecord,
     Journal,
 )
 from watchfolder.pipeline.budget import BudgetReached
 from watchfolder.pipeline.client import ApiClient
 from watchfolder.pipeline.driver import Pipeline
 from watchfolder.pipeline.jobqueue import Job
-from watchfolder.service import status
 from watchfolder.service.lock import DaemonLock
 from watchfolder.service.metrics import Metrics
-from watchfolder.service.notify import Notifier
+from watchfolder.service.recovery import (
+    prepare_folders,
+    remove_orphans,
+    resume_jobs,
+    still_in_place,
+)
+from watchfolder.service.runloop import Waker
 
 log = structlog.get_logger("watchfolder")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCOUNT = 0, 1, 2, 3
-STATUS_SECONDS = 5.0  # how often STATUS= may change at most, when no watchdog asks for more
 
 
 class Daemon:
@@ -122,10 +113,11 @@ class Daemon:
             self.pipeline.ctx.handoff = self.handoff
         self.intake = Intake(config, journal, self.pipeline.submit,
                              on_idle=self.request_stop if self.once else None)
-        resumed = self._resume(range(len(config.inboxes)), report_orphans=True)
+        resumed = resume_jobs(journal, config.inboxes, range(len(config.inboxes)),
+                              report_orphans=True)
         for job in resumed:
             self.intake.adopt(job)
-        self._remove_orphans(journal)
+        remove_orphans(journal)
         self.pipeline.start()
         if not self.once:
             self.watcher = Watcher(config.inboxes, self.intake.offer, self.intake.request_rescan)
@@ -137,38 +129,6 @@ class Daemon:
                  resumed=len(resumed), once=self.once, api_url=config.api.url,
                  requests_per_minute=config.api.requests_per_minute,
                  concurrency=config.api.concurrency)
-
-    def _resume(self, indexes: range | list[int], *, report_orphans: bool = False) -> list[Job]:
-        """Jobs for the unfinished journal records of these inboxes (after a crash or stop, or
-        when a reload configures an inbox again); temp files a crash left are cleared."""
-        journal = self.journal
-        assert journal is not None
-        inboxes = self.config.inboxes
-        wanted = {str(inboxes[index].path): index for index in indexes}
-        jobs = []
-        for record in journal.unfinished():
-            index = wanted.get(record.inbox)
-            if index is None:
-                if report_orphans:
-                    log.warning("journal.orphan", inbox=record.inbox, file=record.rel,
-                                state=record.state, hint="this inbox is no longer configured; "
-                                "the file resumes when it is configured again")
-                continue
-            _clear_temp_files(inboxes[index], record)
-            jobs.append(Job(index, record.rel, record=record))
-        return jobs
-
-    @staticmethod
-    def _remove_orphans(journal: Journal) -> None:
-        """Spool files no unfinished record points at (a crash before their unlink). A proxy
-        is kept while its record may still send it: making it again costs seconds of CPU."""
-        referenced = {record.spool for record in journal.unfinished()
-                      if record.spool and record.state == FETCHED}
-        referenced |= {record.proxy for record in journal.unfinished()
-                       if record.proxy and record.state in (PROXIED, SENDING)}
-        for leftover in journal.spool_dir.iterdir():
-            if str(leftover) not in referenced:
-                leftover.unlink(missing_ok=True)
 
     # -- callbacks from the pipeline ----------------------------------------------------------
 
@@ -323,23 +283,7 @@ class Daemon:
         new = dataclasses.replace(new, state_dir=old.state_dir, api=dataclasses.replace(
             new.api, concurrency=old.api.concurrency))
         prepare_folders(new)
-        slots = list(old.inboxes)
-        inactive = set(range(len(slots)))
-        added: list[int] = []
-        changed: list[int] = []
-        for inbox in new.inboxes:
-            index = next((i for i, slot in enumerate(slots) if slot.path == inbox.path), None)
-            if index is None:
-                index = len(slots)
-                slots.append(inbox)
-                added.append(index)
-            elif index in self.inactive:
-                slots[index] = inbox
-                added.append(index)  # configured again
-            elif slots[index] != inbox:
-                slots[index] = inbox
-                changed.append(index)
-            inactive.discard(index)
+        slots, inactive, added, changed = match_slots(old.inboxes, self.inactive, new.inboxes)
         removed = sorted(inactive - self.inactive)
         if new.metrics.listen != old.metrics.listen:
             if new.metrics.listen:
@@ -375,7 +319,8 @@ class Daemon:
             self.watcher = Watcher(config.inboxes, intake.offer, intake.request_rescan,
                                    inactive=inactive)
             self.watcher.start()
-        resume = self._resume(added + changed)
+        assert self.journal is not None
+        resume = resume_jobs(self.journal, config.inboxes, added + changed)
         reply = intake.reconfigure(config, inactive, self.watcher, resume, added + changed)
         try:
             found: int | None = reply.result(timeout=max(60.0, config.rescan_seconds))
@@ -393,152 +338,30 @@ class Daemon:
                         hint="these keep their old value until watchfolder restarts")
 
 
-def supervise(daemon: Daemon, notifier: Notifier,
-              reload: Callable[[], bool] | None = None, *,
-              status_seconds: float = STATUS_SECONDS,
-              on_tick: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Run the main loop of a started daemon until a stop is requested.
+def match_slots(old: tuple[InboxConfig, ...], inactive: set[int],
+                new: tuple[InboxConfig, ...]) -> tuple[list[InboxConfig], set[int], list[int],
+                                                        list[int]]:
+    """Where each inbox of a reloaded configuration goes: (slots, inactive, added, changed).
 
-    `reload` re-reads the configuration and returns whether it was applied; None (--once)
-    ignores reload requests. Signal handlers only set the daemon's flags; everything they
-    ask for happens here, in the main thread. `on_tick` gets the snapshot at every turn (the
-    progress line of `run --once` on a terminal).
+    An inbox keeps its slot (found by path) for the life of the process; a new one gets a new
+    slot; one configured again after a reload removed it counts as added; one no longer
+    configured is inactive.
     """
-    tick = min(status_seconds, notifier.ping_interval or status_seconds)
-    note: str | None = None
-    shown: str | None = _summary(daemon, note)
-    withheld = False
-    notifier.ready(shown)
-    while True:
-        daemon.housekeeping()
-        problems = daemon.problems()
-        if not problems:
-            notifier.watchdog()
-            if withheld:
-                withheld = False
-                log.warning("watchdog.resumed", hint="every thread is alive again")
-        elif not withheld:
-            withheld = True
-            log.critical("watchdog.withheld", problems=problems,
-                         hint="systemd restarts the service when its WatchdogSec= expires; "
-                              "without systemd, restart watchfolder")
-        if on_tick is not None:
-            on_tick(daemon.snapshot())
-        text = _summary(daemon, note, problems)
-        if text != shown:
-            notifier.status(text)
-            shown = text
-        daemon.wake.wait(tick)  # drains what woke it: nothing to clear
-        if daemon.finished.is_set():
-            break
-        if daemon.reload_requested:
-            daemon.reload_requested = False
-            if reload is None:
-                log.warning("reload.ignored", why="--once runs do not reload")
-                continue
-            notifier.reloading()
-            note = None if reload() else "last reload rejected, see the log"
-            shown = _summary(daemon, note)
-            notifier.ready(shown)
-    snapshot = daemon.snapshot()
-    notifier.stopping(f"stopping: {snapshot.get('in_flight', 0)} in flight, "
-                      f"{snapshot.get('waiting', 0)} waiting")
-    notifier.close()
-
-
-def _summary(daemon: Daemon, note: str | None, problems: list[str] | None = None) -> str:
-    parts = [status.summary(daemon.snapshot())]
-    if problems:
-        parts.append("UNHEALTHY: " + "; ".join(problems))
-    if note:
-        parts.append(note)
-    return "; ".join(parts)
-
-
-class Waker:
-    """Wakes the main loop from a signal handler or another thread.
-
-    A `threading.Event` is not safe here: its `set()` takes a lock that the interrupted main
-    thread may be holding inside `wait()`, and the handler would deadlock. This is the
-    self-pipe trick (as asyncio does it): `set()` is one non-blocking send, no lock.
-    """
-
-    def __init__(self) -> None:
-        self._pair: tuple[socket.socket, socket.socket] | None = None
-        self._early = False  # set() before open(): e.g. --once found nothing to do
-
-    def open(self) -> None:
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        writer.setblocking(False)
-        self._pair = (reader, writer)
-        if self._early:
-            self.set()
-
-    def set(self) -> None:
-        pair = self._pair
-        if pair is None:
-            self._early = True
-            return
-        with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
-            pair[1].send(b"\0")
-
-    def wait(self, timeout: float) -> bool:
-        """Block until `set()` or `timeout`; True if woken."""
-        pair = self._pair
-        if pair is None:
-            time.sleep(timeout)
-            return False
-        ready, _, _ = select.select([pair[0]], [], [], timeout)
-        with contextlib.suppress(OSError):
-            while pair[0].recv(4096):
-                pass
-        return bool(ready)
-
-    def close(self) -> None:
-        pair, self._pair = self._pair, None
-        if pair is not None:
-            for sock in pair:
-                sock.close()
-
-
-def prepare_folders(config: Config) -> None:
-    """Create missing destination roots (their parents exist) and check we can write."""
-    problems = []
-    folders = [("state_dir", config.state_dir)]
-    for index, inbox in enumerate(config.inboxes):
-        folders += [(f"inboxes[{index}].{name}", folder) for name, folder in (
-            ("path", inbox.path), ("outbox", inbox.outbox), ("errors", inbox.errors),
-            ("archive", inbox.archive)) if folder is not None]
-    for where, folder in folders:
-        try:
-            folder.mkdir(parents=where == "state_dir", exist_ok=True)
-        except OSError as exc:
-            problems.append(f"{where}: cannot create {folder}: {exc.strerror}")
-            continue
-        problem = folder_problem(folder, where.rsplit(".", 1)[-1])
-        if problem is not None:
-            problems.append(f"{where}: {problem} (fix its owner or group permissions)")
-    if problems:
-        raise ConfigError(problems)
-
-
-def still_in_place(inbox: str, rel: str, size: int, mtime_ns: int) -> bool:
-    """The file a kept-in-place record describes is still at its path, unchanged."""
-    return signature(Path(inbox) / rel) == (size, mtime_ns)
-
-
-def _clear_temp_files(inbox: InboxConfig, record: FileRecord) -> None:
-    """Remove the hidden temp files a crash can leave where this file was being written: in
-    every outbox its outputs and sidecars go to, the archive, or errors."""
-    parent = PurePosixPath(record.rel).parent.parts
-    if record.state == FETCHED:
-        folders = layout.output_folders(inbox, record.rel, record.sha256 or "*")
-    else:
-        root = {STORED: inbox.archive, FAILING: inbox.errors}.get(record.state)
-        folders = [] if root is None else [root.joinpath(*parent)]
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            for entry in list(folder.iterdir()):
-                if layout.is_temp(entry.name):
-                    entry.unlink(missing_ok=True)
+    slots = list(old)
+    now_inactive = set(range(len(slots)))
+    added: list[int] = []
+    changed: list[int] = []
+    for inbox in new:
+        index = next((i for i, slot in enumerate(slots) if slot.path == inbox.path), None)
+        if index is None:
+            index = len(slots)
+            slots.append(inbox)
+            added.append(index)
+        elif index in inactive:
+            slots[index] = inbox
+            added.append(index)  # configured again
+        elif slots[index] != inbox:
+            slots[index] = inbox
+            changed.append(index)
+        now_inactive.discard(index)
+    return slots, now_inactive, added, changed
