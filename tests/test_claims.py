@@ -407,3 +407,55 @@ def test_a_restart_removes_the_half_made_claims_of_its_previous_life(inbox: Path
     assert again.claim(inbox, "a.png") is not None
     assert not leftover.exists()
     assert stranger.exists()  # another daemon's: the sweep's, two leases on
+
+
+def test_a_takeover_lock_left_by_a_previous_life_does_not_block_its_restart(
+        inbox: Path) -> None:
+    # The hang of test_sigkill_at_many_instants_loses_nothing: a daemon killed between taking
+    # the takeover lock of its own previous life's claim and removing it; the next start found
+    # the lock, judged "someone else is taking it over" and left the file for two leases.
+    def hold(*env: tuple[str, str]) -> int:
+        worker = subprocess.run(
+            [sys.executable, "-m", "tests.claim_worker", "hold", str(inbox), "--lease", "30",
+             "--instance", "studio-a:1234", "a.png"], cwd=ROOT, capture_output=True,
+            text=True, timeout=60, env={**os.environ, **dict(env)}, stdin=subprocess.DEVNULL)
+        return worker.returncode
+
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tests.claim_worker", "hold", str(inbox), "--lease", "30",
+         "--instance", "studio-a:1234", "a.png"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline().strip() == "held"
+    finally:
+        first.kill()
+        first.wait(timeout=10)
+        if first.stdout is not None:
+            first.stdout.close()
+    # The second life dies inside its takeover, holding the lock.
+    assert hold(("WATCHFOLDER_FAILPOINT", "takeover-locked")) == -signal.SIGKILL
+    assert list((inbox / CLAIMS_FOLDER).glob("*.takeover"))
+    again = ShareClaims(Holder.this_process("studio-a:1234"), 30.0)  # the third life
+    assert again.claim(inbox, "a.png") is not None
+    assert not list((inbox / CLAIMS_FOLDER).glob("*.takeover"))
+    # Another daemon's lock is not ours to remove: the lease and the sweep decide.
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tests.claim_worker", "hold", str(inbox), "--lease", "30",
+         "--instance", "studio-b:1", "b.png"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline().strip() == "held"
+    finally:
+        first.kill()
+        first.wait(timeout=10)
+        if first.stdout is not None:
+            first.stdout.close()
+    claim = inbox / CLAIMS_FOLDER / f"{rel_hash('b.png')}.claim"
+    nonce = json.loads(claim.read_text())["nonce"]
+    stranger = claim.with_name(f"{rel_hash('b.png')}.{nonce}.takeover")
+    stranger.write_text(json.dumps({"host": "elsewhere", "pid": 1, "daemon": "x",
+                                    "instance": "elsewhere:1", "nonce": "n"}))
+    old = time.time() - 3600
+    os.utime(claim, (old, old))  # its lease ran out long ago
+    assert ShareClaims(Holder.this_process("studio-a:1234"), 30.0).claim(inbox, "b.png") is None
+    assert stranger.exists()

@@ -47,6 +47,7 @@ from typing import Any
 
 import structlog
 
+from watchfolder import failpoints
 from watchfolder.coordination.claims import (
     Claim,
     Holder,
@@ -282,7 +283,7 @@ class ShareClaims:
                             "renewed": time.time()}) + "\n").encode()
 
     def _create(self, folder: ShareFolder, path: Path, rel: str, nonce: str) -> bool:
-        """Create the claim file whole, or return False if it exists.
+        """Create the claim file (or a takeover lock) whole, or return False if it exists.
 
         Written to a private file first, then hard-linked to the claim's name: link() fails
         with EEXIST when the name exists, atomically (the NFS server decides), and a claim is
@@ -338,11 +339,9 @@ class ShareClaims:
         """
         lock = path.with_name(f"{path.name[:-len(CLAIM_SUFFIX)]}.{seen.nonce or 'empty'}"
                               f"{TAKEOVER_SUFFIX}")
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
+        if not self._lock_takeover(folder, lock, rel):
             return False  # another daemon is taking it over right now
-        os.close(fd)
+        failpoints.hit("takeover-locked")
         try:
             again = _read_claim(path)
             if again is None:
@@ -364,6 +363,38 @@ class ShareClaims:
                     previous=holder_label(seen.holder),
                     hint="its holder stopped renewing the claim for a whole lease (it died)")
         return True
+
+    def _lock_takeover(self, folder: ShareFolder, lock: Path, rel: str | None) -> bool:
+        """Create the takeover lock `lock` (naming its holder, like a claim); False if a live
+        taker holds it.
+
+        A lock left by a taker that died inside its takeover (a SIGKILL between the lock's
+        create and its unlink) would block the file until the sweep, two leases later: when
+        that taker was this daemon's previous life (the state_dir's lock proves it gone), or
+        the lock is empty and older than an empty claim may be (a taker without hard links
+        that died between create and write, or a daemon older than this rule), it is removed
+        and the lock taken now. A takeover holds its lock for a read and an unlink, never
+        seconds.
+        """
+        for _ in range(3):
+            if self._create(folder, lock, rel or "", secrets.token_hex(8)):
+                return True
+            left = _read_claim(lock)
+            if left is None:
+                continue  # its taker finished meanwhile: try again
+            if left.holder:
+                if not self.holder.left_by_my_previous_life(left.holder):
+                    return False
+            elif folder.now_ns() - left.mtime_ns <= EMPTY_CLAIM_NS:
+                return False
+            with contextlib.suppress(OSError):
+                # Only if it is still the lock judged: a new taker's lock stays.
+                if lock.stat().st_ino == left.inode:
+                    lock.unlink()
+            log.info("claim.takeover_lock_removed", inbox=str(folder.inbox),
+                     file=readable(rel) if rel else None, previous=holder_label(left.holder),
+                     hint="its taker died in the middle of a takeover")
+        return False
 
 
 def _read_claim(path: Path) -> _Seen | None:
