@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import KEY, Studio, make_image, run_watchfolder, wait_for
 from watchfolder.dev.sandbox import Sandbox
@@ -326,3 +327,38 @@ def test_a_key_in_the_wrong_section_says_where_it_belongs(tmp_path: Path) -> Non
     assert "check-config --config" not in done.stderr, "check-config does not suggest itself"
     run = watchfolder("run", "--config", str(path))
     assert f"watchfolder check-config --config {path}" in run.stderr
+
+
+def test_the_version_is_the_releases_from_one_place(studio: Studio) -> None:
+    import tomllib  # 3.11+, as the test machines run
+
+    from watchfolder import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"], "pyproject must read the version, not repeat it"
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "watchfolder.__version__"}
+    assert __version__ == "0.2.0"  # the release the 0.2 features shipped in
+    assert watchfolder("--version").stdout.strip() == f"watchfolder {__version__}"
+    (studio.inbox / "bad.png").write_text("not an image")
+    done = watchfolder("run", "--config", str(studio.write_config()), "--once")
+    assert done.returncode == 1, done.stderr
+    reason = json.loads((studio.errors / "bad.png.error.json").read_text())
+    assert reason["watchfolder"] == __version__
+
+
+def test_libvips_warnings_never_reach_the_console_raw(studio: Studio, sandbox: Sandbox) -> None:
+    # A damaged JPEG makes libvips warn ("VIPS-WARNING **: error in tile ...") from its own
+    # threads; the reason file already says why the file failed.
+    noisy = Image.effect_noise((800, 600), 90).convert("RGB")
+    whole = studio.root / "whole.jpg"
+    noisy.save(whole, "JPEG")
+    (studio.inbox / "cut.jpg").write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    make_image(studio.inbox / "good.png")
+    done = watchfolder("run", "--config", str(studio.write_config()), "--once")
+    assert done.returncode == 1, done.stderr
+    assert "VIPS" not in done.stderr
+    assert all(line.startswith("{") for line in done.stderr.splitlines()), done.stderr
+    reason = json.loads((studio.errors / "cut.jpg.error.json").read_text())
+    assert reason["reason"] == "corrupt"
+    assert "premature end" in reason["message"].lower(), reason

@@ -34,7 +34,7 @@ version, so readers should ignore keys they do not know):
       "finished_at": "2025-03-01T14:02:03.250+01:00",  # ISO 8601 with the local offset
       "reason": null,                  # "failed" only: a short machine code (as in the
       "message": null,                 # errors folder's reason file) and a sentence for people
-      "watchfolder_version": "0.1.0",
+      "watchfolder_version": "0.2.0",
       "timings_ms": {"wait": 120, "api": 2300, "outputs": 410, "total": 2950}
     }
 
