@@ -8,6 +8,8 @@
     ├── InputRejected            a local check refused the file (costs no request): not an
     │                            image, too large, a link, not a regular file, unreadable
     ├── DestinationError         outbox / archive / errors not writable or gone: the file waits
+    ├── SourceUnreadable         the inbox file cannot be read right now (EIO, ESTALE, EACCES):
+    │                            retried with backoff, never taken for a change of the file
     ├── CoordinationUnavailable  the coordination store or the share's claims folder cannot be
     │                            reached: nothing is sent, the file waits
     └── ApiError                 the API (or the way to it) answered something else than a result
@@ -76,6 +78,18 @@ class DestinationError(WatchfolderError):
     """A folder we must write to is missing or not writable; the file keeps waiting."""
 
     reason = "destination_unavailable"
+
+
+class SourceUnreadable(WatchfolderError):
+    """Reading or looking at a file in the inbox failed with an error of the source itself
+    (EIO, ESTALE, EACCES): a transient, per-file problem; `errno` says which."""
+
+    reason = "unreadable"
+
+    def __init__(self, path: object, error: OSError) -> None:
+        self.errno = error.errno
+        self.message = f"cannot read the file: {error.strerror or error}"
+        super().__init__(f"{path}: {self.message}")
 
 
 class CoordinationUnavailable(WatchfolderError):

@@ -66,6 +66,13 @@ class Holder:
         return {"host": self.host, "pid": self.pid, "daemon": self.daemon,
                 "instance": self.instance}
 
+    def left_by_me(self, other: dict[str, Any]) -> bool:
+        """True for a claim this very process made and no longer holds: its release failed
+        (the share or the inbox was away at that moment). The coordinator only asks the
+        backend for a claim it does not hold, so it is ours to take back at once."""
+        return bool(other.get("daemon")) and other.get("daemon") == self.daemon and \
+            other.get("host") == self.host and other.get("pid") == self.pid
+
     def left_by_my_previous_life(self, other: dict[str, Any]) -> bool:
         """True for the holder of a claim this daemon left before a restart: same instance and
         host, another daemon id, and its process is gone."""
@@ -126,6 +133,9 @@ class Claim:
         self.token = token  # what the backend compares to know the claim is still ours
         self.lost = False  # a renewal found it taken over: do not send; let it go
         self.released = False
+        # (device, inode) of the inbox folder the claim was made in (share claims): a claim
+        # not found in another folder at that path is away with its folder, not lost.
+        self.where: tuple[int, int] | None = None
 
     def renew(self) -> bool:
         """Extend the lease; False once it turned out lost. Raises CoordinationUnavailable."""

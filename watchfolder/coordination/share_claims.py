@@ -202,12 +202,16 @@ class ShareClaims:
     def _claim(self, folder: ShareFolder, path: Path, rel: str) -> Claim | None:
         for _ in range(5):
             nonce = secrets.token_hex(8)
+            where = _folder_identity(folder.inbox)
             if self._create(folder, path, rel, nonce):
-                return Claim(self, folder.inbox, rel, nonce)
+                claim = Claim(self, folder.inbox, rel, nonce)
+                claim.where = where
+                return claim
             seen = _read_claim(path)
             if seen is None:
                 continue  # released meanwhile: try again
-            mine = self.holder.left_by_my_previous_life(seen.holder)
+            mine = self.holder.left_by_my_previous_life(seen.holder) or \
+                self.holder.left_by_me(seen.holder)
             if not mine and not self._expired(folder, seen):
                 return None
             if not self._take_over(folder, path, seen, rel, mine=mine):
@@ -219,6 +223,12 @@ class ShareClaims:
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
+            if claim.where is not None and _folder_identity(claim.inbox) != claim.where:
+                # Not our claim is gone but the inbox it was made in (a share unmounted: what
+                # is there now is another folder, or none): nobody else can take it from
+                # there; it is renewed when the inbox is back.
+                raise unavailable(claim.inbox, FileNotFoundError(
+                    errno.ENOENT, "the inbox is not the folder it was")) from None
             return False
         except OSError as exc:
             raise unavailable(claim.inbox, exc) from None
@@ -395,6 +405,14 @@ class ShareClaims:
                      file=readable(rel) if rel else None, previous=holder_label(left.holder),
                      hint="its taker died in the middle of a takeover")
         return False
+
+
+def _folder_identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _read_claim(path: Path) -> _Seen | None:

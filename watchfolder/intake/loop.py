@@ -8,13 +8,24 @@ It owns three things, and nothing else touches them (messages arrive on one queu
   sent again; a changed file (new size or mtime) under the same name is new work.
 
 It is fed by watchdog events, by the start-up scan, by a rescan every `rescan_seconds` (a
-safety net for dropped events, and the way an inbox that vanished is picked up again) and by an
-immediate rescan when inotify reports an overflow. A reload is a message too: the running
-thread takes the new configuration, the files to resume and the new watches, and rescans.
+safety net for dropped events) and by an immediate rescan when inotify reports an overflow. A
+reload is a message too: the running thread takes the new configuration, the files to resume
+and the new watches, and rescans.
+
+Every `PROBE_SECONDS` (while watching) it also looks at each inbox folder itself: one open and
+one stat. A folder that is missing (deleted, or a share no longer mounted where it was) or
+that cannot be read or searched (permissions taken away, EIO, a stale handle) pauses that
+inbox: its index is in `paused`, which the pipeline reads, so none of its files is touched
+until it is back (`inbox.missing` or `inbox.unreadable` once, `inbox.back`). A folder that is
+another one now (its device, inode or mount changed: a share mounted again) is watched again
+at once and rescanned (`inbox.remounted`): inotify watches die with the mount they were on, and
+new files must not wait for the next rescan.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import queue
 import stat
 import threading
@@ -41,13 +52,22 @@ from watchfolder.pipeline.jobqueue import Job
 log = structlog.get_logger("watchfolder")
 
 _STOP = ("stop",)
+PROBE_SECONDS = 1.0  # how often each inbox folder is looked at while watching (at most)
+MISSING, UNREADABLE = "missing", "unreadable"
 
 
 class Intake:
     def __init__(self, config: Config, journal: Journal, submit: Callable[[Job], None], *,
                  on_idle: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 paused: set[int] | None = None) -> None:
         self.config = config
+        # Inboxes whose folder is missing or unreadable right now: the pipeline holds their
+        # files. Only this thread writes it; adding and removing an int are atomic.
+        self.paused: set[int] = paused if paused is not None else set()
+        self._identity: dict[int, tuple[int, int, int | None]] = {}
+        self._mount_point: set[int] = set()  # inboxes seen as mount points of their own
+        self._problem: dict[int, str] = {}  # index → MISSING or UNREADABLE, said once
         self.journal = journal
         self.on_idle = on_idle
         self.submit = submit
@@ -60,7 +80,6 @@ class Intake:
         self.kept: dict[tuple[int, str], Signature] = {}
         self._remember_kept(range(len(config.inboxes)))
         self.messages: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._missing: set[int] = set()
         # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
         self.inactive: set[int] = set()
         self._thread: threading.Thread | None = None
@@ -104,6 +123,7 @@ class Intake:
         before = len(self.known)
         for index in range(len(self.config.inboxes)):
             if index not in self.inactive:
+                self._probe(index, quiet=True)
                 self._scan_inbox(index)
         self._update_idle()
         return len(self.known) - before
@@ -125,10 +145,11 @@ class Intake:
 
     def _run(self) -> None:
         next_rescan = self.clock() + self.config.rescan_seconds
+        next_probe = self.clock() + self._probe_seconds()
         while True:
             now = self.clock()
             due = self.tracker.next_due()
-            wake = next_rescan if self.watcher is not None else float("inf")
+            wake = min(next_rescan, next_probe) if self.watcher is not None else float("inf")
             if due is not None:
                 wake = min(wake, due)
             timeout = None if wake == float("inf") else max(0.0, wake - now)
@@ -147,6 +168,10 @@ class Intake:
             if self.watcher is not None and self.clock() >= next_rescan:
                 self._rescan()
                 next_rescan = self.clock() + self.config.rescan_seconds
+                next_probe = self.clock() + self._probe_seconds()
+            elif self.watcher is not None and self.clock() >= next_probe:
+                self._probe_all()
+                next_probe = self.clock() + self._probe_seconds()
             self._update_idle()
 
     def _handle(self, message: tuple[Any, ...]) -> None:
@@ -168,6 +193,11 @@ class Intake:
         elif kind == "reconfigure":
             _, config, inactive, watcher, resume, added, reply = message
             self.config, self.inactive, self.watcher = config, inactive, watcher
+            for index in [*added, *inactive]:  # another folder in that slot, or none
+                self._identity.pop(index, None)
+                self._mount_point.discard(index)
+                self._problem.pop(index, None)
+                self.paused.discard(index)
             self._remember_kept(added)
             for job in resume:
                 if job.key not in self.known:
@@ -187,22 +217,94 @@ class Intake:
                 for rel, signature in kept.items():
                     self.kept.setdefault((index, rel), signature)
 
+    def away(self, index: int) -> bool:
+        """Is this inbox's folder away right now (missing, unreadable, or not the folder last
+        seen: a share unmounted)? Any thread may ask, when one of its files is not found: a
+        file is gone only if its folder is still there."""
+        if index in self.paused:
+            return True
+        try:
+            now = _identity(self.config.inboxes[index].path)
+        except OSError:
+            return True
+        if index in self._mount_point and now[2] is None:
+            return True
+        before = self._identity.get(index)
+        return before is not None and before[:2] != now[:2]
+
+    def _probe_seconds(self) -> float:
+        return min(PROBE_SECONDS, self.config.rescan_seconds)
+
     def _rescan(self) -> None:
-        for index, inbox in enumerate(self.config.inboxes):
+        for index in range(len(self.config.inboxes)):
             if index in self.inactive:
                 continue
-            if not _is_dir(inbox.path):
-                if index not in self._missing:
-                    self._missing.add(index)
-                    log.error("inbox.missing", inbox=str(inbox.path),
-                              hint="deleted or not mounted; watching resumes when it is back")
+            looked = self._probe(index)
+            if looked is None:
                 continue
-            if self.watcher is not None and not self.watcher.healthy(index):
+            if self.watcher is not None and (looked == "changed"
+                                             or not self.watcher.healthy(index)):
                 self.watcher.watch(index)
-            if index in self._missing:
-                self._missing.discard(index)
-                log.warning("inbox.back", inbox=str(inbox.path))
             self._scan_inbox(index)
+
+    def _probe_all(self) -> None:
+        """Look at every inbox folder; one that came back or is another one now is watched
+        again and rescanned at once."""
+        for index in range(len(self.config.inboxes)):
+            if index not in self.inactive and self._probe(index) == "changed":
+                if self.watcher is not None:
+                    self.watcher.watch(index)
+                self._scan_inbox(index)
+
+    def _probe(self, index: int, *, quiet: bool = False) -> str | None:
+        """Look at one inbox folder: "same", "changed" (back, or another folder now), or None
+        while it is missing or unreadable (the inbox is paused, said once)."""
+        inbox = self.config.inboxes[index]
+        try:
+            identity = _identity(inbox.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return self._pause(index, MISSING, None)
+        except OSError as exc:  # EACCES, EIO, ESTALE: there, but we cannot use it
+            return self._pause(index, UNREADABLE, exc)
+        if identity[2] is not None:
+            self._mount_point.add(index)
+        elif index in self._mount_point:
+            # A mount point before, a plain folder now: the share is not mounted there any
+            # more, and what we see is the empty folder under it.
+            return self._pause(index, MISSING, None)
+        before = self._identity.get(index)
+        self._identity[index] = identity
+        problem = self._problem.pop(index, None)
+        self.paused.discard(index)
+        if problem is not None:
+            log.warning("inbox.back", inbox=str(inbox.path), was=problem)
+            return "changed"
+        if before is not None and before != identity and not quiet:
+            log.warning("inbox.remounted", inbox=str(inbox.path),
+                        hint="the folder is another one now (a share mounted again): "
+                             "watched again and rescanned")
+            return "changed"
+        return "same"
+
+    def _pause(self, index: int, problem: str, exc: OSError | None) -> str | None:
+        self.paused.add(index)
+        self._identity.pop(index, None)
+        if self._problem.get(index) == problem:
+            return None
+        self._problem[index] = problem
+        path = str(self.config.inboxes[index].path)
+        if problem == MISSING:
+            log.error("inbox.missing", inbox=path,
+                      hint="deleted or not mounted; its files wait, watching resumes when it "
+                           "is back")
+        else:
+            assert exc is not None
+            log.error("inbox.unreadable", inbox=path, errno=exc.errno,
+                      code=errno.errorcode.get(exc.errno or 0, "?"),
+                      error=exc.strerror or str(exc),
+                      hint="its files wait until the folder can be read again (permissions, "
+                           "the share, the disk)")
+        return None
 
     def _scan_inbox(self, index: int) -> None:
         inbox = self.config.inboxes[index]
@@ -262,15 +364,44 @@ class Intake:
             self.on_idle()
 
 
-def _is_dir(path: Path) -> bool:
-    """A folder we can look into; a stale share or an I/O error counts as missing (reported)."""
+def _identity(path: Path) -> tuple[int, int, int | None]:
+    """(device, inode, mount id) of a folder we can list and search; the mount id only when
+    the folder is a mount point of its own (a share), else None. Raises OSError: missing
+    (FileNotFoundError, NotADirectoryError) or unusable (EACCES, EIO, ESTALE)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # needs read permission: can we list it
+    os.close(fd)
+    # Needs search permission: can we reach its files? (pathlib would drop the ".")
+    st = os.stat(f"{path}{os.sep}.")  # noqa: PTH116
     try:
-        return stat.S_ISDIR(path.stat().st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError as exc:
-        SCAN_ERRORS.report(path, exc, "stat")
-        return False
+        parent = path.parent.stat()
+    except OSError:
+        return st.st_dev, st.st_ino, None
+    if parent.st_dev != st.st_dev:
+        return st.st_dev, st.st_ino, _mount_id(path)
+    return st.st_dev, st.st_ino, None
+
+
+def _mount_id(path: Path) -> int:
+    """The id of the mount at `path` (the top one): a share mounted again gets a new one, even
+    with the same device and inode, and its old inotify watches are dead."""
+    where = os.path.realpath(path)
+    found = 0
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+            for line in info:
+                fields = line.split(" ", 5)
+                if len(fields) > 4 and _unescape(fields[4]) == where:
+                    found = int(fields[0])  # stacked mounts: the last one listed is on top
+    except OSError:
+        return 0
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    for code in ("\\040", "\\011", "\\012", "\\134"):
+        field = field.replace(code, chr(int(code[1:], 8)))
+    return field
 
 
 def _key(key: Hashable) -> tuple[int, str]:

@@ -317,6 +317,20 @@ class Journal:
         """Final records whose hand-off a crash interrupted (it follows the final commit)."""
         return self._rows("WHERE handoff IS NOT NULL ORDER BY id")
 
+    def finished_unarchived(self, inbox: str, rel: str, sha256: str,
+                            settings: str) -> FileRecord | None:
+        """The last record of this path and content done without its original archived (it
+        vanished first), if that is the path's last finished record."""
+        found = self._rows("WHERE inbox = ? AND rel = ? AND state IN (?, ?, ?) "
+                           "ORDER BY id DESC LIMIT 1", (inbox, rel, *FINAL))
+        if not found:
+            return None
+        record = found[0]
+        if (record.state, record.sha256, record.settings) != (DONE, sha256, settings) or \
+                record.archive is not None or record.size == -1:
+            return None
+        return record
+
     def unfinished(self) -> list[FileRecord]:
         return self._rows("WHERE state NOT IN (?, ?, ?) ORDER BY id", FINAL)
 

@@ -112,7 +112,9 @@ class Daemon:
             self.handoff.start()
             self.pipeline.ctx.handoff = self.handoff
         self.intake = Intake(config, journal, self.pipeline.submit,
-                             on_idle=self.request_stop if self.once else None)
+                             on_idle=self.request_stop if self.once else None,
+                             paused=self.pipeline.inbox_paused)
+        self.pipeline.ctx.inbox_away = self.intake.away
         resumed = resume_jobs(journal, config.inboxes, range(len(config.inboxes)),
                               report_orphans=True)
         for job in resumed:

@@ -1,0 +1,100 @@
+"""Operating-system faults (issue 19): a share that vanishes and returns, an inbox whose
+permissions are taken away for a while. Real loop mounts, real modes, the real daemon in a
+subprocess against the sandbox; see tests/faults.py."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Studio, make_image, wait_for
+from tests.faults import DaemonProcess, LoopMount, loop_mount, without_dac_override
+from watchfolder.dev.sandbox import Sandbox
+
+__all__ = ["loop_mount"]  # the fixture, used by name
+
+FILES = 12
+
+
+def _no_twins(studio: Studio, names: list[str]) -> None:
+    """Each original archived once, each with exactly one result: no `-1` copies."""
+    assert studio.files(studio.inbox) == []
+    assert studio.files(studio.archive) == sorted(names)
+    assert studio.files(studio.outbox) == sorted(str(Path(n).with_suffix(".png")) for n in names)
+
+
+def test_a_share_that_vanishes_and_returns_is_watched_again_and_nothing_is_sent_twice(
+        tmp_path: Path, sandbox: Sandbox, loop_mount: Callable[..., LoopMount]) -> None:
+    share = loop_mount(tmp_path / "inbox")
+    sandbox.latency = 0.4  # a batch spans seconds: the share drops with answers in flight
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 2}, rescan_seconds=60,
+                    inbox={"settle_seconds": 0.2})
+    names = [f"img {n:02d}.png" for n in range(FILES)]
+    digests = {}
+    for n, name in enumerate(names):
+        digests[name] = hashlib.sha256(make_image(studio.inbox / name, seed=n).read_bytes())
+    daemon = DaemonProcess(studio.write_config())
+    try:
+        daemon.wait_event("ready")
+        daemon.wait_event("file.done", 3)
+        share.vanish()
+        time.sleep(2.0)  # longer than the answers in flight: they arrive while it is away
+        share.come_back()
+        wait_for(lambda: len(studio.files(studio.archive)) == FILES, timeout=30,
+                 what="every original archived")
+        # The watch is back on the share as it is now: a new file goes at ~settle time, not at
+        # the next rescan (a minute away).
+        dropped = time.monotonic()
+        make_image(studio.inbox / "late.png", seed=99)
+        wait_for(lambda: (studio.archive / "late.png").exists(), timeout=10,
+                 what="the new file archived")
+        took = time.monotonic() - dropped
+        assert took < 5.0, took
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert daemon.raw == [], "".join(daemon.raw)  # no traceback, nothing printed raw
+    assert daemon.events("file.internal_error") == []
+    assert daemon.events("claim.taken_over") == []
+    assert daemon.events("claim.lost") == []
+    _no_twins(studio, [*names, "late.png"])
+    for name, digest in digests.items():
+        assert hashlib.sha256((studio.archive / name).read_bytes()).hexdigest() == \
+            digest.hexdigest()
+    assert sandbox.count(200) == FILES + 1  # nothing paid twice
+
+
+def test_an_inbox_made_unreadable_for_a_while_is_a_pause_of_that_inbox(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    sandbox.latency = 0.3
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 2}, rescan_seconds=0.5,
+                    inbox={"settle_seconds": 0.2})
+    names = [f"img {n:02d}.png" for n in range(FILES)]
+    for n, name in enumerate(names):
+        make_image(studio.inbox / name, seed=n)
+    # Root reads a mode-000 folder anyway: the daemon runs without the capabilities that allow
+    # it, as a service user would.
+    daemon = DaemonProcess(studio.write_config(), prefix=without_dac_override())
+    try:
+        daemon.wait_event("ready")
+        daemon.wait_event("file.done", 3)
+        studio.inbox.chmod(0o000)
+        daemon.wait_event("inbox.unreadable", timeout=10)
+        time.sleep(3.0)
+        studio.inbox.chmod(0o755)
+        daemon.wait_event("inbox.back", timeout=10)
+        wait_for(lambda: len(studio.files(studio.archive)) == FILES, timeout=30,
+                 what="every original archived")
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert daemon.raw == [], "".join(daemon.raw)
+    assert len(daemon.events("inbox.unreadable")) == 1
+    assert daemon.events("file.internal_error") == []
+    assert daemon.events("claim.taken_over") == []
+    assert daemon.events("claim.lost") == []
+    assert studio.files(studio.errors) == []
+    _no_twins(studio, names)
+    assert sandbox.count(200) == FILES
