@@ -10,7 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import Studio, make_image, wait_for
-from tests.faults import DaemonProcess, LoopMount, loop_mount, without_dac_override
+from tests.faults import (
+    DaemonProcess,
+    LoopMount,
+    eio_shim,
+    loop_mount,
+    without_dac_override,
+)
 from watchfolder.dev.sandbox import Sandbox
 
 __all__ = ["loop_mount"]  # the fixture, used by name
@@ -98,3 +104,32 @@ def test_an_inbox_made_unreadable_for_a_while_is_a_pause_of_that_inbox(
     assert studio.files(studio.errors) == []
     _no_twins(studio, names)
     assert sandbox.count(200) == FILES
+
+
+def test_an_inbox_file_that_cannot_be_read_is_retried_then_fails_as_unreadable(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    # Three files on a bad sector for good (every open or read below bad/ fails with EIO).
+    studio = Studio(tmp_path, sandbox.url, inbox={"recursive": True})
+    good = [f"img {n}.png" for n in range(4)]
+    bad = [f"bad/img {n}.png" for n in range(3)]
+    for n, name in enumerate([*good, *bad]):
+        make_image(studio.inbox / name, seed=n)
+    shim = eio_shim(tmp_path)
+    daemon = DaemonProcess(studio.write_config(), once=True, env={
+        "LD_PRELOAD": str(shim), "WATCHFOLDER_FAULT_BELOW": str(studio.inbox / "bad")})
+    code = daemon.stop(timeout=60) if daemon.proc.wait(timeout=60) is not None else None
+    assert code == 1, "".join(daemon.raw)  # some files failed
+    assert daemon.raw == [], "".join(daemon.raw)
+    assert studio.files(studio.archive) == sorted(good)
+    assert studio.files(studio.errors) == sorted(
+        [*bad, *(f"{name}.error.json" for name in bad)])
+    for name in bad:
+        reason = studio.reason(name)
+        assert reason["reason"] == "unreadable", reason
+        assert reason["attempts"] == 3, reason  # retry.max_attempts
+    unreadable = daemon.events("source.unreadable")
+    assert len(unreadable) >= 3 * 2 and {e["errno"] for e in unreadable} == {5}
+    for wrong in ("file.changed", "destination.unavailable", "file.internal_error"):
+        assert daemon.events(wrong) == [], wrong
+    assert sandbox.count(200) == len(good)  # nothing was sent for an unreadable file
+    assert sandbox.count() == len(good)
