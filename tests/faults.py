@@ -124,6 +124,36 @@ def loop_mount(tmp_path: Path) -> Iterator[Callable[[Path], LoopMount]]:
         mount.close()
 
 
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path, int], Tmpfs]]:
+    """Mount small tmpfs file systems at the folders asked; each is unmounted at the end."""
+    made: list[Tmpfs] = []
+
+    def make(where: Path, size_kb: int) -> Tmpfs:
+        made.append(Tmpfs(where, size_kb))
+        return made[-1]
+
+    yield make
+    for disk in made:
+        disk.close()
+
+
+def fill(folder: Path, name: str = "filler") -> Path:
+    """Fill the file system of `folder` to the last byte with one file; returns it."""
+    path = folder / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for size in (65536, 4096, 1):  # then the last partial blocks
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    return path
+
+
 _SHIM = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>

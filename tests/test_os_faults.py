@@ -1,5 +1,6 @@
 """Operating-system faults (issue 19): a share that vanishes and returns, an inbox whose
-permissions are taken away for a while. Real loop mounts, real modes, the real daemon in a
+permissions are taken away for a while, inbox files that cannot be read, a full state disk.
+Real loop mounts and tmpfs, real modes, real errnos (an LD_PRELOAD shim), the real daemon in a
 subprocess against the sandbox; see tests/faults.py."""
 
 from __future__ import annotations
@@ -9,17 +10,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Studio, make_image, wait_for
+from tests.conftest import Studio, make_image, run_watchfolder, wait_for
 from tests.faults import (
     DaemonProcess,
     LoopMount,
+    Tmpfs,
     eio_shim,
+    fill,
     loop_mount,
+    tmpfs,
     without_dac_override,
 )
 from watchfolder.dev.sandbox import Sandbox
 
-__all__ = ["loop_mount"]  # the fixture, used by name
+__all__ = ["loop_mount", "tmpfs"]  # the fixtures, used by name
 
 FILES = 12
 
@@ -133,3 +137,24 @@ def test_an_inbox_file_that_cannot_be_read_is_retried_then_fails_as_unreadable(
         assert daemon.events(wrong) == [], wrong
     assert sandbox.count(200) == len(good)  # nothing was sent for an unreadable file
     assert sandbox.count() == len(good)
+
+
+def test_a_start_on_a_full_state_dir_exits_2_naming_it(
+        tmp_path: Path, sandbox: Sandbox, tmpfs: Callable[[Path, int], Tmpfs]) -> None:
+    state = tmp_path / "state"
+    tmpfs(state, 2048)
+    studio = Studio(tmp_path, sandbox.url)
+    make_image(studio.inbox / "a.png")
+    config = studio.write_config()
+    filler = fill(state)
+    refused = run_watchfolder("run", "--config", str(config), "--once")
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert str(state) in refused.stderr and "full" in refused.stderr, refused.stderr
+    assert "free" in refused.stderr  # how much it needs
+    assert sandbox.count() == 0
+    assert studio.files(studio.inbox) == ["a.png"]
+    filler.unlink()  # space freed: the next start (systemd's restart) carries on
+    done = run_watchfolder("run", "--config", str(config), "--once")
+    assert done.returncode == 0, done.stderr
+    assert studio.files(studio.archive) == ["a.png"]

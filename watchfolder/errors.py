@@ -4,7 +4,8 @@
     ├── ConfigError              the YAML is wrong; carries every problem with its path
     ├── StartupError             something else stops a start: another daemon on the state_dir,
     │   │                        the metrics address taken
-    │   └── JournalUnreadable    the journal cannot be opened or read (damaged, permissions)
+    │   ├── JournalUnreadable    the journal cannot be opened or read (damaged, permissions)
+    │   └── StateDirFull         the state_dir's disk has not the room to start on
     ├── InputRejected            a local check refused the file (costs no request): not an
     │                            image, too large, a link, not a regular file, unreadable
     ├── DestinationError         outbox / archive / errors not writable or gone: the file waits
@@ -63,6 +64,12 @@ class JournalUnreadable(StartupError):
     """The journal in state_dir cannot be opened or read."""
 
     reason = "journal_unreadable"
+
+
+class StateDirFull(StartupError):
+    """The disk of state_dir is full (or nearly): the journal cannot be written."""
+
+    reason = "state_full"
 
 
 class InputRejected(WatchfolderError):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from watchfolder.errors import JournalUnreadable
+from watchfolder.errors import JournalUnreadable, StateDirFull
 from watchfolder.files.layout import JOURNAL_NAME, SPOOL
 from watchfolder.journal.sqlite import open_durable, open_read_only
 
@@ -49,6 +49,7 @@ def _damaged(path: Path, detail: str) -> str:
             f"move it aside and rebuild what the folders tell with `watchfolder reset-journal`; "
             f"files in the inboxes then simply wait again")
 
+SQLITE_FULL = 13  # "database or disk is full" (sqlite3.SQLITE_FULL, which typeshed lacks)
 
 
 def _boot_id() -> str:
@@ -225,6 +226,11 @@ class Journal:
                 self._db.execute("UPDATE results SET t = ?", (time.time(),))
             damage = [row[0] for row in self._db.execute("PRAGMA quick_check")]
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+                # Not damage: a full disk (the daemon's start names it with the space needed).
+                raise StateDirFull(f"the disk of state_dir {state_dir} is full: the journal "
+                                   f"{self.path} cannot be written ({exc}); free some space "
+                                   f"there") from None
             raise JournalUnreadable(_damaged(self.path, str(exc))) from None
         if damage != ["ok"]:
             self._db.close()

@@ -10,9 +10,13 @@ exit codes belong to cli.py.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,7 +24,7 @@ import structlog
 from watchfolder import logs
 from watchfolder.config.settings import Config, InboxConfig
 from watchfolder.coordination.coordinator import Coordinator
-from watchfolder.errors import AccountError
+from watchfolder.errors import AccountError, StartupError, StateDirFull, StateUnavailable
 from watchfolder.handoff.wiring import HandOff
 from watchfolder.imaging import libraries
 from watchfolder.intake.loop import Intake
@@ -45,6 +49,9 @@ from watchfolder.service.runloop import Waker
 log = structlog.get_logger("watchfolder")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCOUNT = 0, 1, 2, 3
+# The room a start needs in state_dir: the journal's growth and its write-ahead log for a while
+# (answers are spooled there too, but each is checked against the free space before sending).
+STATE_MIN_FREE = 1 << 20
 
 
 class Daemon:
@@ -80,13 +87,22 @@ class Daemon:
         """Start everything, or (on any error) stop what was started and raise."""
         libraries.configure()  # process-wide, so here in the main thread, before any worker
         prepare_folders(self.config)
-        self._lock = DaemonLock.acquire(self.config.state_dir)
+        check_state_space(self.config.state_dir)
         try:
-            self._start()
-        except BaseException:
-            # Hand-offs queued by an earlier run stay queued (durably): no wait for them.
-            self._shut_down(handoff_seconds=0)
+            self._lock = DaemonLock.acquire(self.config.state_dir)
+            try:
+                self._start()
+            except BaseException:
+                # Hand-offs queued by an earlier run stay queued (durably): no wait for them.
+                self._shut_down(handoff_seconds=0)
+                raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise state_full(self.config.state_dir) from None
             raise
+        except StateUnavailable as exc:  # the journal's first writes: nearly full, or EIO
+            raise StartupError(f"{exc}; the next start carries on once it can be "
+                               f"written") from None
 
     def _start(self) -> None:
         config = self.config
@@ -155,9 +171,13 @@ class Daemon:
         now = time.monotonic()
         if self.journal is None or now < self._next_prune:
             return
-        self._next_prune = now + 86400.0
         days = self.config.journal_retention_days
-        forgotten = self.journal.prune(time.time() - days * 86400.0, still_in_place)
+        try:
+            forgotten = self.journal.prune(time.time() - days * 86400.0, still_in_place)
+        except StateUnavailable:
+            self._next_prune = now + 3600.0  # the disk is full or failing: later
+            return
+        self._next_prune = now + 86400.0
         if forgotten:
             log.info("journal.pruned", records=forgotten, older_than_days=days)
 
@@ -367,3 +387,24 @@ def match_slots(old: tuple[InboxConfig, ...], inactive: set[int],
             changed.append(index)
         now_inactive.discard(index)
     return slots, now_inactive, added, changed
+
+
+def check_state_space(state_dir: Path, need: int = STATE_MIN_FREE) -> None:
+    """Raise StateDirFull when the disk of `state_dir` has less than `need` bytes free."""
+    try:
+        st = os.statvfs(state_dir)
+    except OSError:
+        return  # prepare_folders made it; nothing to say here that opening will not
+    if st.f_bavail * st.f_frsize < need:
+        raise state_full(state_dir, need)
+
+
+def state_full(state_dir: Path, need: int = STATE_MIN_FREE) -> StateDirFull:
+    free = 0
+    with contextlib.suppress(OSError):
+        st = os.statvfs(state_dir)
+        free = st.f_bavail * st.f_frsize
+    return StateDirFull(
+        f"the disk of state_dir {state_dir} is full: {free} bytes free, at least {need} "
+        f"needed (the journal and the spool live there). Free some space there; the next "
+        f"start carries on where this one would have")
