@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Studio, make_image, run_watchfolder, wait_for
 from tests.faults import (
     DaemonProcess,
@@ -22,6 +24,8 @@ from tests.faults import (
     without_dac_override,
 )
 from watchfolder.dev.sandbox import Sandbox
+from watchfolder.errors import StateUnavailable
+from watchfolder.journal.db import DONE, QUEUED, SENDING, Journal
 
 __all__ = ["loop_mount", "tmpfs"]  # the fixtures, used by name
 
@@ -158,3 +162,31 @@ def test_a_start_on_a_full_state_dir_exits_2_naming_it(
     done = run_watchfolder("run", "--config", str(config), "--once")
     assert done.returncode == 0, done.stderr
     assert studio.files(studio.archive) == ["a.png"]
+
+
+def test_a_journal_write_on_a_full_disk_changes_nothing_and_says_so(
+        tmp_path: Path, tmpfs: Callable[[Path, int], Tmpfs]) -> None:
+    state = tmp_path / "state"
+    tmpfs(state, 1024)
+    journal = Journal(state)
+    record = journal.create("/inbox", "a.png", 1, 1, "s")
+    filler = fill(state)
+    big = "x" * 200_000  # more than any slack the WAL file keeps
+    with pytest.raises(StateUnavailable) as raised:
+        for _ in range(20):
+            journal.update(record, state=SENDING, sent=True, message=big)
+            journal.update(record, state=QUEUED, message=None)
+    assert "cannot rollback" not in str(raised.value)
+    assert str(state) in str(raised.value)
+    seen = record.state
+    with pytest.raises(StateUnavailable):
+        journal.set_meta("paused", big)
+    assert record.state == seen and record.message in (big, None)  # memory follows the disk
+    filler.unlink()  # space again: the same journal goes on
+    journal.update(record, state=DONE, message=None)
+    journal.set_meta("paused", None)
+    journal.close()
+    again = Journal(state)
+    assert [r.state for r in again.unfinished()] == []
+    assert len(again.recent_send_ages(3600.0)) == again.sends_since(0)  # readable, whole
+    again.close()

@@ -11,6 +11,8 @@
     ├── DestinationError         outbox / archive / errors not writable or gone: the file waits
     ├── SourceUnreadable         the inbox file cannot be read right now (EIO, ESTALE, EACCES):
     │                            retried with backoff, never taken for a change of the file
+    ├── StateUnavailable         the journal (state_dir) cannot be written now: disk full, I/O
+    │                            error; a pause, not a crash: the file waits
     ├── CoordinationUnavailable  the coordination store or the share's claims folder cannot be
     │                            reached: nothing is sent, the file waits
     └── ApiError                 the API (or the way to it) answered something else than a result
@@ -97,6 +99,13 @@ class SourceUnreadable(WatchfolderError):
         self.errno = error.errno
         self.message = f"cannot read the file: {error.strerror or error}"
         super().__init__(f"{path}: {self.message}")
+
+
+class StateUnavailable(WatchfolderError):
+    """A write of the journal (or the spool) in state_dir failed: disk full, I/O error. Nothing
+    was changed; the caller waits and tries again."""
+
+    reason = "state_unavailable"
 
 
 class CoordinationUnavailable(WatchfolderError):

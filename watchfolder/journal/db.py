@@ -29,17 +29,19 @@ credits last seen).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from watchfolder.errors import JournalUnreadable, StateDirFull
+from watchfolder.errors import JournalUnreadable, StateDirFull, StateUnavailable
 from watchfolder.files.layout import JOURNAL_NAME, SPOOL
 from watchfolder.journal.sqlite import open_durable, open_read_only
 
@@ -267,6 +269,27 @@ class Journal:
             except sqlite3.DatabaseError as exc:
                 raise JournalUnreadable(f"cannot read the journal {self.path}: {exc}") from None
 
+    @contextmanager
+    def _writing(self, transaction: bool = False) -> Iterator[sqlite3.Connection]:
+        """Hold the lock for one write (one transaction with `transaction`). A failure of the
+        disk (full, I/O error, read-only) becomes StateUnavailable, with nothing changed: SQLite
+        rolls a failed transaction back (and may already have: then there is nothing to roll
+        back, which must not hide the cause)."""
+        with self._lock:
+            try:
+                if transaction:
+                    self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    if transaction:
+                        self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.OperationalError, OSError) as exc:
+                raise StateUnavailable(f"cannot write the journal {self.path}: {exc}") from exc
+
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[FileRecord]:
         query = f"SELECT {', '.join(_COLUMNS)} FROM files {sql}"  # noqa: S608 - our own SQL
         return [FileRecord(*row) for row in self._query(query, args)]
@@ -275,7 +298,7 @@ class Journal:
 
     def create(self, inbox: str, rel: str, size: int, mtime_ns: int, settings: str) -> FileRecord:
         now = time.time()
-        with self._lock:
+        with self._writing():
             cur = self._db.execute(
                 "INSERT INTO files (inbox, rel, state, size, mtime_ns, settings, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -291,25 +314,20 @@ class Journal:
 
         `sent` also journals a send time (the rate limit survives a restart); `remember`
         ((identity, path, sha256), ...) records results for reuse in the same transaction. The
-        object changes only once the commit succeeded, so memory and disk always agree.
+        object changes only once the commit succeeded, so memory and disk always agree. Raises
+        StateUnavailable when the disk refuses the write (nothing changed, in memory either).
         """
-        changes["updated"] = time.time()
+        changes = {**changes, "updated": time.time()}
         assignments = ", ".join(f"{name} = ?" for name in changes)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(f"UPDATE files SET {assignments} WHERE id = ?",  # noqa: S608
-                                 _in((*changes.values(), record.id)))
-                if sent:
-                    self._db.execute("INSERT INTO sends (t, boot, mono) VALUES (?, ?, ?)",
-                                     (changes["updated"], BOOT_ID or None, time.monotonic()))
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
-                    "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._writing(transaction=True) as db:
+            db.execute(f"UPDATE files SET {assignments} WHERE id = ?",  # noqa: S608
+                       _in((*changes.values(), record.id)))
+            if sent:
+                db.execute("INSERT INTO sends (t, boot, mono) VALUES (?, ?, ?)",
+                           (changes["updated"], BOOT_ID or None, time.monotonic()))
+            db.executemany(
+                "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
+                "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
         for name, value in changes.items():
             setattr(record, name, value)
 
@@ -388,21 +406,14 @@ class Journal:
         keep_ids = [row_id for row_id, inbox, rel, size, mtime in kept
                     if still_kept(inbox, rel, size, mtime)]
         marks = ", ".join("?" for _ in FINAL)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("CREATE TEMP TABLE IF NOT EXISTS keep (id INTEGER PRIMARY KEY)")
-                self._db.execute("DELETE FROM keep")
-                self._db.executemany("INSERT INTO keep (id) VALUES (?)",
-                                     [(row_id,) for row_id in keep_ids])
-                gone = self._db.execute(
-                    f"DELETE FROM files WHERE state IN ({marks}) AND updated < ? "  # noqa: S608
-                    "AND id NOT IN (SELECT id FROM keep)", (*FINAL, older_than)).rowcount
-                self._db.execute("DELETE FROM results WHERE t < ?", (older_than,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._writing(transaction=True) as db:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS keep (id INTEGER PRIMARY KEY)")
+            db.execute("DELETE FROM keep")
+            db.executemany("INSERT INTO keep (id) VALUES (?)", [(row_id,) for row_id in keep_ids])
+            gone = db.execute(
+                f"DELETE FROM files WHERE state IN ({marks}) AND updated < ? "  # noqa: S608
+                "AND id NOT IN (SELECT id FROM keep)", (*FINAL, older_than)).rowcount
+            db.execute("DELETE FROM results WHERE t < ?", (older_than,))
         return gone
 
     def sends_since(self, since: float) -> int:
@@ -416,15 +427,16 @@ class Journal:
         before boot ids were) is aged by the wall clock, and one that the wall clock puts in
         the future counts as just sent: recent for one window at most, never longer."""
         now, mono = time.time(), time.monotonic()
-        with self._lock:
-            # Two days are kept: the rate limit needs a minute, the daily budget a day.
+        with contextlib.suppress(StateUnavailable), self._writing():
+            # Two days are kept: the rate limit needs a minute, the daily budget a day (the
+            # trim waits for a disk with room).
             self._db.execute("DELETE FROM sends WHERE t < ?", (now - 2 * 86400,))
-            this_boot = self._db.execute(
-                "SELECT mono FROM sends WHERE boot = ? AND mono >= ?",
-                (BOOT_ID, mono - window)).fetchall() if BOOT_ID else []
-            other = self._db.execute(
-                "SELECT t FROM sends WHERE (boot IS NULL OR boot != ?) AND t >= ?",
-                (BOOT_ID, now - window)).fetchall()
+        this_boot = self._query(
+            "SELECT mono FROM sends WHERE boot = ? AND mono >= ?",
+            (BOOT_ID, mono - window)) if BOOT_ID else []
+        other = self._query(
+            "SELECT t FROM sends WHERE (boot IS NULL OR boot != ?) AND t >= ?",
+            (BOOT_ID, now - window))
         return [mono - m for (m,) in this_boot] + [max(0.0, now - t) for (t,) in other]
 
     def set_paused(self, reason: str | None) -> None:
@@ -450,14 +462,15 @@ class Journal:
 
     def set_meta(self, key: str, value: str | None) -> None:
         """A value the pipeline's pause keeps (per-inbox holds); `paused` and `credits` have
-        their typed accessors above."""
+        their typed accessors above. Raises StateUnavailable when the disk refuses it."""
         self._set_meta(key, value)
 
     def meta(self) -> dict[str, str | None]:
         return dict(self._query("SELECT k, v FROM meta"))  # type: ignore[arg-type]
 
     def _set_meta(self, key: str, value: str | None) -> None:
-        with self._lock:
+        """Raises StateUnavailable when the disk refuses the write."""
+        with self._writing():
             self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
 
     def _meta(self, key: str) -> str | None:
