@@ -66,6 +66,17 @@ def test_a_share_that_vanishes_and_returns_is_watched_again_and_nothing_is_sent_
                  what="the new file archived")
         took = time.monotonic() - dropped
         assert took < 5.0, took
+        # Gone and back between two looks: the same device and inode, but another mount,
+        # and the old watches died with the old one.
+        share.vanish()
+        share.come_back()
+        daemon.wait_event("inbox.remounted", timeout=5)
+        dropped = time.monotonic()
+        make_image(studio.inbox / "later.png", seed=98)
+        wait_for(lambda: (studio.archive / "later.png").exists(), timeout=10,
+                 what="the file after a quick remount archived")
+        took = time.monotonic() - dropped
+        assert took < 5.0, took
     finally:
         code = daemon.stop()
     assert code == 0
@@ -73,11 +84,11 @@ def test_a_share_that_vanishes_and_returns_is_watched_again_and_nothing_is_sent_
     assert daemon.events("file.internal_error") == []
     assert daemon.events("claim.taken_over") == []
     assert daemon.events("claim.lost") == []
-    _no_twins(studio, [*names, "late.png"])
+    _no_twins(studio, [*names, "late.png", "later.png"])
     for name, digest in digests.items():
         assert hashlib.sha256((studio.archive / name).read_bytes()).hexdigest() == \
             digest.hexdigest()
-    assert sandbox.count(200) == FILES + 1  # nothing paid twice
+    assert sandbox.count(200) == FILES + 2  # nothing paid twice
 
 
 def test_an_inbox_made_unreadable_for_a_while_is_a_pause_of_that_inbox(

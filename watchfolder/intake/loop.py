@@ -17,9 +17,9 @@ one stat. A folder that is missing (deleted, or a share no longer mounted where 
 that cannot be read or searched (permissions taken away, EIO, a stale handle) pauses that
 inbox: its index is in `paused`, which the pipeline reads, so none of its files is touched
 until it is back (`inbox.missing` or `inbox.unreadable` once, `inbox.back`). A folder that is
-another one now (its device, inode or mount changed: a share mounted again) is watched again
-at once and rescanned (`inbox.remounted`): inotify watches die with the mount they were on, and
-new files must not wait for the next rescan.
+another one now (its device, inode or mount changed), or whose watch died with the mount it was
+on (`Watcher.lost`: a share unmounted and mounted again between two looks), is watched again at
+once and rescanned (`inbox.remounted`): new files must not wait for the next rescan.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class Intake:
             looked = self._probe(index)
             if looked is None:
                 continue
-            if self.watcher is not None and (looked == "changed"
+            if self.watcher is not None and (looked == "changed" or self.watcher.lost(index)
                                              or not self.watcher.healthy(index)):
                 self.watcher.watch(index)
             self._scan_inbox(index)
@@ -251,7 +251,17 @@ class Intake:
         """Look at every inbox folder; one that came back or is another one now is watched
         again and rescanned at once."""
         for index in range(len(self.config.inboxes)):
-            if index not in self.inactive and self._probe(index) == "changed":
+            if index in self.inactive:
+                continue
+            looked = self._probe(index)
+            if looked == "same" and self.watcher is not None and self.watcher.lost(index):
+                # Unmounted and mounted again between two looks: the same device and inode,
+                # but the watch died with the old mount.
+                log.warning("inbox.remounted", inbox=str(self.config.inboxes[index].path),
+                            hint="its watch died with the mount it was on: watched again "
+                                 "and rescanned")
+                looked = "changed"
+            if looked == "changed":
                 if self.watcher is not None:
                     self.watcher.watch(index)
                 self._scan_inbox(index)
@@ -287,7 +297,10 @@ class Intake:
         return "same"
 
     def _pause(self, index: int, problem: str, exc: OSError | None) -> str | None:
-        self.paused.add(index)
+        if self.watcher is not None:
+            # Only while probes run to end it: a --once run (no watches) never un-pauses, and
+            # its files then fail or go on as they would.
+            self.paused.add(index)
         self._identity.pop(index, None)
         if self._problem.get(index) == problem:
             return None

@@ -13,6 +13,12 @@ the inotify observer is built with `generate_full_events` so those arrive as mov
 creations). Created, modified and closed events, and every event of the polling observer (it
 infers moves from listings), keep the settle rule.
 
+An inotify watch dies with the mount it is on: a share unmounted (even lazily, even mounted again
+at once, with the same device and inode numbers) leaves watchdog's observer running but deaf.
+Watchdog does not say so; a `RootSentinel` per native watch (a tiny inotify instance of our own
+on the inbox folder itself) does: `Watcher.lost(index)` is true once the folder was unmounted,
+deleted or moved, and the intake then watches it again.
+
 A filesystem error is the problem of one path, never of the scan: a folder nested deeper than
 PATH_MAX (ENAMETOOLONG), a stale NFS handle (ESTALE), an I/O error on a share (EIO), a folder
 we may not read. Each is logged once as `scan.error` with the path and the errno (not again
@@ -21,6 +27,7 @@ at every rescan, until the path works again), and the scan goes on with the rest
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -159,6 +166,45 @@ def renamed_into_place(source: str, root: Path) -> bool:
     return any(is_ignored(part) for part in parts)
 
 
+_IN_DELETE_SELF, _IN_MOVE_SELF, _IN_UNMOUNT = 0x400, 0x800, 0x2000  # <sys/inotify.h>
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class RootSentinel:
+    """Our own inotify watch on one folder, for what happens to the folder itself: unmounted,
+    deleted, moved (the kernel then also ends the watch: IN_IGNORED). Reading it never
+    blocks. Linux only, like the native observer it stands beside."""
+
+    def __init__(self, path: Path) -> None:
+        fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        mask = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT
+        if _libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(code, os.strerror(code), str(path))
+        self.fd = fd
+        self._fired = False
+
+    def fired(self) -> bool:
+        """True once anything happened to the folder itself (it stays true)."""
+        if not self._fired:
+            try:
+                self._fired = bool(os.read(self.fd, 4096))
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._fired = True  # closed under us: treat as lost, a new watch replaces it
+        return self._fired
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, index: int, root: Path, deliver: Deliver, *, renames: bool,
                  on_overflow: Callable[[], None]) -> None:
@@ -196,6 +242,7 @@ class Watcher:
         self._observers: list[BaseObserver] = []
         self._watched: dict[int, BaseObserver] = {}
         self.on_overflow = on_overflow
+        self._sentinels: dict[int, RootSentinel] = {}
         # watch() runs on the intake's thread (a lost watch restored), stop() on the main
         # thread (a reload, a stop): once stopped, nothing is watched any more.
         self._lock = threading.Lock()
@@ -252,7 +299,21 @@ class Watcher:
             self._stop([old])
         self._watched[index] = observer
         self._observers.append(observer)
+        previous = self._sentinels.pop(index, None)
+        if previous is not None:
+            previous.close()
+        if not inbox.polling:  # a polling observer lists the folder anew each time anyway
+            try:
+                self._sentinels[index] = RootSentinel(inbox.path)
+            except OSError as exc:  # out of inotify instances: the rescans cover it
+                SCAN_ERRORS.report(inbox.path, exc, "watch")
         return True
+
+    def lost(self, index: int) -> bool:
+        """The folder this inbox's native watch is on was unmounted, deleted or moved since:
+        the watch is deaf now, though its threads live."""
+        sentinel = self._sentinels.get(index)
+        return sentinel is not None and sentinel.fired()
 
     def healthy(self, index: int) -> bool:
         observer = self._watched.get(index)
@@ -276,3 +337,6 @@ class Watcher:
             self._stopped = True
             self._stop(list(self._observers))
             self._watched.clear()
+            for sentinel in self._sentinels.values():
+                sentinel.close()
+            self._sentinels.clear()
