@@ -201,3 +201,36 @@ def test_a_journal_write_on_a_full_disk_changes_nothing_and_says_so(
     assert [r.state for r in again.unfinished()] == []
     assert len(again.recent_send_ages(3600.0)) == again.sends_since(0)  # readable, whole
     again.close()
+
+
+def test_a_state_dir_that_fills_mid_batch_is_a_pause_and_nothing_is_paid_twice(
+        tmp_path: Path, sandbox: Sandbox, tmpfs: Callable[[Path, int], Tmpfs]) -> None:
+    state = tmp_path / "state"
+    tmpfs(state, 4096)
+    sandbox.latency = 0.3  # answers in flight when the disk fills
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 2},
+                    inbox={"settle_seconds": 0.1})
+    names = [f"img {n:02d}.png" for n in range(FILES)]
+    for n, name in enumerate(names):
+        make_image(studio.inbox / name, seed=n)
+    daemon = DaemonProcess(studio.write_config())
+    try:
+        daemon.wait_event("ready")
+        daemon.wait_event("file.done", 3)
+        filler = fill(state)
+        daemon.wait_event("state.unavailable", timeout=10)
+        time.sleep(2.0)
+        filler.unlink()
+        daemon.wait_event("state.recovered", timeout=10)
+        wait_for(lambda: len(studio.files(studio.archive)) == FILES, timeout=30,
+                 what="every original archived")
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert daemon.raw == [], "".join(daemon.raw)  # no traceback
+    assert len(daemon.events("state.unavailable")) == 1
+    for wrong in ("watchdog.withheld", "file.internal_error", "destination.unavailable"):
+        assert daemon.events(wrong) == [], wrong
+    assert studio.files(studio.errors) == []
+    _no_twins(studio, names)
+    assert sandbox.count(200) == FILES  # no credit paid twice

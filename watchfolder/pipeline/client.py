@@ -96,6 +96,9 @@ class ApiResult:
     credits_consumed: int | None
     seconds: float
     body: bytes | None = None
+    # Writing `dest` failed (disk full, I/O error) after the answer came: the whole answer is
+    # in `body` instead (it was paid for), and this says why.
+    spool_error: OSError | None = None
 
     @property
     def content(self) -> bytes:
@@ -150,8 +153,9 @@ class ApiClient:
         With `dest`, a 200 body is streamed into that file (created or truncated, then
         flushed and fsynced; removed again if anything fails). A body longer than
         `max_bytes` (see `max_result_bytes`) is not read further: BadResult. The whole call
-        takes at most `timeout` seconds: TransportError. An OSError writing `dest` is raised
-        as it is (the request was answered; only our side failed).
+        takes at most `timeout` seconds: TransportError. When writing `dest` fails (the disk
+        is full or failing), the rest is read into memory and the answer returned with `body`
+        and `spool_error`, `dest` removed: it was paid for, and the caller keeps it.
         """
         headers = {"x-api-key": self._key.reveal(), "Accept": OUTPUT_FORMATS[output_format]}
         started = time.monotonic()
@@ -183,9 +187,9 @@ class ApiClient:
                     buffer = io.BytesIO()
                     size, digest = _copy(chunks, buffer)
                     body: bytes | None = buffer.getvalue()
+                    spool_error: OSError | None = None
                 else:
-                    body = None
-                    size, digest = _write_file(chunks, dest)
+                    size, digest, body, spool_error = _write_file(chunks, dest)
         if declared is not None and declared != size:  # a Content-Length the body broke
             if dest is not None:
                 dest.unlink(missing_ok=True)
@@ -199,6 +203,7 @@ class ApiClient:
             credits_consumed=_int_header(response, "x-credits-consumed"),
             seconds=time.monotonic() - started,
             body=body,
+            spool_error=spool_error,
         )
 
     def _body(self, response: requests.Response, deadline: _Deadline, limit: int, *,
@@ -243,18 +248,51 @@ def _copy(chunks: Iterator[bytes], handle: BinaryIO) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _write_file(chunks: Iterator[bytes], dest: Path) -> tuple[int, str]:
-    """Stream into `dest`, then flush and fsync; remove the partial file on any failure."""
+def _write_file(chunks: Iterator[bytes],
+                dest: Path) -> tuple[int, str, bytes | None, OSError | None]:
+    """Stream into `dest`, then flush and fsync: (size, sha256, None, None). When the disk
+    refuses (full, I/O error), the rest of the body is read into memory and what was written
+    read back: (size, sha256, the whole body, the error), `dest` removed. The partial file is
+    removed on any other failure too."""
+    digest = hashlib.sha256()
+    size = 0
+    written = 0  # bytes known to be in `dest` (unbuffered writes: no doubt about a failure)
     try:
-        with dest.open("wb") as handle:
-            size, digest = _copy(chunks, handle)
+        with dest.open("wb", buffering=0) as handle:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                view = memoryview(chunk)
+                try:
+                    while view:
+                        done = handle.write(view) or 0
+                        written += done
+                        view = view[done:]
+                except OSError as exc:
+                    rest = [bytes(view), *chunks]  # the body goes on arriving: it is paid for
+                    for more in rest[1:]:
+                        digest.update(more)
+                        size += len(more)
+                    kept = _read_back(dest, written) + b"".join(rest)
+                    dest.unlink(missing_ok=True)
+                    return size, digest.hexdigest(), kept, exc
             handle.flush()
-            os.fsync(handle.fileno())
+            try:
+                os.fsync(handle.fileno())
+            except OSError as exc:
+                kept = _read_back(dest, written)
+                dest.unlink(missing_ok=True)
+                return size, digest.hexdigest(), kept, exc
     except BaseException:
         with contextlib.suppress(OSError):
             dest.unlink()
         raise
-    return size, digest
+    return size, digest.hexdigest(), None, None
+
+
+def _read_back(path: Path, size: int) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(size)
 
 
 def _declared_length(response: requests.Response) -> int | None:
