@@ -6,8 +6,8 @@
 - `Tmpfs`: a small tmpfs, to fill up.
 - `eio_shim`: an LD_PRELOAD library, compiled with gcc in the test, that makes `open`/`read`
   fail with an errno only below one folder (`WATCHFOLDER_FAULT_BELOW`), for the processes it is
-  preloaded into. libfiu fails reads process-wide (the interpreter then fails at import), so
-  it cannot be used here.
+  preloaded into: always, while a switch file exists, or at a rate (a degrading disk). libfiu
+  fails reads process-wide (the interpreter then fails at import), so it cannot be used here.
 - `without_dac_override`: the command prefix that runs a process as root without
   CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so that mode bits bind it (root reads a mode-000
   folder otherwise).
@@ -168,11 +168,15 @@ _SHIM = r"""
 #include <unistd.h>
 
 /* Fail open() and read() with WATCHFOLDER_FAULT_ERRNO (default EIO) for paths below
-   WATCHFOLDER_FAULT_BELOW, while the file WATCHFOLDER_FAULT_SWITCH exists (always, if unset). */
+   WATCHFOLDER_FAULT_BELOW, while the file WATCHFOLDER_FAULT_SWITCH exists (always, if
+   unset), each time with the probability WATCHFOLDER_FAULT_RATE (default 1: always). */
 
 static int armed(void) {
     const char *sw = getenv("WATCHFOLDER_FAULT_SWITCH");
-    return !sw || access(sw, F_OK) == 0;
+    const char *rate = getenv("WATCHFOLDER_FAULT_RATE");
+    static unsigned seed = 12345;
+    if (sw && access(sw, F_OK) != 0) return 0;
+    return !rate || (double)rand_r(&seed) / RAND_MAX < atof(rate);
 }
 
 static int below(const char *path) {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Studio, make_image, run_watchfolder, wait_for
+from tests.conftest import KEY, Studio, make_image, run_watchfolder, wait_for
 from tests.faults import (
     DaemonProcess,
     LoopMount,
@@ -234,3 +234,38 @@ def test_a_state_dir_that_fills_mid_batch_is_a_pause_and_nothing_is_paid_twice(
     assert studio.files(studio.errors) == []
     _no_twins(studio, names)
     assert sandbox.count(200) == FILES  # no credit paid twice
+
+
+def test_a_degrading_disk_after_upload_never_ends_a_file_twice(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    # Once every file is sent, a third of the reads of inbox files fail (EIO): a disk that
+    # degrades while the answers are on their way.
+    sandbox.latency = 1.0
+    sandbox.credits = 1000  # taken when a request arrives: tells how many were sent
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": FILES},
+                    retry={"max_attempts": 4, "backoff_seconds": 0.02,
+                           "max_backoff_seconds": 0.1})
+    names = [f"img {n:02d}.png" for n in range(FILES)]
+    for n, name in enumerate(names):
+        make_image(studio.inbox / name, seed=n)
+    switch = tmp_path / "degraded"
+    daemon = DaemonProcess(studio.write_config(), env={
+        "LD_PRELOAD": str(eio_shim(tmp_path)), "WATCHFOLDER_FAULT_BELOW": str(studio.inbox),
+        "WATCHFOLDER_FAULT_RATE": "0.3", "WATCHFOLDER_FAULT_SWITCH": str(switch)})
+    try:
+        wait_for(lambda: 1000 - (sandbox.credits_left(KEY) or 0) >= FILES, timeout=30,
+                 what="every file sent")
+        switch.touch()
+        wait_for(lambda: len(studio.files(studio.archive)) == FILES, timeout=60,
+                 what="every original archived")
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert daemon.raw == [], "".join(daemon.raw)
+    for wrong in ("file.changed", "destination.unavailable", "file.internal_error",
+                  "file.failed"):
+        assert daemon.events(wrong) == [], (wrong, daemon.events(wrong)[:2])
+    assert daemon.events("source.unreadable")  # the faults did happen
+    assert studio.files(studio.errors) == []  # never in errors and done at once
+    _no_twins(studio, names)
+    assert sandbox.count(200) == FILES  # nothing paid twice
