@@ -9,8 +9,10 @@ The credits last reported by the API are `Credits`' alone.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -18,20 +20,23 @@ import structlog
 from watchfolder.config.settings import Config
 from watchfolder.coordination.coordinator import Coordinator
 from watchfolder.coordination.limits import Limiter, SharedPause
-from watchfolder.errors import AccountError
+from watchfolder.errors import AccountError, StateUnavailable
 from watchfolder.files.place import Destinations
 from watchfolder.journal.db import Journal
 from watchfolder.pipeline.budget import Budget, BudgetReached
-from watchfolder.pipeline.client import ApiClient
+from watchfolder.pipeline.client import ApiClient, ApiResult
 from watchfolder.pipeline.jobqueue import JobQueue, RequestSlots
 from watchfolder.pipeline.pause import Pause
-from watchfolder.pipeline.work import Twins
+from watchfolder.pipeline.state import StateGuard
+from watchfolder.pipeline.work import Payload, Twins
 
 if TYPE_CHECKING:
     from watchfolder.handoff.wiring import HandOff
     from watchfolder.service.metrics import Metrics
 
 log = structlog.get_logger("watchfolder")
+
+KEPT_ANSWERS_MAX_BYTES = 256 << 20
 
 ACCOUNT_HINTS = {
     "key_missing": "set api.key, api.key_file or the systemd credential, then reload",
@@ -57,8 +62,10 @@ class Credits:
             self.remaining = credits
             warn = credits < threshold and not self._warned
             self._warned = credits < threshold
-            # For `watchfolder status`, also after a stop (records finish out of order).
-            self._journal.set_credits(credits)
+            # For `watchfolder status`, also after a stop (records finish out of order); a
+            # disk that refuses it only delays the note (the pipeline's guard says so).
+            with contextlib.suppress(StateUnavailable):
+                self._journal.set_credits(credits)
         if warn:
             log.warning("credits.low", credits_remaining=credits, threshold=threshold,
                         hint="top up the Clipdrop account before it runs out")
@@ -85,6 +92,17 @@ class Context:
         self.budget = Budget(config.api.max_credits_per_day, journal.sends_since)
         self.credits = Credits(journal)
         self.stopping = threading.Event()
+        # The state_dir (journal, spool): a failed write pauses sending (pipeline/state.py).
+        self.state = StateGuard(journal.path.parent, partial(journal.set_meta, "state_checked",
+                                                             None))
+        # Slots of inboxes whose folder is missing or unreadable: filled by the intake, which
+        # also answers, when a file is not found, whether its whole folder is away right now.
+        self.inbox_paused: set[int] = set()
+        self.inbox_away: Callable[[int], bool] = lambda index: index in self.inbox_paused
+        # Answers paid for that the spool refused (a full disk): job key → (result, payload),
+        # at most KEPT_ANSWERS_MAX_BYTES of them, spooled when the disk takes them.
+        self.kept_answers: dict[tuple[int, str], tuple[ApiResult, Payload]] = {}
+        self.kept_lock = threading.Lock()
         self.metrics: Metrics | None = None  # set by the daemon when metrics are served
         self.handoff: HandOff | None = None  # set by the daemon when hooks or a webhook are
         self.queue = JobQueue(pause=self.pause, held=self._held)  # requests: paused

@@ -38,7 +38,12 @@ Local workers and libvips threads split the cores (`local_split`): together abou
 cores but one, never workers x (cores - 1).
 
 A folder we must write to that is missing or unwritable parks the job (no request is spent
-while the outbox is unusable), and is reported once until it recovers.
+while the outbox is unusable), and is reported once until it recovers. An inbox the intake
+found missing or unreadable (`ctx.inbox_paused`) holds its files where they are, except a
+request already going out; a read error of an original is the source's (steps/source.py). A
+state_dir that refuses a write (full, failing) pauses sending (`ctx.state`, pipeline/state.py):
+a transition the journal refused is kept (`_unjournaled`) and journaled first when the job
+runs again, and no worker dies of it.
 """
 
 from __future__ import annotations
@@ -58,7 +63,13 @@ from watchfolder import failpoints
 from watchfolder.config.settings import Config, InboxConfig
 from watchfolder.coordination.coordinator import Coordinator
 from watchfolder.coordination.limits import Limiter
-from watchfolder.errors import AccountError, CoordinationUnavailable, DestinationError
+from watchfolder.errors import (
+    AccountError,
+    CoordinationUnavailable,
+    DestinationError,
+    SourceUnreadable,
+    StateUnavailable,
+)
 from watchfolder.imaging import compose
 from watchfolder.intake.settle import Signature
 from watchfolder.journal.db import (
@@ -80,11 +91,14 @@ from watchfolder.pipeline.client import ApiClient
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.jobqueue import Job, JobQueue
 from watchfolder.pipeline.pause import ALL, Pause
+from watchfolder.pipeline.state import STATE_RECHECK_SECONDS
 from watchfolder.pipeline.steps import STEPS
 from watchfolder.pipeline.steps.finish import hand_off
+from watchfolder.pipeline.steps.source import INBOX_RECHECK_SECONDS, InboxAway, unreadable
 from watchfolder.pipeline.work import (
     LOCAL,
     MAIN,
+    Advance,
     Outcome,
     Park,
     Work,
@@ -148,6 +162,10 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._refused: list[Work] = []  # hand-offs a folder refused, tried again
+        # Transitions whose effect is done but which the journal refused (a full disk): job
+        # key → Advance, journaled first when the job runs again (an answer spooled, a
+        # result placed are never redone).
+        self._unjournaled: dict[tuple[int, str], Advance] = {}
         self.in_flight = 0
         self.done = 0
         self.failed = 0
@@ -161,6 +179,11 @@ class Pipeline:
     def pause(self) -> Pause:
         """The one pause: read by status and metrics, set per inbox by a person (`set`)."""
         return self.ctx.pause
+
+    @property
+    def inbox_paused(self) -> set[int]:
+        """Slots of inboxes whose folder is away: the intake fills it, the steps read it."""
+        return self.ctx.inbox_paused
 
     @property
     def inboxes(self) -> tuple[InboxConfig, ...]:
@@ -237,10 +260,19 @@ class Pipeline:
     def _work(self, lane: str, queue: JobQueue) -> None:
         while (job := queue.get()) is not None:
             with self._busy():
-                self._live(job, lane)
+                try:
+                    self._live(job, lane)
+                except Exception:  # a bug outside a step: the worker lives, the file waits
+                    log.exception("file.internal_error", inbox=str(self.inboxes[job.index].path),
+                                  file=job.rel)
+                    queue.put_later(job, max(1.0, self.config.retry.backoff_seconds))
 
     def _live(self, job: Job, lane: str = MAIN) -> None:
         """Run the file's steps, each on the lane it needs, until it is finished or parked."""
+        if job.index in self.ctx.inbox_paused and not job.holds_slot:
+            # Not even its claim: that folder is on the share.
+            self._lane(lane).put_later(job, INBOX_RECHECK_SECONDS)
+            return
         work = self._open(job, lane)
         if work is None:
             return
@@ -251,15 +283,28 @@ class Pipeline:
                 if needs not in (None, work.lane):
                     self._lane(needs).put(job, front=needs == MAIN)  # a request waits
                     return
-                outcome = self._step(work)
+                outcome = self._unjournaled.pop(job.key, None) or self._step(work)
                 if isinstance(outcome, Park):
-                    if outcome.changes.get("state", record.state) not in ANSWER_WAITING:
+                    if outcome.changes.get("state", record.state) not in ANSWER_WAITING \
+                            and job.key not in self.ctx.kept_answers:
                         self._release_slot(job)  # back to the queue: no answer is waiting
                     self._park(work, outcome)
                     return
                 before = record.state
-                self.journal.update(record, state=outcome.state, sent=outcome.sent,
-                                    remember=outcome.remember, **outcome.changes)
+                try:
+                    self.journal.update(record, state=outcome.state, sent=outcome.sent,
+                                        remember=outcome.remember, **outcome.changes)
+                except StateUnavailable as exc:
+                    self.ctx.state.failed(exc)
+                    if outcome.state != SENDING:
+                        # Its effect is done (an answer spooled, a result placed): kept here
+                        # and journaled first when the disk lets us; its slot stays held.
+                        self._unjournaled[job.key] = outcome
+                    else:
+                        self._release_slot(job)  # not journaled as sending: no request made
+                    self._park(work, Park(STATE_RECHECK_SECONDS))
+                    return
+                self.ctx.state.worked()
                 if record.state != before:
                     failpoints.hit(record.state)
                 if record.state not in ANSWER_UNFINISHED:
@@ -274,8 +319,17 @@ class Pipeline:
 
     def _step(self, work: Work) -> Outcome:
         state = work.record.state
+        if work.job.index in self.ctx.inbox_paused and state != SENDING:
+            return Park(INBOX_RECHECK_SECONDS)  # its folder is away: touch none of its files
         try:
             return STEPS[state](self.ctx, work)
+        except SourceUnreadable as exc:
+            return unreadable(self.ctx, work, exc)
+        except InboxAway:
+            return Park(INBOX_RECHECK_SECONDS)  # its folder is away: it waits, nothing is gone
+        except StateUnavailable as exc:  # a journal write inside a step (an output's name)
+            self.ctx.state.failed(exc)
+            return Park(STATE_RECHECK_SECONDS)
         except DestinationError:
             # Reported once by Destinations; the file waits, no request is spent meanwhile.
             back = back_from_sending(work.record) if state == SENDING else {}
@@ -339,6 +393,10 @@ class Pipeline:
                     return None
                 record = self.journal.create(str(inbox.path), job.rel, st.st_size,
                                              st.st_mtime_ns, inbox.settings_key)
+        except StateUnavailable as exc:
+            self.ctx.state.failed(exc)  # it keeps its claim and waits
+            self._lane(LOCAL if job.holds_slot else lane).put_later(job, STATE_RECHECK_SECONDS)
+            return None
         except Exception:
             log.exception("file.internal_error", inbox=str(inbox.path), file=job.rel)
             self._release_slot(job)
@@ -353,7 +411,12 @@ class Pipeline:
 
     def _park(self, work: Work, park: Park) -> None:
         if park.changes:
-            self.journal.update(work.record, **park.changes)
+            try:
+                self.journal.update(work.record, **park.changes)
+            except StateUnavailable as exc:
+                # Memory keeps the journal's state too (an update applies only once written):
+                # the file resumes from it, and what was to be noted is found again.
+                self.ctx.state.failed(exc)
         job = work.job
         job.probe = False
         if park.twin:

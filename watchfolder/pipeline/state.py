@@ -22,6 +22,7 @@ from watchfolder.errors import StateUnavailable
 log = structlog.get_logger("watchfolder")
 
 PROBE_SECONDS = 1.0
+STATE_RECHECK_SECONDS = 1.0  # a job waiting for a state_dir that can be written
 # Room kept free in state_dir beyond an answer's largest size before a request is made: the
 # journal's next writes and its write-ahead log.
 HEADROOM = 1 << 20

@@ -12,7 +12,9 @@ import structlog
 from PIL import Image
 
 from watchfolder.journal.db import GONE, QUEUED, SENDING
+from watchfolder.pipeline.client import max_result_bytes
 from watchfolder.pipeline.context import Context
+from watchfolder.pipeline.state import STATE_RECHECK_SECONDS
 from watchfolder.pipeline.work import Advance, Outcome, Park, Payload, Work
 
 log = structlog.get_logger("watchfolder")
@@ -37,6 +39,13 @@ def admit_proxy(ctx: Context, work: Work) -> Outcome:
 def admit(ctx: Context, work: Work, payload: Payload, changes: Mapping[str, Any], *,
           need: int) -> Outcome:
     """Take a request slot and a send time: the request goes out next."""
+    # No request while its answer could not be kept: the journal cannot be written, or the
+    # spool has no room for the answer (as large as its pixels uncompressed: the bound a
+    # hostile answer is cut at is far above what a real one weighs).
+    answer = min(max_result_bytes(payload.width, payload.height, len(payload.data)),
+                 payload.width * payload.height * 4 + (64 << 10))
+    if not ctx.state.ready() or not ctx.state.room_for(ctx.journal.spool_dir, answer):
+        return Park(STATE_RECHECK_SECONDS, changes=changes)
     # No request while its answer would have nowhere to go (`need`: about what the
     # outbox must hold).
     ctx.destinations.check(work.inbox.outbox, "outbox", need)

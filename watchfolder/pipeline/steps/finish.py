@@ -21,17 +21,19 @@ from typing import Any
 import structlog
 
 from watchfolder import __version__, failpoints
+from watchfolder.errors import SourceUnreadable
 from watchfolder.files import layout
 from watchfolder.files.atomic import write_atomic
 from watchfolder.files.layout import REASON_SUFFIX
-from watchfolder.files.place import NAME_MAX, move_into
+from watchfolder.files.place import NAME_MAX, move_into, sha256_file
 from watchfolder.handoff.manifest import manifest_json
 from watchfolder.journal.db import DONE, FAILED, FileRecord
 from watchfolder.logs import readable
 from watchfolder.pipeline import outputs
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.steps.prepare import gone
-from watchfolder.pipeline.work import Advance, Outcome, Work, moved, sha_or_none
+from watchfolder.pipeline.steps.source import source_stat
+from watchfolder.pipeline.work import Advance, Outcome, Work, moved
 
 log = structlog.get_logger("watchfolder")
 
@@ -42,13 +44,14 @@ def finish(ctx: Context, work: Work) -> Outcome:
     """Move the original to the archive (or leave it in place, remembered as done)."""
     record, archive, src = work.record, work.inbox.archive, work.src
     changes: dict[str, Any] = {"handoff": PENDING if _hands_on(ctx, work, DONE) else None}
-    if os.path.lexists(src) and _replaced(work):
+    there = source_stat(ctx, work) is not None  # unreadable or away: it waits, not gone
+    if there and _replaced(ctx, work):
         log.warning("file.changed", **work.log_fields(),
                     hint="replaced while processing; the new version is processed next")
         # Done for the content that was sent; the new content under this name is new work
         # (size -1: no signature of a kept file matches it, now or after a restart).
         changes["size"] = -1
-    elif archive is not None and os.path.lexists(src):
+    elif archive is not None and there:
         chosen = Path(record.archive) if record.archive else None
         ctx.destinations.place(
             archive, "archive", archive / work.job.rel, chosen,
@@ -70,7 +73,7 @@ def fail(ctx: Context, work: Work) -> Outcome:
     if record.proxy:
         Path(record.proxy).unlink(missing_ok=True)  # never sent, never needed again
     chosen = Path(record.error_path) if record.error_path else None
-    if not os.path.lexists(src) and (chosen is None or not os.path.lexists(chosen)):
+    if source_stat(ctx, work) is None and (chosen is None or not os.path.lexists(chosen)):
         return gone(work, "removed from the inbox before it was moved to errors",
                     reason=record.reason, message=record.message)
 
@@ -121,17 +124,24 @@ def hand_off(ctx: Context, work: Work) -> None:
     ctx.journal.update(record, handoff=None)
 
 
-def _replaced(work: Work) -> bool:
+def _replaced(ctx: Context, work: Work) -> bool:
     """The file at the source's path is not the content that was sent (by size and mtime,
-    then by hash: some tools replace a file keeping both)."""
+    then by hash: some tools replace a file keeping both). A read error is not a change:
+    SourceUnreadable, looked at again later."""
     record = work.record
-    try:
-        st = work.src.lstat()
-    except FileNotFoundError:
+    st = source_stat(ctx, work)
+    if st is None:
         return False
     if (st.st_size, st.st_mtime_ns) != (record.size, record.mtime_ns):
         return True
-    return stat.S_ISREG(st.st_mode) and sha_or_none(work.src) != record.sha256
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        return sha256_file(work.src) != record.sha256
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise SourceUnreadable(work.src, exc) from exc
 
 
 def _reason(record: FileRecord, src: Path, placed: Path) -> bytes:

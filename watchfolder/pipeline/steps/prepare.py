@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from watchfolder.errors import InputRejected
+from watchfolder.errors import InputRejected, SourceUnreadable
 from watchfolder.files import layout
 from watchfolder.files.place import sha256_file
 from watchfolder.imaging.compose import make_proxy
@@ -28,11 +28,18 @@ from watchfolder.journal.db import (
     GONE,
     PROXIED,
     QUEUED,
+    STORED,
     encode_reused,
     output_identity,
 )
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.steps.admit import admit
+from watchfolder.pipeline.steps.source import (
+    decodes_again,
+    finished_unarchived,
+    readable,
+    source_stat,
+)
 from watchfolder.pipeline.work import (
     Advance,
     Outcome,
@@ -56,7 +63,7 @@ def prepare(ctx: Context, work: Work) -> Outcome:
         return Advance(GONE)
     record, inbox, src, job = work.record, work.inbox, work.src, work.job
     try:
-        st = _check_file(work)
+        st = _check_file(ctx, work)
         if st is None:
             return gone(work, "removed from the inbox before it was processed")
         if job.source is None or job.source_of != (st.st_size, st.st_mtime_ns):
@@ -72,14 +79,29 @@ def prepare(ctx: Context, work: Work) -> Outcome:
         else:
             sha = sha256_file(src)
     except InputRejected as exc:
+        now = source_stat(ctx, work)
+        if now is None:  # it failed to decode because it vanished
+            return gone(work, "removed from the inbox before it was processed")
+        if stat.S_ISREG(now.st_mode):
+            readable(work)  # a read error (EIO) is the disk's fault, not the content's
+            decodes_again(work, exc)
         return failing(exc.reason, exc.message)
     except FileNotFoundError:
+        source_stat(ctx, work)  # raises InboxAway when its whole folder is away
         return gone(work, "removed from the inbox before it was processed")
     except OSError as exc:
-        return failing("unreadable", f"cannot read the file: {exc.strerror or exc}")
+        raise SourceUnreadable(src, exc) from exc
     seen = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "route": source.route}
     identity = job.identity = f"{sha}|{inbox.settings_key}"
+    finished = finished_unarchived(ctx, work, sha)
+    if finished is not None:
+        log.info("file.back", **work.log_fields(), result=finished.result,
+                 hint="finished before its original vanished (a share that went away): "
+                      "archived now, not sent again")
+        return Advance(STORED, {**seen, "result": finished.result,
+                                "result_sha": finished.result_sha,
+                                "outputs": finished.outputs, "credits": finished.credits})
     if inbox.archive is None and ctx.coordinator.done_elsewhere(
             inbox.path, job.rel, st.st_size, st.st_mtime_ns, sha):
         return Advance(DONE, seen)  # finished in place by another daemon: kept, not resent
@@ -109,11 +131,10 @@ def gone(work: Work, hint: str, **facts: Any) -> Advance:
     return Advance(GONE)
 
 
-def _check_file(work: Work) -> os.stat_result | None:
+def _check_file(ctx: Context, work: Work) -> os.stat_result | None:
     """The file's stat if it is a regular file of ours; None if it is gone."""
-    try:
-        st = work.src.lstat()
-    except FileNotFoundError:
+    st = source_stat(ctx, work)
+    if st is None:
         return None
     if stat.S_ISLNK(st.st_mode):
         raise InputRejected("symlink", "the file is a symbolic link; watchfolder never "
@@ -127,9 +148,14 @@ def _check_file(work: Work) -> os.stat_result | None:
 
 def _read(work: Work) -> bytes:
     """The file's bytes (a fast-path file: at most 30 MB), read without following links."""
-    fd = os.open(work.src, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
+    try:
+        fd = os.open(work.src, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SourceUnreadable(work.src, exc) from exc
 
 
 def _earlier_results(ctx: Context, identities: list[str], count: int) -> list[str] | None:

@@ -8,6 +8,7 @@ the front, costing no attempt; an account problem pauses sending (the context's 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -29,11 +30,13 @@ from watchfolder.files.atomic import fsync_dir
 from watchfolder.imaging.inspect import inspect_result
 from watchfolder.journal.db import FETCHED
 from watchfolder.pipeline.client import ApiResult, max_result_bytes
-from watchfolder.pipeline.context import Context
+from watchfolder.pipeline.context import KEPT_ANSWERS_MAX_BYTES, Context
+from watchfolder.pipeline.state import STATE_RECHECK_SECONDS
 from watchfolder.pipeline.work import (
     Advance,
     Outcome,
     Park,
+    Payload,
     Work,
     back_from_sending,
     failing,
@@ -46,6 +49,10 @@ def send(ctx: Context, work: Work) -> Outcome:
     """One request; its answer is streamed to the spool, fsynced, before it is journaled."""
     record, inbox, payload = work.record, work.inbox, work.payload
     back = back_from_sending(record)
+    with ctx.kept_lock:
+        kept = ctx.kept_answers.pop(work.job.key, None)
+    if kept is not None:
+        return _spool_kept(ctx, work, *kept)
     if payload is None:
         # Journaled as sending by a run that never finished the request: send it again
         # (the one credit a crash can cost per request in flight).
@@ -62,6 +69,8 @@ def send(ctx: Context, work: Work) -> Outcome:
             mime=payload.mime, dest=part,
             max_bytes=max_result_bytes(payload.width, payload.height, len(payload.data)),
             output_format=asked, transparency=inbox.transparency_handling)
+        if result.spool_error is not None:
+            return _keep_answer(ctx, work, result, payload)
         ext = inspect_result(part, payload.width, payload.height)
     except RateLimited as exc:
         delay = ctx.limiter.rate_limited(
@@ -79,16 +88,66 @@ def send(ctx: Context, work: Work) -> Outcome:
     except Retryable as exc:
         part.unlink(missing_ok=True)
         return _retry(ctx, work, exc, back)
-    except OSError as exc:  # the spool's disk: full, or gone
+    except OSError as exc:  # the spool's disk: full, or gone (room was checked before)
         part.unlink(missing_ok=True)
-        ctx.destinations.failed(ctx.journal.spool_dir, exc)
+        ctx.state.failed(exc)
+        return Park(STATE_RECHECK_SECONDS, changes=back)
+    _answered(ctx, work, result)
+    return _spooled(ctx, work, result, part, ext)
+
+
+def _answered(ctx: Context, work: Work, result: ApiResult) -> None:
+    """A request was answered with a result (paid for)."""
     failpoints.hit("answered")
     ctx.accepted(probe=work.job.probe)
+    ctx.credits.note(result.credits_remaining, ctx.config.api.low_credits_warning)
+
+
+def _keep_answer(ctx: Context, work: Work, result: ApiResult, payload: Payload) -> Outcome:
+    """The spool refused an answer that was paid for: keep it in memory (bounded) until the
+    disk takes it; the file stays `sending`, in the journal and here, and keeps its slot."""
+    _answered(ctx, work, result)
+    assert result.spool_error is not None and result.body is not None
+    ctx.state.failed(result.spool_error)
+    with ctx.kept_lock:
+        held = sum(len(answer.body or b"") for answer, _ in ctx.kept_answers.values())
+        if held + len(result.body) <= KEPT_ANSWERS_MAX_BYTES:
+            ctx.kept_answers[work.job.key] = (result, payload)
+            return Park(STATE_RECHECK_SECONDS)
+    log.warning("answer.dropped", **work.log_fields(), bytes=len(result.body),
+                hint="the spool cannot take it and memory for kept answers is full: the "
+                     "file is sent again later")
+    return Park(STATE_RECHECK_SECONDS, changes=back_from_sending(work.record))
+
+
+def _spool_kept(ctx: Context, work: Work, result: ApiResult, payload: Payload) -> Outcome:
+    """Write an answer kept in memory to the spool, now that it may have room."""
+    part = ctx.journal.spool_dir / layout.part_name(work.record.id)
+    try:
+        with part.open("wb") as handle:
+            handle.write(result.body or b"")
+            handle.flush()
+            os.fsync(handle.fileno())
+        ext = inspect_result(part, payload.width, payload.height)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        with ctx.kept_lock:
+            ctx.kept_answers[work.job.key] = (result, payload)
+        ctx.state.failed(exc)
+        return Park(STATE_RECHECK_SECONDS)
+    except Retryable as exc:
+        part.unlink(missing_ok=True)
+        return _retry(ctx, work, exc, back_from_sending(work.record))
+    return _spooled(ctx, work, result, part, ext)
+
+
+def _spooled(ctx: Context, work: Work, result: ApiResult, part: Path, ext: str) -> Outcome:
+    """The answer is in `part`, checked: give it its spool name; journaled next."""
+    record = work.record
     spool = ctx.journal.spool_dir / layout.answer_name(record.id, ext)
     part.replace(spool)
     fsync_dir(spool.parent)
     failpoints.hit("spooled")
-    ctx.credits.note(result.credits_remaining, config.api.low_credits_warning)
     proxy = Path(record.proxy) if record.proxy else None
     return Advance(FETCHED, {"spool": str(spool), "result_sha": result.sha256,
                              "credits": result.credits_remaining,

@@ -16,6 +16,7 @@ from watchfolder.imaging.compose import Output
 from watchfolder.journal.db import QUEUED, STORED, encode_outputs, output_identity
 from watchfolder.pipeline import outputs
 from watchfolder.pipeline.context import Context
+from watchfolder.pipeline.steps.source import produce_from, source_stat
 from watchfolder.pipeline.work import (
     Advance,
     Outcome,
@@ -43,7 +44,7 @@ def store(ctx: Context, work: Work) -> Outcome:
     for index in range(count):
         if done[index]:
             continue  # placed before a crash
-        unchanged = _unchanged(work)
+        unchanged = _unchanged(ctx, work)
         if not unchanged and not earlier:
             log.warning("file.changed", **work.log_fields(),
                         hint="the original changed or vanished after it was sent: the "
@@ -65,7 +66,7 @@ def store(ctx: Context, work: Work) -> Outcome:
             return entry is not None and sha_or_none(name) == entry[1]
 
         def produce(dest: Path, make: outputs.Maker = maker, wrote: list[object] = wrote) -> None:
-            wrote.append(make.produce(dest))
+            wrote.append(produce_from(work, make.produce, dest))
 
         try:
             path, sha = ctx.destinations.place_new(
@@ -88,10 +89,11 @@ def store(ctx: Context, work: Work) -> Outcome:
                    then=None if spool is None else lambda: spool.unlink(missing_ok=True))
 
 
-def _unchanged(work: Work) -> bool:
-    """The original is still the file that was sent (by size and mtime)."""
-    try:
-        st = work.src.lstat()
-    except FileNotFoundError:
+def _unchanged(ctx: Context, work: Work) -> bool:
+    """The original is still the file that was sent (by size and mtime). Raises
+    SourceUnreadable when it cannot be looked at (that is not a change), InboxAway when its
+    folder is away."""
+    st = source_stat(ctx, work)
+    if st is None:
         return False
     return (st.st_size, st.st_mtime_ns) == (work.record.size, work.record.mtime_ns)
