@@ -17,11 +17,14 @@ Time is injectable (`clock=`), as the queue's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from watchfolder.errors import StateUnavailable
 
 if TYPE_CHECKING:
     from watchfolder.errors import AccountError
@@ -81,8 +84,7 @@ class Pause:
             self._error = error
             self._probe_every = probe_in
             self._probe_at = self.clock() + probe_in
-        if self._journal is not None:
-            self._journal.set_paused(f"{error.reason}: {error.message}")
+        self._note(f"{error.reason}: {error.message}")
         return newly
 
     def resume(self, *, kind: type[Exception] | None = None) -> bool:
@@ -92,8 +94,7 @@ class Pause:
             if was:
                 self._error = None
         if was:
-            if self._journal is not None:
-                self._journal.set_paused(None)
+            self._note(None)
             self._changed()
         return was
 
@@ -140,6 +141,13 @@ class Pause:
         with self._lock:
             who = self._held.get(inbox) or self._held.get(ALL)
         return None if who is None else f"paused by {who}"
+
+    def _note(self, paused: str | None) -> None:
+        """For `status`: a disk that refuses the write (full, failing) only loses the note;
+        the pause itself holds in memory (the pipeline's state guard reports the disk)."""
+        if self._journal is not None:
+            with contextlib.suppress(StateUnavailable):
+                self._journal.set_paused(paused)
 
     def _save(self, held: dict[str, str]) -> None:
         if self._journal is not None:
