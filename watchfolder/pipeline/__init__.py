@@ -3,9 +3,12 @@
 - `driver`: the worker pool, the loop that runs a file's steps (journaling each transition
   before the next step acts) and the table from state to lane.
 - `steps/`: the steps by concern (prepare, admit, send, store, finish with fail and
-  hand-off), functions of the context and the work item.
+  hand-off; source: the original gone, away with its folder, or unreadable), functions of
+  the context and the work item.
 - `context`: what the steps need (journal, client, limiter, slots, destinations, budget,
-  pause), the one writer of a reload's settings.
+  pause, state guard, the inboxes paused by the intake), the one writer of a reload's
+  settings.
+- `state`: the state_dir's health (a journal or spool write refused pauses sending).
 - `work`: the work item and what a step returns.
 - `pause`: the one pause (account, budget, shared, by a person per inbox), persisted.
 - `jobqueue`: the ready and delayed jobs, handed out as the pause allows; the request slots.

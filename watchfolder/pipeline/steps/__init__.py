@@ -7,6 +7,8 @@ driver's table does) or touches the queue.
 - `send`: sending → fetched | failing (or back to proxied / queued)
 - `store`: fetched → stored
 - `finish`: stored → done, failing → failed | gone, and the hand-off after either
+- `source`: the original as the steps look at it: gone, away with its inbox folder, or
+  unreadable for now (retried), and a file finished while its share was away
 """
 
 from __future__ import annotations
