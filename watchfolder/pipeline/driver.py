@@ -391,6 +391,9 @@ class Pipeline:
                     coordinator.release(inbox.path, job.rel)
                     self.release(job, None)
                     return None
+                except OSError:  # EACCES, EIO: there, but not to be looked at now
+                    self._lane(lane).put_later(job, INBOX_RECHECK_SECONDS)
+                    return None
                 record = self.journal.create(str(inbox.path), job.rel, st.st_size,
                                              st.st_mtime_ns, inbox.settings_key)
         except StateUnavailable as exc:
