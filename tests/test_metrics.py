@@ -45,6 +45,11 @@ def test_metrics_are_scraped_over_http(tmp_path: Path, sandbox: Sandbox) -> None
     with Running(studio.config()) as daemon:
         wait_for(lambda: len(studio.files(studio.archive)) == 2
                  and len(studio.files(studio.errors)) == 2, what="three files finished")
+        # A file is archived before its worker has logged and counted it: wait for the
+        # counters of all three, then read every figure from one scrape.
+        wait_for(lambda: value(scrape(daemon)[1], "watchfolder_in_flight") == 0
+                 and value(scrape(daemon)[1], "watchfolder_files_total", inbox=inbox,
+                           outcome="done") == 2, what="the workers' bookkeeping")
         body, samples = scrape(daemon)
         assert value(samples, "watchfolder_files_total", inbox=inbox, outcome="done") == 2
         assert value(samples, "watchfolder_files_total", inbox=inbox, outcome="failed") == 1
