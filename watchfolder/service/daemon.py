@@ -333,6 +333,9 @@ class Daemon:
                 connect_timeout=api.connect_timeout_seconds)
         # One writer for what the workers read: config, client, limits, backoff, budget (and a
         # probe at once if paused: the new key or URL may be what fixes the pause).
+        # Paused now: the reconfigure below sends a probe at once (the new key or URL may be
+        # what fixes it); `probing` says so even if the probe is answered before the log.
+        probing = pipeline.queue.paused is not None
         pipeline.reconfigure(config, client)
         # The watches are replaced around the intake, which keeps running: events of a new
         # watch that arrive before the reload message are covered by the rescan it does.
@@ -354,7 +357,7 @@ class Daemon:
                  changed=[str(slots[i].path) for i in changed],
                  removed=[str(slots[i].path) for i in removed], files_found=found,
                  resumed=len(resume), requests_per_minute=api.requests_per_minute,
-                 probing=pipeline.queue.paused is not None)
+                 probing=probing)
         if needs_restart:
             log.warning("reload.needs_restart", settings=needs_restart,
                         hint="these keep their old value until watchfolder restarts")
