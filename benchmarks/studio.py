@@ -75,6 +75,7 @@ def make_input(folder: Path, name: str, width: int, height: int, kind: str,
                                                                   else ".tif"))
     if path.exists():
         return path
+    folder.mkdir(parents=True, exist_ok=True)  # a fresh cache has no folder yet
     # Draw small, scale up in libvips: a 100 MP Pillow drawing would take a minute.
     small = studio_image(-(-width // 8), -(-height // 8), "white" if kind == "jpeg" else "grey",
                          "mug" if kind == "jpeg" else "bottle", 5, colour="red")

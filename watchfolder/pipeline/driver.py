@@ -131,6 +131,21 @@ LANES: dict[str, Callable[[FileRecord, InboxConfig], str | None]] = {
 }
 
 
+def _proxy_work(job: Job) -> bool:
+    """A studio file waiting on the local lane for its proxy (queued: nothing sent yet)."""
+    return job.record is not None and job.record.state == QUEUED
+
+
+def _answer_work(job: Job) -> bool:
+    """Local work on an answer (a composite, a placement): its file holds a request slot."""
+    return not _proxy_work(job)
+
+
+# One local worker prefers proxies: a request waits for each, so a studio file landing
+# while composites run is sent at once instead of behind them (issue 17).
+PROXY_WORKERS = 1
+
+
 def local_split(cores: int) -> tuple[int, int]:
     """(local workers, libvips threads each) for `cores`: one core is left to requests and
     small files, the rest shared so workers x threads stays within it."""
@@ -157,7 +172,10 @@ class Pipeline:
         self.journal, self.limiter, self.coordinator = journal, limiter, coordinator
         self.release = release
         self.queue = ctx.queue
-        self.local = JobQueue()  # local work spends no credit: no pause holds it
+        # Local work spends no credit: no pause holds it. Selective: a proxy waits while
+        # enough proxies wait to be sent (`_may_start`).
+        self.local = JobQueue(selective=True)
+        self._proxied: set[int] = set()  # records whose proxy waits to be sent
         self.local_workers, self.vips_threads = local_split(cores or os.cpu_count() or 2)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -199,10 +217,16 @@ class Pipeline:
         compose.configure(self.vips_threads)
         self.hand_off_pending()
         concurrency = self.ctx.slots.size
-        lanes = [(MAIN, self.queue)] * (concurrency + spare_workers(concurrency))
-        lanes += [(LOCAL, self.local)] * self.local_workers
-        for n, (lane, queue) in enumerate(lanes):
-            thread = threading.Thread(target=self._work, args=(lane, queue),
+        lanes: list[tuple[str, JobQueue, Callable[[Job], bool] | None]]
+        lanes = [(MAIN, self.queue, None)] * (concurrency + spare_workers(concurrency))
+        # The local lane's priorities: its own worker for proxies (a request waits for each),
+        # the others for what holds a slot (a composite, an answer to place); each takes the
+        # other kind when none of its own waits, so no core idles while work waits.
+        lanes += [(LOCAL, self.local, _answer_work)] * self.local_workers
+        lanes += [(LOCAL, self.local, _proxy_work)] * PROXY_WORKERS
+        for n, (lane, queue, prefer) in enumerate(lanes):
+            accept = self._may_start if lane == LOCAL else None
+            thread = threading.Thread(target=self._work, args=(lane, queue, prefer, accept),
                                       name=f"watchfolder-{lane}-worker-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -257,8 +281,9 @@ class Pipeline:
 
     # -- the worker loop: one file's life -----------------------------------------------------
 
-    def _work(self, lane: str, queue: JobQueue) -> None:
-        while (job := queue.get()) is not None:
+    def _work(self, lane: str, queue: JobQueue, prefer: Callable[[Job], bool] | None = None,
+              accept: Callable[[Job], bool] | None = None) -> None:
+        while (job := queue.get(prefer=prefer, accept=accept)) is not None:
             with self._busy():
                 try:
                     self._live(job, lane)
@@ -277,6 +302,7 @@ class Pipeline:
         if work is None:
             return
         record = work.record
+        self._note_proxy(record)  # resumed with its proxy made: it counts
         try:
             while record.state not in FINAL:
                 needs = LANES[record.state](record, work.inbox)
@@ -305,6 +331,7 @@ class Pipeline:
                     self._park(work, Park(STATE_RECHECK_SECONDS))
                     return
                 self.ctx.state.worked()
+                self._note_proxy(record)
                 if record.state != before:
                     failpoints.hit(record.state)
                 if record.state not in ANSWER_UNFINISHED:
@@ -313,6 +340,7 @@ class Pipeline:
                     self._then(work, outcome.then)
         except BaseException:
             self._release_slot(job)  # the job is lost to this run: never keep its slot
+            self._note_proxy(record, lost=True)
             raise
         self._release_slot(job)
         self._finished(work)
@@ -420,6 +448,7 @@ class Pipeline:
                 # Memory keeps the journal's state too (an update applies only once written):
                 # the file resumes from it, and what was to be noted is found again.
                 self.ctx.state.failed(exc)
+        self._note_proxy(work.record)
         job = work.job
         job.probe = False
         if park.twin:
@@ -474,6 +503,27 @@ class Pipeline:
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    def _may_start(self, job: Job) -> bool:
+        """Whether a local worker may take `job` now: any answer's work; a proxy only while
+        fewer proxies than request slots wait to be sent. Proxies made further ahead would
+        only fill the spool: the held slots let requests go no faster than answers are
+        placed (see `RequestSlots`)."""
+        if not _proxy_work(job):
+            return True
+        with self._lock:
+            return len(self._proxied) < self.ctx.slots.size
+
+    def _note_proxy(self, record: FileRecord, *, lost: bool = False) -> None:
+        """Count `record` among the proxies waiting to be sent, or no longer."""
+        with self._lock:
+            if record.state == PROXIED and not lost:
+                self._proxied.add(record.id)
+                return
+            if record.id not in self._proxied:
+                return
+            self._proxied.discard(record.id)
+        self.local.wake()  # a proxy may be made again
 
     def _release_slot(self, job: Job) -> None:
         if job.holds_slot:

@@ -62,7 +62,8 @@ class JobQueue:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None, *, pause: Pause | None = None,
-                 held: Callable[[Job], bool] = lambda job: False) -> None:
+                 held: Callable[[Job], bool] = lambda job: False,
+                 selective: bool = False) -> None:
         self.clock = clock
         self.rng = rng or random.Random()
         self._cond = threading.Condition()
@@ -72,6 +73,9 @@ class JobQueue:
         self._closed = False
         self.pause = pause
         self._held = held  # whether a person paused the job's inbox (with `pause`)
+        # Workers that refuse some jobs (`get(accept=)`): a new job wakes them all, since the
+        # one woken alone might refuse it while another would take it.
+        self._selective = selective
         if pause is not None:
             pause.on_change(self._wake)
 
@@ -90,12 +94,22 @@ class JobQueue:
                 self._ready.appendleft(job)
             else:
                 self._ready.append(job)
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._selective:
+            self._cond.notify_all()
+        else:
             self._cond.notify()
+
+    def wake(self) -> None:
+        """Let every waiting worker look at the ready jobs again (an `accept` changed)."""
+        self._wake()
 
     def put_later(self, job: Job, delay: float) -> None:
         with self._cond:
             heapq.heappush(self._later, (self.clock() + delay, next(self._seq), job))
-            self._cond.notify()
+            self._notify()
 
     def retry_delay(self, attempt: int, base: float, cap: float, *,
                     at_least: float = 0.0) -> float:
@@ -114,8 +128,15 @@ class JobQueue:
         with self._cond:
             return len(self._ready) + len(self._later)
 
-    def get(self, timeout: float | None = None) -> Job | None:
-        """Block until a job may be worked on; None once closed (or after `timeout` s)."""
+    def get(self, timeout: float | None = None, *,
+            prefer: Callable[[Job], bool] | None = None,
+            accept: Callable[[Job], bool] | None = None) -> Job | None:
+        """Block until a job may be worked on; None once closed (or after `timeout` s).
+
+        With `prefer`, the first ready job it accepts is taken before the jobs ahead of it
+        (a lane's strict priority); any other job otherwise, so no job waits for an idle
+        worker. A job `accept` refuses is left for now: whatever changes its answer calls
+        `wake`. A queue whose workers pass `accept` must be made `selective`."""
         deadline = None if timeout is None else self.clock() + timeout
         with self._cond:
             while not self._closed:
@@ -125,7 +146,7 @@ class JobQueue:
                 wake = self._later[0][0] if self._later else None
                 pause = self.pause
                 if pause is None or pause.error is None:
-                    job = self._take()
+                    job = self._take(prefer, accept)
                     if job is not None:
                         return job
                 else:
@@ -146,10 +167,17 @@ class JobQueue:
                 self._cond.wait(None if wake is None else max(0.0, wake - now))
             return None
 
-    def _take(self) -> Job | None:
-        """The first ready job not held by a person's pause of its inbox."""
+    def _take(self, prefer: Callable[[Job], bool] | None = None,
+              accept: Callable[[Job], bool] | None = None) -> Job | None:
+        """The first ready job not held by a person's pause of its inbox, nor refused by
+        `accept` (the first that `prefer` accepts, if any)."""
+        if prefer is not None:
+            for index, job in enumerate(self._ready):
+                if prefer(job) and not self._held(job) and (accept is None or accept(job)):
+                    del self._ready[index]
+                    return job
         for index, job in enumerate(self._ready):
-            if not self._held(job):
+            if not self._held(job) and (accept is None or accept(job)):
                 del self._ready[index]
                 return job
         return None
