@@ -132,3 +132,45 @@ def test_request_slots_bound_and_stop() -> None:
     slots.release()
     slots.release()
     assert slots.free == 2
+
+
+def test_a_preferred_job_goes_first_and_a_refused_one_waits_for_a_wake() -> None:
+    queue = JobQueue(clock=Clock(), selective=True)
+    for rel in ("composite-1", "proxy-1", "composite-2"):
+        queue.put(Job(0, rel))
+    proxy_first = queue.get(timeout=0, prefer=lambda job: job.rel.startswith("proxy"))
+    assert proxy_first is not None and proxy_first.rel == "proxy-1"
+    # No preferred job left: the next in line, so no worker idles while work waits.
+    other = queue.get(timeout=0, prefer=lambda job: job.rel.startswith("proxy"))
+    assert other is not None and other.rel == "composite-1"
+
+    allowed = threading.Event()
+    got: list[Job | None] = []
+    waiter = threading.Thread(target=lambda: got.append(
+        queue.get(timeout=5, accept=lambda job: allowed.is_set())))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got, "a refused job is left in the queue"
+    allowed.set()
+    queue.wake()
+    waiter.join(5)
+    assert [job.rel for job in got if job] == ["composite-2"]
+
+
+def test_a_selective_queue_wakes_the_worker_that_accepts_the_new_job() -> None:
+    queue = JobQueue(selective=True)
+    got: dict[str, Job | None] = {}
+    waiters = {kind: threading.Thread(target=lambda kind=kind: got.__setitem__(
+        kind, queue.get(timeout=30, accept=lambda job, kind=kind: job.rel == kind)))
+        for kind in ("proxy", "composite")}
+    for waiter in waiters.values():
+        waiter.start()
+        waiter.join(0.2)  # asleep in get, the proxy's worker first
+    # The first waiter woken alone would refuse this one and sleep again, behind the other.
+    queue.put(Job(0, "composite"))
+    waiters["composite"].join(0.2)
+    queue.put(Job(0, "proxy"))
+    for waiter in waiters.values():
+        waiter.join(2)  # long before their timeout: woken by the put of their own job
+    assert {kind: job.rel for kind, job in got.items() if job} == {
+        "proxy": "proxy", "composite": "composite"}, "each woke for its own job"

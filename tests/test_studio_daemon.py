@@ -5,6 +5,7 @@ pixels, bit depth, profile bytes and the sandbox's mask scaled up."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,3 +156,24 @@ def _exif_with_copyright() -> Image.Exif:
     exif = Image.Exif()
     exif[0x8298] = "(c) Watchfolder Studio"
     return exif
+
+
+def test_proxies_are_made_no_further_ahead_than_the_request_slots(
+        tmp_path: Path, sandbox: Sandbox, log_lines: LogCapture) -> None:
+    """A backlog's proxies wait in the spool only as many as the requests that can go next
+    (issue 17): the rest are made as slots free, so the spool stays bounded and the local
+    workers are free for the composites that finish files."""
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1})
+    sandbox.latency = 2.0  # the first request stays in flight while we look
+    for n in range(5):
+        (studio.inbox / f"shot{n}.tif").write_bytes(adobe_rgb_tiff(300 + n, 200))
+    with Running(studio.config()):
+        wait_for(lambda: len(log_lines.events("file.proxy")) >= 2, timeout=30,
+                 what="the proxy in flight and the one next in line")
+        time.sleep(1.0)  # a proxy takes milliseconds: more would have been made by now
+        assert sandbox.count() == 0, "the first request is still in flight"
+        assert len(log_lines.events("file.proxy")) == 2, "one sent, one waiting: no more"
+        sandbox.latency = 0.0
+        wait_for(lambda: len(log_lines.events("file.done")) == 5, timeout=60, what="all done")
+    assert sandbox.count(200) == 5 and len(log_lines.events("file.proxy")) == 5
+    assert list((studio.root / "state" / "spool").iterdir()) == []
