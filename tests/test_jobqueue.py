@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 
+from tests.conftest import LogCapture
 from watchfolder.coordination.ratelimit import backoff
 from watchfolder.errors import CreditsExhausted
 from watchfolder.pipeline.jobqueue import Job, JobQueue, RequestSlots
@@ -174,3 +175,33 @@ def test_a_selective_queue_wakes_the_worker_that_accepts_the_new_job() -> None:
         waiter.join(2)  # long before their timeout: woken by the put of their own job
     assert {kind: job.rel for kind, job in got.items() if job} == {
         "proxy": "proxy", "composite": "composite"}, "each woke for its own job"
+
+
+def test_requests_wait_while_every_slot_holds_an_answer_and_say_so_once(
+        log_lines: LogCapture) -> None:
+    slots = RequestSlots(2)
+    stop = threading.Event()
+    slots.adopt()  # an answer an earlier run left in the spool counts from the start
+    assert slots.acquire(stop) and slots.free == 0
+    slots.answered()  # the second request's answer arrives: the spool is at its bound
+    got: list[bool] = []
+
+    def request() -> None:
+        got.append(slots.acquire(stop))
+
+    for _ in range(2):  # two requests wait in one episode: said once
+        waiter = threading.Thread(target=request)
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive(), "no request while both answers wait to be placed"
+        slots.release(answered=True)  # one placed: the waiting request goes
+        waiter.join(5)
+        slots.answered()  # its answer arrives in turn
+    assert got == [True, True]
+    assert [e["reason"] for e in log_lines.events("requests.waiting")] == ["spool_full"]
+    assert not log_lines.events("requests.resumed")
+    slots.release(answered=True)
+    slots.release(answered=True)
+    assert slots.acquire(stop), "a free slot at once: the episode is over"
+    assert len(log_lines.events("requests.resumed")) == 1
+    assert len(log_lines.events("requests.waiting")) == 1

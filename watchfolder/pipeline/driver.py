@@ -175,7 +175,7 @@ class Pipeline:
         # Local work spends no credit: no pause holds it. Selective: a proxy waits while
         # enough proxies wait to be sent (`_may_start`).
         self.local = JobQueue(selective=True)
-        self._proxied: set[int] = set()  # records whose proxy waits to be sent
+        self._proxied: set[int] = set()  # records whose proxy is being made or waits to be sent
         self.local_workers, self.vips_threads = local_split(cores or os.cpu_count() or 2)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -300,9 +300,16 @@ class Pipeline:
             return
         work = self._open(job, lane)
         if work is None:
+            if job.record is not None:
+                self._note_proxy(job.record, lost=True)
             return
         record = work.record
-        self._note_proxy(record)  # resumed with its proxy made: it counts
+        if record.state == PROXIED:
+            self._note_proxy(record)  # resumed with its proxy made: it counts
+        if not job.holds_slot and record.state in ANSWER_WAITING and record.spool:
+            # An answer a previous run left in the spool holds a slot like any other.
+            self.ctx.slots.adopt()
+            job.holds_slot = job.answered = True
         try:
             while record.state not in FINAL:
                 needs = LANES[record.state](record, work.inbox)
@@ -332,6 +339,9 @@ class Pipeline:
                     return
                 self.ctx.state.worked()
                 self._note_proxy(record)
+                if job.holds_slot and not job.answered and record.state in ANSWER_WAITING:
+                    job.answered = True
+                    self.ctx.slots.answered()
                 if record.state != before:
                     failpoints.hit(record.state)
                 if record.state not in ANSWER_UNFINISHED:
@@ -509,13 +519,19 @@ class Pipeline:
         fewer proxies than request slots wait to be sent. Proxies made further ahead would
         only fill the spool: the held slots let requests go no faster than answers are
         placed (see `RequestSlots`)."""
-        if not _proxy_work(job):
+        if not _proxy_work(job) or job.record is None:
             return True
         with self._lock:
-            return len(self._proxied) < self.ctx.slots.size
+            if len(self._proxied) >= self.ctx.slots.size:
+                return False
+            # Taken as soon as accepted: counted now, so two workers cannot both take the
+            # last place (the count drops if the proxy is not made after all).
+            self._proxied.add(job.record.id)
+            return True
 
     def _note_proxy(self, record: FileRecord, *, lost: bool = False) -> None:
-        """Count `record` among the proxies waiting to be sent, or no longer."""
+        """Count `record` among the proxies waiting to be sent, or no longer (a proxy being
+        made, counted by `_may_start`, until its step returns)."""
         with self._lock:
             if record.state == PROXIED and not lost:
                 self._proxied.add(record.id)
@@ -528,4 +544,5 @@ class Pipeline:
     def _release_slot(self, job: Job) -> None:
         if job.holds_slot:
             job.holds_slot = False
-            self.ctx.slots.release()
+            self.ctx.slots.release(answered=job.answered)
+            job.answered = False

@@ -6,8 +6,12 @@ slots that bound how many requests are in flight.
 - A queue given the `Pause` (pause.py, the main lane's: requests) reads it: while the account
   or budget pause holds, nothing is handed out but one probe every `probe_in` seconds, and a
   job of an inbox a person paused waits (the others go on).
-- `RequestSlots` counts requests that may be in flight, so what a crash can cost stays one
-  credit per slot.
+- `RequestSlots` counts requests that may be in flight or answered and not yet placed, so
+  what a crash can cost stays one credit per slot; and so the spool holds at most one answer
+  per slot: requests wait while every slot holds an answer (back-pressure, logged once per
+  episode as `requests.waiting reason=spool_full`, then `requests.resumed`).
+- A `selective` queue lets its workers prefer some jobs and leave others for later
+  (`get(prefer=, accept=)`): the local lane's proxies and composites.
 
 Time and the jitter's random source are injectable, so all of this is tested without sleeping.
 """
@@ -24,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import structlog
+
 from watchfolder.coordination.ratelimit import backoff
 from watchfolder.pipeline.pause import Pause
 
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from watchfolder.journal.db import FileRecord
     from watchfolder.pipeline.budget import BudgetReached
 
+log = structlog.get_logger("watchfolder")
 
 @dataclass
 class Job:
@@ -45,6 +52,7 @@ class Job:
     identity: str | None = None  # content hash + settings, once read
     probe: bool = False  # handed out as the probe of a paused queue
     holds_slot: bool = False  # one of the RequestSlots, from its request until it is finished
+    answered: bool = False  # its slot's answer is in the spool (counted by RequestSlots)
     # What was learned about the file in this run, kept across parks and lane changes so
     # nothing is inspected twice; a restart learns it again.
     source: Source | None = None
@@ -196,6 +204,8 @@ class RequestSlots:
     def __init__(self, size: int) -> None:
         self.size = size
         self._free = size
+        self._answered = 0  # slots whose answer is in the spool, waiting to be placed
+        self._full = False  # in an episode of requests waiting for answers to be placed
         self._cond = threading.Condition()
 
     @property
@@ -206,16 +216,38 @@ class RequestSlots:
     def acquire(self, stop: threading.Event) -> bool:
         """Block until a slot is ours (True) or `stop` is set (False)."""
         with self._cond:
+            if self._free > 0 and self._full:
+                self._full = False
+                log.info("requests.resumed")
             while self._free <= 0:
                 if stop.is_set():
                     return False
+                if not self._full and self._answered >= self.size:
+                    # The spool's bound: every slot holds an answer not placed yet. Said
+                    # once per episode; no credit is spent until one is placed.
+                    self._full = True
+                    log.info("requests.waiting", reason="spool_full", answers=self._answered,
+                             bound=self.size)
                 self._cond.wait()
             self._free -= 1
             return True
 
-    def release(self) -> None:
+    def adopt(self) -> None:
+        """Count an answer a previous run left in the spool as holding a slot (even beyond
+        `size`: new requests then wait until enough are placed)."""
+        with self._cond:
+            self._free -= 1
+            self._answered += 1
+
+    def answered(self) -> None:
+        """A slot's answer is in the spool now, waiting to be placed."""
+        with self._cond:
+            self._answered += 1
+
+    def release(self, *, answered: bool = False) -> None:
         with self._cond:
             self._free += 1
+            self._answered -= answered
             self._cond.notify()
 
     def wake(self) -> None:
