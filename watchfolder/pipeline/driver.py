@@ -33,9 +33,16 @@ from before the limiter is asked until its answer is placed and the original arc
 meanwhile, the job waits on the local lane, whose workers never wait for a slot), while a few
 spare workers do the light steps of other files. A received answer keeps its slot because,
 should this daemon die, the daemon that takes the file over pays for it again: so a crash
-costs at most one credit per slot, whether its request was in flight or answered.
-Local workers and libvips threads split the cores (`local_split`): together about the
-cores but one, never workers x (cores - 1).
+costs at most one credit per slot, whether its request was in flight or answered. The held
+slots are also the back-pressure: the spool holds at most one answer per slot, and requests
+wait (logged once by `RequestSlots`) while every slot holds an answer not yet placed.
+
+The local lane's workers: `local_split` of the cores but one (never workers x (cores - 1))
+prefer the work on answers (`_answer_work`: composites, placements), and `PROXY_WORKERS`
+more prefer proxies, so a proxy never queues behind composites; each takes the other kind
+when none of its own waits. A proxy is made only while fewer proxies than request slots
+are being made or wait to be sent (`_may_start`): further ahead they would only fill the
+spool.
 
 A folder we must write to that is missing or unwritable parks the job (no request is spent
 while the outbox is unusable), and is reported once until it recovers. An inbox the intake
