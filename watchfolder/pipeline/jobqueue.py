@@ -57,6 +57,9 @@ class Job:
     # nothing is inspected twice; a restart learns it again.
     source: Source | None = None
     source_of: tuple[int, int] | None = None  # (size, mtime_ns) of the file `source` read
+    # (device, inode, size, mtime_ns, ctime_ns) of the file when it was read and hashed: the
+    # same five later prove it unchanged without hashing it again (no tool sets a ctime).
+    read_as: tuple[int, int, int, int, int] | None = None
     outputs: list[Output | None] | None = None  # by recipe position, as written
     seen: float = field(default_factory=time.monotonic)
 

@@ -31,7 +31,7 @@ from watchfolder.journal.db import DONE, FAILED, FileRecord
 from watchfolder.logs import readable
 from watchfolder.pipeline import outputs
 from watchfolder.pipeline.context import Context
-from watchfolder.pipeline.steps.prepare import gone
+from watchfolder.pipeline.steps.prepare import gone, unchanged_key
 from watchfolder.pipeline.steps.source import source_stat
 from watchfolder.pipeline.work import Advance, Outcome, Work, moved
 
@@ -126,8 +126,9 @@ def hand_off(ctx: Context, work: Work) -> None:
 
 def _replaced(ctx: Context, work: Work) -> bool:
     """The file at the source's path is not the content that was sent (by size and mtime,
-    then by hash: some tools replace a file keeping both). A read error is not a change:
-    SourceUnreadable, looked at again later."""
+    then by hash: some tools replace a file keeping both; not hashed again when this run
+    read it and its inode, size, mtime and ctime are unchanged since). A read error is not
+    a change: SourceUnreadable, looked at again later."""
     record = work.record
     st = source_stat(ctx, work)
     if st is None:
@@ -136,6 +137,8 @@ def _replaced(ctx: Context, work: Work) -> bool:
         return True
     if not stat.S_ISREG(st.st_mode):
         return False
+    if work.job.read_as is not None and work.job.read_as == unchanged_key(st):
+        return False  # a rewrite in place moves the ctime, a replacement the inode
     try:
         return sha256_file(work.src) != record.sha256
     except FileNotFoundError:

@@ -93,6 +93,7 @@ def prepare(ctx: Context, work: Work) -> Outcome:
         raise SourceUnreadable(src, exc) from exc
     seen = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "route": source.route}
+    job.read_as = unchanged_key(st)
     identity = job.identity = f"{sha}|{inbox.settings_key}"
     finished = finished_unarchived(ctx, work, sha)
     if finished is not None:
@@ -124,6 +125,11 @@ def prepare(ctx: Context, work: Work) -> Outcome:
              original=f"{source.upright[0]}x{source.upright[1]}",
              proxy=f"{made.width}x{made.height}", bytes=made.size)
     return Advance(PROXIED, {**seen, "proxy": str(proxy)})
+
+
+def unchanged_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What must stay the same for a file to hold the bytes read earlier in this run."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def gone(work: Work, hint: str, **facts: Any) -> Advance:
