@@ -303,6 +303,8 @@ class Pipeline:
         """Run the file's steps, each on the lane it needs, until it is finished or parked."""
         if job.index in self.ctx.inbox_paused and not job.holds_slot:
             # Not even its claim: that folder is on the share.
+            if job.record is not None and job.record.state != PROXIED:
+                self._note_proxy(job.record, lost=True)  # no proxy made meanwhile
             self._lane(lane).put_later(job, INBOX_RECHECK_SECONDS)
             return
         work = self._open(job, lane)
@@ -529,6 +531,8 @@ class Pipeline:
         if not _proxy_work(job) or job.record is None:
             return True
         with self._lock:
+            if job.record.id in self._proxied:
+                return True  # counted already (put back before its step ran)
             if len(self._proxied) >= self.ctx.slots.size:
                 return False
             # Taken as soon as accepted: counted now, so two workers cannot both take the
