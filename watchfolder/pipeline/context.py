@@ -129,7 +129,10 @@ class Context:
         self.limiter.set_limit(config.api.requests_per_minute)
         self.limiter.set_backoff(config.retry.backoff_seconds, config.retry.max_backoff_seconds)
         self.budget.set_limit(config.api.max_credits_per_day)
-        if self.pause.error is not None:
+        error = self.pause.error
+        if isinstance(error, BudgetReached):
+            self.check_budget()  # a raised budget resumes at once, logged as a budget's end
+        elif error is not None:
             self.pause.probe_now()  # the new key or URL may be what fixes the pause
 
     def _held(self, job: object) -> bool:
