@@ -49,7 +49,8 @@ def main(argv: list[str]) -> int:
              settling=len(intake.tracker))
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            waiting = len(pipeline.queue) + pipeline.in_flight + pipeline.done + pipeline.failed
+            tally = pipeline.tally
+            waiting = len(pipeline.queue) + tally.in_flight + tally.done + tally.failed
             if len(intake.tracker) == 0 and waiting >= len(expected):
                 break
             time.sleep(0.02)  # coarse enough not to compete with the daemon for the GIL
@@ -65,8 +66,8 @@ def main(argv: list[str]) -> int:
         archived = {p.name for inbox in config.inboxes if inbox.archive
                     for p in inbox.archive.iterdir()}
         print(json.dumps({"event": "queued", "t": queued_at, "rss_kb": rss, "hwm_kb": hwm,
-                          "in_queue": len(pipeline.queue), "in_flight": pipeline.in_flight,
-                          "done": pipeline.done, "failed": pipeline.failed,
+                          "in_queue": len(pipeline.queue), "in_flight": pipeline.tally.in_flight,
+                          "done": pipeline.tally.done, "failed": pipeline.tally.failed,
                           "missed": len(expected - known - archived),
                           "extra": len(known - expected)}), flush=True)
         daemon.stop()

@@ -102,7 +102,8 @@ def test_reload_turns_metrics_on_and_off(studio: Studio, sandbox: Sandbox) -> No
         make_image(studio.inbox / "before.png")
         wait_for(lambda: studio.files(studio.archive) == ["before.png"], what="before.png")
         assert daemon.pipeline is not None
-        wait_for(lambda: daemon.pipeline and daemon.pipeline.in_flight == 0, what="the worker")
+        pipeline = daemon.pipeline
+        wait_for(lambda: pipeline.tally.in_flight == 0, what="the worker")
         studio.data["metrics"] = {"listen": "127.0.0.1:0"}
         daemon.reload(studio.config())
         make_image(studio.inbox / "after.png", seed=1)

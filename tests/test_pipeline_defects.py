@@ -22,8 +22,8 @@ from watchfolder.dev.samples import adobe_rgb_tiff
 from watchfolder.dev.sandbox import Sandbox
 from watchfolder.errors import CreditsExhausted
 from watchfolder.journal.db import Journal
-from watchfolder.pipeline.driver import local_split
 from watchfolder.pipeline.jobqueue import Job, JobQueue
+from watchfolder.pipeline.lanes import local_split
 from watchfolder.pipeline.pause import Pause
 
 

@@ -19,7 +19,7 @@ The loop in `_live` journals every transition *before* the next step has its eff
 `Advance`'s `then` (unlinking a spent spool file, the hand-off) runs only after the commit,
 so after a crash at any instant the next start resumes each file from its last state
 without a second result, a lost original, or a hand-off of a file the journal does not call
-final (`hand_off_pending` finishes one a crash interrupted).
+final (`AfterCommit.hand_off_pending` finishes one a crash interrupted).
 
 Two lanes, each its own queue and workers: `main` (requests and light steps) and `local`
 (heavy local image work: a studio file's proxy, full-resolution or encoded outputs).
@@ -37,12 +37,7 @@ costs at most one credit per slot, whether its request was in flight or answered
 slots are also the back-pressure: the spool holds at most one answer per slot, and requests
 wait (logged once by `RequestSlots`) while every slot holds an answer not yet placed.
 
-The local lane's workers: `local_split` of the cores but one (never workers x (cores - 1))
-prefer the work on answers (`_answer_work`: composites, placements), and `PROXY_WORKERS`
-more prefer proxies, so a proxy never queues behind composites; each takes the other kind
-when none of its own waits. A proxy is made only while fewer proxies than request slots
-are being made or wait to be sent (`_may_start`): further ahead they would only fill the
-spool.
+The local lane's workers and how far ahead proxies are made: lanes.py.
 
 A folder we must write to that is missing or unwritable parks the job (no request is spent
 while the outbox is unusable), and is reported once until it recovers. An inbox the intake
@@ -55,14 +50,11 @@ runs again, and no worker dies of it.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import structlog
 
@@ -74,14 +66,12 @@ from watchfolder.errors import (
     AccountError,
     CoordinationUnavailable,
     DestinationError,
-    SourceUnreadable,
     StateUnavailable,
 )
 from watchfolder.imaging import compose
 from watchfolder.intake.settle import Signature
 from watchfolder.journal.db import (
     DONE,
-    FAILED,
     FAILING,
     FETCHED,
     FINAL,
@@ -97,20 +87,26 @@ from watchfolder.pipeline.budget import BudgetReached
 from watchfolder.pipeline.client import ApiClient
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.jobqueue import Job, JobQueue
+from watchfolder.pipeline.lanes import (
+    PROXY_WORKERS,
+    ProxyBound,
+    answer_work,
+    local_split,
+    proxy_work,
+    spare_workers,
+)
 from watchfolder.pipeline.pause import ALL, Pause
 from watchfolder.pipeline.state import STATE_RECHECK_SECONDS
-from watchfolder.pipeline.steps import STEPS
+from watchfolder.pipeline.steps import run_step
 from watchfolder.pipeline.steps.finish import hand_off
-from watchfolder.pipeline.steps.source import INBOX_RECHECK_SECONDS, InboxAway, unreadable
+from watchfolder.pipeline.steps.source import INBOX_RECHECK_SECONDS
+from watchfolder.pipeline.tally import Tally
 from watchfolder.pipeline.work import (
     LOCAL,
     MAIN,
     Advance,
-    Outcome,
     Park,
     Work,
-    back_from_sending,
-    failing,
 )
 
 log = structlog.get_logger("watchfolder")
@@ -138,34 +134,6 @@ LANES: dict[str, Callable[[FileRecord, InboxConfig], str | None]] = {
 }
 
 
-def _proxy_work(job: Job) -> bool:
-    """A studio file waiting on the local lane for its proxy (queued: nothing sent yet)."""
-    return job.record is not None and job.record.state == QUEUED
-
-
-def _answer_work(job: Job) -> bool:
-    """Local work on an answer (a composite, a placement): its file holds a request slot."""
-    return not _proxy_work(job)
-
-
-# One local worker prefers proxies: a request waits for each, so a studio file landing
-# while composites run is sent at once instead of behind them (issue 17).
-PROXY_WORKERS = 1
-
-
-def local_split(cores: int) -> tuple[int, int]:
-    """(local workers, libvips threads each) for `cores`: one core is left to requests and
-    small files, the rest shared so workers x threads stays within it."""
-    budget = max(1, cores - 1)
-    workers = max(1, round(math.sqrt(budget)))
-    return workers, max(1, budget // workers)
-
-
-def spare_workers(concurrency: int) -> int:
-    """Workers beyond `concurrency`, for the light steps; each holds at most one file's bytes."""
-    return max(2, concurrency // 4)
-
-
 class Pipeline:
     """The worker pool and the loop that drives each file through its steps."""
 
@@ -180,21 +148,18 @@ class Pipeline:
         self.release = release
         self.queue = ctx.queue
         # Local work spends no credit: no pause holds it. Selective: a proxy waits while
-        # enough proxies wait to be sent (`_may_start`).
+        # enough proxies wait to be sent (`ProxyBound`).
         self.local = JobQueue(selective=True)
-        self._proxied: set[int] = set()  # records whose proxy is being made or waits to be sent
+        self.proxies = ProxyBound(lambda: self.ctx.slots.size, self.local.wake)
         self.local_workers, self.vips_threads = local_split(cores or os.cpu_count() or 2)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._refused: list[Work] = []  # hand-offs a folder refused, tried again
         # Transitions whose effect is done but which the journal refused (a full disk): job
         # key → Advance, journaled first when the job runs again (an answer spooled, a
         # result placed are never redone).
         self._unjournaled: dict[tuple[int, str], Advance] = {}
-        self.in_flight = 0
-        self.done = 0
-        self.failed = 0
-        self.reused = 0
+        self.tally = Tally()
+        self.after_commit = AfterCommit(ctx)
 
     @property
     def config(self) -> Config:
@@ -206,53 +171,28 @@ class Pipeline:
         return self.ctx.pause
 
     @property
-    def inbox_paused(self) -> set[int]:
-        """Slots of inboxes whose folder is away: the intake fills it, the steps read it."""
-        return self.ctx.inbox_paused
-
-    @property
     def inboxes(self) -> tuple[InboxConfig, ...]:
         return self.ctx.config.inboxes
-
-    def reconfigure(self, config: Config, client: ApiClient | None = None) -> None:
-        """A reload's settings (see `Context.reconfigure`)."""
-        self.ctx.reconfigure(config, client)
 
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         compose.configure(self.vips_threads)
-        self.hand_off_pending()
+        self.after_commit.hand_off_pending(self.journal, self.inboxes)
         concurrency = self.ctx.slots.size
         lanes: list[tuple[str, JobQueue, Callable[[Job], bool] | None]]
         lanes = [(MAIN, self.queue, None)] * (concurrency + spare_workers(concurrency))
         # The local lane's priorities: its own worker for proxies (a request waits for each),
         # the others for what holds a slot (a composite, an answer to place); each takes the
         # other kind when none of its own waits, so no core idles while work waits.
-        lanes += [(LOCAL, self.local, _answer_work)] * self.local_workers
-        lanes += [(LOCAL, self.local, _proxy_work)] * PROXY_WORKERS
+        lanes += [(LOCAL, self.local, answer_work)] * self.local_workers
+        lanes += [(LOCAL, self.local, proxy_work)] * PROXY_WORKERS
         for n, (lane, queue, prefer) in enumerate(lanes):
-            accept = self._may_start if lane == LOCAL else None
+            accept = self.proxies.may_start if lane == LOCAL else None
             thread = threading.Thread(target=self._work, args=(lane, queue, prefer, accept),
                                       name=f"watchfolder-{lane}-worker-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
-
-    def hand_off_pending(self) -> None:
-        """Finish the hand-offs a crash interrupted after their final commit."""
-        where = {str(inbox.path): index for index, inbox in enumerate(self.inboxes)}
-        for record in self.journal.handoffs_pending():
-            index = where.get(record.inbox)
-            if index is not None:  # else it waits until its inbox is configured again
-                work = Work(Job(index, record.rel, record=record), record, self.inboxes[index])
-                self._then(work, partial(hand_off, self.ctx, work))
-
-    def retry_hand_offs(self) -> None:
-        """Try again the hand-offs an unusable outbox refused (from the main loop)."""
-        with self._lock:
-            waiting, self._refused = self._refused, []
-        for work in waiting:
-            self._then(work, partial(hand_off, self.ctx, work))
 
     def stop(self) -> None:
         """Take no new jobs; requests in flight may finish (see `join`)."""
@@ -274,14 +214,12 @@ class Pipeline:
     def submit(self, job: Job) -> None:
         self.queue.put(job)
 
-    def check_budget(self) -> None:
-        self.ctx.check_budget()
-
     def snapshot(self) -> dict[str, object]:
         pause = self.ctx.pause.state()
         held: dict[str, str] = pause["inboxes"]  # type: ignore[assignment]
-        return {"waiting": len(self.queue) + len(self.local), "in_flight": self.in_flight,
-                "done": self.done, "failed": self.failed, "reused": self.reused,
+        tally = self.tally
+        return {"waiting": len(self.queue) + len(self.local), "in_flight": tally.in_flight,
+                "done": tally.done, "failed": tally.failed, "reused": tally.reused,
                 "credits": self.ctx.credits.remaining,
                 "paused": pause["paused"] or held.get(ALL), "paused_inboxes": held,
                 **self.ctx.budget.snapshot()}
@@ -291,7 +229,7 @@ class Pipeline:
     def _work(self, lane: str, queue: JobQueue, prefer: Callable[[Job], bool] | None = None,
               accept: Callable[[Job], bool] | None = None) -> None:
         while (job := queue.get(prefer=prefer, accept=accept)) is not None:
-            with self._busy():
+            with self.tally.busy():
                 try:
                     self._live(job, lane)
                 except Exception:  # a bug outside a step: the worker lives, the file waits
@@ -301,115 +239,84 @@ class Pipeline:
 
     def _live(self, job: Job, lane: str = MAIN) -> None:
         """Run the file's steps, each on the lane it needs, until it is finished or parked."""
-        if job.index in self.ctx.inbox_paused and not job.holds_slot:
-            # Not even its claim: that folder is on the share.
-            if job.record is not None and job.record.state != PROXIED:
-                self._note_proxy(job.record, lost=True)  # no proxy made meanwhile
-            self._lane(lane).put_later(job, INBOX_RECHECK_SECONDS)
-            return
-        work = self._open(job, lane)
+        work = self._begin(job, lane)
         if work is None:
-            if job.record is not None:
-                self._note_proxy(job.record, lost=True)
             return
         record = work.record
-        if record.state == PROXIED:
-            self._note_proxy(record)  # resumed with its proxy made: it counts
-        if not job.holds_slot and record.state in ANSWER_WAITING and record.spool:
-            # An answer a previous run left in the spool holds a slot like any other.
-            self.ctx.slots.adopt()
-            job.holds_slot = job.answered = True
         try:
             while record.state not in FINAL:
                 needs = LANES[record.state](record, work.inbox)
                 if needs not in (None, work.lane):
                     self._lane(needs).put(job, front=needs == MAIN)  # a request waits
                     return
-                outcome = self._unjournaled.pop(job.key, None) or self._step(work)
+                outcome = self._unjournaled.pop(job.key, None) or run_step(self.ctx, work)
                 if isinstance(outcome, Park):
                     if outcome.changes.get("state", record.state) not in ANSWER_WAITING \
                             and job.key not in self.ctx.kept_answers:
                         self._release_slot(job)  # back to the queue: no answer is waiting
                     self._park(work, outcome)
                     return
-                before = record.state
-                try:
-                    self.journal.update(record, state=outcome.state, sent=outcome.sent,
-                                        remember=outcome.remember, **outcome.changes)
-                except StateUnavailable as exc:
-                    self.ctx.state.failed(exc)
-                    if outcome.state != SENDING:
-                        # Its effect is done (an answer spooled, a result placed): kept here
-                        # and journaled first when the disk lets us; its slot stays held.
-                        self._unjournaled[job.key] = outcome
-                    else:
-                        self._release_slot(job)  # not journaled as sending: no request made
-                    self._park(work, Park(STATE_RECHECK_SECONDS))
+                if not self._commit(work, outcome):
                     return
-                self.ctx.state.worked()
-                self._note_proxy(record)
-                if job.holds_slot and not job.answered and record.state in ANSWER_WAITING:
-                    job.answered = True
-                    self.ctx.slots.answered()
-                if record.state != before:
-                    failpoints.hit(record.state)
-                if record.state not in ANSWER_UNFINISHED:
-                    self._release_slot(job)  # the file is finished (or no answer will come)
-                if outcome.then is not None:
-                    self._then(work, outcome.then)
         except BaseException:
             self._release_slot(job)  # the job is lost to this run: never keep its slot
-            self._note_proxy(record, lost=True)
+            self.proxies.note(record, lost=True)
             raise
         self._release_slot(job)
         self._finished(work)
 
-    def _step(self, work: Work) -> Outcome:
-        state = work.record.state
-        if work.job.index in self.ctx.inbox_paused and state != SENDING:
-            return Park(INBOX_RECHECK_SECONDS)  # its folder is away: touch none of its files
-        try:
-            return STEPS[state](self.ctx, work)
-        except SourceUnreadable as exc:
-            return unreadable(self.ctx, work, exc)
-        except InboxAway:
-            return Park(INBOX_RECHECK_SECONDS)  # its folder is away: it waits, nothing is gone
-        except StateUnavailable as exc:  # a journal write inside a step (an output's name)
-            self.ctx.state.failed(exc)
-            return Park(STATE_RECHECK_SECONDS)
-        except DestinationError:
-            # Reported once by Destinations; the file waits, no request is spent meanwhile.
-            back = back_from_sending(work.record) if state == SENDING else {}
-            return Park(min(self.ctx.config.retry.pause_seconds, 30.0), changes=back)
-        except CoordinationUnavailable:
-            # The store or the claims folder (reported once by them): the file waits.
-            return Park(5.0, changes=back_from_sending(work.record) if state == SENDING else {})
-        except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker nor lose the file
-            return self._internal_error(work, exc)
-
-    def _then(self, work: Work, then: Callable[[], object]) -> None:
-        """What follows a commit. The transition stands whatever happens here: a hand-off
-        an unusable outbox refused (reported once by Destinations) is tried again from the
-        main loop; a bug is logged and its hand-off stays pending for the next start."""
-        try:
-            then()
-        except DestinationError:
-            with self._lock:
-                self._refused.append(work)
-        except Exception as exc:
-            log.exception("file.internal_error", **work.log_fields(), error=type(exc).__name__)
-
-    def _internal_error(self, work: Work, exc: Exception) -> Outcome:
+    def _begin(self, job: Job, lane: str) -> Work | None:
+        """The job's `Work`, or None when it cannot go on now (put back, or gone)."""
+        if job.index in self.ctx.inbox_paused and not job.holds_slot:
+            # Not even its claim: that folder is on the share.
+            if job.record is not None and job.record.state != PROXIED:
+                self.proxies.note(job.record, lost=True)  # no proxy made meanwhile
+            self._lane(lane).put_later(job, INBOX_RECHECK_SECONDS)
+            return None
+        work = self._open(job, lane)
+        if work is None:
+            if job.record is not None:
+                self.proxies.note(job.record, lost=True)
+            return None
         record = work.record
-        log.exception("file.internal_error", **work.log_fields(), error=type(exc).__name__)
-        attempts = record.attempts + 1
-        if attempts >= self.ctx.config.retry.max_attempts and record.state in (QUEUED, SENDING):
-            return failing("internal_error", f"watchfolder failed on this file: "
-                           f"{type(exc).__name__}: {exc}", attempts=attempts)
-        back: dict[str, Any] = {"attempts": attempts}
-        if record.state == SENDING:
-            back.update(back_from_sending(record))
-        return Park(self.ctx.config.retry.backoff_seconds * attempts, changes=back)
+        if record.state == PROXIED:
+            self.proxies.note(record)  # resumed with its proxy made: it counts
+        if not job.holds_slot and record.state in ANSWER_WAITING and record.spool:
+            # An answer a previous run left in the spool holds a slot like any other.
+            self.ctx.slots.adopt()
+            job.holds_slot = job.answered = True
+        return work
+
+    def _commit(self, work: Work, outcome: Advance) -> bool:
+        """Journal the transition, then what follows it; False if the journal refused it (the
+        job is parked until the state disk takes writes again)."""
+        job, record = work.job, work.record
+        before = record.state
+        try:
+            self.journal.update(record, state=outcome.state, sent=outcome.sent,
+                                remember=outcome.remember, **outcome.changes)
+        except StateUnavailable as exc:
+            self.ctx.state.failed(exc)
+            if outcome.state != SENDING:
+                # Its effect is done (an answer spooled, a result placed): kept here and
+                # journaled first when the disk lets us; its slot stays held.
+                self._unjournaled[job.key] = outcome
+            else:
+                self._release_slot(job)  # not journaled as sending: no request made
+            self._park(work, Park(STATE_RECHECK_SECONDS))
+            return False
+        self.ctx.state.worked()
+        self.proxies.note(record)
+        if job.holds_slot and not job.answered and record.state in ANSWER_WAITING:
+            job.answered = True
+            self.ctx.slots.answered()
+        if record.state != before:
+            failpoints.hit(record.state)
+        if record.state not in ANSWER_UNFINISHED:
+            self._release_slot(job)  # the file is finished (or no answer will come)
+        if outcome.then is not None:
+            self.after_commit.run(work, outcome.then)
+        return True
 
     def _open(self, job: Job, lane: str) -> Work | None:
         """The job's journal record, created for a new file; None if the file is gone."""
@@ -467,7 +374,7 @@ class Pipeline:
                 # Memory keeps the journal's state too (an update applies only once written):
                 # the file resumes from it, and what was to be noted is found again.
                 self.ctx.state.failed(exc)
-        self._note_proxy(work.record)
+        self.proxies.note(work.record)
         job = work.job
         job.probe = False
         if park.twin:
@@ -486,25 +393,7 @@ class Pipeline:
         if job.identity is not None:
             for twin in self.ctx.twins.release(job.identity, job):
                 self.queue.put(twin)
-        ms = round((time.monotonic() - job.seen) * 1000)
-        with self._lock:
-            if record.state == DONE:
-                self.done += 1
-                self.reused += bool(record.reuse_from)
-            elif record.state == FAILED:
-                self.failed += 1
-        if record.state == DONE:
-            log.info("file.done", **work.log_fields(), result=record.result,
-                     archived=record.archive, attempts=record.attempts,
-                     reused=bool(record.reuse_from), credits_remaining=record.credits, ms=ms)
-        elif record.state == FAILED:
-            log.error("file.failed", **work.log_fields(), reason=record.reason,
-                      status=record.status, message=record.message, attempts=record.attempts,
-                      moved_to=record.error_path, ms=ms)
-        metrics = self.ctx.metrics
-        if metrics is not None:
-            metrics.file_finished(str(inbox.path), record.state, reason=record.reason,
-                                  reused=bool(record.reuse_from))
+        self.tally.finished(work, self.ctx.metrics)
         kept = None
         if record.state == DONE and inbox.archive is None:
             kept = (record.size, record.mtime_ns)
@@ -513,47 +402,44 @@ class Pipeline:
 
     # -- bookkeeping --------------------------------------------------------------------------
 
-    @contextmanager
-    def _busy(self) -> Iterator[None]:
-        with self._lock:
-            self.in_flight += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.in_flight -= 1
-
-    def _may_start(self, job: Job) -> bool:
-        """Whether a local worker may take `job` now: any answer's work; a proxy only while
-        fewer proxies than request slots wait to be sent. Proxies made further ahead would
-        only fill the spool: the held slots let requests go no faster than answers are
-        placed (see `RequestSlots`)."""
-        if not _proxy_work(job) or job.record is None:
-            return True
-        with self._lock:
-            if job.record.id in self._proxied:
-                return True  # counted already (put back before its step ran)
-            if len(self._proxied) >= self.ctx.slots.size:
-                return False
-            # Taken as soon as accepted: counted now, so two workers cannot both take the
-            # last place (the count drops if the proxy is not made after all).
-            self._proxied.add(job.record.id)
-            return True
-
-    def _note_proxy(self, record: FileRecord, *, lost: bool = False) -> None:
-        """Count `record` among the proxies waiting to be sent, or no longer (a proxy being
-        made, counted by `_may_start`, until its step returns)."""
-        with self._lock:
-            if record.state == PROXIED and not lost:
-                self._proxied.add(record.id)
-                return
-            if record.id not in self._proxied:
-                return
-            self._proxied.discard(record.id)
-        self.local.wake()  # a proxy may be made again
-
     def _release_slot(self, job: Job) -> None:
         if job.holds_slot:
             job.holds_slot = False
             self.ctx.slots.release(answered=job.answered)
             job.answered = False
+
+
+class AfterCommit:
+    """What follows a commit (`Advance.then`). The transition stands whatever happens here: a
+    hand-off an unusable outbox refused (reported once by Destinations) is tried again from
+    the main loop; a bug is logged and its hand-off stays pending for the next start."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._refused: list[Work] = []  # hand-offs a folder refused, tried again
+        self._lock = threading.Lock()
+
+    def run(self, work: Work, then: Callable[[], object]) -> None:
+        try:
+            then()
+        except DestinationError:
+            with self._lock:
+                self._refused.append(work)
+        except Exception as exc:
+            log.exception("file.internal_error", **work.log_fields(), error=type(exc).__name__)
+
+    def hand_off_pending(self, journal: Journal, inboxes: tuple[InboxConfig, ...]) -> None:
+        """Finish the hand-offs a crash interrupted after their final commit."""
+        where = {str(inbox.path): index for index, inbox in enumerate(inboxes)}
+        for record in journal.handoffs_pending():
+            index = where.get(record.inbox)
+            if index is not None:  # else it waits until its inbox is configured again
+                work = Work(Job(index, record.rel, record=record), record, inboxes[index])
+                self.run(work, partial(hand_off, self.ctx, work))
+
+    def retry_refused(self) -> None:
+        """Try again the hand-offs an unusable outbox refused (from the main loop)."""
+        with self._lock:
+            waiting, self._refused = self._refused, []
+        for work in waiting:
+            self.run(work, partial(hand_off, self.ctx, work))

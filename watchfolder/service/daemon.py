@@ -129,7 +129,7 @@ class Daemon:
             self.pipeline.ctx.handoff = self.handoff
         self.intake = Intake(config, journal, self.pipeline.submit,
                              on_idle=self.request_stop if self.once else None,
-                             paused=self.pipeline.inbox_paused)
+                             paused=self.pipeline.ctx.inbox_paused)
         self.pipeline.ctx.inbox_away = self.intake.away
         resumed = resume_jobs(journal, config.inboxes, range(len(config.inboxes)),
                               report_orphans=True)
@@ -166,8 +166,8 @@ class Daemon:
         hand-offs a folder refused. At start and once a day: forget what the journal no
         longer needs."""
         if self.pipeline is not None:
-            self.pipeline.check_budget()
-            self.pipeline.retry_hand_offs()
+            self.pipeline.ctx.check_budget()
+            self.pipeline.after_commit.retry_refused()
         now = time.monotonic()
         if self.journal is None or now < self._next_prune:
             return
@@ -203,7 +203,7 @@ class Daemon:
     def exit_code(self) -> int:
         if self.account_error is not None and self.once:
             return EXIT_ACCOUNT
-        if self.once and self.pipeline is not None and self.pipeline.failed:
+        if self.once and self.pipeline is not None and self.pipeline.tally.failed:
             return EXIT_FAILED
         return EXIT_OK
 
@@ -262,7 +262,7 @@ class Daemon:
             self.pipeline.stop()
             clean = self.pipeline.join(self.config.shutdown_timeout_seconds)
             if not clean:
-                log.warning("stop.abandoned", in_flight=self.pipeline.in_flight,
+                log.warning("stop.abandoned", in_flight=self.pipeline.tally.in_flight,
                             hint="their files stay in the inbox and are sent again next start")
         if self.handoff is not None:
             self.handoff.stop(handoff_seconds)
@@ -336,7 +336,7 @@ class Daemon:
         # Paused now: the reconfigure below sends a probe at once (the new key or URL may be
         # what fixes it); `probing` says so even if the probe is answered before the log.
         probing = pipeline.queue.paused is not None
-        pipeline.reconfigure(config, client)
+        pipeline.ctx.reconfigure(config, client)
         # The watches are replaced around the intake, which keeps running: events of a new
         # watch that arrive before the reload message are covered by the rescan it does.
         if self.watcher is not None:
