@@ -12,20 +12,15 @@ safety net for dropped events) and by an immediate rescan when inotify reports a
 reload is a message too: the running thread takes the new configuration, the files to resume
 and the new watches, and rescans.
 
-Every `PROBE_SECONDS` (while watching) it also looks at each inbox folder itself: one open and
-one stat. A folder that is missing (deleted, or a share no longer mounted where it was) or
-that cannot be read or searched (permissions taken away, EIO, a stale handle) pauses that
-inbox: its index is in `paused`, which the pipeline reads, so none of its files is touched
-until it is back (`inbox.missing` or `inbox.unreadable` once, `inbox.back`). A folder that is
-another one now (its device, inode or mount changed), or whose watch died with the mount it was
-on (`Watcher.lost`: a share unmounted and mounted again between two looks), is watched again at
-once and rescanned (`inbox.remounted`): new files must not wait for the next rescan.
+Every `PROBE_SECONDS` (while watching) it also looks at each inbox folder (`InboxFolders`,
+folders.py): one missing or unreadable pauses that inbox until it is back. A folder that is
+another one now, or whose watch died with the mount it was on (`Watcher.lost`: a share
+unmounted and mounted again between two looks), is watched again at once and rescanned
+(`inbox.remounted`): new files must not wait for the next rescan.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import queue
 import stat
 import threading
@@ -38,6 +33,7 @@ from typing import Any
 import structlog
 
 from watchfolder.config.settings import Config
+from watchfolder.intake.folders import InboxFolders
 from watchfolder.intake.settle import (
     SettleTracker,
     Signature,
@@ -53,7 +49,6 @@ log = structlog.get_logger("watchfolder")
 
 _STOP = ("stop",)
 PROBE_SECONDS = 1.0  # how often each inbox folder is looked at while watching (at most)
-MISSING, UNREADABLE = "missing", "unreadable"
 
 
 class Intake:
@@ -62,12 +57,12 @@ class Intake:
                  clock: Callable[[], float] = time.monotonic,
                  paused: set[int] | None = None) -> None:
         self.config = config
-        # Inboxes whose folder is missing or unreadable right now: the pipeline holds their
-        # files. Only this thread writes it; adding and removing an int are atomic.
+        # Inboxes whose folder is missing or unreadable right now (`folders`): the pipeline
+        # holds their files. Only this thread writes it; adding and removing an int are atomic.
         self.paused: set[int] = paused if paused is not None else set()
-        self._identity: dict[int, tuple[int, int, int | None]] = {}
-        self._mount_point: set[int] = set()  # inboxes seen as mount points of their own
-        self._problem: dict[int, str] = {}  # index → MISSING or UNREADABLE, said once
+        # Only while probes run to end a pause: a --once run (no watches) never un-pauses.
+        self.folders = InboxFolders(lambda: self.config.inboxes, self.paused,
+                                    pausing=lambda: self.watcher is not None)
         self.journal = journal
         self.on_idle = on_idle
         self.submit = submit
@@ -123,7 +118,7 @@ class Intake:
         before = len(self.known)
         for index in range(len(self.config.inboxes)):
             if index not in self.inactive:
-                self._probe(index, quiet=True)
+                self.folders.probe(index, quiet=True)
                 self._scan_inbox(index)
         self._update_idle()
         return len(self.known) - before
@@ -194,10 +189,7 @@ class Intake:
             _, config, inactive, watcher, resume, added, reply = message
             self.config, self.inactive, self.watcher = config, inactive, watcher
             for index in [*added, *inactive]:  # another folder in that slot, or none
-                self._identity.pop(index, None)
-                self._mount_point.discard(index)
-                self._problem.pop(index, None)
-                self.paused.discard(index)
+                self.folders.forget(index)
             self._remember_kept(added)
             for job in resume:
                 if job.key not in self.known:
@@ -217,21 +209,6 @@ class Intake:
                 for rel, signature in kept.items():
                     self.kept.setdefault((index, rel), signature)
 
-    def away(self, index: int) -> bool:
-        """Is this inbox's folder away right now (missing, unreadable, or not the folder last
-        seen: a share unmounted)? Any thread may ask, when one of its files is not found: a
-        file is gone only if its folder is still there."""
-        if index in self.paused:
-            return True
-        try:
-            now = _identity(self.config.inboxes[index].path)
-        except OSError:
-            return True
-        if index in self._mount_point and now[2] is None:
-            return True
-        before = self._identity.get(index)
-        return before is not None and before[:2] != now[:2]
-
     def _probe_seconds(self) -> float:
         return min(PROBE_SECONDS, self.config.rescan_seconds)
 
@@ -239,7 +216,7 @@ class Intake:
         for index in range(len(self.config.inboxes)):
             if index in self.inactive:
                 continue
-            looked = self._probe(index)
+            looked = self.folders.probe(index)
             if looked is None:
                 continue
             if self.watcher is not None and (looked == "changed" or self.watcher.lost(index)
@@ -253,7 +230,7 @@ class Intake:
         for index in range(len(self.config.inboxes)):
             if index in self.inactive:
                 continue
-            looked = self._probe(index)
+            looked = self.folders.probe(index)
             if looked == "same" and self.watcher is not None and self.watcher.lost(index):
                 # Unmounted and mounted again between two looks: the same device and inode,
                 # but the watch died with the old mount.
@@ -265,59 +242,6 @@ class Intake:
                 if self.watcher is not None:
                     self.watcher.watch(index)
                 self._scan_inbox(index)
-
-    def _probe(self, index: int, *, quiet: bool = False) -> str | None:
-        """Look at one inbox folder: "same", "changed" (back, or another folder now), or None
-        while it is missing or unreadable (the inbox is paused, said once)."""
-        inbox = self.config.inboxes[index]
-        try:
-            identity = _identity(inbox.path)
-        except (FileNotFoundError, NotADirectoryError):
-            return self._pause(index, MISSING, None)
-        except OSError as exc:  # EACCES, EIO, ESTALE: there, but we cannot use it
-            return self._pause(index, UNREADABLE, exc)
-        if identity[2] is not None:
-            self._mount_point.add(index)
-        elif index in self._mount_point:
-            # A mount point before, a plain folder now: the share is not mounted there any
-            # more, and what we see is the empty folder under it.
-            return self._pause(index, MISSING, None)
-        before = self._identity.get(index)
-        self._identity[index] = identity
-        problem = self._problem.pop(index, None)
-        self.paused.discard(index)
-        if problem is not None:
-            log.warning("inbox.back", inbox=str(inbox.path), was=problem)
-            return "changed"
-        if before is not None and before != identity and not quiet:
-            log.warning("inbox.remounted", inbox=str(inbox.path),
-                        hint="the folder is another one now (a share mounted again): "
-                             "watched again and rescanned")
-            return "changed"
-        return "same"
-
-    def _pause(self, index: int, problem: str, exc: OSError | None) -> str | None:
-        if self.watcher is not None:
-            # Only while probes run to end it: a --once run (no watches) never un-pauses, and
-            # its files then fail or go on as they would.
-            self.paused.add(index)
-        self._identity.pop(index, None)
-        if self._problem.get(index) == problem:
-            return None
-        self._problem[index] = problem
-        path = str(self.config.inboxes[index].path)
-        if problem == MISSING:
-            log.error("inbox.missing", inbox=path,
-                      hint="deleted or not mounted; its files wait, watching resumes when it "
-                           "is back")
-        else:
-            assert exc is not None
-            log.error("inbox.unreadable", inbox=path, errno=exc.errno,
-                      code=errno.errorcode.get(exc.errno or 0, "?"),
-                      error=exc.strerror or str(exc),
-                      hint="its files wait until the folder can be read again (permissions, "
-                           "the share, the disk)")
-        return None
 
     def _scan_inbox(self, index: int) -> None:
         inbox = self.config.inboxes[index]
@@ -375,46 +299,6 @@ class Intake:
         self.pending = len(self.known)
         if not self.known and self.on_idle is not None:
             self.on_idle()
-
-
-def _identity(path: Path) -> tuple[int, int, int | None]:
-    """(device, inode, mount id) of a folder we can list and search; the mount id only when
-    the folder is a mount point of its own (a share), else None. Raises OSError: missing
-    (FileNotFoundError, NotADirectoryError) or unusable (EACCES, EIO, ESTALE)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # needs read permission: can we list it
-    os.close(fd)
-    # Needs search permission: can we reach its files? (pathlib would drop the ".")
-    st = os.stat(f"{path}{os.sep}.")  # noqa: PTH116
-    try:
-        parent = path.parent.stat()
-    except OSError:
-        return st.st_dev, st.st_ino, None
-    if parent.st_dev != st.st_dev:
-        return st.st_dev, st.st_ino, _mount_id(path)
-    return st.st_dev, st.st_ino, None
-
-
-def _mount_id(path: Path) -> int:
-    """The id of the mount at `path` (the top one): a share mounted again gets a new one, even
-    with the same device and inode, and its old inotify watches are dead."""
-    where = os.path.realpath(path)
-    found = 0
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
-            for line in info:
-                fields = line.split(" ", 5)
-                if len(fields) > 4 and _unescape(fields[4]) == where:
-                    found = int(fields[0])  # stacked mounts: the last one listed is on top
-    except OSError:
-        return 0
-    return found
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
 
 
 def _key(key: Hashable) -> tuple[int, str]:

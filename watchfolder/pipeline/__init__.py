@@ -2,7 +2,10 @@
 
 - `driver`: the worker pool, the loop that runs a file's steps (journaling each transition
   before the next step acts) and the table from state to lane.
-- `steps/`: the steps by concern (prepare, admit, send, store, finish with fail and
+- `lanes`: the local lane's workers and how far ahead proxies are made.
+- `tally`: the workers' counts and the one line per finished file.
+- `steps/`: the step runner (`run_step`: a step's known exceptions become parks) and the
+  steps by concern (prepare, admit, send, store, finish with fail and
   hand-off; source: the original gone, away with its folder, or unreadable), functions of
   the context and the work item.
 - `context`: what the steps need (journal, client, limiter, slots, destinations, budget,

@@ -130,7 +130,7 @@ class Daemon:
         self.intake = Intake(config, journal, self.pipeline.submit,
                              on_idle=self.request_stop if self.once else None,
                              paused=self.pipeline.ctx.inbox_paused)
-        self.pipeline.ctx.inbox_away = self.intake.away
+        self.pipeline.ctx.inbox_away = self.intake.folders.away
         resumed = resume_jobs(journal, config.inboxes, range(len(config.inboxes)),
                               report_orphans=True)
         for job in resumed:
