@@ -103,6 +103,8 @@ class Studio:
             "shutdown_timeout_seconds": 5,
             "log": {"format": "json", "level": "debug"},
             "inboxes": [inbox, *overrides.pop("extra_inboxes", [])],
+            # Off unless a test asks for it: tests run side by side, and 8470 is one port.
+            "web": {"listen": "off"},
             **overrides,
         }
 

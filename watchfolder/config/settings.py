@@ -44,6 +44,7 @@ from watchfolder.config.table import (
     special,
     table_keys,
 )
+from watchfolder.config.web import WebConfig, read_web
 from watchfolder.errors import ConfigError
 
 DEFAULT_URL = "https://clipdrop-api.co/remove-background/v1"
@@ -215,6 +216,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     state_dir: Path = special(factory=lambda: default_state_dir(),
                               shown="`$STATE_DIRECTORY`, else `~/.local/state/watchfolder`")
     rescan_seconds: float = number(60.0, 0.05)
@@ -232,7 +234,8 @@ class Config:
 
 SECTIONS: dict[str, type] = {"api": ApiConfig, "retry": RetryConfig, "log": LogConfig,
                              "metrics": MetricsConfig, "coordination": CoordinationConfig,
-                             "inboxes[]": InboxConfig, "inboxes[].outputs[]": OutputConfig}
+                             "web": WebConfig, "inboxes[]": InboxConfig,
+                             "inboxes[].outputs[]": OutputConfig}
 
 
 def keys_of(cls: type) -> set[str]:
@@ -326,9 +329,12 @@ def load_config(path: Path | str, *, require_key: bool = True, read_key: bool = 
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
-    if not read_key and isinstance(raw, dict) and isinstance(raw.get("api"), dict):
-        raw = {**raw, "api": {k: v for k, v in raw["api"].items()
-                              if k not in ("key", "key_file")}}
+    if not read_key and isinstance(raw, dict):
+        # The tools never serve the web view either, nor need its token.
+        raw = {k: v for k, v in raw.items() if k != "web"}
+        if isinstance(raw.get("api"), dict):
+            raw = {**raw, "api": {k: v for k, v in raw["api"].items()
+                                  if k not in ("key", "key_file")}}
         require_key = False
     return parse_config(raw, base_dir=path.resolve().parent, source=path,
                         require_key=require_key)
@@ -370,6 +376,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: Path | None = None,
         log=c.section(top.get("log"), "log", LogConfig),
         metrics=MetricsConfig(listen=listen),
         coordination=_read_coordination(c, top.get("coordination")),
+        web=read_web(c, top.get("web")),
         state_dir=state_dir,
         source=source)
     if c.problems:

@@ -108,6 +108,8 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE TABLE IF NOT EXISTS sends (t REAL NOT NULL, boot TEXT, mono REAL);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+CREATE TABLE IF NOT EXISTS steps (file INTEGER NOT NULL, state TEXT NOT NULL, t REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS steps_by_file ON steps (file);
 """
 
 
@@ -298,12 +300,13 @@ class Journal:
 
     def create(self, inbox: str, rel: str, size: int, mtime_ns: int, settings: str) -> FileRecord:
         now = time.time()
-        with self._writing():
-            cur = self._db.execute(
+        with self._writing(transaction=True) as db:  # the record and its first step
+            cur = db.execute(
                 "INSERT INTO files (inbox, rel, state, size, mtime_ns, settings, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 _in((inbox, rel, QUEUED, size, mtime_ns, settings, now, now)))
             row_id = cur.lastrowid
+            db.execute("INSERT INTO steps (file, state, t) VALUES (?, ?, ?)", (row_id, QUEUED, now))
         assert row_id is not None
         return FileRecord(id=row_id, inbox=inbox, rel=rel, state=QUEUED, size=size,
                           mtime_ns=mtime_ns, settings=settings, created=now, updated=now)
@@ -325,6 +328,10 @@ class Journal:
             if sent:
                 db.execute("INSERT INTO sends (t, boot, mono) VALUES (?, ?, ?)",
                            (changes["updated"], BOOT_ID or None, time.monotonic()))
+            if "state" in changes and changes["state"] != record.state:
+                # The file's timeline (its page in the web view).
+                db.execute("INSERT INTO steps (file, state, t) VALUES (?, ?, ?)",
+                           (record.id, changes["state"], changes["updated"]))
             db.executemany(
                 "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
                 "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
@@ -387,6 +394,38 @@ class Journal:
     def recent_failures(self, limit: int) -> list[FileRecord]:
         return self._rows("WHERE state = ? ORDER BY updated DESC LIMIT ?", (FAILED, limit))
 
+    # -- for the web view (read-only) ---------------------------------------------------------
+
+    def record(self, record_id: int) -> FileRecord | None:
+        found = self._rows("WHERE id = ?", (record_id,))
+        return found[0] if found else None
+
+    def finished_page(self, state: str, limit: int, *, before: int | None = None,
+                      inbox: str | None = None, name: str | None = None) -> list[FileRecord]:
+        """Records in `state`, newest first, `limit` of them with an id below `before`; only
+        those of `inbox`, and whose path contains `name` (case-insensitive), when given.
+        Walks the state index backwards, so the first page is instant at any journal size."""
+        where: list[str] = ["state = ?"]
+        args: list[Any] = [state]
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        if inbox is not None:
+            where.append("inbox = ?")
+            args.append(inbox)
+        if name:
+            where.append("rel LIKE ? ESCAPE '\\'")
+            args.append("%" + name.replace("\\", "\\\\").replace("%", "\\%")
+                        .replace("_", "\\_") + "%")
+        args.append(limit)
+        return self._rows(f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                          tuple(args))
+
+    def timeline(self, record_id: int) -> list[tuple[str, float]]:
+        """(state, wall-clock time) of each step of one file, in order."""
+        return [(state, t) for state, t in self._query(
+            "SELECT state, t FROM steps WHERE file = ? ORDER BY rowid", (record_id,))]
+
     # -- results, sends, meta -----------------------------------------------------------------
 
     def find_result(self, identity: str) -> tuple[str, str] | None:
@@ -414,6 +453,7 @@ class Journal:
                 f"DELETE FROM files WHERE state IN ({marks}) AND updated < ? "  # noqa: S608
                 "AND id NOT IN (SELECT id FROM keep)", (*FINAL, older_than)).rowcount
             db.execute("DELETE FROM results WHERE t < ?", (older_than,))
+            db.execute("DELETE FROM steps WHERE file NOT IN (SELECT id FROM files)")
         return gone
 
     def sends_since(self, since: float) -> int:

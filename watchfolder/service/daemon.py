@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -45,6 +45,9 @@ from watchfolder.service.recovery import (
     still_in_place,
 )
 from watchfolder.service.runloop import Waker
+
+if TYPE_CHECKING:
+    from watchfolder.web.server import WebServer
 
 log = structlog.get_logger("watchfolder")
 
@@ -79,7 +82,10 @@ class Daemon:
         # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
         self.inactive: set[int] = set()
         self._next_prune = 0.0
+        self.web: WebServer | None = None  # the web view (web.listen), when served
+        self.person_lock = threading.Lock()  # a person's actions (service/person.py), one by one
         logs.add_secret(config.api.key.reveal())
+        logs.add_secret(config.web.token.reveal())
 
     # -- start --------------------------------------------------------------------------------
 
@@ -109,6 +115,7 @@ class Daemon:
         if config.metrics.listen:
             self.metrics = Metrics(self.snapshot)
             self.metrics.serve(config.metrics.listen)
+        self.web = self._bind_web(config)  # a taken address stops the start before any work
         self.journal = journal = Journal(config.state_dir)
         self.client = ApiClient(config.api.url, config.api.key,
                                 timeout=config.api.timeout_seconds,
@@ -143,10 +150,21 @@ class Daemon:
         found = self.intake.scan_all()
         self.intake.start(self.watcher)
         self.wake.open()
+        if self.web is not None:
+            self.web.start()
         log.info("ready", inboxes=[str(i.path) for i in config.inboxes], files_found=found,
                  resumed=len(resumed), once=self.once, api_url=config.api.url,
                  requests_per_minute=config.api.requests_per_minute,
                  concurrency=config.api.concurrency)
+
+    def _bind_web(self, config: Config) -> WebServer | None:
+        """The web view's server, bound (not yet serving), or None (off, or `run --once`
+        without `web.listen` in the file; see web/server.py for a taken address)."""
+        if config.web.listen is None or (self.once and not config.web.listen_given):
+            return None
+        from watchfolder.web.server import bind  # starlette and uvicorn only when served
+
+        return bind(self, config.web)
 
     # -- callbacks from the pipeline ----------------------------------------------------------
 
@@ -253,6 +271,8 @@ class Daemon:
         hand-offs `handoff_seconds`, then close everything that was started, in reverse.
         False if requests had to be abandoned (the journal is then left open: a worker may
         still write to it)."""
+        if self.web is not None:
+            self.web.stop()  # first: nothing can be asked of a daemon that is stopping
         if self.watcher is not None:
             self.watcher.stop()
         if self.intake is not None:
@@ -293,8 +313,8 @@ class Daemon:
         replaced; the intake takes the new configuration as a message and rescans; the queue,
         the workers and the requests in flight carry on. What cannot change while running
         (state_dir, api.concurrency) keeps its old value and is reported. Raises ConfigError when
-        the new folders are unusable, StartupError when the metrics address is taken; the
-        running configuration stays.
+        the new folders are unusable, StartupError when the metrics or web address is taken;
+        the running configuration stays.
         """
         pipeline, intake = self.pipeline, self.intake
         assert pipeline is not None and intake is not None
@@ -315,12 +335,23 @@ class Daemon:
                 pipeline.ctx.metrics = self.metrics
             elif self.metrics is not None:
                 self.metrics.close()
+        web = self.web
+        if new.web.listen != old.web.listen:
+            web = self._bind_web(new)  # binds before letting the old go
+            if self.web is not None:
+                self.web.stop()
 
         # Nothing below can fail on the configuration: commit.
         config = dataclasses.replace(new, inboxes=tuple(slots))
         self.config = config
         self.inactive = inactive
         self._watch_lost.clear()
+        logs.add_secret(config.web.token.reveal())
+        if web is not None and web is self.web:
+            web.configure(config.web)  # a new token or hosts: sessions of the old token end
+        elif web is not None:
+            web.start()
+        self.web = web
         api, before = config.api, old.api
         client = None
         if (api.url, api.key, api.timeout_seconds, api.connect_timeout_seconds) != (

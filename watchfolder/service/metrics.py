@@ -165,6 +165,12 @@ class _StateCollector(Collector):
         if paused:
             reason.add_metric([str(paused).split(":", 1)[0]], 1.0)
         yield reason
+        inbox_paused = GaugeMetricFamily("watchfolder_inbox_paused", "1 while a person paused "
+                                         "this inbox (its files wait), with the reason "
+                                         "(`paused by web`)", labels=["inbox", "reason"])
+        for inbox, why in (snap.get("paused_inboxes") or {}).items():
+            inbox_paused.add_metric([inbox, str(why)], 1.0)  # inbox "*": every inbox
+        yield inbox_paused
         yield GaugeMetricFamily("watchfolder_credits_spent_today", "Requests sent since local "
                                 "midnight (what api.max_credits_per_day counts)",
                                 value=float(snap.get("spent_today") or 0))
