@@ -19,8 +19,10 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -44,6 +46,7 @@ MARKER = ".watchfolder-demo"
 MANIFEST = "demo-files.json"
 FOLDERS = ("inbox", "outbox", "archive", "errors")
 EXPECTED_FAILURES = {"broken.jpg"}
+WEB_PORT = 8470
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
 
     with Sandbox(rpm=args.rpm, latency=0.3) as sandbox:
         config_path = folder / "daemon.yaml"
+        # A token of its own each run, so the printed link is the only way to act from the page.
+        token = secrets.token_urlsafe(18)
         config_path.write_text(yaml.safe_dump({
             "api": {"url": sandbox.url, "key": "demo-key", "requests_per_minute": args.rpm,
                     "concurrency": 4},
@@ -237,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             "state_dir": "state",
             "inboxes": [{"path": "inbox", "outbox": "outbox", "archive": "archive",
                          "errors": "errors", "settle_seconds": 0.5}],
+            "web": {"listen": f"127.0.0.1:{_web_port()}", "token": token},
         }, sort_keys=False))
         config_path.chmod(0o600)
         manifest.add(config_path)
@@ -261,8 +267,10 @@ def run(args: argparse.Namespace) -> int:
             if args.once:  # --once scans at start: the samples must be there first
                 names = _drop_samples(folder, manifest)
                 daemon.start()
+                _print_web(daemon, token)
             else:
                 daemon.start()
+                _print_web(daemon, token)
                 names = _drop_samples(folder, manifest)
             finished = progress.wait_for(names, signals, timeout=300)
             if args.once and finished:  # the user's images left in the inbox, too
@@ -278,6 +286,25 @@ def run(args: argparse.Namespace) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return 0 if finished and _ended_well(progress, names) else 1
+
+
+def _web_port() -> int:
+    """8470 when it is free, else any free port (another daemon or demo may hold 8470)."""
+    for port in (WEB_PORT, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise SystemExit("watchfolder demo: no free loopback port for the web view")
+
+
+def _print_web(daemon: Daemon, token: str) -> None:
+    if daemon.web is not None:
+        # On a line of its own, starting with `web`: the address to open, logged in.
+        print(f"web      {daemon.web.url}?token={token}  (open it: the live web view)",
+              flush=True)
 
 
 def _ended_well(progress: _Progress, names: set[str]) -> bool:

@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE INDEX IF NOT EXISTS files_by_path ON files (inbox, rel);
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state);
+CREATE INDEX IF NOT EXISTS files_by_finish ON files (state, updated);
 CREATE TABLE IF NOT EXISTS results (
     identity TEXT PRIMARY KEY,
     path TEXT NOT NULL,
@@ -402,13 +403,14 @@ class Journal:
 
     def finished_page(self, state: str, limit: int, *, before: int | None = None,
                       inbox: str | None = None, name: str | None = None) -> list[FileRecord]:
-        """Records in `state`, newest first, `limit` of them with an id below `before`; only
-        those of `inbox`, and whose path contains `name` (case-insensitive), when given.
-        Walks the state index backwards, so the first page is instant at any journal size."""
+        """Records in `state`, the last changed first, `limit` of them after record `before`
+        in that order; only those of `inbox`, and whose path contains `name`
+        (case-insensitive), when given. Walks the (state, updated) index backwards, so the
+        first page is instant at any journal size."""
         where: list[str] = ["state = ?"]
         args: list[Any] = [state]
         if before is not None:
-            where.append("id < ?")
+            where.append("(updated, id) < (SELECT updated, id FROM files WHERE id = ?)")
             args.append(before)
         if inbox is not None:
             where.append("inbox = ?")
@@ -418,7 +420,7 @@ class Journal:
             args.append("%" + name.replace("\\", "\\\\").replace("%", "\\%")
                         .replace("_", "\\_") + "%")
         args.append(limit)
-        return self._rows(f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        return self._rows(f"WHERE {' AND '.join(where)} ORDER BY updated DESC, id DESC LIMIT ?",
                           tuple(args))
 
     def timeline(self, record_id: int) -> list[tuple[str, float]]:
