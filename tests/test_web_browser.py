@@ -117,7 +117,9 @@ def test_demo_watch_retry_and_pause_in_a_browser(tmp_path: Path, page: Any) -> N
         expect(inbox).to_contain_text("Done today: 7")
         expect(inbox).to_contain_text("Failed: 1")
         expect(page.get_by_text(re.compile(r"^Credits today: \d+$"))).to_be_visible()
-        page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+        images = page.get_by_role("img")
+        for index in range(images.count()):  # every picture loaded before the screenshot
+            expect(images.nth(index)).to_have_js_property("complete", True)
         screenshot = tmp_path / "web-view.png"
         page.screenshot(path=str(screenshot), full_page=True)
         keep = os.environ.get("WATCHFOLDER_WEB_SCREENSHOT")
