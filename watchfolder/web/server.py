@@ -4,10 +4,15 @@ The socket is bound in `WebServer()` (so a taken address is a `StartupError` bef
 does any work, as `metrics.listen` is), served from `start()`, and `stop()` ends the streams,
 asks uvicorn to exit and joins its thread within a few seconds (the daemon's shutdown sequence
 calls it first). uvicorn's own logging and access log are off: a URL may carry `?token=`.
+
+uvicorn's `Server.serve` wakes ten times a second to look at its exit flag; an idle daemon
+must cost next to nothing, so the thread runs uvicorn's `startup` and `shutdown` around an
+event that `stop()` sets instead: no page open, no wake-up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -55,6 +60,9 @@ class WebServer:
                                 server_header=False, date_header=False)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
 
     @property
     def url(self) -> str:
@@ -65,11 +73,25 @@ class WebServer:
         return f"http://{host}:{port}/"
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.run,
-                                        kwargs={"sockets": [self.socket]},
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),),
                                         name="watchfolder-web", daemon=True)
         self._thread.start()
+        self._ready.wait(10.0)
         log.info("web.listening", url=self.url, read_only=not self.app.gate.token_set)
+
+    async def _serve(self) -> None:
+        server = self._server
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            if not server.config.loaded:
+                server.config.load()
+            server.lifespan = server.config.lifespan_class(server.config)
+            await server.startup(sockets=[self.socket])
+            await server.on_tick(0)  # sets the default response headers once
+        finally:
+            self._ready.set()
+        await self._stop.wait()
+        await server.shutdown(sockets=[self.socket])
 
     def configure(self, settings: WebConfig) -> None:
         """A reload's new token or hosts (the address is the same)."""
@@ -78,6 +100,9 @@ class WebServer:
     def stop(self) -> None:
         self.app.stopping.set()
         self._server.should_exit = True
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop ended already
+                self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(5.0)
             if self._thread.is_alive():
