@@ -507,3 +507,59 @@ def test_reload_turns_the_view_on_and_off(tmp_path: Path, sandbox: Sandbox) -> N
         assert daemon.web is None
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/login", timeout=5)
+
+
+# -- review before hand-off -------------------------------------------------------------------
+
+
+def test_review_holds_results_until_approved_or_rejected_across_a_restart(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    studio = web_studio(tmp_path, sandbox)
+    studio.data["inboxes"][0]["review"] = True
+    studio.data["inboxes"][0]["manifest"] = True
+
+    def paid() -> int:
+        return sum(1 for r in sandbox.requests if r.status == 200)
+
+    with Running(studio.config()) as daemon:
+        web = Web(daemon)
+        web.login()
+        make_image(studio.inbox / "shoot" / "a.png")
+        make_image(studio.inbox / "b.png", seed=1)
+        wait_for(lambda: "To review: 2" in texts(web.page()), what="both waiting for review")
+        html = web.page()
+        assert 'aria-label="To review"' in html
+        assert 'alt="original shoot/a.png"' in html and 'alt="cut-out shoot/a.png"' in html
+        for link in re.findall(r'src="(/thumb/\d+/(?:answer|source))"', html):
+            assert web.get(link).headers["content-type"] == "image/webp", link
+        # One request each; nothing placed, archived or handed on.
+        assert paid() == 2
+        assert studio.files(studio.outbox) == [] and studio.files(studio.archive) == []
+        assert sorted(studio.files(studio.inbox)) == ["b.png", "shoot/a.png"]
+    report = status.collect(studio.config())
+    assert report["inboxes"][0]["review"] == 2 and report["inboxes"][0]["waiting"] == 0
+    with Running(studio.config()) as daemon:
+        web = Web(daemon)
+        web.login()
+        time.sleep(0.5)
+        html = web.page()
+        assert "To review: 2" in texts(html) and paid() == 2  # no second request
+        ids = dict((rel, int(n)) for n, rel in re.findall(
+            r'data-review="(\d+)" aria-label="([^"]+)"', html))
+        assert web.post("/approve", {"id": str(ids["shoot/a.png"])}).status_code == 303
+        assert web.post("/reject", {"id": str(ids["b.png"])}).status_code == 303
+        wait_for(lambda: studio.files(studio.outbox) == ["shoot/a.json", "shoot/a.png"],
+                 what="a.png placed with its manifest")
+        wait_for(lambda: (studio.errors / "b.png.error.json").exists(), what="b.png rejected")
+        wait_for(lambda: "To review: 0" in texts(web.page()), what="none left to review")
+        # Judged once: a second click finds nothing to judge.
+        assert "review-gone" in web.post("/approve", {"id": str(ids["shoot/a.png"])}
+                                         ).headers["location"]
+    assert studio.files(studio.archive) == ["shoot/a.png"]
+    assert studio.reason("b.png")["reason"] == "rejected"
+    assert sorted(studio.files(studio.errors)) == ["b.png", "b.png.error.json",
+                                                   "b.rejected.png"]
+    with Image.open(studio.errors / "b.rejected.png") as rejected:
+        assert rejected.mode == "RGBA"
+    assert paid() == 2
+    assert list((tmp_path / "state" / "spool").iterdir()) == []

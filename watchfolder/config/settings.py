@@ -186,6 +186,7 @@ class InboxConfig:
     outputs: tuple[OutputConfig, ...] = special((), shown="one output in `output_format`")
     manifest: bool = flag(False)
     done_marker: bool = flag(False)
+    review: bool = flag(False)
 
     @property
     def settings_key(self) -> str:

@@ -68,6 +68,9 @@ BOOT_ID = _boot_id()
 QUEUED, PROXIED, SENDING = "queued", "proxied", "sending"
 FETCHED, STORED, DONE = "fetched", "stored", "done"
 FAILING, FAILED, GONE = "failing", "failed", "gone"
+# An inbox with `review: true`: the answer is safe in the spool and waits for a person;
+# approved, its outputs are made and placed as any other file's (rejected: failing).
+REVIEW, APPROVED = "review", "approved"
 FINAL = (DONE, FAILED, GONE)
 
 _SCHEMA = """

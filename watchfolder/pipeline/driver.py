@@ -11,6 +11,8 @@ the transition the step returns, and goes on, until the file is finished or park
       ├──(finished in place by another daemon sharing the inbox)──────────────────────────┘
       └──(refused here or by the API, out of attempts; or from fetched)──► failing ─fail─► failed
     queued, sending (claim lost to another daemon), failing ──► gone (the file vanished)
+    with `review: true`: fetched ──► review ──(a person approves)──► approved ──store──► stored
+                                        └──(rejects)──► failing (reason `rejected`)
 
 The steps (steps/) are functions of the `Context` (context.py) and the `Work` item
 (work.py) returning an `Advance` (the next state and the fields to journal with it) or a
@@ -71,12 +73,14 @@ from watchfolder.errors import (
 from watchfolder.imaging import compose
 from watchfolder.intake.settle import Signature
 from watchfolder.journal.db import (
+    APPROVED,
     DONE,
     FAILING,
     FETCHED,
     FINAL,
     PROXIED,
     QUEUED,
+    REVIEW,
     SENDING,
     STORED,
     FileRecord,
@@ -131,6 +135,8 @@ LANES: dict[str, Callable[[FileRecord, InboxConfig], str | None]] = {
     FETCHED: _heavy_outputs,
     STORED: lambda record, inbox: None,
     FAILING: lambda record, inbox: None,
+    REVIEW: lambda record, inbox: None,
+    APPROVED: _heavy_outputs,
 }
 
 
@@ -377,8 +383,8 @@ class Pipeline:
         self.proxies.note(work.record)
         job = work.job
         job.probe = False
-        if park.twin:
-            return  # Twins holds it until the first copy is finished
+        if park.twin or park.held:
+            return  # Twins holds it until the first copy is finished; a person, until judged
         # A job holding a request slot never waits for a main worker: those may all be
         # waiting for its slot.
         lane = LANES[work.record.state](work.record, work.inbox) or work.lane

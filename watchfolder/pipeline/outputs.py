@@ -221,3 +221,15 @@ def sidecar(record: FileRecord, inbox: InboxConfig, rel: str, suffix: str) -> Pa
     source = PurePosixPath(rel)
     return inbox.outbox.joinpath(*source.parent.parts,
                                  f"{source.stem}{taken[1] if taken else ''}{suffix}")
+
+
+def rejected_cutout(answer: Path, fmt: str) -> bytes:
+    """The API's answer as a file of the inbox's (first) output format, for a result a person
+    rejected: put beside the original in errors, for retouching by hand."""
+    import pyvips
+
+    image = pyvips.Image.new_from_file(str(answer), access="sequential")
+    if fmt == "jpeg" and image.hasalpha():
+        image = image.flatten(background=[255, 255, 255])
+    suffix = {"png": ".png", "webp": ".webp", "jpeg": ".jpg", "tiff": ".tif"}[fmt]
+    return bytes(image.write_to_buffer(suffix))

@@ -37,12 +37,14 @@ class Park:
     """Journal `changes`, then put the job back in the queue of the lane its state needs.
 
     After `delay` seconds (at the `front` for a retry that cost no attempt), or, with
-    `twin`, only when the identical file ahead of it is finished.
+    `twin`, only when the identical file ahead of it is finished; with `held`, never: it
+    waits for a person (review), whose approval or rejection submits it again.
     """
 
     delay: float = 0.0
     front: bool = False
     twin: bool = False
+    held: bool = False
     changes: Mapping[str, Any] = field(default_factory=dict)
 
 

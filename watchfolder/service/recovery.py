@@ -15,9 +15,11 @@ from watchfolder.files import layout
 from watchfolder.files.place import folder_problem
 from watchfolder.intake.settle import signature
 from watchfolder.journal.db import (
+    APPROVED,
     FAILING,
     FETCHED,
     PROXIED,
+    REVIEW,
     SENDING,
     STORED,
     FileRecord,
@@ -49,10 +51,12 @@ def resume_jobs(journal: Journal, inboxes: tuple[InboxConfig, ...],
 
 def remove_orphans(journal: Journal) -> None:
     """Spool files no unfinished record points at (a crash before their unlink). A proxy
-    is kept while its record may still send it: making it again costs seconds of CPU."""
+    is kept while its record may still send it: making it again costs seconds of CPU. A
+    result waiting for review (or approved, or rejected and not yet in errors) keeps its
+    answer: a review costs no second request, across restarts too."""
     unfinished = journal.unfinished()
     referenced = {record.spool for record in unfinished
-                  if record.spool and record.state == FETCHED}
+                  if record.spool and record.state in (FETCHED, REVIEW, APPROVED, FAILING)}
     referenced |= {record.proxy for record in unfinished
                    if record.proxy and record.state in (PROXIED, SENDING)}
     for leftover in journal.spool_dir.iterdir():
@@ -90,7 +94,7 @@ def _clear_temp_files(inbox: InboxConfig, record: FileRecord) -> None:
     """Remove the hidden temp files a crash can leave where this file was being written: in
     every outbox its outputs and sidecars go to, the archive, or errors."""
     parent = PurePosixPath(record.rel).parent.parts
-    if record.state == FETCHED:
+    if record.state in (FETCHED, APPROVED):
         folders = layout.output_folders(inbox, record.rel, record.sha256 or "*")
     else:
         root = {STORED: inbox.archive, FAILING: inbox.errors}.get(record.state)

@@ -31,7 +31,7 @@ from watchfolder.coordination.coordinator import hosts_report
 from watchfolder.files import layout
 from watchfolder.intake.settle import signature
 from watchfolder.intake.watcher import scan
-from watchfolder.journal.db import DONE, FAILED, GONE, SENDING, Journal
+from watchfolder.journal.db import DONE, FAILED, GONE, REVIEW, SENDING, Journal
 from watchfolder.pipeline.budget import midnight_after
 from watchfolder.pipeline.pause import held_in
 from watchfolder.service.lock import daemon_running
@@ -106,15 +106,16 @@ def collect(config: Config, *, now: datetime | None = None) -> dict[str, Any]:
             kept.get(str(inbox.path), {}))
     report["inboxes"] = list(inboxes.values())
     report["coordination"] = hosts_report(config)
-    for name in ("waiting", "in_flight", "new", "ignored", "done_today", "failed_today",
-                 "gone_today", "in_errors"):
+    for name in ("waiting", "in_flight", "review", "new", "ignored", "done_today",
+                 "failed_today", "gone_today", "in_errors"):
         report[name] = sum(entry[name] for entry in inboxes.values())
     return report
 
 
 def _inbox_entry(path: str, *, configured: bool) -> dict[str, Any]:
     return {"path": path, "configured": configured, "waiting": 0, "in_flight": 0, "new": 0,
-            "ignored": 0, "done_today": 0, "failed_today": 0, "gone_today": 0, "in_errors": 0}
+            "ignored": 0, "done_today": 0, "failed_today": 0, "gone_today": 0, "in_errors": 0,
+            "review": 0}
 
 
 def _read_journal(journal: Journal, report: dict[str, Any],
@@ -123,7 +124,9 @@ def _read_journal(journal: Journal, report: dict[str, Any],
     for inbox, rel, state in journal.unfinished_paths():
         entry = inboxes.setdefault(inbox, _inbox_entry(inbox, configured=False))
         # Only a running daemon has requests in flight; after a stop they wait to be resent.
-        entry["in_flight" if running and state == SENDING else "waiting"] += 1
+        # A result held for a person (`review: true`) waits for them, not for the pipeline.
+        entry["review" if state == REVIEW else
+              "in_flight" if running and state == SENDING else "waiting"] += 1
         known.setdefault(inbox, set()).add(rel)
     names = {DONE: "done_today", FAILED: "failed_today", GONE: "gone_today"}
     for inbox, state, count in journal.finished_since(since):
@@ -209,7 +212,8 @@ def render(report: dict[str, Any], config: Path | None = None) -> str:
         label = entry["path"] + ("" if entry["configured"] else " (no longer configured)")
         lines.append(f"{label}")
         lines.append(f"  {entry['waiting']} waiting, {entry['in_flight']} in flight, "
-                     f"{entry['new']} new, {entry['done_today']} done today, "
+                     + (f"{entry['review']} to review, " if entry["review"] else "")
+                     + f"{entry['new']} new, {entry['done_today']} done today, "
                      f"{entry['failed_today']} failed today, {entry['in_errors']} in errors")
         if entry["ignored"]:
             lines.append(f"  {entry['ignored']} ignored for their names (hidden like ._* and "

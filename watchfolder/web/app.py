@@ -37,6 +37,7 @@ from starlette.staticfiles import StaticFiles
 
 from watchfolder.config.web import WebConfig
 from watchfolder.files.requeue import requeue
+from watchfolder.journal.db import REVIEW
 from watchfolder.service import person
 from watchfolder.web import views
 from watchfolder.web.auth import COOKIE, Gate
@@ -85,12 +86,14 @@ class WebApp:
             Route("/file/{id:int}", self.file_page),
             Route("/thumb/{id:int}/source", self.thumb_source),
             Route("/thumb/{id:int}/out/{n:int}", self.thumb_output),
+            Route("/thumb/{id:int}/answer", self.thumb_answer),
             Route("/download/{id:int}/source", self.download_source),
             Route("/download/{id:int}/out/{n:int}", self.download_output),
             Route("/failed/{index:int}/thumb/{rel:path}", self.failed_thumb),
             Route("/failed/{index:int}/download/{rel:path}", self.failed_download),
             *(Route(f"/{name}", self.action, methods=["GET", "POST"])
-              for name in ("pause", "resume", "pause-all", "resume-all", "retry", "retry-all")),
+              for name in ("pause", "resume", "pause-all", "resume-all", "retry", "retry-all",
+                           "approve", "reject")),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
         self.starlette = Starlette(routes=routes)
@@ -194,7 +197,7 @@ class WebApp:
         context: dict[str, Any] = {"o": overview, "can_act": can_act,
                                    "recent": overview.recent}
         return {name: self._render(f"_{name}.html", **context)
-                for name in ("totals", "inboxes", "attention", "recent")}
+                for name in ("totals", "inboxes", "attention", "recent", "review")}
 
     async def events(self, request: Request) -> Response:
         if not self.gate.may_see(request):
@@ -267,6 +270,18 @@ class WebApp:
     async def thumb_output(self, request: Request) -> Response:
         return await self._thumb(request, lambda: self._open_record_file(
             request.path_params["id"], request.path_params["n"]))
+
+    def _open_answer(self, record_id: int) -> tuple[Opened, str | None]:
+        """A result waiting for review: the API's answer in the spool, found by the record's
+        id (never by a path from the request), while the record is in review."""
+        record = self.reader.record(record_id)
+        if record is None or record.state != REVIEW or not record.spool:
+            raise Refused(str(record_id))
+        spool = Path(os.path.realpath(self.daemon.config.state_dir / "spool"))
+        return open_inside(record.spool, [spool]), None
+
+    async def thumb_answer(self, request: Request) -> Response:
+        return await self._thumb(request, lambda: self._open_answer(request.path_params["id"]))
 
     async def failed_thumb(self, request: Request) -> Response:
         return await self._thumb(request, lambda: (self._open_failed(
@@ -341,6 +356,13 @@ class WebApp:
             log.info("web.retry", file=str(pure), requeued=[o.requeued for o in outcomes])
             if not all(outcome.requeued for outcome in outcomes):
                 return "/?note=retry-skipped"
+        elif name in ("approve", "reject"):
+            record_id = _int(form.get("id"))
+            if record_id is None or not person.judge(daemon, record_id,
+                                                     approve=name == "approve", who="web"):
+                return "/?note=review-gone#review"
+            self.live.invalidate()
+            return "/#review"
         elif name == "retry-all":
             if form.get("confirm") != "yes":
                 return "/?confirm=retry-all"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from watchfolder.config.settings import Config, InboxConfig
 from watchfolder.files.requeue import REASON_SUFFIX
-from watchfolder.journal.db import DONE, FileRecord, Journal
+from watchfolder.journal.db import DONE, REVIEW, FileRecord, Journal
 from watchfolder.pipeline.pause import ALL
 from watchfolder.service import status
 
@@ -42,6 +42,8 @@ class InboxView:
     in_flight: int = 0
     done_today: int = 0
     failed: int = 0
+    review: bool = False  # `review: true`: results wait for a person
+    to_review: int = 0
     paused: str | None = None
 
 
@@ -89,11 +91,16 @@ class Overview:
     failures: list[Failure]
     failures_total: int
     recent: list[Done]
+    reviews: list[Done]
     made_at: float = field(default_factory=time.monotonic)
 
     @property
     def all_paused(self) -> bool:
         return bool(self.inboxes) and all(inbox.paused for inbox in self.inboxes)
+
+    @property
+    def any_review(self) -> bool:
+        return any(inbox.review for inbox in self.inboxes) or bool(self.reviews)
 
 
 class Reader:
@@ -145,7 +152,8 @@ class Reader:
                 # A paused inbox's files have no journal record yet: `new` counts them.
                 waiting=entry.get("waiting", 0) + entry.get("new", 0),
                 in_flight=entry.get("in_flight", 0), done_today=entry.get("done_today", 0),
-                failed=entry.get("in_errors", 0),
+                failed=entry.get("in_errors", 0), review=inbox.review,
+                to_review=entry.get("review", 0),
                 paused=pauses.get(str(inbox.path)) or pauses.get(ALL)))
         journal = self.journal()
         credits = snapshot.get("credits")
@@ -164,7 +172,8 @@ class Reader:
             account_pause=str(snapshot["paused"]) if snapshot.get("paused") else None,
             hosts=hosts, unreachable=(shared or {}).get("unreachable"),
             failures=failures[:ATTENTION_MAX], failures_total=len(failures),
-            recent=self.recent())
+            recent=self.recent(),
+            reviews=[self.done(record) for record in journal.finished_page(REVIEW, PAGE)])
 
     def failures(self) -> list[Failure]:
         """Every failed file in the errors folders now (also those of earlier runs and of

@@ -9,6 +9,7 @@ driver's table does) or touches the queue.
 - `finish`: stored → done, failing → failed | gone, and the hand-off after either
 - `source`: the original as the steps look at it: gone, away with its inbox folder, or
   unreadable for now (retried), and a file finished while its share was away
+- `review`: a result held for a person (`inboxes[].review`); approved, `store` goes on
 """
 
 from __future__ import annotations
@@ -24,12 +25,22 @@ from watchfolder.errors import (
     SourceUnreadable,
     StateUnavailable,
 )
-from watchfolder.journal.db import FAILING, FETCHED, PROXIED, QUEUED, SENDING, STORED
+from watchfolder.journal.db import (
+    APPROVED,
+    FAILING,
+    FETCHED,
+    PROXIED,
+    QUEUED,
+    REVIEW,
+    SENDING,
+    STORED,
+)
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.state import STATE_RECHECK_SECONDS
 from watchfolder.pipeline.steps.admit import admit_proxy
 from watchfolder.pipeline.steps.finish import fail, finish
 from watchfolder.pipeline.steps.prepare import prepare
+from watchfolder.pipeline.steps.review import await_review
 from watchfolder.pipeline.steps.send import send
 from watchfolder.pipeline.steps.source import INBOX_RECHECK_SECONDS, InboxAway, unreadable
 from watchfolder.pipeline.steps.store import store
@@ -40,7 +51,8 @@ log = structlog.get_logger("watchfolder")
 Step = Callable[[Context, Work], Outcome]
 
 STEPS: dict[str, Step] = {QUEUED: prepare, PROXIED: admit_proxy, SENDING: send,
-                          FETCHED: store, STORED: finish, FAILING: fail}
+                          FETCHED: store, STORED: finish, FAILING: fail,
+                          REVIEW: await_review, APPROVED: store}
 
 
 def run_step(ctx: Context, work: Work) -> Outcome:

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from watchfolder import __version__, failpoints
+from watchfolder.config.settings import EXTENSIONS
 from watchfolder.errors import SourceUnreadable
 from watchfolder.files import layout
 from watchfolder.files.atomic import write_atomic
@@ -38,6 +39,7 @@ from watchfolder.pipeline.work import Advance, Outcome, Work, moved
 log = structlog.get_logger("watchfolder")
 
 PENDING = "pending"
+REJECTED = "rejected"  # the reason of a result a person rejected in review
 
 
 def finish(ctx: Context, work: Work) -> Outcome:
@@ -86,8 +88,21 @@ def fail(ctx: Context, work: Work) -> Outcome:
     ctx.destinations.guard(inbox.errors, write_atomic, _reason(record, src, placed),
                            Path(f"{placed}{REASON_SUFFIX}"))
     failpoints.hit("reason-written")
-    return Advance(FAILED, {"handoff": PENDING if _hands_on(ctx, work, FAILED) else None},
-                   then=lambda: hand_off(ctx, work))
+    spool = Path(record.spool) if record.spool else None
+    if record.reason == REJECTED and spool is not None and spool.is_file():
+        # The cut-out a person rejected in review, beside its original, for retouching by hand.
+        first = inbox.outputs[0] if inbox.outputs else None
+        fmt = first.format if first else inbox.output_format
+        ctx.destinations.guard(inbox.errors, write_atomic, outputs.rejected_cutout(spool, fmt),
+                               placed.with_name(f"{placed.stem}.rejected.{EXTENSIONS[fmt]}"))
+
+    def then() -> None:
+        if spool is not None:
+            spool.unlink(missing_ok=True)  # forgotten with the final commit
+        hand_off(ctx, work)
+
+    return Advance(FAILED, {"handoff": PENDING if _hands_on(ctx, work, FAILED) else None,
+                            "spool": None}, then=then)
 
 
 def _hands_on(ctx: Context, work: Work, state: str) -> bool:

@@ -13,7 +13,14 @@ import structlog
 from watchfolder import failpoints
 from watchfolder.errors import InputRejected
 from watchfolder.imaging.compose import Output
-from watchfolder.journal.db import QUEUED, STORED, encode_outputs, output_identity
+from watchfolder.journal.db import (
+    FETCHED,
+    QUEUED,
+    REVIEW,
+    STORED,
+    encode_outputs,
+    output_identity,
+)
 from watchfolder.pipeline import outputs
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.steps.source import produce_from, source_stat
@@ -29,8 +36,14 @@ log = structlog.get_logger("watchfolder")
 
 
 def store(ctx: Context, work: Work) -> Outcome:
-    """Make and place every output not placed yet; forget the spool with the last one."""
+    """Make and place every output not placed yet; forget the spool with the last one. An
+    inbox with `review: true` holds a fresh answer for a person first (steps/review.py)."""
     record, inbox, job = work.record, work.inbox, work.job
+    if record.state == FETCHED and inbox.review:
+        # One request, as always; nothing placed, archived or handed on until a person
+        # approves (APPROVED comes back here) or rejects (FAILING).
+        log.info("file.review", **work.log_fields(), route=record.route)
+        return Advance(REVIEW)
     earlier = record.reused()
     answer = Path(record.spool or (earlier[0] if earlier else ""))
     count = len(inbox.outputs) or 1
