@@ -544,8 +544,8 @@ def test_review_holds_results_until_approved_or_rejected_across_a_restart(
         time.sleep(0.5)
         html = web.page()
         assert "To review: 2" in texts(html) and paid() == 2  # no second request
-        ids = dict((rel, int(n)) for n, rel in re.findall(
-            r'data-review="(\d+)" aria-label="([^"]+)"', html))
+        ids = {rel: int(n) for n, rel in re.findall(
+            r'data-review="(\d+)" aria-label="([^"]+)"', html)}
         assert web.post("/approve", {"id": str(ids["shoot/a.png"])}).status_code == 303
         assert web.post("/reject", {"id": str(ids["b.png"])}).status_code == 303
         wait_for(lambda: studio.files(studio.outbox) == ["shoot/a.json", "shoot/a.png"],

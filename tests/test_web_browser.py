@@ -184,3 +184,31 @@ def test_read_only_without_a_token_has_no_buttons(tmp_path: Path, sandbox: Sandb
         expect(attention.get_by_role("listitem")).to_have_count(1, timeout=15_000)
         for word in ("Retry", "Pause", "Resume", "Retry all", "Pause all"):
             expect(page.get_by_role("button", name=re.compile(f"^{word}"))).to_have_count(0)
+
+
+def test_review_with_the_keyboard(tmp_path: Path, sandbox: Sandbox, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    studio = Studio(tmp_path, sandbox.url, web={"listen": "127.0.0.1:0", "token": TOKEN})
+    studio.data["inboxes"][0]["review"] = True
+    with Running(studio.config()) as daemon:
+        assert daemon.web is not None
+        page.goto(f"{daemon.web.url}?token={TOKEN}")
+        make_image(studio.inbox / "keep.png")
+        make_image(studio.inbox / "redo.png", seed=2)
+        review = page.get_by_role("region", name="To review", exact=True)
+        expect(review.get_by_role("listitem")).to_have_count(2, timeout=15_000)
+        expect(review.get_by_role("img", name="cut-out keep.png", exact=True)).to_be_visible()
+        keep = review.get_by_role("listitem", name="keep.png", exact=True)
+        keep.focus()
+        page.keyboard.press("a")
+        expect(review.get_by_role("listitem")).to_have_count(1, timeout=15_000)
+        wait_for(lambda: studio.files(studio.outbox) == ["keep.png"], what="keep.png placed")
+        redo = review.get_by_role("listitem", name="redo.png", exact=True)
+        expect(redo).to_be_focused()  # back at #review, the next one waiting has the focus
+        page.keyboard.press("r")
+        wait_for(lambda: (studio.errors / "redo.rejected.png").exists(), what="redo rejected")
+        expect(review.get_by_role("listitem")).to_have_count(0, timeout=15_000)
+        attention = page.get_by_role("region", name="Needs attention", exact=True)
+        expect(attention.get_by_role("listitem").filter(has_text="rejected")).to_be_visible(
+            timeout=15_000)
