@@ -15,6 +15,8 @@ that after a crash at any instant the next start resumes each file from its last
 - `sending`: a request may be in flight. After a crash it is sent again: that is the only
   credit a crash can cost (one per request in flight).
 - `fetched`: the result is safe in the spool (`state_dir/spool`), fsynced; nothing is paid twice.
+- `review` (an inbox with `review: true`): the answer is in the spool and waits for a person;
+  `approved` goes on as `fetched` does, a rejection to `failing` (reason `rejected`).
 - `stored`: the result is in the outbox under the name recorded in `result`.
 - `done` / `failed` / `gone` are final. A final record's `handoff` is "pending" from the
   final commit until its hand-off (manifest, done marker, webhook, hooks) is complete.
