@@ -552,6 +552,8 @@ def test_review_holds_results_until_approved_or_rejected_across_a_restart(
                  what="a.png placed with its manifest")
         wait_for(lambda: (studio.errors / "b.png.error.json").exists(), what="b.png rejected")
         wait_for(lambda: "To review: 0" in texts(web.page()), what="none left to review")
+        page = web.get(f"/file/{ids['shoot/a.png']}").text
+        assert "Manifest" in page and '&#34;credits_spent&#34;' in page  # its manifest shown
         # Judged once: a second click finds nothing to judge.
         assert "review-gone" in web.post("/approve", {"id": str(ids["shoot/a.png"])}
                                          ).headers["location"]

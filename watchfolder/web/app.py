@@ -181,14 +181,30 @@ class WebApp:
             record = self.reader.record(record_id)
             if record is None:
                 return None
-            return (record, self.reader.timeline(record_id), views.output_paths(record))
+            return (record, self.reader.timeline(record_id), views.output_paths(record),
+                    self._manifest(record))
 
         found = await anyio.to_thread.run_sync(read)
         if found is None:
             return PlainTextResponse("no such file\n", status_code=404)
-        record, timeline, outputs = found
+        record, timeline, outputs, manifest = found
         return self._page("file.html", r=record, name=Path(record.inbox).name,
-                          timeline=timeline, outputs=[Path(p).name for p in outputs])
+                          timeline=timeline, outputs=[Path(p).name for p in outputs],
+                          manifest=manifest)
+
+    def _manifest(self, record: Any) -> str | None:
+        """The manifest beside the first output (`manifest: true`), as its text."""
+        if not record.result:
+            return None
+        try:
+            opened = open_inside(Path(record.result).with_suffix(".json"),
+                                 roots(self.daemon.config))
+        except Refused:
+            return None
+        with opened:
+            if opened.size > 1 << 20:
+                return None
+            return b"".join(opened.chunks()).decode("utf-8", "replace")
 
     # -- live ----------------------------------------------------------------------------------
 
