@@ -1,11 +1,12 @@
 """The routes of the web view (Starlette), its security headers and its live stream.
 
-Pages: `/` (the overview: inboxes, Needs attention, Recent), `/file/{id}` (one finished file),
-`/login`. Images and downloads: `/thumb/...`, `/download/...` by journal id, `/failed/...` by
-inbox slot and path below its errors folder, each opened through `paths.open_inside`. Actions
-(POST only): `/pause`, `/resume`, `/pause-all`, `/resume-all`, `/retry`, `/retry-all`. Live
-parts: `/events`, server-sent events carrying the page's fragments as HTML, swapped in place by
-htmx's SSE extension; one overview is made for every stream at once (`views.Live`).
+Pages: `/` (the overview: inboxes, To review, Needs attention, Recent), `/file/{id}` (one
+finished file), `/login`. Images and downloads: `/thumb/...`, `/download/...` by journal id,
+`/failed/...` by inbox slot and path below its errors folder (files.py opens them, through
+`paths.open_inside`). Actions (POST only, actions.py): `/pause`, `/resume`, `/pause-all`,
+`/resume-all`, `/retry`, `/retry-all`, `/approve`, `/reject`. Live parts: `/events`,
+server-sent events carrying the page's fragments as HTML, swapped in place by htmx's SSE
+extension; one overview is made for every stream at once (`views.Live`).
 
 Blocking work (the journal, folder scans, thumbnails) runs in worker threads, never on the
 event loop; the pipeline's locks are never taken while a page renders.
@@ -13,7 +14,6 @@ event loop; the pipeline's locks are never taken while a page renders.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -36,12 +36,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from watchfolder.config.web import WebConfig
-from watchfolder.files.requeue import requeue
-from watchfolder.journal.db import REVIEW
-from watchfolder.service import person
-from watchfolder.web import views
+from watchfolder.web import actions, views
 from watchfolder.web.auth import COOKIE, Gate
-from watchfolder.web.paths import Opened, Refused, open_inside, roots, safe_rel
+from watchfolder.web.files import Files
+from watchfolder.web.paths import Opened, Refused, open_inside, roots
 from watchfolder.web.thumbs import Thumbnails
 
 if TYPE_CHECKING:
@@ -75,6 +73,7 @@ class WebApp:
         self.reader = views.Reader(daemon)
         self.live = views.Live(self.reader)
         self.thumbs = Thumbnails(daemon.config.state_dir)
+        self.files = Files(daemon, self.reader)
         self.stopping = threading.Event()
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -92,8 +91,7 @@ class WebApp:
             Route("/failed/{index:int}/thumb/{rel:path}", self.failed_thumb),
             Route("/failed/{index:int}/download/{rel:path}", self.failed_download),
             *(Route(f"/{name}", self.action, methods=["GET", "POST"])
-              for name in ("pause", "resume", "pause-all", "resume-all", "retry", "retry-all",
-                           "approve", "reject")),
+              for name in actions.NAMES),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
         self.starlette = Starlette(routes=routes)
@@ -143,9 +141,9 @@ class WebApp:
         if not self.gate.may_see(request):
             return RedirectResponse("/login", status_code=303)
         query = request.query_params
-        inbox = _int(query.get("inbox"))
+        inbox = actions.number(query.get("inbox"))
         name = (query.get("q") or "").strip()[:200]
-        before = _int(query.get("before"))
+        before = actions.number(query.get("before"))
         overview = await anyio.to_thread.run_sync(self.live.get)
         filtered = inbox is not None or bool(name) or before is not None
         recent = overview.recent if not filtered else await anyio.to_thread.run_sync(
@@ -237,29 +235,6 @@ class WebApp:
 
     # -- images and downloads ------------------------------------------------------------------
 
-    def _open_record_file(self, record_id: int, which: int | None) -> tuple[Opened, str | None]:
-        record = self.reader.record(record_id)
-        if record is None:
-            raise Refused(str(record_id))
-        if which is None:
-            path, sha = views.source_path(record), record.sha256
-        else:
-            paths, shas = views.output_paths(record), views.output_shas(record)
-            if not 0 <= which < len(paths):
-                raise Refused(str(which))
-            path, sha = paths[which], shas[which]
-        return open_inside(path, roots(self.daemon.config)), sha
-
-    def _open_failed(self, index: int, rel: str) -> Opened:
-        inboxes = self.daemon.config.inboxes
-        if not 0 <= index < len(inboxes):
-            raise Refused(str(index))
-        errors = inboxes[index].errors
-        pure = safe_rel(rel)
-        if pure.name.endswith(".error.json"):
-            raise Refused(rel)
-        return open_inside(errors.joinpath(*pure.parts), [Path(os.path.realpath(errors))])
-
     async def _thumb(self, request: Request, opener: Callable[[], tuple[Opened, str | None]]
                      ) -> Response:
         if not self.gate.may_see(request):
@@ -280,27 +255,18 @@ class WebApp:
                         headers={"cache-control": "private, max-age=3600"})
 
     async def thumb_source(self, request: Request) -> Response:
-        return await self._thumb(request, lambda: self._open_record_file(
+        return await self._thumb(request, lambda: self.files.record_file(
             request.path_params["id"], None))
 
     async def thumb_output(self, request: Request) -> Response:
-        return await self._thumb(request, lambda: self._open_record_file(
+        return await self._thumb(request, lambda: self.files.record_file(
             request.path_params["id"], request.path_params["n"]))
 
-    def _open_answer(self, record_id: int) -> tuple[Opened, str | None]:
-        """A result waiting for review: the API's answer in the spool, found by the record's
-        id (never by a path from the request), while the record is in review."""
-        record = self.reader.record(record_id)
-        if record is None or record.state != REVIEW or not record.spool:
-            raise Refused(str(record_id))
-        spool = Path(os.path.realpath(self.daemon.config.state_dir / "spool"))
-        return open_inside(record.spool, [spool]), None
-
     async def thumb_answer(self, request: Request) -> Response:
-        return await self._thumb(request, lambda: self._open_answer(request.path_params["id"]))
+        return await self._thumb(request, lambda: self.files.answer(request.path_params["id"]))
 
     async def failed_thumb(self, request: Request) -> Response:
-        return await self._thumb(request, lambda: (self._open_failed(
+        return await self._thumb(request, lambda: (self.files.failed(
             request.path_params["index"], request.path_params["rel"]), None))
 
     async def _download(self, request: Request, opener: Callable[[], Opened]) -> Response:
@@ -317,15 +283,15 @@ class WebApp:
                                               f'attachment; filename="{name}"'})
 
     async def download_source(self, request: Request) -> Response:
-        return await self._download(request, lambda: self._open_record_file(
+        return await self._download(request, lambda: self.files.record_file(
             request.path_params["id"], None)[0])
 
     async def download_output(self, request: Request) -> Response:
-        return await self._download(request, lambda: self._open_record_file(
+        return await self._download(request, lambda: self.files.record_file(
             request.path_params["id"], request.path_params["n"])[0])
 
     async def failed_download(self, request: Request) -> Response:
-        return await self._download(request, lambda: self._open_failed(
+        return await self._download(request, lambda: self.files.failed(
             request.path_params["index"], request.path_params["rel"]))
 
     # -- actions -------------------------------------------------------------------------------
@@ -343,53 +309,9 @@ class WebApp:
             return PlainTextResponse("refused: sent from another site\n", status_code=403)
         form = await _form(request)
         name = request.url.path.strip("/")
-        target = await anyio.to_thread.run_sync(lambda: self._act(name, form))
+        target = await anyio.to_thread.run_sync(lambda: actions.act(self.daemon, name, form))
+        self.live.invalidate()  # the next look shows the action's effect at once
         return RedirectResponse(target, status_code=303)
-
-    def _act(self, name: str, form: dict[str, str]) -> str:
-        """Do what the button asks; return where to go next."""
-        daemon = self.daemon
-        inboxes = daemon.config.inboxes
-        index = _int(form.get("inbox"))
-        if name in ("pause", "resume", "retry") and (index is None
-                                                      or not 0 <= index < len(inboxes)):
-            return "/?note=unknown-inbox"
-        if name == "pause":
-            person.pause_inboxes(daemon, [str(inboxes[index].path)], "web")  # type: ignore[index]
-        elif name == "resume":
-            person.pause_inboxes(daemon, [str(inboxes[index].path)], None)  # type: ignore[index]
-        elif name == "pause-all":
-            person.pause_inboxes(daemon, None, "web")
-        elif name == "resume-all":
-            person.pause_inboxes(daemon, None, None)
-        elif name == "retry":
-            try:
-                pure = safe_rel(form.get("file", ""))
-            except Refused:
-                return "/?note=not-found"
-            path = inboxes[index].errors.joinpath(*pure.parts)  # type: ignore[index]
-            outcomes = requeue(daemon.config, [path])
-            log.info("web.retry", file=str(pure), requeued=[o.requeued for o in outcomes])
-            if not all(outcome.requeued for outcome in outcomes):
-                return "/?note=retry-skipped"
-        elif name in ("approve", "reject"):
-            record_id = _int(form.get("id"))
-            if record_id is None or not person.judge(daemon, record_id,
-                                                     approve=name == "approve", who="web"):
-                return "/?note=review-gone#review"
-            self.live.invalidate()
-            return "/#review"
-        elif name == "retry-all":
-            if form.get("confirm") != "yes":
-                return "/?confirm=retry-all"
-            outcomes = requeue(daemon.config)
-            log.info("web.retry_all", requeued=sum(o.requeued for o in outcomes),
-                     skipped=sum(not o.requeued for o in outcomes))
-            if not all(outcome.requeued for outcome in outcomes):
-                return "/?note=retry-skipped"
-        self.live.invalidate()
-        return "/"
-
 
 async def _form(request: Request) -> dict[str, str]:
     """An urlencoded form body (the page's forms), first value of each field."""
@@ -398,12 +320,6 @@ async def _form(request: Request) -> dict[str, str]:
         return {}
     parsed = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
     return {key: values[0] for key, values in parsed.items()}
-
-
-def _int(text: str | None) -> int | None:
-    if text is None or not text.strip().isdigit():
-        return None
-    return int(text)
 
 
 def _older_link(recent: list[views.Done], inbox: int | None, name: str) -> str | None:
