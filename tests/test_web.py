@@ -292,12 +292,17 @@ def test_the_first_screen_stays_fast_with_100000_records(web: Web, tmp_path: Pat
 def test_pause_from_the_page_holds_files_survives_a_restart_and_resumes(
         tmp_path: Path, sandbox: Sandbox) -> None:
     studio = web_studio(tmp_path, sandbox)
+    studio.data["metrics"] = {"listen": "127.0.0.1:0"}
     with Running(studio.config()) as daemon:
         web = Web(daemon)
         web.login()
         assert web.post("/pause", {"inbox": "0"}).status_code == 303
         text = texts(web.page())
         assert "Paused: paused by web" in text and "Resume" in text
+        assert daemon.metrics is not None
+        scraped = requests.get(f"http://{daemon.metrics.address}/metrics", timeout=5).text
+        assert (f'watchfolder_inbox_paused{{inbox="{studio.inbox}",reason="paused by web"}} 1.0'
+                in scraped)
         make_image(studio.inbox / "held.png")
         wait_for(lambda: "Waiting: 1" in texts(web.page()), what="held.png waiting")
         time.sleep(1.0)  # ten rescans: nothing may move
@@ -565,3 +570,32 @@ def test_review_holds_results_until_approved_or_rejected_across_a_restart(
         assert rejected.mode == "RGBA"
     assert paid() == 2
     assert list((tmp_path / "state" / "spool").iterdir()) == []
+
+
+def test_pause_all_then_resume_one_inbox(tmp_path: Path, sandbox: Sandbox) -> None:
+    (tmp_path / "second").mkdir()
+    studio = web_studio(tmp_path, sandbox)
+    studio.data["inboxes"].append({"path": "second", "outbox": "outbox2", "errors": "errors2",
+                                   "settle_seconds": 0.1})
+    with Running(studio.config()) as daemon:
+        web = Web(daemon)
+        web.login()
+
+        def paused() -> list[str]:
+            html = web.page()
+            return [name for name in ("inbox", "second")
+                    if "Paused: paused by web" in texts(html.split(
+                        f'aria-label="{name}"', 1)[1].split("</section>", 1)[0])]
+
+        assert web.post("/pause-all").status_code == 303
+        assert paused() == ["inbox", "second"]
+        assert web.post("/resume", {"inbox": "0"}).status_code == 303
+        assert paused() == ["second"]
+        make_image(studio.inbox / "a.png")
+        make_image(tmp_path / "second" / "b.png")
+        wait_for(lambda: studio.files(studio.outbox) == ["a.png"], what="a.png done")
+        time.sleep(0.5)
+        assert not (tmp_path / "outbox2" / "b.png").exists()
+        assert web.post("/resume-all").status_code == 303
+        assert paused() == []
+        wait_for(lambda: (tmp_path / "outbox2" / "b.png").exists(), what="b.png done")
