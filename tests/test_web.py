@@ -70,6 +70,22 @@ class Web:
         assert answer.status_code == 200, answer.text
         return answer.text
 
+    def page_when(self, shows: str, what: str) -> str:
+        """The page, once its visible text or markup shows `shows`."""
+        found: list[str] = []
+
+        def look() -> bool:
+            html = self.page()
+            found.append(html)
+            return shows in html or shows in texts(html)
+
+        wait_for(look, what=what)
+        return found[-1]
+
+    def wait_done(self, rel: str) -> str:
+        """The page once the journal calls `rel` done (its cut-out is in Recent)."""
+        return self.page_when(f'alt="cut-out {rel}"', f"{rel} in Recent")
+
 
 def web_studio(tmp_path: Path, sandbox: Sandbox, *, token: bool = True, **web: Any) -> Studio:
     settings = {"listen": "127.0.0.1:0", **({"token": TOKEN} if token else {}), **web}
@@ -181,10 +197,11 @@ def test_overview_lists_inboxes_results_and_failures(web: Web, tmp_path: Path) -
     studio_inbox = tmp_path / "inbox"
     make_image(studio_inbox / "shoot" / "a.png")
     (studio_inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    wait_for(lambda: (tmp_path / "errors" / "broken.jpg.error.json").exists()
-             and (tmp_path / "archive" / "shoot" / "a.png").exists(), what="both finished")
+    wait_for(lambda: (tmp_path / "errors" / "broken.jpg.error.json").exists(),
+             what="broken.jpg failed")
     web.login()
-    html = web.page()
+    web.wait_done("shoot/a.png")
+    html = web.page_when("Failed: 1", "the failure counted")
     text = texts(html)
     assert 'aria-label="inbox"' in html  # the region named as the {inbox} token spells it
     for expected in ("Waiting: 0", "In flight: 0", "Done today: 1", "Failed: 1",
@@ -208,9 +225,8 @@ def test_overview_lists_inboxes_results_and_failures(web: Web, tmp_path: Path) -
 
 def test_a_files_page_shows_its_timeline_and_downloads(web: Web, tmp_path: Path) -> None:
     make_image(tmp_path / "inbox" / "a.png")
-    wait_for(lambda: (tmp_path / "archive" / "a.png").exists(), what="a.png done")
     web.login()
-    html = web.page()
+    html = web.wait_done("a.png")
     page_link = re.search(r'href="(/file/\d+)"', html)
     assert page_link is not None
     page = web.get(page_link.group(1)).text
@@ -364,8 +380,7 @@ def test_without_a_token_the_view_is_read_only(tmp_path: Path, sandbox: Sandbox)
     with Running(web_studio(tmp_path, sandbox, token=False).config()) as daemon:
         web = Web(daemon)
         make_image(tmp_path / "inbox" / "a.png")
-        wait_for(lambda: (tmp_path / "archive" / "a.png").exists(), what="a.png done")
-        html = web.page()
+        html = web.wait_done("a.png")
         assert "<button" not in html.split("</form>", 1)[-1].replace(
             '<button type="submit">Filter</button>', "")
         assert "Retry" not in texts(html) and "Pause" not in texts(html)
@@ -423,10 +438,9 @@ def test_actions_need_the_cookie_post_and_the_pages_own_origin(web: Web) -> None
 
 def test_a_foreign_host_gets_nothing(web: Web, tmp_path: Path) -> None:
     make_image(tmp_path / "inbox" / "a.png")
-    wait_for(lambda: (tmp_path / "archive" / "a.png").exists(), what="a.png done")
     web.login()
     paths = ["/", "/events", "/static/htmx.min.js", "/login", "/file/1",
-             *links(web.page())]
+             *links(web.wait_done("a.png"))]
     for path in paths:
         answer = web.get(path, headers={"Host": "rebind.evil.example"})
         assert 400 <= answer.status_code < 500, path
@@ -459,9 +473,8 @@ def test_nothing_outside_the_folders_is_served(web: Web, tmp_path: Path) -> None
     (errors / "link.png.error.json").write_text('{"reason": "symlink", "file": "link.png"}')
     (errors / "dirlink").symlink_to(tmp_path)
     make_image(tmp_path / "inbox" / "a.png")
-    wait_for(lambda: (tmp_path / "archive" / "a.png").exists(), what="a.png done")
     web.login()
-    html = web.page()
+    html = web.wait_done("a.png")
     assert "/failed/0/thumb/link.png" not in html  # a link gets no picture at all
     secret_bytes = secret.read_bytes()
     tries = ["/failed/0/thumb/link.png", "/failed/0/download/link.png",

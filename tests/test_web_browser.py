@@ -163,7 +163,8 @@ def test_retry_in_the_browser_sends_the_file_again(tmp_path: Path, sandbox: Sand
         expect(recent.get_by_role("img", name="cut-out shoot/a.png", exact=True)).to_be_visible(
             timeout=15_000)
         expect(attention.get_by_role("listitem")).to_have_count(0)
-        wait_for(lambda: studio.files(studio.outbox) == ["shoot/a.png"], what="a.png done")
+        wait_for(lambda: studio.files(studio.outbox) == ["shoot/a.png"], timeout=30,
+                 what="a.png done")
         # Its own page: the original, the cut-out and its downloads.
         recent.get_by_role("link", name="shoot/a.png").click()
         expect(page.get_by_role("img", name="original shoot/a.png", exact=True)).to_be_visible()
@@ -203,11 +204,13 @@ def test_review_with_the_keyboard(tmp_path: Path, sandbox: Sandbox, page: Any) -
         keep.focus()
         page.keyboard.press("a")
         expect(review.get_by_role("listitem")).to_have_count(1, timeout=15_000)
-        wait_for(lambda: studio.files(studio.outbox) == ["keep.png"], what="keep.png placed")
+        wait_for(lambda: studio.files(studio.outbox) == ["keep.png"], timeout=30,
+                 what="keep.png placed")
         redo = review.get_by_role("listitem", name="redo.png", exact=True)
         expect(redo).to_be_focused()  # back at #review, the next one waiting has the focus
         page.keyboard.press("r")
-        wait_for(lambda: (studio.errors / "redo.rejected.png").exists(), what="redo rejected")
+        wait_for(lambda: (studio.errors / "redo.rejected.png").exists(), timeout=30,
+                 what="redo rejected")
         expect(review.get_by_role("listitem")).to_have_count(0, timeout=15_000)
         attention = page.get_by_role("region", name="Needs attention", exact=True)
         expect(attention.get_by_role("listitem").filter(has_text="rejected")).to_be_visible(

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from watchfolder.files.requeue import REASON_SUFFIX
+from watchfolder.files.layout import REASON_SUFFIX
 from watchfolder.journal.db import REVIEW
 from watchfolder.web import views
 from watchfolder.web.paths import Opened, Refused, open_inside, roots, safe_rel

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from watchfolder.config.settings import Config, InboxConfig
-from watchfolder.files.requeue import REASON_SUFFIX
+from watchfolder.files.layout import REASON_SUFFIX
 from watchfolder.journal.db import DONE, REVIEW, FileRecord, Journal
 from watchfolder.pipeline.pause import ALL
 from watchfolder.service import status
@@ -240,19 +240,13 @@ class Reader:
 
 def output_paths(record: FileRecord) -> list[str]:
     """The paths of a record's outputs, by recipe position (the first is `result`)."""
-    with contextlib.suppress(ValueError, TypeError):
-        placed = json.loads(record.outputs or "null")
-        if isinstance(placed, list):
-            return [entry[0] for entry in placed if entry]
-    return [record.result] if record.result else []
+    placed = [entry[0] for entry in record.placed() if entry]
+    return placed or ([record.result] if record.result else [])
 
 
 def output_shas(record: FileRecord) -> list[str | None]:
-    with contextlib.suppress(ValueError, TypeError):
-        placed = json.loads(record.outputs or "null")
-        if isinstance(placed, list):
-            return [entry[1] for entry in placed if entry]
-    return [record.result_sha] if record.result else []
+    placed: list[str | None] = [entry[1] for entry in record.placed() if entry]
+    return placed or ([record.result_sha] if record.result else [])
 
 
 def source_path(record: FileRecord) -> str:
