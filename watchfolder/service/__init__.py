@@ -8,4 +8,6 @@
 - `metrics`: Prometheus metrics.
 - `status`: `watchfolder status` and the STATUS= line.
 - `progress`: the progress line of `run --once` on a terminal.
+- `web_view`: when the web view (web/) is served, and what a reload changes of it.
+- `person`: what a person does from the web view: pause inboxes, judge results in review.
 """

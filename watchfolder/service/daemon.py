@@ -36,6 +36,7 @@ from watchfolder.pipeline.budget import BudgetReached
 from watchfolder.pipeline.client import ApiClient
 from watchfolder.pipeline.driver import Pipeline
 from watchfolder.pipeline.jobqueue import Job
+from watchfolder.service import web_view
 from watchfolder.service.lock import DaemonLock
 from watchfolder.service.metrics import Metrics
 from watchfolder.service.recovery import (
@@ -115,7 +116,7 @@ class Daemon:
         if config.metrics.listen:
             self.metrics = Metrics(self.snapshot)
             self.metrics.serve(config.metrics.listen)
-        self.web = self._bind_web(config)  # a taken address stops the start before any work
+        self.web = web_view.bind(self, config)  # a taken address stops the start before work
         self.journal = journal = Journal(config.state_dir)
         self.client = ApiClient(config.api.url, config.api.key,
                                 timeout=config.api.timeout_seconds,
@@ -156,15 +157,6 @@ class Daemon:
                  resumed=len(resumed), once=self.once, api_url=config.api.url,
                  requests_per_minute=config.api.requests_per_minute,
                  concurrency=config.api.concurrency)
-
-    def _bind_web(self, config: Config) -> WebServer | None:
-        """The web view's server, bound (not yet serving), or None (off, or `run --once`
-        without `web.listen` in the file; see web/server.py for a taken address)."""
-        if config.web.listen is None or (self.once and not config.web.listen_given):
-            return None
-        from watchfolder.web.server import bind  # starlette and uvicorn only when served
-
-        return bind(self, config.web)
 
     # -- callbacks from the pipeline ----------------------------------------------------------
 
@@ -335,11 +327,7 @@ class Daemon:
                 pipeline.ctx.metrics = self.metrics
             elif self.metrics is not None:
                 self.metrics.close()
-        web = self.web
-        if new.web.listen != old.web.listen:
-            web = self._bind_web(new)  # binds before letting the old go
-            if self.web is not None:
-                self.web.stop()
+        web = web_view.rebind(self, old, new)  # binds before letting the old go
 
         # Nothing below can fail on the configuration: commit.
         config = dataclasses.replace(new, inboxes=tuple(slots))
@@ -347,11 +335,7 @@ class Daemon:
         self.inactive = inactive
         self._watch_lost.clear()
         logs.add_secret(config.web.token.reveal())
-        if web is not None and web is self.web:
-            web.configure(config.web)  # a new token or hosts: sessions of the old token end
-        elif web is not None:
-            web.start()
-        self.web = web
+        self.web = web_view.adopt(self.web, web, config)
         api, before = config.api, old.api
         client = None
         if (api.url, api.key, api.timeout_seconds, api.connect_timeout_seconds) != (
