@@ -201,7 +201,8 @@ def test_overview_lists_inboxes_results_and_failures(web: Web, tmp_path: Path) -
              what="broken.jpg failed")
     web.login()
     web.wait_done("shoot/a.png")
-    html = web.page_when("Failed: 1", "the failure counted")
+    web.page_when("Failed: 1", "the failure counted")
+    html = web.page_when("Waiting: 0", "nothing left waiting")
     text = texts(html)
     assert 'aria-label="inbox"' in html  # the region named as the {inbox} token spells it
     for expected in ("Waiting: 0", "In flight: 0", "Done today: 1", "Failed: 1",

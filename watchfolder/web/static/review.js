@@ -29,6 +29,17 @@
     (again || all[0]).focus();
   }
 
+  // A live update that brings the same entries would only take the focus away (and a key
+  // pressed meanwhile would be lost): it is skipped.
+  document.addEventListener("htmx:sseBeforeMessage", function (event) {
+    var target = event.target;
+    if (!target || target.id !== "reviews") { return; }
+    var incoming = ((event.detail && event.detail.data) || "").match(/data-review="\d+"/g) || [];
+    var current = Array.prototype.map.call(target.querySelectorAll("[data-review]"),
+      function (item) { return 'data-review="' + item.getAttribute("data-review") + '"'; });
+    if (incoming.join() === current.join()) { event.preventDefault(); }
+  });
+
   window.addEventListener("load", function () {
     if (location.hash === "#review") { refocus(); }
   });
