@@ -78,6 +78,24 @@ def test_paused_queue_hands_out_one_probe_per_interval_until_resumed() -> None:
     assert pause.resume() is False
 
 
+def test_a_refusal_after_probe_now_does_not_put_the_probe_off() -> None:
+    # A reload with a new key makes the probe due at once; a request sent with the old key
+    # and refused only now must not push that probe a whole interval away.
+    clock = Clock()
+    pause = Pause(clock=clock)
+    queue = JobQueue(clock=clock, pause=pause)
+    queue.put(Job(0, "a"))
+    pause.pause(CreditsExhausted("no credits", 402), probe_in=120.0)
+    pause.probe_now()
+    assert pause.pause(CreditsExhausted("no credits", 402), probe_in=120.0) is False
+    assert names(queue, 1) == ["a"], "the probe the reload made due still goes at once"
+    assert names(queue, 1) == ["-"]
+    pause.pause(CreditsExhausted("no credits", 402), probe_in=120.0)  # the probe refused too
+    clock.now += 119.0
+    assert names(queue, 1) == ["-"], "then one probe per interval again"
+
+
+
 def test_get_blocks_until_a_put_and_close_releases_waiters() -> None:
     queue = JobQueue()
     got: list[Job | None] = []

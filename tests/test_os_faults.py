@@ -191,11 +191,11 @@ def test_a_journal_write_on_a_full_disk_changes_nothing_and_says_so(
     assert str(state) in str(raised.value)
     seen = record.state
     with pytest.raises(StateUnavailable):
-        journal.set_meta("paused", big)
+        journal.notes.set("paused", big)
     assert record.state == seen and record.message in (big, None)  # memory follows the disk
     filler.unlink()  # space again: the same journal goes on
     journal.update(record, state=DONE, message=None)
-    journal.set_meta("paused", None)
+    journal.notes.set("paused", None)
     journal.close()
     again = Journal(state)
     assert [r.state for r in again.unfinished()] == []

@@ -159,8 +159,8 @@ def test_a_persons_pause_holds_one_inbox_and_survives_a_restart(tmp_path: Path) 
         assert restarted.held("/in/a") == "paused by web"
         assert restarted.held("/in/b") is None
         pause.pause(CreditsExhausted("no credits", 402), probe_in=60.0)
-        assert journal.meta().get("paused", "").startswith("no_credits")
-        assert Pause(journal).error is None and journal.meta().get("paused") is None
+        assert journal.notes.all().get("paused", "").startswith("no_credits")
+        assert Pause(journal).error is None and journal.notes.all().get("paused") is None
 
         assert pause.clear("/in/a")
         pause.resume()

@@ -45,6 +45,7 @@ from typing import Any
 
 from watchfolder.errors import JournalUnreadable, StateDirFull, StateUnavailable
 from watchfolder.files.layout import JOURNAL_NAME, SPOOL
+from watchfolder.journal.notes import Notes
 from watchfolder.journal.sqlite import open_durable, open_read_only
 
 
@@ -180,13 +181,6 @@ def output_identity(identity: str, index: int) -> str:
     return identity if index == 0 else f"{identity}#{index}"
 
 
-@dataclass(frozen=True)
-class Credits:
-    """The account's credits as last seen in an answer."""
-
-    remaining: int
-    at: float  # wall clock
-
 
 _COLUMNS = [f.name for f in fields(FileRecord)]
 
@@ -211,6 +205,24 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+
+def _create_or_upgrade(db: sqlite3.Connection) -> None:
+    """The schema, with the columns older journals lack added."""
+    db.executescript(_SCHEMA)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+    for column in ("route", "proxy", "outputs", "handoff"):  # older journals
+        if column not in columns:
+            db.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
+    sends = {row[1] for row in db.execute("PRAGMA table_info(sends)")}
+    for column, kind in (("boot", "TEXT"), ("mono", "REAL")):  # journals of 0.2
+        if column not in sends:
+            db.execute(f"ALTER TABLE sends ADD COLUMN {column} {kind}")
+    if "t" not in {row[1] for row in db.execute("PRAGMA table_info(results)")}:
+        # Journals of 0.1: their results count as made now for retention.
+        db.execute("ALTER TABLE results ADD COLUMN t REAL")
+        db.execute("UPDATE results SET t = ?", (time.time(),))
+
+
 class Journal:
     """Thread-safe access to the journal database; every write is committed durably."""
 
@@ -218,22 +230,11 @@ class Journal:
         self.path = Path(state_dir) / JOURNAL_NAME
         self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
+        self.notes = Notes(self._query, self._writing)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._db = open_durable(self.path)
-            self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
-            for column in ("route", "proxy", "outputs", "handoff"):  # older journals
-                if column not in columns:
-                    self._db.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
-            sends = {row[1] for row in self._db.execute("PRAGMA table_info(sends)")}
-            for column, kind in (("boot", "TEXT"), ("mono", "REAL")):  # journals of 0.2
-                if column not in sends:
-                    self._db.execute(f"ALTER TABLE sends ADD COLUMN {column} {kind}")
-            if "t" not in {row[1] for row in self._db.execute("PRAGMA table_info(results)")}:
-                # Journals of 0.1: their results count as made now for retention.
-                self._db.execute("ALTER TABLE results ADD COLUMN t REAL")
-                self._db.execute("UPDATE results SET t = ?", (time.time(),))
+            _create_or_upgrade(self._db)
             damage = [row[0] for row in self._db.execute("PRAGMA quick_check")]
         except sqlite3.Error as exc:
             if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
@@ -259,6 +260,7 @@ class Journal:
         self.path = path
         self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
+        self.notes = Notes(self._query, self._writing)
         try:
             self._db = open_read_only(path, live=live)
         except sqlite3.Error as exc:
@@ -485,41 +487,3 @@ class Journal:
             "SELECT t FROM sends WHERE (boot IS NULL OR boot != ?) AND t >= ?",
             (BOOT_ID, now - window))
         return [mono - m for (m,) in this_boot] + [max(0.0, now - t) for (t,) in other]
-
-    def set_paused(self, reason: str | None) -> None:
-        """Record why the queue is paused (`reason: message`), or that it is not (None)."""
-        self._set_meta("paused", reason)
-
-    def paused(self) -> str | None:
-        """Why the queue was last recorded paused; None when it was not."""
-        return self._meta("paused") or None
-
-    def set_credits(self, remaining: int, at: float | None = None) -> None:
-        """Record the credits an answer said were left (at `at`, wall clock; now if None)."""
-        self._set_meta("credits", json.dumps(
-            {"remaining": remaining, "at": time.time() if at is None else at}))
-
-    def credits(self) -> Credits | None:
-        """The credits last recorded; None when none were (or the value is unreadable)."""
-        try:
-            loaded = json.loads(self._meta("credits") or "null")
-            return Credits(int(loaded["remaining"]), float(loaded["at"]))
-        except (TypeError, ValueError, KeyError):
-            return None
-
-    def set_meta(self, key: str, value: str | None) -> None:
-        """A value the pipeline's pause keeps (per-inbox holds); `paused` and `credits` have
-        their typed accessors above. Raises StateUnavailable when the disk refuses it."""
-        self._set_meta(key, value)
-
-    def meta(self) -> dict[str, str | None]:
-        return dict(self._query("SELECT k, v FROM meta"))  # type: ignore[arg-type]
-
-    def _set_meta(self, key: str, value: str | None) -> None:
-        """Raises StateUnavailable when the disk refuses the write."""
-        with self._writing():
-            self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
-
-    def _meta(self, key: str) -> str | None:
-        rows = self._query("SELECT v FROM meta WHERE k = ?", (key,))
-        return rows[0][0] if rows else None

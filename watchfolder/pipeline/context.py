@@ -65,7 +65,7 @@ class Credits:
             # For `watchfolder status`, also after a stop (records finish out of order); a
             # disk that refuses it only delays the note (the pipeline's guard says so).
             with contextlib.suppress(StateUnavailable):
-                self._journal.set_credits(credits)
+                self._journal.notes.set_credits(credits)
         if warn:
             log.warning("credits.low", credits_remaining=credits, threshold=threshold,
                         hint="top up the Clipdrop account before it runs out")
@@ -93,7 +93,7 @@ class Context:
         self.credits = Credits(journal)
         self.stopping = threading.Event()
         # The state_dir (journal, spool): a failed write pauses sending (pipeline/state.py).
-        self.state = StateGuard(journal.path.parent, partial(journal.set_meta, "state_checked",
+        self.state = StateGuard(journal.path.parent, partial(journal.notes.set, "state_checked",
                                                              None))
         # Slots of inboxes whose folder is missing or unreadable: filled by the intake, which
         # also answers, when a file is not found, whether its whole folder is away right now.

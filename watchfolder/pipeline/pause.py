@@ -57,9 +57,9 @@ class Pause:
         if journal is not None:
             # An account or budget pause belongs to the process that saw it; a person's
             # pause is kept until that person (or another) clears it.
-            journal.set_paused(None)
+            journal.notes.set_paused(None)
             self._held = {inbox: held.removeprefix("paused by ")
-                          for inbox, held in held_in(journal.meta()).items()}
+                          for inbox, held in held_in(journal.notes.all()).items()}
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` (no lock held) whenever a pause is lifted or a probe made due."""
@@ -83,7 +83,10 @@ class Pause:
             newly = self._error is None
             self._error = error
             self._probe_every = probe_in
-            self._probe_at = self.clock() + probe_in
+            due = self.clock() + probe_in
+            # Already paused, a refusal never puts off a probe already due sooner: a request
+            # sent before a reload's new key, refused after it, must not delay its probe.
+            self._probe_at = due if newly else min(self._probe_at, due)
         self._note(f"{error.reason}: {error.message}")
         return newly
 
@@ -147,11 +150,11 @@ class Pause:
         the pause itself holds in memory (the pipeline's state guard reports the disk)."""
         if self._journal is not None:
             with contextlib.suppress(StateUnavailable):
-                self._journal.set_paused(paused)
+                self._journal.notes.set_paused(paused)
 
     def _save(self, held: dict[str, str]) -> None:
         if self._journal is not None:
-            self._journal.set_meta("paused_by", json.dumps(held) if held else None)
+            self._journal.notes.set("paused_by", json.dumps(held) if held else None)
 
     # -- readers ------------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 - `daemon`: wiring journal, limiter, client, pipeline and intake; start, reload, stop.
 - `runloop`: the main loop (watchdog pings, STATUS=, signals' requests) and its `Waker`.
+- `reload`: what a reload decides before the daemon applies it.
 - `recovery`: what a start puts right: folders, unfinished records, a crash's left-overs.
+- `health`: watches that died and were not restored.
 - `lock`: one daemon per state_dir.
 - `notify`: the sd_notify protocol.
 - `metrics`: Prometheus metrics.

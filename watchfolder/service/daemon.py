@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from watchfolder import logs
-from watchfolder.config.settings import Config, InboxConfig
+from watchfolder.config.settings import Config
 from watchfolder.coordination.coordinator import Coordinator
 from watchfolder.errors import AccountError, StartupError, StateDirFull, StateUnavailable
 from watchfolder.handoff.wiring import HandOff
@@ -37,6 +37,7 @@ from watchfolder.pipeline.client import ApiClient
 from watchfolder.pipeline.driver import Pipeline
 from watchfolder.pipeline.jobqueue import Job
 from watchfolder.service import web_view
+from watchfolder.service.health import WatchLoss
 from watchfolder.service.lock import DaemonLock
 from watchfolder.service.metrics import Metrics
 from watchfolder.service.recovery import (
@@ -44,6 +45,12 @@ from watchfolder.service.recovery import (
     remove_orphans,
     resume_jobs,
     still_in_place,
+)
+from watchfolder.service.reload import (
+    client_changed,
+    match_slots,
+    pin_what_cannot_change,
+    rebind_metrics,
 )
 from watchfolder.service.runloop import Waker
 
@@ -79,7 +86,7 @@ class Daemon:
         self.coordinator: Coordinator | None = None
         self._lock: DaemonLock | None = None
         self._retired_clients: list[ApiClient] = []  # replaced by a reload, closed at stop
-        self._watch_lost: dict[int, float] = {}  # inbox slot → when its watch was seen dead
+        self._watch_loss = WatchLoss()
         # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
         self.inactive: set[int] = set()
         self._next_prune = 0.0
@@ -235,16 +242,9 @@ class Daemon:
             found.append("the intake thread died")
         if self.handoff is not None and not self.handoff.alive():
             found.append("a hook or webhook thread died")
-        watcher, intake = self.watcher, self.intake
-        if watcher is not None and intake is not None:
-            now = time.monotonic()
-            for index, inbox in enumerate(watcher.inboxes):
-                if index in self.inactive or watcher.healthy(index) or not inbox.path.is_dir():
-                    self._watch_lost.pop(index, None)
-                    continue
-                lost = self._watch_lost.setdefault(index, now)
-                if now - lost > 2 * self.config.rescan_seconds + 1:
-                    found.append(f"the watch on {inbox.path} stopped and was not restored")
+        if self.watcher is not None and self.intake is not None:
+            found += self._watch_loss.unrestored(self.watcher, self.inactive,
+                                                 self.config.rescan_seconds)
         return found
 
     def stop(self) -> bool:
@@ -311,45 +311,34 @@ class Daemon:
         pipeline, intake = self.pipeline, self.intake
         assert pipeline is not None and intake is not None
         old = self.config
-        needs_restart = [name for name, before, after in (
-            ("state_dir", old.state_dir, new.state_dir),
-            ("api.concurrency", old.api.concurrency, new.api.concurrency)) if before != after]
-        new = dataclasses.replace(new, state_dir=old.state_dir, api=dataclasses.replace(
-            new.api, concurrency=old.api.concurrency))
+        new, needs_restart = pin_what_cannot_change(old, new)
         prepare_folders(new)
         slots, inactive, added, changed = match_slots(old.inboxes, self.inactive, new.inboxes)
         removed = sorted(inactive - self.inactive)
         if new.metrics.listen != old.metrics.listen:
-            if new.metrics.listen:
-                if self.metrics is None:
-                    self.metrics = Metrics(self.snapshot)
-                self.metrics.serve(new.metrics.listen)  # binds before letting the old go
-                pipeline.ctx.metrics = self.metrics
-            elif self.metrics is not None:
-                self.metrics.close()
+            self.metrics = pipeline.ctx.metrics = rebind_metrics(
+                self.metrics, new.metrics.listen, self.snapshot)
         web = web_view.rebind(self, old, new)  # binds before letting the old go
 
         # Nothing below can fail on the configuration: commit.
         config = dataclasses.replace(new, inboxes=tuple(slots))
         self.config = config
         self.inactive = inactive
-        self._watch_lost.clear()
+        self._watch_loss.clear()
         logs.add_secret(config.web.token.reveal())
         self.web = web_view.adopt(self.web, web, config)
-        api, before = config.api, old.api
+        api = config.api
         client = None
-        if (api.url, api.key, api.timeout_seconds, api.connect_timeout_seconds) != (
-                before.url, before.key, before.timeout_seconds, before.connect_timeout_seconds):
+        if client_changed(old.api, api):
             logs.add_secret(api.key.reveal())
             if self.client is not None:
                 self._retired_clients.append(self.client)  # requests in flight still use it
             self.client = client = ApiClient(
                 api.url, api.key, timeout=api.timeout_seconds,
                 connect_timeout=api.connect_timeout_seconds)
-        # One writer for what the workers read: config, client, limits, backoff, budget (and a
-        # probe at once if paused: the new key or URL may be what fixes the pause).
-        # Paused now: the reconfigure below sends a probe at once (the new key or URL may be
-        # what fixes it); `probing` says so even if the probe is answered before the log.
+        # One writer for what the workers read: config, client, limits, backoff, budget. Paused
+        # by the account now, it sends a probe at once (the new key or URL may be what fixes
+        # it); `probing` says so even if the probe is answered before the log line.
         probing = pipeline.queue.paused is not None
         pipeline.ctx.reconfigure(config, client)
         # The watches are replaced around the intake, which keeps running: events of a new
@@ -378,33 +367,7 @@ class Daemon:
                         hint="these keep their old value until watchfolder restarts")
 
 
-def match_slots(old: tuple[InboxConfig, ...], inactive: set[int],
-                new: tuple[InboxConfig, ...]) -> tuple[list[InboxConfig], set[int], list[int],
-                                                        list[int]]:
-    """Where each inbox of a reloaded configuration goes: (slots, inactive, added, changed).
 
-    An inbox keeps its slot (found by path) for the life of the process; a new one gets a new
-    slot; one configured again after a reload removed it counts as added; one no longer
-    configured is inactive.
-    """
-    slots = list(old)
-    now_inactive = set(range(len(slots)))
-    added: list[int] = []
-    changed: list[int] = []
-    for inbox in new:
-        index = next((i for i, slot in enumerate(slots) if slot.path == inbox.path), None)
-        if index is None:
-            index = len(slots)
-            slots.append(inbox)
-            added.append(index)
-        elif index in inactive:
-            slots[index] = inbox
-            added.append(index)  # configured again
-        elif slots[index] != inbox:
-            slots[index] = inbox
-            changed.append(index)
-        now_inactive.discard(index)
-    return slots, now_inactive, added, changed
 
 
 def check_state_space(state_dir: Path, need: int = STATE_MIN_FREE) -> None:

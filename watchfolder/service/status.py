@@ -136,9 +136,9 @@ def _read_journal(journal: Journal, report: dict[str, Any],
         {"inbox": r.inbox, "file": r.rel, "reason": r.reason, "message": r.message,
          "status": r.status, "moved_to": r.error_path, "at": _iso(r.updated)}
         for r in journal.recent_failures(RECENT_FAILURES)]
-    report["paused"] = journal.paused()
-    report["paused_inboxes"] = held_in(journal.meta())
-    credits = journal.credits()
+    report["paused"] = journal.notes.paused()
+    report["paused_inboxes"] = held_in(journal.notes.all())
+    credits = journal.notes.credits()
     if credits is not None:
         report["credits"] = {"remaining": credits.remaining, "seen_at": _iso(credits.at)}
 
