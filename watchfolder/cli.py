@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"watchfolder {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_daemon_commands(commands)
+    _add_admin_commands(commands)
+    _add_tools(commands)
+    return parser
+
+
+def _add_daemon_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`run` and `check-config`."""
     run = commands.add_parser(
         "run", help="watch the inboxes and process files",
         description="Watch the configured inboxes and process every complete file. Runs until "
@@ -81,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_argument(check)
     check.set_defaults(handler=cmd_check_config)
 
+
+def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """What an admin runs beside the daemon: status, requeue, reset-journal, coordination."""
     status_parser = commands.add_parser(
         "status", help="show what is waiting, in flight, done today, failed, paused",
         description="Show what the daemon is doing (or left when it stopped): files waiting, "
@@ -131,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_argument(adopt)
     adopt.set_defaults(handler=cmd_coordination_adopt)
 
+
+def _add_tools(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Not the daemon: the sandbox API and the demo."""
     from watchfolder.dev import sandbox
 
     sandbox_parser = commands.add_parser(
@@ -149,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "each one goes. Keeps watching until Ctrl-C; --once exits after the samples.")
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(handler=demo.run)
-    return parser
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
