@@ -4,6 +4,7 @@ path's metadata added to an answer without touching its image data."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -17,6 +18,7 @@ from PIL import Image, ImageCms, ImageOps
 from watchfolder.config.settings import EXTENSIONS, parse_config
 from watchfolder.dev.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg, studio_image
 from watchfolder.dev.sandbox import remove_backdrop
+from watchfolder.errors import InputRejected
 from watchfolder.imaging import compose as imaging
 from watchfolder.imaging import containers
 from watchfolder.imaging.compose import Output, Proxy, compose, cutout, make_proxy, write_output
@@ -26,9 +28,15 @@ from watchfolder.imaging.inspect import (
     Source,
     inspect_result,
     inspect_source,
+    verify_decodes,
     vips_name,
 )
-from watchfolder.imaging.metadata import Metadata, carry_metadata, read_metadata
+from watchfolder.imaging.metadata import (
+    Metadata,
+    carry_metadata,
+    read_metadata,
+    write_with_metadata,
+)
 
 XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
        b'02/22-rdf-syntax-ns#"><rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/">'
@@ -421,6 +429,47 @@ def test_fast_path_metadata_without_touching_the_answers_pixels(tmp_path: Path,
     assert inspect_result(dest, 480, 360) == {"PNG": "png", "WEBP": "webp", "JPEG": "jpg"}[fmt]
     if fmt == "JPEG":
         assert IPTC in dest.read_bytes()
+
+
+def test_the_fast_paths_output_is_hashed_as_written_and_a_bare_original_not_read_again(
+        tmp_path: Path) -> None:
+    """The store step takes the output's SHA-256 from the bytes it writes (no read back),
+    and an original whose inspection found nothing to carry gives its metadata as empty."""
+    tagged = tagged_jpeg(tmp_path / "tagged.jpg", None)
+    bare = tmp_path / "bare.png"
+    shot().save(bare, "PNG")
+    assert inspect_source(tagged).tagged
+    assert not inspect_source(bare).tagged and inspect_source(bare).icc is None
+    answer = tmp_path / "answer.png"
+    with Image.open(tagged) as image:
+        remove_backdrop(image).save(answer, "PNG")
+
+    written = write_with_metadata(answer, tagged, tmp_path / "out.png")
+    data = (tmp_path / "out.png").read_bytes()
+    assert (written.size, written.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    check_exif(tmp_path / "out.png")
+    # What the caller says the original holds is what is carried: nothing read from it.
+    empty = write_with_metadata(answer, tagged, tmp_path / "empty.png", metadata=Metadata())
+    assert read_metadata(tmp_path / "empty.png") == Metadata()
+    assert empty.sha256 == hashlib.sha256(answer.read_bytes()).hexdigest(), "answer as is"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_the_fast_path_checks_the_bytes_it_read_not_the_file_again(tmp_path: Path,
+                                                                   fmt: str) -> None:
+    """prepare reads a fast-path file once: the decode check runs on the bytes that are
+    hashed and sent, so a file cut short on disk after that read does not matter, and a
+    read that came short is refused even if the file is whole by now."""
+    path = tmp_path / f"shot.{fmt.lower()}"
+    shot().save(path, fmt)
+    whole = path.read_bytes()
+    source = inspect_source(path)
+    path.write_bytes(whole[:len(whole) // 2])
+    verify_decodes(path, source, whole)
+    path.write_bytes(whole)
+    with pytest.raises(InputRejected) as caught:
+        verify_decodes(path, source, whole[:len(whole) // 2])
+    assert caught.value.reason == "corrupt"
 
 
 def image_data(path: Path, fmt: str) -> bytes:

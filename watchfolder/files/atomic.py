@@ -4,13 +4,17 @@ The one way the daemon writes a file whole: the content goes to a hidden temp na
 destination (layout's `temp_beside`, which the intake ignores and a restart clears), is
 fsynced, renamed over the destination, and the folder is fsynced. Encoders (libvips savers,
 chunk writers) use `write_atomically`; bytes in memory (spool entries, reason files,
-manifests, markers) use `write_atomic`.
+manifests, markers) use `write_atomic`. A file that is itself a temp name of ours, placed
+later by files/place.py (which fsyncs it and its folder then), is written with `write_hashed`,
+which also gives its SHA-256 without reading it back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from watchfolder.files.layout import temp_beside
@@ -35,7 +39,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(dest: Path, write: Callable[[Path], None]) -> int:
+def write_atomically(dest: Path, write: Callable[[Path], object]) -> int:
     """Call `write(temp)` to fill a temp file beside `dest`, then put it in place (replacing
     what is there); its size."""
     dest = Path(dest)
@@ -48,6 +52,27 @@ def write_atomically(dest: Path, write: Callable[[Path], None]) -> int:
         temp.unlink(missing_ok=True)
     fsync_dir(dest.parent)
     return size
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file we wrote: its size and SHA-256, taken from the bytes as they were written (no
+    read back)."""
+
+    size: int
+    sha256: str
+
+
+def write_hashed(path: Path, parts: Iterable[bytes | memoryview]) -> Written:
+    """Write the concatenation of `parts` to `path` (created or truncated; not fsynced),
+    hashing it on the way."""
+    digest = hashlib.sha256()
+    size = 0
+    with Path(path).open("wb") as handle:
+        for part in parts:
+            digest.update(part)
+            size += handle.write(part)
+    return Written(size, digest.hexdigest())
 
 
 def write_parts(dest: Path, parts: Iterable[bytes | memoryview]) -> int:

@@ -26,7 +26,7 @@ import structlog
 
 from watchfolder import failpoints
 from watchfolder.errors import DestinationError
-from watchfolder.files.atomic import fsync_dir, fsync_file, write_atomic
+from watchfolder.files.atomic import Written, fsync_dir, fsync_file, write_atomic
 from watchfolder.files.layout import temp_beside
 
 log = structlog.get_logger("watchfolder")
@@ -259,7 +259,8 @@ class Destinations:
                   ours: Callable[[Path], bool], need: int = 0,
                   adopt_identical: bool = False) -> tuple[Path, str]:
         """`place` a file that `produce` writes (to the path it is given); return where it
-        went and its SHA-256, which `claim` journals with each name it tries.
+        went and its SHA-256, which `claim` journals with each name it tries: the one
+        `produce` returns as `Written` (hashed as it wrote), or read from the file.
 
         The file is written complete and fsynced beside its target before any name is
         tried, so a reader never sees it partial and a crash leaves only a hidden temp file.
@@ -272,9 +273,9 @@ class Destinations:
         target = self.folder_for(root, name, target, need)
         temp = temp_beside(target)
         try:
-            self.guard(root, produce, temp)
+            made = self.guard(root, produce, temp)
             self.guard(root, fsync_file, temp)
-            sha = sha256_file(temp)
+            sha = made.sha256 if isinstance(made, Written) else sha256_file(temp)
             placed = self.place(root, name, target, chosen, ours=ours,
                                 claim=lambda candidate: claim(candidate, sha),
                                 put=lambda candidate: _link_no_clobber(temp, candidate)

@@ -117,6 +117,9 @@ class Source:
     icc_name: str | None
     pages: int
     studio_reasons: tuple[str, ...]
+    # EXIF, XMP or IPTC in its header: with no ICC profile either, an output has nothing of
+    # the original's to carry, so the header is not read again for it.
+    tagged: bool = True
 
     @property
     def route(self) -> Route:
@@ -210,6 +213,7 @@ def inspect_source(path: Path, *, studio: bool = True, verify: bool = True) -> S
         alpha=header.bands > _COLOUR_BANDS[colour], bands=header.bands,
         palette=bool(_int_field(header, "palette", 0)), icc=icc, icc_srgb=icc_srgb,
         icc_name=icc_name, pages=_int_field(header, "n-pages", 1), studio_reasons=(),
+        tagged=any(header.get_typeof(name) for name in _CARRIED),
     )
     api_problems = _api_problems(source)
     if not studio:
@@ -221,6 +225,10 @@ def inspect_source(path: Path, *, studio: bool = True, verify: bool = True) -> S
     if verify:
         verify_decodes(path, source)
     return replace(source, studio_reasons=tuple(reasons))
+
+
+# The header fields metadata.read_metadata carries to the outputs (besides the ICC profile).
+_CARRIED = ("exif-data", "xmp-data", "iptc-data")
 
 
 def _refuse_raw(name: str) -> None:
@@ -451,21 +459,27 @@ def _decode_heic(path: Path) -> pyvips.Image:
     return image
 
 
-def verify_decodes(path: Path, source: Source) -> None:
+def verify_decodes(path: Path, source: Source, data: bytes | None = None) -> None:
     """Decode the whole image once, streaming; raise InputRejected("corrupt") if it fails.
 
-    A JPEG is decoded at 1/8 scale: every byte of its stream is still read, so truncation
-    is caught, for a fraction of the time and memory. A PNG is checked by containers' `png_inflates`
-    (its pixel data inflated to the exact size, every chunk's CRC), without libvips.
+    `data`, when given, is the file's content already read (the fast path sends those very
+    bytes): it is checked instead of reading the file again, so what is checked is what is
+    sent. A JPEG is decoded at 1/8 scale: every byte of its stream is still read, so
+    truncation is caught, for a fraction of the time and memory. A PNG is checked by
+    containers' `png_inflates` (its pixel data inflated to the exact size, every chunk's CRC),
+    without libvips.
     """
     try:
         if source.format == "heic":
             _decode_heic(path)
             return
         if source.format == "png":
-            with path.open("rb") as handle, \
-                    mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data is not None:
                 problem = containers.png_inflates(data)
+            else:
+                with path.open("rb") as handle, \
+                        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    problem = containers.png_inflates(mapped)
             if problem is None:
                 return
             if problem:
@@ -473,8 +487,12 @@ def verify_decodes(path: Path, source: Source) -> None:
                                                f"(truncated or corrupt): {problem}; copy it "
                                                f"again")
         options = {"shrink": 8} if source.format == "jpeg" else {}
-        image = pyvips.Image.new_from_file(vips_name(path), access="sequential", fail_on=FAIL_ON,
-                                           **options)
+        if data is not None:
+            image = pyvips.Image.new_from_buffer(data, "", access="sequential",
+                                                 fail_on=FAIL_ON, **options)
+        else:
+            image = pyvips.Image.new_from_file(vips_name(path), access="sequential",
+                                               fail_on=FAIL_ON, **options)
         image.avg()
     except pyvips.Error as exc:
         raise InputRejected("corrupt", f"the image does not decode completely (truncated or "

@@ -260,7 +260,19 @@ def carry_metadata(answer: Path, original: Path, dest: Path) -> None:
     Written beside `dest` and renamed into place. Raises ValueError if `answer` is not a
     PNG, WEBP or JPEG.
     """
-    metadata = read_metadata(original)
+    atomic.write_atomically(dest, lambda temp: write_with_metadata(answer, original, temp))
+
+
+def write_with_metadata(answer: Path, original: Path, temp: Path, *,
+                        metadata: Metadata | None = None) -> atomic.Written:
+    """`carry_metadata`'s content written straight into `temp`, a file of ours nobody reads
+    yet (not renamed, not fsynced); its size and SHA-256, taken as it is written.
+
+    `metadata`: the original's, when the caller knows it already (an inspection that found
+    none); read from `original`'s header otherwise.
+    """
+    if metadata is None:
+        metadata = read_metadata(original)
     if metadata.icc is not None and not (describe_profile(metadata.icc) or (False, ""))[0]:
         metadata = replace(metadata, icc=None)
     answer = Path(answer)
@@ -276,7 +288,7 @@ def carry_metadata(answer: Path, original: Path, dest: Path) -> None:
         else:
             raise ValueError(f"{answer.name} is not a PNG, WEBP or JPEG")
         try:
-            atomic.write_parts(dest, parts)
+            return atomic.write_hashed(temp, parts)
         finally:  # the mmap cannot close while views into it are alive
             for part in parts:
                 if isinstance(part, memoryview):

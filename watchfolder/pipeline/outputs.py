@@ -16,7 +16,8 @@
 What each output is:
 - reused: a copy of the earlier identical file (no request was sent);
 - no recipe, fast path: the API's answer with the original's capture metadata added, its
-  pixels untouched (imaging's `carry_metadata`); `output_format: tiff` re-encodes it;
+  pixels untouched (imaging's `write_with_metadata`, hashed as it is written);
+  `output_format: tiff` re-encodes it;
 - no recipe, studio path: the full-resolution cut-out of the original (imaging's `compose`);
 - a recipe's output: its steps (recipes.py) on that cut-out, or on the answer (fast path).
 If the original changed or vanished after it was sent, the answer is the result as it is.
@@ -47,7 +48,7 @@ from watchfolder.imaging.compose import (
     write_output,
 )
 from watchfolder.imaging.inspect import Source, inspect_source, vips_name
-from watchfolder.imaging.metadata import carry_metadata, read_metadata
+from watchfolder.imaging.metadata import Metadata, read_metadata, write_with_metadata
 from watchfolder.imaging.recipes import Box, Recipe, expand, render, subject_in
 from watchfolder.journal.db import FileRecord
 
@@ -101,7 +102,11 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     if fmt == "tiff":
         return Maker(partial(_answer_as_tiff, answer, src, compression=inbox.compression),
                      *where("tif"), 4 * size)
-    return Maker(partial(carry_metadata, answer, src), *where(answer.suffix[1:]), 2 * size)
+    # Written straight into place_new's temp (already a private name it fsyncs and places),
+    # hashed as it is written; an inspection that found nothing to carry spares a header read.
+    bare = source is not None and not source.tagged and source.icc is None
+    return Maker(partial(write_with_metadata, answer, src, metadata=Metadata() if bare else None),
+                 *where(answer.suffix[1:]), 2 * size)
 
 
 def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig,

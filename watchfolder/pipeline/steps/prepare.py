@@ -73,8 +73,9 @@ def prepare(ctx: Context, work: Work) -> Outcome:
         if source.route != (record.route or "fast"):
             return Advance(QUEUED, {"route": source.route})  # the driver picks the lane
         if source.route == "fast":
-            verify_decodes(src, source)
+            # One read: the bytes checked are the bytes hashed and sent.
             data = _read(work)
+            verify_decodes(src, source, data)
             sha = hashlib.sha256(data).hexdigest()
         else:
             sha = sha256_file(src)

@@ -78,8 +78,11 @@ def store(ctx: Context, work: Work) -> Outcome:
         def ours(name: Path, entry: tuple[str, str] | None = entry) -> bool:
             return entry is not None and sha_or_none(name) == entry[1]
 
-        def produce(dest: Path, make: outputs.Maker = maker, wrote: list[object] = wrote) -> None:
-            wrote.append(produce_from(work, make.produce, dest))
+        def produce(dest: Path, make: outputs.Maker = maker,
+                    wrote: list[object] = wrote) -> object:
+            made = produce_from(work, make.produce, dest)
+            wrote.append(made)
+            return made  # a Written carries its hash: place_new need not read it back
 
         try:
             path, sha = ctx.destinations.place_new(
