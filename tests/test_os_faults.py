@@ -6,11 +6,13 @@ subprocess against the sandbox; see tests/faults.py."""
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import KEY, Studio, make_image, run_watchfolder, wait_for
 from tests.faults import (
@@ -30,6 +32,17 @@ from watchfolder.journal.db import DONE, QUEUED, SENDING, Journal
 __all__ = ["loop_mount", "tmpfs"]  # the fixtures, used by name
 
 FILES = 12
+
+
+def _with_exif(path: Path) -> Path:
+    """The image again, with an EXIF camera make (metadata a result carries)."""
+    with Image.open(path) as image:
+        exif = Image.Exif()
+        exif[0x010F] = "watchfolder test camera"
+        data = io.BytesIO()
+        image.save(data, "JPEG", quality=95, exif=exif.tobytes())
+    path.write_bytes(data.getvalue())
+    return path
 
 
 def _no_twins(studio: Studio, names: list[str]) -> None:
@@ -239,15 +252,17 @@ def test_a_state_dir_that_fills_mid_batch_is_a_pause_and_nothing_is_paid_twice(
 def test_a_degrading_disk_after_upload_never_ends_a_file_twice(
         tmp_path: Path, sandbox: Sandbox) -> None:
     # Once every file is sent, a third of the reads of inbox files fail (EIO): a disk that
-    # degrades while the answers are on their way.
+    # degrades while the answers are on their way. The originals carry EXIF, so the original
+    # is read again after its answer (its metadata goes into the result): a file with none
+    # is read only once, before it is sent, and the faults would never be met.
     sandbox.latency = 1.0
     sandbox.credits = 1000  # taken when a request arrives: tells how many were sent
     studio = Studio(tmp_path, sandbox.url, api={"concurrency": FILES},
                     retry={"max_attempts": 4, "backoff_seconds": 0.02,
                            "max_backoff_seconds": 0.1})
-    names = [f"img {n:02d}.png" for n in range(FILES)]
+    names = [f"img {n:02d}.jpg" for n in range(FILES)]
     for n, name in enumerate(names):
-        make_image(studio.inbox / name, seed=n)
+        _with_exif(make_image(studio.inbox / name, fmt="JPEG", seed=n))
     switch = tmp_path / "degraded"
     daemon = DaemonProcess(studio.write_config(), env={
         "LD_PRELOAD": str(eio_shim(tmp_path)), "WATCHFOLDER_FAULT_BELOW": str(studio.inbox),
