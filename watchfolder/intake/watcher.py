@@ -40,7 +40,14 @@ from watchdog.events import (
     EVENT_TYPE_CREATED,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
+    DirCreatedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
     EventsLostEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -56,6 +63,12 @@ if platform.is_linux():  # the daemon targets Linux; the module still imports el
     from watchdog.observers.inotify import InotifyObserver
 
 _INTERESTING = {EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED}
+# The same, as watchdog's filter: inotify is then asked for these alone. Without it every open
+# and listing of an inbox folder (the intake's probe each second, a scan, another program)
+# comes back as events that wake watchdog's threads and ours for nothing. An overflow is
+# always reported by the kernel; the filter must let its event through.
+_EVENT_FILTER = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent,
+                 FileModifiedEvent, DirModifiedEvent, FileClosedEvent, EventsLostEvent]
 
 log = structlog.get_logger("watchfolder")
 
@@ -285,8 +298,8 @@ class Watcher:
             # proves nothing about the data, so those files keep the settle rule.
             handler = _Handler(index, inbox.path, self.deliver, renames=not inbox.polling,
                                on_overflow=self.on_overflow)
-            observer.schedule(handler, str(inbox.path),
-                              recursive=inbox.recursive)
+            observer.schedule(handler, str(inbox.path), recursive=inbox.recursive,
+                              event_filter=_EVENT_FILTER)
             observer.start()  # starts the emitters here, in our thread: inotify limits raise
         except OSError as exc:
             SCAN_ERRORS.report(inbox.path, exc, "watch")
