@@ -58,7 +58,25 @@ def acquire_with(try_acquire: Callable[[], float], stop: threading.Event) -> boo
             return False
 
 
-class RateLimiter:
+class Tunable:
+    """What a reload changes in a limiter, local or shared: written under the limiter's lock."""
+
+    _lock: threading.Lock
+    limit: int
+    backoff: float
+    max_backoff: float
+
+    def set_limit(self, limit: int) -> None:
+        with self._lock:
+            self.limit = limit
+
+    def set_backoff(self, base: float, cap: float) -> None:
+        """The backoff after a 429 without Retry-After (a reload's `retry` settings)."""
+        with self._lock:
+            self.backoff, self.max_backoff = base, cap
+
+
+class RateLimiter(Tunable):
     def __init__(self, limit: int, *, window: float = 60.0, margin: float = 0.5,
                  backoff: float = 2.0, max_backoff: float = 300.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -79,15 +97,6 @@ class RateLimiter:
         with self._lock:
             for age in sorted(ages, reverse=True):
                 self._sent.append(now - age)
-
-    def set_limit(self, limit: int) -> None:
-        with self._lock:
-            self.limit = limit
-
-    def set_backoff(self, base: float, cap: float) -> None:
-        """The backoff after a 429 without Retry-After (a reload's `retry` settings)."""
-        with self._lock:
-            self.backoff, self.max_backoff = base, cap
 
     def try_acquire(self) -> float:
         """Take a slot and return 0.0, or return how long to wait before asking again."""

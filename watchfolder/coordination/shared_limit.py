@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from watchfolder.coordination.limits import SharedPause, this_host
-from watchfolder.coordination.ratelimit import Strikes, acquire_with
+from watchfolder.coordination.ratelimit import Strikes, Tunable, acquire_with
 from watchfolder.coordination.reset import MARGIN, ResetNotice, epoch_key, since_loss
 from watchfolder.coordination.store import Store
 from watchfolder.errors import CoordinationUnavailable
@@ -189,7 +189,7 @@ return 1
 _KEYS = ("sends", "members", "limits", "hold", "epoch", "pause", "probe_at")
 
 
-class SharedRateLimiter:
+class SharedRateLimiter(Tunable):
     """`ratelimit.RateLimiter`'s interface, kept in the store for every daemon sharing the key.
 
     See the module docstring. `window` and `margin` are the vendor's 60 s and our jitter
@@ -249,15 +249,6 @@ class SharedRateLimiter:
 
     def preload(self, ages: Iterable[float]) -> None:
         """Nothing to do: the store holds the window of every host, restarts included."""
-
-    def set_limit(self, limit: int) -> None:
-        with self._lock:
-            self.limit = limit
-
-    def set_backoff(self, base: float, cap: float) -> None:
-        """The backoff after a 429 without Retry-After (a reload's `retry` settings)."""
-        with self._lock:
-            self.backoff, self.max_backoff = base, cap
 
     def try_acquire(self) -> float:
         """Take a slot and return 0.0, or return how long to wait before asking again
