@@ -553,6 +553,20 @@ def _sleep_until(moment: float) -> None:
     time.sleep(max(0.0, moment - time.monotonic()))
 
 
+class _SpoolWatch(threading.Thread):
+    """Samples the spool's size every `every` seconds; `peak` is the largest sample."""
+
+    def __init__(self, spool: Path, every: float = 2.0) -> None:
+        super().__init__(name="spool-watch", daemon=True)
+        self.spool, self.every = spool, every
+        self.stop = threading.Event()
+        self.peak = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.peak = max(self.peak, folder_bytes(self.spool))
+
+
 class _Lander(threading.Thread):
     """Lands `paths` in `inbox` one every `every` seconds (a hard link: complete at once)."""
 
@@ -600,6 +614,8 @@ def backlog_rate(params: dict[str, Any]) -> Result:
         if lander is not None:
             lander.start()
         profiler = Profiler(daemon.pid, _profile_path(params, name), wall=True)
+        spool_watch = _SpoolWatch(root / "state" / "spool")
+        spool_watch.start()
         _wait(lambda: bool(api.requests), 300, 0.05)
         t1 = api.requests[0].time
         start, end = t1 + 60, t1 + 60 + 60 * minutes
@@ -608,6 +624,8 @@ def backlog_rate(params: dict[str, Any]) -> Result:
         _sleep_until(end)
         cpu1, done1 = cpu_seconds(daemon.pid), count_files(archive)
         spool = folder_bytes(root / "state" / "spool")
+        spool_watch.stop.set()
+        spool_watch.join()
         hwm = status_kb(daemon.pid, "VmHWM")
         profiler.stop()
         if lander is not None:
@@ -636,6 +654,7 @@ def backlog_rate(params: dict[str, Any]) -> Result:
         "done_in_window": done1 - done0, "done_per_min": (done1 - done0) / minutes,
         "failed": sum(1 for e in events if e.get("event") == "file.failed"),
         "cores_used": (cpu1 - cpu0) / (end - start), "spool_gb_at_end": spool / 1e9,
+        "spool_gb_peak": max(spool, spool_watch.peak) / 1e9,
         "hwm_mb": hwm / 1024, "sandbox_cutouts_computed": computed,
     }
 

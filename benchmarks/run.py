@@ -415,8 +415,8 @@ def _studio_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], 
             f"{x['rate']:.1f}/min = {_pct(x['fraction'])} ({x['counted']} requests in "
             f"{x['minutes']} min after the first, {x['big_in_window']} of them proxies), "
             f"429s: {x['status_429']}; meanwhile {x['done_per_min']:.1f} files/min finished, "
-            f"{x['cores_used']:.2f} cores busy, spool {x['spool_gb_at_end']:.1f} GB at the "
-            f"end", ok)
+            f"{x['cores_used']:.2f} cores busy, spool {x['spool_gb_at_end']:.2f} GB at the "
+            f"end (peak {x.get('spool_gb_peak', math.nan):.2f} GB)", ok)
 
 
 def _markdown(header: list[str], body: list[list[str]]) -> str:
