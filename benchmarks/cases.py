@@ -560,11 +560,21 @@ class _SpoolWatch(threading.Thread):
         super().__init__(name="spool-watch", daemon=True)
         self.spool, self.every = spool, every
         self.stop = threading.Event()
-        self.peak = 0
+        self.peak = self.answers = self.proxies = 0
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
             self.peak = max(self.peak, folder_bytes(self.spool))
+            try:
+                names = os.listdir(self.spool)
+            except FileNotFoundError:
+                continue
+            # `<id>.proxy.jpg` a proxy, `.<id>.part` an answer streaming in, `<id>.<ext>` one
+            # in the spool (files/layout.py)
+            proxies = sum(1 for n in names if n.endswith(".proxy.jpg"))
+            self.proxies = max(self.proxies, proxies)
+            self.answers = max(self.answers, sum(1 for n in names if not n.startswith("."))
+                               - proxies)
 
 
 class _Lander(threading.Thread):
@@ -655,6 +665,7 @@ def backlog_rate(params: dict[str, Any]) -> Result:
         "failed": sum(1 for e in events if e.get("event") == "file.failed"),
         "cores_used": (cpu1 - cpu0) / (end - start), "spool_gb_at_end": spool / 1e9,
         "spool_gb_peak": max(spool, spool_watch.peak) / 1e9,
+        "spool_answers_peak": spool_watch.answers, "spool_proxies_peak": spool_watch.proxies,
         "hwm_mb": hwm / 1024, "sandbox_cutouts_computed": computed,
     }
 

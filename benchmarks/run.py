@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cases import JPEG45
 from benchmarks.common import KEY, REPO, unique_png
 from watchfolder.dev.sandbox import Sandbox
 
@@ -273,7 +274,67 @@ def rows(results: list[dict[str, Any]]
             why = str(exc) if isinstance(exc, MissingSample) else f"no {exc} in the result"
             unmeasured.append(f"{name}: {why}")
             add(name, "-", f"**not measured** ({why})", False)
+    try:
+        _studio_limit_rows(results, add)
+    except (MissingSample, KeyError) as exc:
+        unmeasured.append(f"studio limit: {exc}")
     return table, detail, misses, unmeasured
+
+
+def studio_limit(results: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """(CPU seconds of one 45 MP JPEG's local work in isolation, files a minute the cores
+    allow), from this run's `studio_local`; None if it did not run."""
+    for r in results:
+        if r["case"] == "studio_local" and "error" not in r:
+            cpu = r["result"]["inputs"][JPEG45]["vips"]["cpu"]["total"]
+            return cpu, (os.cpu_count() or 1) * 60 / cpu
+    return None
+
+
+def _studio_limit_rows(results: list[dict[str, Any]],
+                       add: Callable[[str, str, str, bool | None], None]) -> None:
+    """Issue 17's studio figures, against the machine's limit measured in the same run: the
+    cores over the CPU seconds of one file's inspect + proxy + composite in isolation."""
+    limit = studio_limit(results)
+    if limit is None:
+        return
+    cpu, per_min = limit
+    where = (f"limit {per_min:.1f}/min = {os.cpu_count()} cores ÷ {cpu:.2f} CPU s per file "
+             "(inspect + proxy + composite as PNG, alone, `studio_local` in this run)")
+    for r in results:
+        if "error" in r or r["case"] not in ("studio_rate", "studio_trickle"):
+            continue
+        x, p = r["result"], r["params"]
+        if x.get("recipe"):
+            continue
+        done, cores = x["done_per_min"], x["cores_used"]
+        per_file = cores * 60 / done if done else math.nan
+        overhead = per_file / cpu - 1
+        if r["case"] == "studio_rate":
+            add(f"Full-size 45 MP cut-outs (one PNG output), backlog: files finished per "
+                f"minute against the machine's limit ({x['minutes']} min window)",
+                "≥ 80% of the limit; daemon's overhead per file ≤ 10% (issue 17)",
+                f"{done:.1f}/min = {_pct(done / per_min)} of the {where}; {cores:.2f} cores "
+                f"busy, {per_file:.2f} CPU s per finished file = {overhead:+.0%} over the "
+                "isolated work",
+                done >= 0.8 * per_min and overhead <= 0.10)
+            bound = p["concurrency"]
+            peak = x.get("spool_answers_peak")
+            if peak is not None:
+                add(f"Back-pressure: the spool during that backlog ({x['minutes']} min, "
+                    f"concurrency {bound})",
+                    f"at most {bound} answers (one per request slot) (issue 17)",
+                    f"peak {peak} answers and {x['spool_proxies_peak']} proxies, "
+                    f"{x['spool_gb_peak']:.2f} GB; {x['spool_gb_at_end']:.2f} GB at the end",
+                    peak <= bound)
+        else:
+            goal = min(p["rpm"], per_min)
+            add(f"45 MP JPEGs landing one by one at {p['rpm']}/min: files finished per "
+                f"minute ({x['minutes']} min window)",
+                f"as far as the CPU allows: ≥ 80% of min({p['rpm']}/min, the limit) "
+                "(issue 17)",
+                f"{done:.1f}/min = {_pct(done / goal)} of {goal:.1f}/min ({where}); "
+                f"{cores:.2f} cores busy", done >= 0.8 * goal)
 
 
 def _case_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], None],
@@ -288,6 +349,12 @@ def _case_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], No
             f"≥ 98% of {p['rpm']}/min, no 429, ≤ {p['rpm']} in any 60 s",
             f"{x['rate']:.1f}/min = {_pct(x['fraction'])} over {x['counted']:,} requests, "
             f"429s: {x['status_429']}, max {x['max_window']} in 60 s", ok)
+        if p["rpm"] == 600 and p["latency"] == 0.2 and not p.get("boundary"):
+            add(f"Fast path: CPU per request at {p['rpm']}/min, latency {p['latency']:g} s, "
+                f"concurrency {p['concurrency']} (the daemon's CPU from exec to the last "
+                "request ÷ requests)", "≤ 6 ms (issue 17)",
+                f"{x['cpu_ms_per_request']:.1f} ms over {x['requests']:,} requests",
+                x["cpu_ms_per_request"] <= 6)
         if not p.get("boundary"):
             detail.append([f"{p['rpm']}", f"{p['latency']:g} s", f"{p['concurrency']}",
                            f"{x['rate']:.1f} ({_pct(x['fraction'])})",
@@ -336,8 +403,9 @@ def _case_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], No
         ok = x["all_processed"] and x["missed"] == 0 and x["errors"] == 0
         if forced:
             ok = ok and x["overflows"] >= 1 and x["rescans"] >= 1
+        ok = ok and x["seconds"] <= 70
         add(f"{x['files']:,} files dropped in {x['drop_s']:.1f} s while running ({how})",
-            "all processed" + ("; overflow → rescan" if forced else ""),
+            "all processed in ≤ 70 s (issue 17)" + ("; overflow → rescan" if forced else ""),
             f"{x['archived']:,} processed in {x['seconds']:.0f} s, {x['missed']} missed; "
             f"{x['overflows']} overflow(s), {x['rescans']} rescan(s)", ok)
     elif r["case"] == "memory":
@@ -408,10 +476,18 @@ def _studio_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], 
         else:
             what = f"Backlog of {x['files']} x 45 MP JPEGs" + (
                 " with the five-output recipe" if x["recipe"] else "")
-        ok = x["fraction"] >= goal and x["status_429"] == 0 and x["max_window"] <= p["rpm"]
+        ok: bool | None = (x["fraction"] >= goal and x["status_429"] == 0
+                           and x["max_window"] <= p["rpm"])
+        target = f"≥ {goal:.0%} of {p['rpm']}/min, no 429"
+        if r["case"] != "studio_mix":
+            # Issue 17's back-pressure: requests wait while every slot holds an answer not
+            # yet placed, so where the local work is the bottleneck the share of the limit
+            # follows it (the studio rows against the machine's limit judge these cases).
+            ok = None if x["status_429"] == 0 and x["max_window"] <= p["rpm"] else False
+            target = "none since issue 17: requests wait for the local work; no 429"
         add(f"{what}: share of {p['rpm']}/min held (latency {p['latency']:g} s, "
             f"concurrency {p['concurrency']}, {os.cpu_count()} cores)",
-            f"≥ {goal:.0%} of {p['rpm']}/min, no 429",
+            target,
             f"{x['rate']:.1f}/min = {_pct(x['fraction'])} ({x['counted']} requests in "
             f"{x['minutes']} min after the first, {x['big_in_window']} of them proxies), "
             f"429s: {x['status_429']}; meanwhile {x['done_per_min']:.1f} files/min finished, "
@@ -544,12 +620,21 @@ STUDIO_DEFINITIONS = """\
   lets the first 60 go at once), divided by the limit. The limiter's 0.5 s margin holds a
   long run to 99.2 %; a window of one or two whole minutes can count one request more.
   *Files/min finished* (archived), *cores busy* (the daemon's CPU time over the window) and
-  the spool's size at the end show what the local work did meanwhile. If the backlog runs
-  dry before the window ends, the figure is not measured.
+  the spool (sampled every 2 s: its peak in bytes, answers and proxies, and its size at the
+  end) show what the local work did meanwhile. If the backlog runs dry before the window
+  ends, the figure is not measured. Since issue 17 the requests of a 45 MP backlog wait for
+  the local work (back-pressure: every request slot holds its file until it is placed), so
+  its share of the limit is shown without a target; the 1-in-10 mix keeps its 98 %.
+- **The machine's limit** for 45 MP cut-outs: the cores ÷ the CPU seconds of one file's
+  inspect + proxy + composite measured alone in the same run (`studio_local`, libvips).
+  Files finished per minute in the backlog's window are judged against it (≥ 80 %), and
+  the daemon's CPU per finished file (cores busy x 60 ÷ files a minute) against the
+  isolated work: the difference is the daemon's own overhead (≤ 10 %).
 - **Landing one by one**: no backlog at start; 45 MP JPEGs are linked into the inbox one a
   second (the limit's pace) while the daemon runs, as when a studio copies a shoot in, so
-  each new file's proxy is queued after the composites of the files before it. Not one of
-  the issues' named cases; it holds the 45 MP backlog's goal.
+  each new file's proxy is queued after the composites of the files before it. Judged as
+  files finished per minute against the lower of the landing pace and the machine's limit
+  (≥ 80 %, issue 17).
 """
 
 
