@@ -251,6 +251,7 @@ def recipe_child(original: Path, answer: Path, out: Path,
 
     from watchfolder.config.settings import parse_config
     from watchfolder.files.place import Destinations, sha256_file
+    from watchfolder.imaging.inspect import inspect_source
     from watchfolder.pipeline import outputs as results
 
     inbox = out / "inbox"
@@ -273,16 +274,19 @@ def recipe_child(original: Path, answer: Path, out: Path,
     made = []
     start = time.perf_counter()
     cpu = time.process_time()
+    # As `prepare` does: the original inspected once, its facts handed to every output.
+    facts = inspect_source(source, studio=True, verify=False)
     for index in range(len(settings.outputs) or 1):
-        mark = time.perf_counter()
+        mark, mark_cpu = time.perf_counter(), time.process_time()
         maker = results.maker(record, settings, source.name, answer, index,  # type: ignore[arg-type]
-                              [], unchanged=True)
+                              [], unchanged=True, source=facts)
         path, _ = destinations.place_new(
             maker.root, "outbox", maker.target, None, produce=maker.produce,
             claim=lambda name, digest: None, ours=lambda name: False, need=maker.need)
         fmt, width, height = results.image_facts(path)
         made.append({"name": path.name, "format": fmt, "size": [width, height],
-                     "bytes": path.stat().st_size, "seconds": time.perf_counter() - mark})
+                     "bytes": path.stat().st_size, "seconds": time.perf_counter() - mark,
+                     "cpu_s": time.process_time() - mark_cpu})
     return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
             "outputs": made}
 

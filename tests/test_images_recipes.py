@@ -230,3 +230,53 @@ def test_the_subject_box_comes_from_the_answer_at_its_own_size(tmp_path: Path) -
                box.top + box.height - top - height) <= 2  # ...to a pixel or two
     assert subject_in(answer, WIDTH // 2, HEIGHT // 2) == Box(*half.find_trim(
         threshold=15.5, background=[0], line_art=True))
+
+
+def test_full_size_outputs_share_one_decode_of_the_original(tmp_path: Path) -> None:
+    import os
+    from types import SimpleNamespace
+
+    from watchfolder.config.settings import parse_config
+    from watchfolder.pipeline import outputs
+
+    tiff, made_answer = make_pair(tmp_path)
+    inbox_dir, spool = tmp_path / "inbox", tmp_path / "spool"
+    inbox_dir.mkdir()
+    spool.mkdir()
+    original = inbox_dir / "shot.jpg"
+    pyvips.Image.new_from_file(str(tiff)).jpegsave(str(original), Q=90)
+    answer = made_answer.rename(spool / "answer.png")
+    recipe = [{"format": "png"},
+              {"name": "{dir}/{stem}_web.{ext}", "format": "webp", "max_size": 100},
+              {"name": "{dir}/{stem}_mask.{ext}", "format": "png", "mask": True},
+              {"name": "{dir}/{stem}_retouch.{ext}", "format": "tiff"}]
+    inbox = parse_config({"api": {"key": "test-key-0123456789"}, "state_dir": "state",
+                          "inboxes": [{"path": "inbox", "outbox": "outbox", "errors": "errors",
+                                       "outputs": recipe}]}, base_dir=tmp_path).inboxes[0]
+    source = inspect_source(original)
+    # What each output is when made on its own (the original decoded for each).
+    expected = []
+    for index, spec in enumerate(inbox.outputs):
+        alone = tmp_path / f"alone{index}.{spec.ext}"
+        outputs._render("studio", original, answer, spec, 3, alone, source=source)
+        expected.append(alone.read_bytes())
+
+    record = SimpleNamespace(route="studio", size=original.stat().st_size, sha256="0" * 64)
+    makers = [outputs.maker(record, inbox, "shot.jpg", answer, index, [],  # type: ignore[arg-type]
+                            unchanged=True, source=source) for index in range(len(recipe))]
+    made = [tmp_path / f"made{index}.{spec.ext}" for index, spec in enumerate(inbox.outputs)]
+    makers[0].produce(made[0])
+    makers[1].produce(made[1])
+    kept_files = list(spool.glob("*.cutout.tif"))
+    assert len(kept_files) == 1, "the full-size cut-out is kept for the next ones"
+    # The original's pixels can no longer be decoded (same size and time: the same file to
+    # the daemon): the mask and the TIFF are still made, from the cut-out kept, unchanged.
+    stat, data = original.stat(), original.read_bytes()
+    original.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
+    os.utime(original, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises((pyvips.Error, InputRejected)):
+        computed(cutout(original, source, answer).image)
+    makers[2].produce(made[2])
+    makers[3].produce(made[3])
+    assert [path.read_bytes() for path in made] == expected
+    assert list(spool.iterdir()) == [answer], "the last one to read it removed it"

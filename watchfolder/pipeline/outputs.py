@@ -21,10 +21,20 @@ What each output is:
 - no recipe, studio path: the full-resolution cut-out of the original (imaging's `compose`);
 - a recipe's output: its steps (recipes.py) on that cut-out, or on the answer (fast path).
 If the original changed or vanished after it was sent, the answer is the result as it is.
+
+Each output of a recipe is made from the smallest read that serves it: a small one from the
+original decoded at a fraction of its size (`load_shrink`), a mask from the answer's alpha
+alone, and the others from the full-size cut-out. When two or more outputs read that
+full-size cut-out (a PNG and a TIFF, a mask, a crop), it is computed once, by the first of
+them, into an uncompressed TIFF beside the answer in the spool (recipes' `keep`), read back by
+each (the original decoded and the alpha scaled up once per file), and removed by the last;
+not when the spool's disk lacks the room (`SHARED_RESERVE` kept free): each then composes.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import re
 import shutil
@@ -38,6 +48,7 @@ from typing import Any
 import pyvips
 
 from watchfolder.config.settings import EXTENSIONS, InboxConfig, OutputConfig
+from watchfolder.errors import InputRejected
 from watchfolder.handoff.manifest import OutputFacts, SourceFacts, build_manifest, manifest_id
 from watchfolder.imaging.compose import (
     Cutout,
@@ -49,10 +60,13 @@ from watchfolder.imaging.compose import (
 )
 from watchfolder.imaging.inspect import Source, inspect_source, vips_name
 from watchfolder.imaging.metadata import Metadata, read_metadata, write_with_metadata
-from watchfolder.imaging.recipes import Box, Recipe, expand, render, subject_in
+from watchfolder.imaging.recipes import Box, Recipe, expand, keep, kept, render, subject_in
 from watchfolder.journal.db import FileRecord
 
 DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext}
+# Left free on the spool's disk beside a shared full-size cut-out (a 45 MP RGBA one is
+# 179 MB, a 150 MP 16-bit one 1.2 GB), so that answers still find room while it exists.
+SHARED_RESERVE = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -90,8 +104,10 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     if not unchanged:
         return Maker(partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size)
     if spec is not None:
+        shared = _shared(record.route, inbox, src, answer, index, source)
         return Maker(partial(_render, record.route, src, answer, spec,
-                             spec.compression or inbox.compression, source=source),
+                             spec.compression or inbox.compression, source=source,
+                             shared=shared),
                      *where(spec.ext), 2 * record.size + 8 * size)
     fmt = inbox.output_format
     if record.route == "studio":
@@ -109,34 +125,99 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
                  *where(answer.suffix[1:]), 2 * size)
 
 
+@dataclass(frozen=True)
+class Shared:
+    """The full-size cut-out of one file, kept for the recipe's outputs that read it."""
+
+    path: Path  # an uncompressed TIFF beside the answer (recipes' `keep`)
+    make: bool  # this output computes it when it is not there (another one reads it after)
+    last: bool  # this output removes it once written
+
+
+def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, index: int,
+            source: Source | None) -> Shared | None:
+    """Output `index`'s part in sharing the full-size cut-out: None when fewer than two of
+    the recipe's outputs read it, when this one does not, or when the spool's disk lacks the
+    room for it (each output then composes on its own, as before)."""
+    if route != "studio":
+        return None
+    try:
+        source = source or inspect_source(src, studio=True, verify=False)
+        readers = [n for n, spec in enumerate(inbox.outputs)
+                   if _shrink(spec, source, answer) == 1]
+        if len(readers) < 2 or index not in readers:
+            return None
+        width, height = source.upright
+        need = width * height * (source.colour_bands + 1) * source.bits // 8
+        if shutil.disk_usage(answer.parent).free < need + SHARED_RESERVE:
+            return None
+        stat, answered = src.stat(), answer.stat()
+    except (OSError, InputRejected, pyvips.Error):
+        return None  # the output itself says what is wrong, when it is made
+    # Named after the original and the answer it is made of: a file replaced since is not
+    # taken for it.
+    key = hashlib.sha256(repr((str(src), stat.st_size, stat.st_mtime_ns, answered.st_size,
+                               answered.st_mtime_ns)).encode()).hexdigest()[:16]
+    return Shared(answer.with_name(f"{answer.name}.{key}{SHARED_SUFFIX}"),
+                  make=index != readers[-1], last=index == readers[-1])
+
+
+SHARED_SUFFIX = ".cutout.tif"
+
+
+def forget_shared(answer: str | None) -> None:
+    """Remove any full-size cut-out kept beside the spooled `answer` (a file that failed or
+    was stored: its last reader may not have run). None (no spool): nothing to do."""
+    if not answer:
+        return
+    spooled = Path(answer)
+    for path in spooled.parent.glob(f"{glob.escape(spooled.name)}.*{SHARED_SUFFIX}"):
+        path.unlink(missing_ok=True)
+
+
+def _shrink(spec: OutputConfig, source: Source, answer: Path) -> int:
+    """The scale (1, 2, 4, 8) an output of `spec` reads the original at on the studio path:
+    an output a fraction of the original's size (`size`, `max_size`; after the crop to the
+    subject, if any) starts from the original decoded smaller (`load_shrink`); a mask and
+    everything else from the full-size cut-out."""
+    box = spec.size or ((spec.max_size, spec.max_size) if spec.max_size else None)
+    if box is None or spec.mask:
+        return 1
+    width, height = source.upright
+    if spec.crop == "subject":
+        subject = subject_in(answer, width, height) or Box(0, 0, width, height)
+        subject = expand(subject, spec.margin_pixels(), spec.margin_percent())
+        width, height = subject.width, subject.height
+    return load_shrink(source, min(box[0] / width, box[1] / height))
+
+
 def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig,
-            source: Source | None = None) -> tuple[Cutout, int]:
+            source: Source | None = None, shared: Shared | None = None) -> tuple[Cutout, int]:
     """The cut-out (studio path), or the answer with the original's metadata (fast path):
-    what a recipe's steps work on, and the shrink it was made at. On the studio path, a mask
-    is the alpha alone (the original's colours are not decoded), and an output a fraction
-    of the original's size (`size`, `max_size`; after the crop to the subject, if any)
-    starts from the original decoded at a smaller scale (`load_shrink`); everything else at
-    full resolution."""
+    what a recipe's steps work on, and the shrink it was made at (`_shrink`). On the studio
+    path, a mask is the alpha alone (the original's colours are not decoded) unless the
+    full-size cut-out is `shared`: then it, like every full-size output, reads the cut-out
+    kept for the file (computing it first if it is the first to need it)."""
     if route != "studio":
         image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
         return Cutout(image, replace(read_metadata(src), icc=None), answer), 1
     source = source or inspect_source(src, studio=True, verify=False)
-    shrink = 1
-    box = spec.size or ((spec.max_size, spec.max_size) if spec.max_size else None)
-    if box is not None and not spec.mask:
-        width, height = source.upright
-        if spec.crop == "subject":
-            subject = subject_in(answer, width, height) or Box(0, 0, width, height)
-            subject = expand(subject, spec.margin_pixels(), spec.margin_percent())
-            width, height = subject.width, subject.height
-        shrink = load_shrink(source, min(box[0] / width, box[1] / height))
-    return cutout(src, source, answer, alpha_only=spec.mask, shrink=shrink), shrink
+    shrink = _shrink(spec, source, answer)
+    if shared is None or shrink != 1:
+        return cutout(src, source, answer, alpha_only=spec.mask, shrink=shrink), shrink
+    whole = cutout(src, source, answer)  # lazy: only its header is read here
+    if not shared.path.exists():
+        if not shared.make:
+            return cutout(src, source, answer, alpha_only=spec.mask), 1
+        keep(whole, shared.path)
+    return kept(whole, shared.path), 1
 
 
 def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, compression: int,
-            dest: Path, *, source: Source | None = None) -> Output:
+            dest: Path, *, source: Source | None = None, shared: Shared | None = None
+            ) -> Output:
     """One output of a recipe, written to `dest`."""
-    cut, shrink = _cutout(route, src, answer, spec, source)
+    cut, shrink = _cutout(route, src, answer, spec, source, shared)
     image = render(cut, Recipe(
         crop_to_subject=spec.crop == "subject",
         margin_pixels=round(spec.margin_pixels() / shrink),  # the original's pixels
@@ -144,8 +225,11 @@ def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, comp
         max_size=spec.max_size, background=spec.background, mask=spec.mask))
     if spec.dpi:
         image = image.copy(xres=spec.dpi / 25.4, yres=spec.dpi / 25.4)
-    return write_output(image, spec.format, dest, cut.metadata, quality=spec.quality,
+    made = write_output(image, spec.format, dest, cut.metadata, quality=spec.quality,
                         compression=compression)
+    if shared is not None and shared.last:
+        shared.path.unlink(missing_ok=True)
+    return made
 
 
 def _answer_as_tiff(answer: Path, original: Path, dest: Path, *, compression: int) -> Output:

@@ -90,13 +90,15 @@ def store(ctx: Context, work: Work) -> Outcome:
                 produce=produce, claim=claim, ours=ours, need=maker.need,
                 adopt_identical=not earlier)
         except InputRejected as exc:  # the original no longer decodes, or too large
-            return failing(exc.reason, exc.message)         # for the asked format
+            outputs.forget_shared(record.spool)             # for the asked format
+            return failing(exc.reason, exc.message)
         placed[index] = (str(path), sha)
         if wrote and isinstance(wrote[-1], Output):
             made[index] = dataclasses.replace(wrote[-1], path=path)
         failpoints.hit("result-placed")
     spool = Path(record.spool) if record.spool else None
     identity = f"{record.sha256}|{record.settings}"
+    outputs.forget_shared(record.spool)  # its last reader removed it, unless placed earlier
     # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
     # the next start removes, never a reference that keeps it forever.
     return Advance(STORED, {"spool": None},
