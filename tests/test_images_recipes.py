@@ -232,12 +232,17 @@ def test_the_subject_box_comes_from_the_answer_at_its_own_size(tmp_path: Path) -
         threshold=15.5, background=[0], line_art=True))
 
 
-def test_full_size_outputs_share_one_decode_of_the_original(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_full_size_outputs_share_one_decode_of_the_original(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_memory: bool) -> None:
     import os
     from types import SimpleNamespace
 
     from watchfolder.config.settings import parse_config
     from watchfolder.pipeline import outputs
+
+    if not in_memory:  # as a cut-out too big to hold in memory is kept
+        monkeypatch.setattr(outputs, "SHARED_IN_MEMORY", 0)
 
     tiff, made_answer = make_pair(tmp_path)
     inbox_dir, spool = tmp_path / "inbox", tmp_path / "spool"
@@ -268,7 +273,9 @@ def test_full_size_outputs_share_one_decode_of_the_original(tmp_path: Path) -> N
     makers[0].produce(made[0])
     makers[1].produce(made[1])
     kept_files = list(spool.glob("*.cutout.tif"))
-    assert len(kept_files) == 1, "the full-size cut-out is kept for the next ones"
+    held = [key for key in outputs._held if key.parent == spool]
+    # The full-size cut-out is kept for the next ones, in memory or beside the answer.
+    assert (len(held), len(kept_files)) == ((1, 0) if in_memory else (0, 1))
     # The original's pixels can no longer be decoded (same size and time: the same file to
     # the daemon): the mask and the TIFF are still made, from the cut-out kept, unchanged.
     stat, data = original.stat(), original.read_bytes()
@@ -280,3 +287,4 @@ def test_full_size_outputs_share_one_decode_of_the_original(tmp_path: Path) -> N
     makers[3].produce(made[3])
     assert [path.read_bytes() for path in made] == expected
     assert list(spool.iterdir()) == [answer], "the last one to read it removed it"
+    assert not [key for key in outputs._held if key.parent == spool]

@@ -11,10 +11,10 @@
     on_background(image, colour)   flattened onto a colour, edges blended by their alpha
     mask_only(image)               the alpha alone, as a greyscale image
     render(cutout, recipe)         the steps above in the order a recipe names them
-    keep(cutout, path)             the cut-out's pixels computed once into an uncompressed
-                                   TIFF, for several outputs of one file
-    kept(cutout, path)             the same cut-out read back from it (header and metadata
-                                   its own, pixels identical, nothing decoded again)
+    keep(cutout, path)             the cut-out's pixels computed once, into memory or an
+                                   uncompressed TIFF, for several outputs of one file
+    kept(cutout, pixels)           the same cut-out on those pixels (header and metadata its
+                                   own, pixels identical, nothing decoded again)
 
 A recipe's colours are sRGB: a CMYK cut-out is converted through its profile before it is
 flattened or scaled (ink values do not blend like light).
@@ -197,17 +197,21 @@ _BUILTIN = frozenset(("width", "height", "bands", "format", "coding", "interpret
                       "xoffset", "yoffset", "xres", "yres", "filename"))
 
 
-def keep(cut: Cutout, path: Path) -> None:
-    """Compute `cut.image` once into `path`: an uncompressed TIFF of its pixels only, written
-    under a temp name and renamed (a file at `path` is always whole). Not fsynced: it is a
-    cache of one file's outputs; the spool's clean-up at start removes one a crash left.
+def keep(cut: Cutout, path: Path | None = None) -> pyvips.Image:
+    """Compute `cut.image` once, for several outputs of one file: into memory (`path` None),
+    or into `path`, an uncompressed TIFF of its pixels only, written under a temp name and
+    renamed (a file at `path` is always whole); the pixels, for `kept`. The file is not
+    fsynced: it is a cache of one file's outputs; the spool's clean-up at start removes one
+    a crash left.
 
     Uncompressed because it is read back at the speed of a copy (a 45 MP RGBA: 179 MB,
-    0.15 s of CPU a read, against about 1 s to decode the original and scale up the alpha
-    again); TIFF rather than libvips's own .v because libvips maps a .v file whole into
-    memory when reading it, and a 150 MP 16-bit cut-out must not be held whole in RAM: a
-    TIFF is read a strip at a time.
+    about 0.2 s of CPU a read, against about 1 s to decode the original and scale up the
+    alpha again); TIFF rather than libvips's own .v because libvips maps a .v file whole
+    into memory when reading it, and a 150 MP 16-bit cut-out must not be held whole in RAM:
+    a TIFF is read a strip at a time.
     """
+    if path is None:
+        return cut.image.copy_memory()
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         cut.image.tiffsave(vips_name(temp), compression="none", keep=0,
@@ -216,17 +220,22 @@ def keep(cut: Cutout, path: Path) -> None:
         temp.replace(path)
     finally:
         temp.unlink(missing_ok=True)
+    return kept_pixels(path)
 
 
-def kept(cut: Cutout, path: Path) -> Cutout:
-    """`cut` with its pixels read from `path` (written by `keep` from the same cut-out): the
-    same size, bands, depth, colour space, resolution, header fields and metadata, so every
-    step and saver makes the same bytes as from `cut` itself."""
-    pixels = pyvips.Image.new_from_file(vips_name(path), access="sequential")
+def kept_pixels(path: Path) -> pyvips.Image:
+    """The pixels `keep` wrote to `path`, streamed."""
+    return pyvips.Image.new_from_file(vips_name(path), access="sequential")
+
+
+def kept(cut: Cutout, pixels: pyvips.Image) -> Cutout:
+    """`cut` with the `pixels` `keep` made of it (in memory, or read back from its file):
+    the same size, bands, depth, colour space, resolution, header fields and metadata, so
+    every step and saver makes the same bytes as from `cut` itself."""
     header = cut.image
     if (pixels.width, pixels.height, pixels.bands, pixels.format) != (
             header.width, header.height, header.bands, header.format):
-        raise ValueError(f"{path.name} is not this cut-out")
+        raise ValueError("the pixels kept are not this cut-out's")
     image = pixels.copy(interpretation=header.interpretation, xres=header.xres,
                         yres=header.yres, xoffset=header.xoffset, yoffset=header.yoffset)
     for name in image.get_fields():

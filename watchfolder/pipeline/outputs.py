@@ -26,9 +26,10 @@ Each output of a recipe is made from the smallest read that serves it: a small o
 original decoded at a fraction of its size (`load_shrink`), a mask from the answer's alpha
 alone, and the others from the full-size cut-out. When two or more outputs read that
 full-size cut-out (a PNG and a TIFF, a mask, a crop), it is computed once, by the first of
-them, into an uncompressed TIFF beside the answer in the spool (recipes' `keep`), read back by
-each (the original decoded and the alpha scaled up once per file), and removed by the last;
-not when the spool's disk lacks the room (`SHARED_RESERVE` kept free): each then composes.
+them (recipes' `keep`: the original decoded and the alpha scaled up once per file), kept in
+memory up to `SHARED_IN_MEMORY` bytes or else as an uncompressed TIFF beside the answer in
+the spool, read by each, and let go by the last. A big one is not kept when the spool's
+disk lacks the room (`SHARED_RESERVE` kept free): each output then composes on its own.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -60,7 +62,16 @@ from watchfolder.imaging.compose import (
 )
 from watchfolder.imaging.inspect import Source, inspect_source, vips_name
 from watchfolder.imaging.metadata import Metadata, read_metadata, write_with_metadata
-from watchfolder.imaging.recipes import Box, Recipe, expand, keep, kept, render, subject_in
+from watchfolder.imaging.recipes import (
+    Box,
+    Recipe,
+    expand,
+    keep,
+    kept,
+    kept_pixels,
+    render,
+    subject_in,
+)
 from watchfolder.journal.db import FileRecord
 
 DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext}
@@ -127,18 +138,56 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
 
 @dataclass(frozen=True)
 class Shared:
-    """The full-size cut-out of one file, kept for the recipe's outputs that read it."""
+    """The full-size cut-out of one file, kept for the recipe's outputs that read it: in
+    memory up to SHARED_IN_MEMORY bytes, else as a file beside the answer."""
 
-    path: Path  # an uncompressed TIFF beside the answer (recipes' `keep`)
+    path: Path  # its key; the uncompressed TIFF beside the answer when not in memory
+    in_memory: bool
     make: bool  # this output computes it when it is not there (another one reads it after)
-    last: bool  # this output removes it once written
+    last: bool  # this output lets it go once written
+
+    def pixels(self) -> pyvips.Image | None:
+        """The pixels kept, or None (not made yet, or dropped)."""
+        if self.in_memory:
+            with _held_lock:
+                return _held.get(self.path)
+        return kept_pixels(self.path) if self.path.exists() else None
+
+    def keep(self, cut: Cutout) -> pyvips.Image:
+        """Compute `cut` once and keep it; its pixels."""
+        if not self.in_memory:
+            return keep(cut, self.path)
+        pixels = keep(cut)
+        with _held_lock:
+            _held[self.path] = pixels
+            while len(_held) > HELD_AT_MOST:  # oldest first (dicts keep their order)
+                del _held[next(iter(_held))]
+        return pixels
+
+    def release(self) -> None:
+        if self.in_memory:
+            with _held_lock:
+                _held.pop(self.path, None)
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+# A kept cut-out up to this size is held in memory (a 45 MP RGBA one: 179 MB), bigger ones
+# (a 100 MP 16-bit one: 930 MB) go to the spool's disk and are read a strip at a time.
+# Memory saves about 0.4 s of CPU on a 45 MP file's five outputs (no write, no reads back).
+SHARED_IN_MEMORY = 256 << 20
+# Held at once: one per local worker. A file whose last reader never ran (it failed, or the
+# daemon stopped) is dropped when newer ones come; its outputs then compose on their own.
+HELD_AT_MOST = 2
+_held: dict[Path, pyvips.Image] = {}
+_held_lock = threading.Lock()
 
 
 def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, index: int,
             source: Source | None) -> Shared | None:
     """Output `index`'s part in sharing the full-size cut-out: None when fewer than two of
-    the recipe's outputs read it, when this one does not, or when the spool's disk lacks the
-    room for it (each output then composes on its own, as before)."""
+    the recipe's outputs read it, when this one does not, or when it is kept on disk and the
+    spool's disk lacks the room for it (each output then composes on its own, as before)."""
     if route != "studio":
         return None
     try:
@@ -149,7 +198,8 @@ def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, inde
             return None
         width, height = source.upright
         need = width * height * (source.colour_bands + 1) * source.bits // 8
-        if shutil.disk_usage(answer.parent).free < need + SHARED_RESERVE:
+        in_memory = need <= SHARED_IN_MEMORY
+        if not in_memory and shutil.disk_usage(answer.parent).free < need + SHARED_RESERVE:
             return None
         stat, answered = src.stat(), answer.stat()
     except (OSError, InputRejected, pyvips.Error):
@@ -158,7 +208,7 @@ def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, inde
     # taken for it.
     key = hashlib.sha256(repr((str(src), stat.st_size, stat.st_mtime_ns, answered.st_size,
                                answered.st_mtime_ns)).encode()).hexdigest()[:16]
-    return Shared(answer.with_name(f"{answer.name}.{key}{SHARED_SUFFIX}"),
+    return Shared(answer.with_name(f"{answer.name}.{key}{SHARED_SUFFIX}"), in_memory,
                   make=index != readers[-1], last=index == readers[-1])
 
 
@@ -166,11 +216,15 @@ SHARED_SUFFIX = ".cutout.tif"
 
 
 def forget_shared(answer: str | None) -> None:
-    """Remove any full-size cut-out kept beside the spooled `answer` (a file that failed or
+    """Let go of any full-size cut-out kept for the spooled `answer` (a file that failed or
     was stored: its last reader may not have run). None (no spool): nothing to do."""
     if not answer:
         return
     spooled = Path(answer)
+    with _held_lock:
+        for key in [key for key in _held if key.parent == spooled.parent
+                    and key.name.startswith(f"{spooled.name}.")]:
+            del _held[key]
     for path in spooled.parent.glob(f"{glob.escape(spooled.name)}.*{SHARED_SUFFIX}"):
         path.unlink(missing_ok=True)
 
@@ -206,11 +260,12 @@ def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig,
     if shared is None or shrink != 1:
         return cutout(src, source, answer, alpha_only=spec.mask, shrink=shrink), shrink
     whole = cutout(src, source, answer)  # lazy: only its header is read here
-    if not shared.path.exists():
+    pixels = shared.pixels()
+    if pixels is None:
         if not shared.make:
             return cutout(src, source, answer, alpha_only=spec.mask), 1
-        keep(whole, shared.path)
-    return kept(whole, shared.path), 1
+        pixels = shared.keep(whole)
+    return kept(whole, pixels), 1
 
 
 def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, compression: int,
@@ -228,7 +283,7 @@ def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, comp
     made = write_output(image, spec.format, dest, cut.metadata, quality=spec.quality,
                         compression=compression)
     if shared is not None and shared.last:
-        shared.path.unlink(missing_ok=True)
+        shared.release()
     return made
 
 
