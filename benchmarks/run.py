@@ -442,10 +442,12 @@ def _studio_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], 
         one, five = x["one"], x["five"]
         add(f"Local cost of a five-output recipe on a {x['input']} beside one output "
             f"(outputs made and placed; best of {x['repeat']})",
-            "≤ 2x one output (issue 17)",
-            f"{five['seconds']:.2f} s vs {one['seconds']:.2f} s = {x['ratio']:.1f}x "
-            f"(CPU {five['cpu_s']:.1f} vs {one['cpu_s']:.1f} s = {x['cpu_ratio']:.1f}x); "
-            f"peak {five['peak_mb']:.0f} vs {one['peak_mb']:.0f} MB", x["ratio"] <= 2)
+            # CPU: what the outputs cost the machine; the wall clock of one process on a
+            # shared 2-core machine mostly says what the other processes took.
+            "≤ 2x one output in CPU (issue 17)",
+            f"CPU {five['cpu_s']:.2f} vs {one['cpu_s']:.2f} s = {x['cpu_ratio']:.2f}x "
+            f"(wall {five['seconds']:.2f} s vs {one['seconds']:.2f} s = {x['ratio']:.1f}x); "
+            f"peak {five['peak_mb']:.0f} vs {one['peak_mb']:.0f} MB", x["cpu_ratio"] <= 2)
     elif r["case"] == "encoder_levels":
         rows = {(row["format"], row["level"]): row for row in x["rows"]}
         chosen = [(fmt, rows[(fmt, 3)], rows[(fmt, 6)]) for fmt in ("png", "tiff")
@@ -610,6 +612,9 @@ STUDIO_DEFINITIONS = """\
   linked; the journal's commits are left out), in a process of its own: the default one
   output (the full-size PNG cut-out) and a five-output recipe (that PNG, a 2000x2000 JPEG on
   white cropped to the subject with a 5 % margin, a 1600 px WEBP, the mask as PNG, a TIFF).
+  The original is inspected once, as `prepare` does. The ratio is of CPU seconds (all the
+  process's threads; the wall clock of one process on a shared machine is mostly the other
+  processes' share), and each output's CPU is in the table.
 - **Peak RSS**: `python -m watchfolder run` (`api.concurrency: 8`, 60/min, latency 2 s) with
   10 unique 100 MP 16-bit TIFFs waiting at start, until all are archived; VmHWM from
   `/proc/<pid>/status` (mapped files included), and the largest VmRSS sample (every 0.1 s)
@@ -711,14 +716,16 @@ def studio_detail(results: list[dict[str, Any]]) -> list[str]:
     if "recipe_local" in done:
         x = done["recipe_local"]
         body = [[label, o["name"], o["format"] or "?", f"{o['size'][0]}x{o['size'][1]}",
-                 f"{o['bytes'] / 1e3:,.0f}", f"{o['seconds']:.2f}"]
+                 f"{o['bytes'] / 1e3:,.0f}", f"{o['seconds']:.2f}",
+                 f"{o['cpu_s']:.2f}" if "cpu_s" in o else "?"]
                 for label, run in (("one output", x["one"]), ("five outputs", x["five"]))
                 for o in run["outputs"]]
         runs = "; ".join(f"{label}: {', '.join(f'{s:.2f}' for s in seconds)} s"
                          for label, seconds in x["all_seconds"].items())
-        parts += ["## Output recipes: each output of one 45 MP file", "",
+        parts += [f"## Output recipes: each output of one {x['input']}", "",
                   f"The fastest run of each counts (every run: {runs}).", "",
-                  _markdown(["recipe", "output", "format", "size", "kB", "seconds"], body), ""]
+                  _markdown(["recipe", "output", "format", "size", "kB", "seconds", "CPU s"],
+                            body), ""]
     if "encoder_levels" in done:
         x = done["encoder_levels"]
         body = [[row["format"].upper(), str(row["level"]), f"{row['seconds']:.2f}",
