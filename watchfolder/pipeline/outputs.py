@@ -50,7 +50,7 @@ from typing import Any
 import pyvips
 
 from watchfolder.config.settings import EXTENSIONS, InboxConfig, OutputConfig
-from watchfolder.errors import InputRejected
+from watchfolder.errors import WatchfolderError
 from watchfolder.handoff.manifest import OutputFacts, SourceFacts, build_manifest, manifest_id
 from watchfolder.imaging.compose import (
     Cutout,
@@ -176,8 +176,10 @@ class Shared:
 # (a 100 MP 16-bit one: 930 MB) go to the spool's disk and are read a strip at a time.
 # Memory saves about 0.4 s of CPU on a 45 MP file's five outputs (no write, no reads back).
 SHARED_IN_MEMORY = 256 << 20
-# Held at once: one per local worker. A file whose last reader never ran (it failed, or the
-# daemon stopped) is dropped when newer ones come; its outputs then compose on their own.
+# Held at once, whatever the number of local workers (one per worker on 2 cores): memory is
+# the bound. A file whose last reader never ran (it failed, or the daemon stopped), or the
+# oldest when more workers share at once, is dropped; its outputs then compose on their own
+# (a reader holding it keeps its pixels until it is written).
 HELD_AT_MOST = 2
 _held: dict[Path, pyvips.Image] = {}
 _held_lock = threading.Lock()
@@ -202,7 +204,7 @@ def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, inde
         if not in_memory and shutil.disk_usage(answer.parent).free < need + SHARED_RESERVE:
             return None
         stat, answered = src.stat(), answer.stat()
-    except (OSError, InputRejected, pyvips.Error):
+    except (OSError, ValueError, WatchfolderError, pyvips.Error):
         return None  # the output itself says what is wrong, when it is made
     # Named after the original and the answer it is made of: a file replaced since is not
     # taken for it.
