@@ -228,3 +228,34 @@ def test_a_restart_clears_temp_files_in_every_output_folder(tmp_path: Path,
     assert studio.files(studio.outbox) == ["masks/sub/a_mask.png", "sub/a.png"]
     assert len(studio.files(tmp_path / "thumbs")) == 1
     assert sandbox.count(200) == 1
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_studio_recipe_shares_one_cut_out_and_leaves_nothing_behind(
+        tmp_path: Path, sandbox: Sandbox, log_lines: LogCapture, monkeypatch: pytest.MonkeyPatch,
+        in_memory: bool) -> None:
+    import pyvips
+
+    from watchfolder.dev.samples import adobe_rgb_profile, adobe_rgb_tiff
+    from watchfolder.pipeline import outputs
+
+    if not in_memory:  # as a cut-out too big to hold in memory is kept: beside the answer
+        monkeypatch.setattr(outputs, "SHARED_IN_MEMORY", 0)
+    studio = Studio(tmp_path, sandbox.url, inbox={"outputs": [
+        {"format": "png"},
+        {"name": "{dir}/{stem}_retouch.{ext}", "format": "tiff"},
+        {"name": "{dir}/{stem}_mask.{ext}", "format": "png", "mask": True}]})
+    (studio.inbox / "shot.tif").write_bytes(adobe_rgb_tiff(900, 600))  # 16-bit: studio path
+    with Running(studio.config()):
+        wait_for(lambda: log_lines.events("file.done"), timeout=60, what="done")
+    assert sandbox.count() == 1
+    assert studio.files(studio.outbox) == ["shot.png", "shot_mask.png", "shot_retouch.tif"]
+    png, tif, mask = (pyvips.Image.new_from_file(str(studio.outbox / name)).copy_memory()
+                      for name in ("shot.png", "shot_retouch.tif", "shot_mask.png"))
+    assert (png.width, png.height, png.bands, png.format) == (900, 600, 4, "ushort")
+    assert (png - tif).abs().max() == 0, "the same cut-out in both formats"
+    assert (mask - png[3]).abs().max() == 0 and mask.bands == 1
+    for image in (png, tif):
+        assert bytes(image.get("icc-profile-data")) == adobe_rgb_profile()
+    assert list((studio.root / "state" / "spool").iterdir()) == [], "nothing kept behind"
+    assert not [key for key in outputs._held if str(key).startswith(str(studio.root))]
