@@ -24,6 +24,7 @@ from watchfolder.dev.samples import (
 )
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.imaging import containers
+from watchfolder.imaging.compose import answer_mask
 from watchfolder.imaging.inspect import MAX_BYTES, inspect_result, inspect_source, max_answer_bytes
 from watchfolder.imaging.metadata import read_metadata
 
@@ -386,6 +387,39 @@ def test_well_framed_pngs_with_wrong_pixel_data_are_refused(tmp_path: Path) -> N
         with pytest.raises(BadResult, match="does not decode completely"):
             inspect_result(data, width, height)
         assert rejected(path).reason == "corrupt", what
+
+
+def test_without_the_decode_all_else_is_checked_and_the_composite_decode_refuses(
+        tmp_path: Path) -> None:
+    """`decode=False` (a studio answer, decoded once by the composite): size, end and CRCs
+    are still checked on arrival; what only a decode finds is refused by `answer_mask`
+    with the same BadResult."""
+    width, height = 64, 48
+    row = bytes([1]) + bytes(range(256))
+    path = tmp_path / "a.png"
+    broken = {
+        "stream cut short": framed_png(width, height, row * height, cut=9),
+        "rows missing": framed_png(width, height, row * (height - 1)),
+        "bad filter type": framed_png(width, height, row * 20 + bytes([7]) + row[1:]
+                                      + row * (height - 21)),
+    }
+    for what, data in broken.items():
+        path = tmp_path / f"{what}.png"
+        path.write_bytes(data)
+        assert inspect_result(path, width, height, decode=False) == "png", what
+        with pytest.raises(BadResult, match="does not decode completely") as caught:
+            answer_mask(path)
+        assert caught.value.reason == "bad_result" and caught.value.status == 200
+    sound = framed_png(width, height, row * height)
+    with pytest.raises(BadResult, match="32x48 but the input is 64x48"):
+        inspect_result(framed_png(32, height, row[:129] * height), width, height, decode=False)
+    with pytest.raises(BadResult, match="bytes after the end"):
+        inspect_result(sound + b"junk", width, height, decode=False)
+    flipped = bytearray(sound)
+    idat = next(c for c in containers.png_chunks(sound) if c.type == b"IDAT")
+    flipped[idat.data_start + 5] ^= 0xFF
+    with pytest.raises(BadResult, match="fails its CRC"):
+        inspect_result(bytes(flipped), width, height, decode=False)
 
 
 def test_importing_the_daemon_leaves_the_image_libraries_as_they_are() -> None:

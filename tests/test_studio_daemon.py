@@ -5,6 +5,7 @@ pixels, bit depth, profile bytes and the sandbox's mask scaled up."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -176,4 +177,42 @@ def test_proxies_are_made_no_further_ahead_than_the_request_slots(
         sandbox.latency = 0.0
         wait_for(lambda: len(log_lines.events("file.done")) == 5, timeout=60, what="all done")
     assert sandbox.count(200) == 5 and len(log_lines.events("file.proxy")) == 5
+    assert list((studio.root / "state" / "spool").iterdir()) == []
+
+
+def test_a_studio_answer_that_does_not_decode_is_asked_for_again(
+        tmp_path: Path, sandbox: Sandbox, log_lines: LogCapture) -> None:
+    """A studio answer is decoded once, by the composite on the local lane (send checks its
+    size, end and CRCs only, issue 17): one whose pixel data does not decode is refused
+    there as send refuses a bad answer, an attempt counted, and asked for again; nothing is
+    made of it."""
+    studio = Studio(tmp_path, sandbox.url)
+    sandbox.add_faults("undecodable")
+    _tiff16(studio.inbox / "retouch.tif")
+    with Running(studio.config()):
+        wait_for(lambda: log_lines.events("file.done"), timeout=60, what="the file done")
+    [retry] = log_lines.events("file.retry")
+    assert retry["reason"] == "bad_result" and retry["attempt"] == 1
+    assert "does not decode completely" in retry["message"]
+    assert sandbox.count(200) == 2, "the refused answer, then the good one"
+    assert len(log_lines.events("file.proxy")) == 2, "a new proxy for the second request"
+    out = read(studio.outbox / "retouch.png")
+    assert (out.width, out.height) == (900, 600) and out.bands == 4
+    assert list((studio.root / "state" / "spool").iterdir()) == []
+
+
+def test_studio_answers_that_never_decode_fail_the_file_after_the_attempts(
+        tmp_path: Path, sandbox: Sandbox, log_lines: LogCapture) -> None:
+    studio = Studio(tmp_path, sandbox.url)
+    sandbox.add_faults("undecodable", "undecodable", "undecodable")
+    _tiff16(studio.inbox / "retouch.tif")
+    with Running(studio.config()):
+        wait_for(lambda: (studio.errors / "retouch.tif.error.json").exists(), timeout=60,
+                 what="the file in errors")
+    reason = studio.reason("retouch.tif")
+    assert reason["reason"] == "bad_result"
+    assert "gave up after 3 attempts" in reason["message"]
+    assert "does not decode completely" in reason["message"]
+    assert sandbox.count(200) == 3, "max_attempts requests, no more"
+    assert os.listdir(studio.outbox) == []
     assert list((studio.root / "state" / "spool").iterdir()) == []

@@ -24,6 +24,8 @@ Named faults (``FAULTS``; an int status 400-599 answers that status with a JSON 
     reset, hang         a TCP reset; no answer at all (for ``hang_seconds`` at most)
     truncated           a 200 that sends half its promised body, then closes
     garbage, wrong-size a 200 that is not an image; a valid image of other dimensions
+    undecodable         a 200 PNG of the right size, every chunk's CRC right, whose pixel
+                        data does not decode (a row with an invalid filter type)
     trickle             a 200 whose headers come at once and whose body (a valid cut-out)
                         comes one byte every ``trickle_seconds``
     trickle-headers     the same, but the status line and headers trickle too
@@ -61,6 +63,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -100,6 +103,7 @@ FAULTS = (
     "truncated",
     "garbage",
     "wrong-size",
+    "undecodable",
     "trickle",
     "trickle-headers",
     "huge",
@@ -441,6 +445,22 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
         flat.paste(image, mask=image.getchannel("A") if image.mode == "RGBA" else None)
         flat.save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+def _undecodable(width: int, height: int) -> bytes:
+    """An RGBA PNG of `width` x `height` whose layout, size and CRCs are all sound but whose
+    last row's filter type is 7 (only 0-4 exist): only a complete decode finds it."""
+    stride = 1 + 4 * width
+    rows = bytearray(stride * height)
+    rows[-stride] = 7
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(bytes(rows), 1)) + chunk(b"IEND", b""))
 
 
 def _negotiate(accept: str | None) -> str | None:
@@ -859,6 +879,8 @@ class Sandbox:
                 small = (max(1, width // 2), max(1, height // 2))
                 width, height = small if small != (width, height) else (width + 1, height + 1)
             png = _encode(Image.new("RGBA", (width, height), (0, 0, 0, 0)), "png")
+            if fault == "undecodable":
+                png = _undecodable(width, height)
             answer = _Answer(200, png, "image/png")
             if fault == "truncated":
                 answer.action = "truncate"

@@ -270,7 +270,11 @@ def answer_alpha(answer: Path, width: int, height: int, *, sixteen: bool = False
 def answer_mask(answer: Path) -> pyvips.Image:
     """The answer's alpha at the answer's size (uchar), decoded into memory once for all the
     outputs of a file (a 25 MP answer: 25 MB; the last two answers are kept, each under its
-    size and mtime, so a file replaced under the same name is read afresh)."""
+    size and mtime, so a file replaced under the same name is read afresh).
+
+    This decode is also the studio path's check that the answer decodes completely (send
+    checks all but that: `inspect_result(decode=False)`): BadResult, as send would raise,
+    if it does not."""
     stat = Path(answer).stat()
     return _answer_mask(str(answer), stat.st_size, stat.st_mtime_ns)
 
@@ -289,7 +293,8 @@ def _answer_mask(answer: str, size: int, mtime_ns: int) -> pyvips.Image:
             mask = (mask >> 8).cast("uchar")
         return mask.copy_memory()
     except pyvips.Error as exc:
-        raise BadResult(f"the API's answer does not open: {exc}", 200) from None
+        raise BadResult(f"the API answered 200 but the body does not decode completely: "
+                        f"{str(exc.detail or exc).strip()[:200]}", 200) from None
 
 
 def scale_to(image: pyvips.Image, width: int, height: int) -> pyvips.Image:

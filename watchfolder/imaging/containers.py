@@ -402,6 +402,26 @@ _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 4: (8, 16), 6: (8, 16)}
 _INFLATE_STEP = 1 << 20  # bytes inflated at a time: memory stays flat whatever the size
 
 
+def png_crcs(data: bytes | mmap.mmap) -> str | None:
+    """Whether every chunk of a PNG holds its CRC (the bytes arrived as they were sent):
+    None if so, else what is wrong. A pass of crc32, no inflate: a 25 MP answer in about
+    10 ms, where `png_inflates` takes a quarter of a second."""
+    try:
+        chunks = list(png_chunks(data))
+    except ValueError as exc:
+        return str(exc)
+    view = memoryview(data)
+    try:
+        for chunk in chunks:
+            body = view[chunk.data_start:chunk.data_start + chunk.length]
+            crc = int.from_bytes(view[chunk.end - 4:chunk.end], "big")
+            if zlib.crc32(body, zlib.crc32(chunk.type)) != crc:
+                return f"PNG chunk {chunk.type!r} fails its CRC (corrupt)"
+    finally:
+        view.release()
+    return None
+
+
 def png_inflates(data: bytes | mmap.mmap) -> str | None:
     """Whether a PNG's pixel data is complete, without decoding a pixel through libvips.
 

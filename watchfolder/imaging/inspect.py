@@ -520,28 +520,32 @@ def max_answer_bytes(width: int, height: int) -> int:
     return math.ceil(raw * _ANSWER_SLACK) + _ANSWER_FIXED
 
 
-def inspect_result(answer: Path | bytes, width: int, height: int) -> str:
+def inspect_result(answer: Path | bytes, width: int, height: int, *,
+                   decode: bool = True) -> str:
     """Check an API answer; return its extension (png, jpg, webp) or raise BadResult.
 
     The declared size is read from the header before anything is decoded, so an image bomb
     (a small file declaring a huge canvas) is refused cheaply; then the image must decode
     completely and nothing may follow its end (PNG after IEND, JPEG after EOI, WEBP after its
     RIFF length). Bytes are accepted while the pipeline still holds answers in memory.
+    With `decode=False`, everything but the decode is checked (and a PNG's CRCs): for an
+    answer whose next step decodes it whole anyway and refuses it then with the same
+    BadResult (the studio path's composite, `compose.answer_mask`), so it is decoded once.
     """
     if isinstance(answer, bytes):
         return _inspect_answer(answer, width, height, lambda: pyvips.Image.new_from_buffer(
-            answer, "", access="sequential", fail_on=FAIL_ON))
+            answer, "", access="sequential", fail_on=FAIL_ON), decode)
     path = Path(answer)
     with path.open("rb") as handle:
         if path.stat().st_size == 0:
             raise BadResult("the API answered 200 with an empty body", 200)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _inspect_answer(data, width, height, lambda: pyvips.Image.new_from_file(
-                vips_name(path), access="sequential", fail_on=FAIL_ON))
+                vips_name(path), access="sequential", fail_on=FAIL_ON), decode)
 
 
 def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
-                    decoder: Callable[[], pyvips.Image]) -> str:
+                    decoder: Callable[[], pyvips.Image], decode: bool = True) -> str:
     kind = containers.sniff(bytes(data[:64])).kind
     if kind not in API_FORMATS:
         raise BadResult("the API answered 200 but the body is not a PNG, JPEG or WEBP image",
@@ -570,6 +574,12 @@ def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
     if end != len(data):
         raise BadResult(f"the API's answer has {len(data) - end} bytes after the end of the "
                         f"image", 200)
+    if not decode:
+        problem = containers.png_crcs(data) if kind == "png" else None
+        if problem:
+            raise BadResult(f"the API answered 200 but the body does not decode completely: "
+                            f"{problem}", 200)
+        return API_FORMATS[kind][1]
     problem = containers.png_inflates(data) if kind == "png" else ""
     if problem:
         raise BadResult(f"the API answered 200 but the body does not decode completely: "

@@ -1,7 +1,11 @@
 """fetched → stored: every output of the recipe made from the one answer (spooled, or earlier
 identical results) and placed in its outbox, each journaled as it is placed, so after a crash
 only the missing ones are made, none twice. The outputs written are kept on the job for the
-manifest (nothing is read again)."""
+manifest (nothing is read again).
+
+A studio answer is decoded here first, once (send checked all but its decode): that decode
+is its check and the composite's alpha; one that does not decode is refused as send refuses
+a bad answer (an attempt counted) and asked for again (back to `queued`)."""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ from pathlib import Path
 import structlog
 
 from watchfolder import failpoints
-from watchfolder.errors import InputRejected
-from watchfolder.imaging.compose import Output
+from watchfolder.errors import BadResult, InputRejected
+from watchfolder.imaging.compose import Output, answer_mask
 from watchfolder.journal.db import (
     FETCHED,
     QUEUED,
@@ -27,6 +31,7 @@ from watchfolder.pipeline.steps.source import produce_from, source_stat
 from watchfolder.pipeline.work import (
     Advance,
     Outcome,
+    Park,
     Work,
     failing,
     sha_or_none,
@@ -39,6 +44,14 @@ def store(ctx: Context, work: Work) -> Outcome:
     """Make and place every output not placed yet; forget the spool with the last one. An
     inbox with `review: true` holds a fresh answer for a person first (steps/review.py)."""
     record, inbox, job = work.record, work.inbox, work.job
+    if record.route == "studio" and record.spool and Path(record.spool).is_file():
+        try:
+            # The answer's one complete decode: its check (send checked all but that), kept
+            # in memory for the composite's alpha. Before review, so nobody judges a corrupt
+            # answer; before any output, so none is made of one.
+            answer_mask(Path(record.spool))
+        except BadResult as exc:
+            return _ask_again(ctx, work, exc)
     if record.state == FETCHED and inbox.review:
         # One request, as always; nothing placed, archived or handed on until a person
         # approves (APPROVED comes back here) or rejects (FAILING).
@@ -105,6 +118,25 @@ def store(ctx: Context, work: Work) -> Outcome:
                    remember=[(output_identity(identity, index), entry[0], entry[1])
                              for index, entry in enumerate(placed) if entry],
                    then=None if spool is None else lambda: spool.unlink(missing_ok=True))
+
+
+def _ask_again(ctx: Context, work: Work, exc: BadResult) -> Outcome:
+    """A studio answer that does not decode: refused as send refuses one on arrival (the
+    same BadResult, an attempt counted, after `retry.max_attempts` the file fails), then
+    asked for again from a new proxy (the one sent was removed with the answer's arrival)."""
+    record, retry = work.record, ctx.config.retry
+    attempts = record.attempts  # this request was counted when its answer was spooled
+    if attempts >= retry.max_attempts:
+        return failing(exc.reason, f"gave up after {attempts} attempts: {exc.message}",
+                       exc.status, attempts=attempts)  # fail() removes the spooled answer
+    delay = ctx.queue.retry_delay(attempts, retry.backoff_seconds, retry.max_backoff_seconds)
+    log.info("file.retry", **work.log_fields(), reason=exc.reason, status=exc.status,
+             attempt=attempts, retry_in_s=round(delay, 2), message=exc.message)
+    # Removed before it is forgotten: a crash in between finds the spool gone, and store
+    # asks again all the same.
+    Path(record.spool or "").unlink(missing_ok=True)
+    return Park(delay, changes={"state": QUEUED, "spool": None, "reason": exc.reason,
+                                "message": exc.message, "status": exc.status})
 
 
 def _unchanged(ctx: Context, work: Work) -> bool:
