@@ -672,13 +672,59 @@ def backlog_rate(params: dict[str, Any]) -> Result:
     }
 
 
+def studio_cpu(params: dict[str, Any]) -> Result:
+    """The daemon's CPU per studio file beside the same file's local work in isolation, in
+    one case (issue 17: its overhead, everything but libvips' pixel work, ≤ 10 %).
+
+    `files` 45 MP JPEGs are dropped into a running daemon at once (the API at 600/min and no
+    latency: it never holds them back) and finished; the daemon's CPU seconds from just
+    before the drop to the last file archived, divided by the files, is its CPU per file,
+    whatever share of the cores it got (so the figure holds beside other load, where a
+    rate does not). `repeat` isolated runs of studio_local's libvips child (inspect,
+    proxy, composite as PNG; a process each) give the local work: the least CPU counts.
+    """
+    count = params["files"]
+    folder = studio.CACHE / "studio"
+    original = studio.make_input(folder, JPEG45, *studio.FULL[JPEG45])
+    answer, width, height = studio.make_answer(folder, original)
+    files = studio.unique_copies(JPEG45, count)
+    with workspace("studio-cpu") as root, ReplaySandbox(rpm=600, latency=0.0) as api:
+        config = studio_config(root, api.url, rpm=600, concurrency=8)
+        inbox, archive = root / "inbox0", root / "archive0"
+        inbox.mkdir(parents=True, exist_ok=True)
+        daemon = DaemonProcess(root, config)
+        daemon.start(timeout=120)
+        profiler = Profiler(daemon.pid, _profile_path(params, "studio-cpu"))  # CPU samples
+        cpu0, started = cpu_seconds(daemon.pid), time.monotonic()
+        _link_all(files, inbox)
+        finished = _wait(lambda: count_files(archive) >= count, params.get("timeout", 900), 0.2)
+        cpu1, seconds = cpu_seconds(daemon.pid), time.monotonic() - started
+        profiler.stop()
+        daemon.stop()
+        events = daemon.read_events()
+        local = [studio.measure("vips", original, answer, (width, height),
+                                root / "out-local.png", None)
+                 for _ in range(params.get("repeat", 2))]
+    if not finished:
+        raise RuntimeError(f"only {count_files(archive)} of {count} files finished")
+    per_file = (cpu1 - cpu0) / count
+    best = min(local, key=lambda r: r["cpu"]["total"])
+    return {"files": count, "seconds": seconds, "cores_used": (cpu1 - cpu0) / seconds,
+            "cpu_s_per_file": per_file, "local_cpu_s": best["cpu"],
+            "local_cpu_runs": [round(r["cpu"]["total"], 3) for r in local],
+            "overhead": per_file / best["cpu"]["total"] - 1,
+            "requests": len(api.requests), "proxies": sum(
+                1 for e in events if e.get("event") == "file.proxy"),
+            "failed": sum(1 for e in events if e.get("event") == "file.failed")}
+
+
 CASES: dict[str, Callable[[dict[str, Any]], Result]] = {
     "throughput": throughput, "limit_safety": limit_safety, "reaction": reaction,
     "idle": idle, "startup": startup, "drop": drop_while_running, "memory": memory,
     "studio_local": studio_local, "recipe_local": recipe_local, "encoder_levels": encoder_levels,
     "studio_rss": peak_rss,
     "studio_rate": backlog_rate, "studio_mix": backlog_rate, "recipe_rate": backlog_rate,
-    "studio_trickle": backlog_rate,
+    "studio_trickle": backlog_rate, "studio_cpu": studio_cpu,
 }
 
 
