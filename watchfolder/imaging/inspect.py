@@ -8,7 +8,9 @@ streaming, so a truncated file is refused before a request is spent:
                                        (send a proxy, compose at full size: see imaging.py)
     inspect_result(path, w, h) -> ext  the API's answer: header first (image bombs), then a
                                        full decode (a PNG: containers.png_inflates), no bytes
-                                       after the image's end
+                                       after the image's end; `decode=False` leaves the
+                                       decode to a caller that decodes it anyway (a studio
+                                       answer: compose.answer_mask) and checks PNG CRCs
     max_answer_bytes(w, h)             a bound for streaming the answer to disk
 
 Refusals are `InputRejected(reason, message)` with a message that names the fix:
