@@ -474,14 +474,14 @@ def _studio_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], 
             f"PNG {isolated['compose']:.2f}; least of {len(x['local_cpu_runs'])}): overhead "
             f"{x['overhead']:+.1%}; {x['cores_used']:.2f} cores busy", x["overhead"] <= 0.10)
     elif r["case"] == "studio_rss":
-        ok = x["hwm_mb"] * 2**20 <= 1.5e9 and x["processed"] == x["files"] \
+        fits = x["hwm_mb"] * 2**20 <= 1.5e9 and x["processed"] == x["files"] \
             and x["errors"] == 0
         add(f"Daemon peak RSS: backlog of {x['files']} x 100 MP 16-bit TIFFs, concurrency "
             f"{x['concurrency']}, {p['rpm']}/min, to the end", "≤ 1.5 GB (VmHWM)",
             f"{x['hwm_mb']:.0f} MB (largest sample: {x['sampled_anon_mb']:.0f} MB anon + "
             f"{x['sampled_file_mb']:.0f} MB file at {x['sampled_peak_at_s']:.0f} s); "
             f"{x['processed']} of {x['files']} done in {x['seconds']:.0f} s, "
-            f"{x['errors']} errors", ok)
+            f"{x['errors']} errors", fits)
     else:  # studio_rate, studio_mix, recipe_rate, studio_trickle
         goal = 0.98 if r["case"] == "studio_mix" else 0.95
         if r["case"] == "studio_mix":
