@@ -7,6 +7,7 @@ does not grow with the size of the answer.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from tests.conftest import make_image
 from watchfolder.config.settings import Secret
 from watchfolder.dev.sandbox import Sandbox
-from watchfolder.errors import BadResult, TransportError
+from watchfolder.errors import BadResult, EndpointMissing, TransportError
 from watchfolder.pipeline.client import ApiClient, ApiResult, max_result_bytes
 
 KEY = "hostile-key-0123456789"
@@ -177,3 +178,76 @@ def test_requests_in_flight_share_one_deadline_thread(client: ApiClient, sandbox
     assert max(seen) == 1, f"{max(seen)} deadline threads for 3 requests in flight"
     client.close()
     assert not [t for t in threading.enumerate() if "deadline" in t.name]
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """A real HTTP server for what the sandbox cannot be: a redirect, a proxy. It records
+    each request's line and headers and answers with the server's `answer`."""
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        self.rfile.read(length)
+        self.server.seen.append((self.path, dict(self.headers)))  # type: ignore[attr-defined]
+        status, headers, body = self.server.answer  # type: ignore[attr-defined]
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[http.server.HTTPServer]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
+    server.seen = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_redirect_is_not_followed_and_the_key_stays_home(
+        recorder: http.server.HTTPServer, sandbox: Sandbox, image: bytes,
+        tmp_path: Path) -> None:
+    """An api.url that redirects (a moved endpoint, a captive portal) is a configuration
+    problem that pauses sending, never a request with the key to wherever it points."""
+    port = recorder.server_address[1]
+    recorder.answer = (307, {"Location": sandbox.url}, b"")  # type: ignore[attr-defined]
+    api = ApiClient(f"http://127.0.0.1:{port}/remove-background/v1", Secret(KEY),
+                    timeout=TIMEOUT, connect_timeout=TIMEOUT)
+    try:
+        with pytest.raises(EndpointMissing) as caught:
+            send(api, image, tmp_path / "result.png")
+    finally:
+        api.close()
+    assert caught.value.status == 307 and sandbox.url in caught.value.message
+    assert KEY not in str(caught.value)
+    assert not sandbox.requests, "the redirect was followed: the key went along"
+    assert not (tmp_path / "result.png").exists()
+
+
+def test_the_environment_proxy_is_used(recorder: http.server.HTTPServer, image: bytes,
+                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP(S)_PROXY is honoured as requests honours it (read once per client)."""
+    port = recorder.server_address[1]
+    answer = make_image(tmp_path / "answer.png").read_bytes()
+    recorder.answer = (200, {"Content-Type": "image/png"}, answer)  # type: ignore[attr-defined]
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    api = ApiClient("http://api.invalid/remove-background/v1", Secret(KEY), timeout=TIMEOUT,
+                    connect_timeout=TIMEOUT)
+    try:
+        result = send(api, image, tmp_path / "result.png")
+    finally:
+        api.close()
+    assert result.size == len(answer)
+    path, headers = recorder.seen[0]  # type: ignore[attr-defined]
+    assert path == "http://api.invalid/remove-background/v1"
+    assert headers["x-api-key"] == KEY and headers["User-Agent"].startswith("watchfolder/")
