@@ -14,15 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
-import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from watchfolder import logs
 from watchfolder.errors import CoordinationUnavailable
 
 if TYPE_CHECKING:
+    import redis
     from redis.commands.core import Script
 
     from watchfolder.config.settings import StoreUrl
@@ -47,6 +45,12 @@ class Store:
             logs.add_secret(password)
             logs.add_secret(unquote(password))
         self.quiet = quiet  # `status`: report, do not log
+        # Imported here, not with the module: redis costs 90 ms of CPU at every start, and a
+        # daemon without `coordination.url` never makes a Store.
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         # One retry at once: a pooled connection may be stale after a store restart.
         self.client = redis.Redis.from_url(
             url.reveal(), socket_timeout=timeout, socket_connect_timeout=timeout,
@@ -64,6 +68,8 @@ class Store:
 
     def call(self, action: Callable[[redis.Redis], T]) -> T:
         """`action(client)`, or CoordinationUnavailable when the store does not answer."""
+        import redis  # loaded by __init__ already: a lookup
+
         try:
             result = action(self.client)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -77,6 +83,8 @@ class Store:
         return result
 
     def close(self) -> None:
+        import redis  # loaded by __init__ already: a lookup
+
         with contextlib.suppress(redis.RedisError):
             self.client.close()
 
