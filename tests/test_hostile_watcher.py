@@ -130,3 +130,34 @@ def test_an_inotify_overflow_asks_for_a_rescan_whatever_the_log_level(
         assert overflows.wait(10), "no rescan was asked for after the queue overflowed"
     finally:
         watcher.stop()
+
+
+def test_writes_and_the_claims_folder_wake_the_intake_only_for_what_it_uses(
+        tmp_path: Path) -> None:
+    """A file written in place in 200 writes is handed over when it is created and when its
+    writer closes it, not once per write; churn in a hidden folder (the claims folder, where
+    the daemon writes a claim, its link and its clock file for every file it sends) is not
+    handed over at all, though the watch is recursive."""
+    studio = Studio(tmp_path, "http://127.0.0.1:9")
+    inbox = studio.config().inboxes[0]
+    seen: list[Path] = []
+    watcher = Watcher((inbox,), lambda _index, path, _moved: seen.append(path), lambda: None)
+    claims = inbox.path / ".watchfolder-claims"
+    claims.mkdir()
+    watcher.start()
+    try:
+        with (inbox.path / "big.png").open("wb", buffering=0) as handle:
+            for _ in range(200):
+                handle.write(b"x" * 1024)
+        for n in range(50):
+            (claims / f".new.{n}").write_bytes(b"{}")
+            os.link(claims / f".new.{n}", claims / f"{n}.claim")
+            (claims / f".new.{n}").unlink()
+        (inbox.path / "last.png").write_bytes(b"x")
+        wait_for(lambda: inbox.path / "last.png" in seen, what="the last file's events")
+        time.sleep(0.2)  # anything still on its way from the claims folder
+    finally:
+        watcher.stop()
+    assert [p for p in seen if p.parent != inbox.path] == [], "claims folder handed over"
+    big = [p for p in seen if p.name == "big.png"]
+    assert 1 <= len(big) <= 3, f"big.png handed over {len(big)} times for 200 writes"

@@ -67,8 +67,16 @@ _INTERESTING = {EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_MODIFIED, EVENT
 # and listing of an inbox folder (the intake's probe each second, a scan, another program)
 # comes back as events that wake watchdog's threads and ours for nothing. An overflow is
 # always reported by the kernel; the filter must let its event through.
+# Not "modified" (IN_MODIFY, IN_ATTRIB), on inotify: a file written in place is noticed when
+# it is created and again when its writer closes it (IN_CLOSE_WRITE), which is all the settle
+# rule needs, while IN_MODIFY comes once per write() (hundreds for one big copy) and with
+# every write of the daemon's own claim and clock files in `.watchfolder-claims`; a folder's
+# "modified" only repeats the events of the files in it. A change of metadata alone (touch,
+# chmod) waits for the next rescan. Polling infers a rewrite from a listing only as
+# "modified", and costs inotify nothing: it keeps them.
 _EVENT_FILTER = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent,
-                 FileModifiedEvent, DirModifiedEvent, FileClosedEvent, EventsLostEvent]
+                 FileClosedEvent, EventsLostEvent]
+_POLLING_FILTER = [*_EVENT_FILTER, FileModifiedEvent, DirModifiedEvent]
 
 log = structlog.get_logger("watchfolder")
 
@@ -226,17 +234,27 @@ class _Handler(FileSystemEventHandler):
         self.deliver = deliver
         self.renames = renames  # whether a move may skip the settle wait
         self.on_overflow = on_overflow
+        self._root_prefix = str(root).rstrip(os.sep) + os.sep
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in _INTERESTING:
             return
         if event.event_type == EVENT_TYPE_MOVED:
-            if event.dest_path:
+            if event.dest_path and not self._hidden(event.dest_path):
                 self.deliver(self.index, Path(os.fsdecode(event.dest_path)),
                              self.renames and renamed_into_place(os.fsdecode(event.src_path),
                                                                  self.root))
-        elif event.src_path:
+        elif event.src_path and not self._hidden(event.src_path):
             self.deliver(self.index, Path(os.fsdecode(event.src_path)), False)
+
+    def _hidden(self, path: bytes | str) -> bool:
+        """Below a hidden or temporary name (the claims folder, a download in progress): the
+        intake ignores it, so it is not handed over (a queue message and a wake-up each)."""
+        text = os.fsdecode(path)
+        root = self._root_prefix
+        if not text.startswith(root):
+            return False
+        return any(is_ignored(part) for part in Path(text[len(root):]).parts)
 
     def on_events_lost(self, event: EventsLostEvent) -> None:
         # The kernel's inotify queue overflowed (watchdog has restored its watches by now):
@@ -299,7 +317,7 @@ class Watcher:
             handler = _Handler(index, inbox.path, self.deliver, renames=not inbox.polling,
                                on_overflow=self.on_overflow)
             observer.schedule(handler, str(inbox.path), recursive=inbox.recursive,
-                              event_filter=_EVENT_FILTER)
+                              event_filter=_POLLING_FILTER if inbox.polling else _EVENT_FILTER)
             observer.start()  # starts the emitters here, in our thread: inotify limits raise
         except OSError as exc:
             SCAN_ERRORS.report(inbox.path, exc, "watch")
