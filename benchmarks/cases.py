@@ -94,6 +94,10 @@ def throughput(params: dict[str, Any]) -> Result:
     from the first request the limit held back. Whole windows make the figure independent of
     how bursty the sending is (a sliding window lets each window's requests go as fast as the
     workers can send them), and the first window, a burst by design, is left out.
+
+    The daemon's CPU per request is given whole (start-up included) and after its `ready`
+    line; `"profile": DIR` attaches py-spy, sampling waiting threads too unless `"wall":
+    false` (then the samples are where the CPU goes).
     """
     rpm, latency, conc = params["rpm"], params["latency"], params["concurrency"]
     windows = params["windows"]
@@ -111,9 +115,12 @@ def throughput(params: dict[str, Any]) -> Result:
             naive = threading.Thread(target=naive_loop, args=(
                 api2.url, KEY, root / "naive-in", root / "naive-out", rpm, stop))
         daemon.start()
+        # Start-up (imports, the scan of the backlog) counted apart: the figure per request
+        # divides the whole process's CPU, start-up included, by the requests.
+        startup_cpu = cpu_seconds(daemon.pid)
         if naive is not None:
             naive.start()
-        profiler = Profiler(daemon.pid, _profile_path(params, name), wall=True)
+        profiler = Profiler(daemon.pid, _profile_path(params, name), wall=params.get("wall", True))
         _wait(lambda: bool(api.requests), 120, 0.01)
         t1 = api.requests[0].time
         # 15% slack for a daemon slower than its limit; then the figure uses what came.
@@ -141,6 +148,8 @@ def throughput(params: dict[str, Any]) -> Result:
         "status_429": sum(1 for r in ours if r.status == 429),
         "errors": sum(1 for r in ours if r.status not in (200, 429)),
         "requests": len(ours), "cpu_ms_per_request": 1000 * cpu / max(1, len(ours)),
+        "startup_cpu_s": startup_cpu,
+        "cpu_ms_per_request_after_ready": 1000 * (cpu - startup_cpu) / max(1, len(ours)),
     }
     if naive is not None:
         # The loop sends evenly: its rate is the spacing of its requests after the first

@@ -455,8 +455,12 @@ class _Watchdog:
                 self._thread = threading.Thread(target=self._run, args=(self._generation,),
                                                 daemon=True, name="watchfolder-api-deadlines")
                 self._thread.start()
-            heapq.heappush(self._due, (deadline.due, next(self._count), deadline))
-            self._changed.notify()
+            entry = (deadline.due, next(self._count), deadline)
+            heapq.heappush(self._due, entry)
+            # Woken only for a deadline that comes first: with one timeout for every request
+            # that is only the first after an idle spell, not a wake-up per request.
+            if self._due[0] is entry:
+                self._changed.notify()
 
     def close(self) -> None:
         with self._changed:
