@@ -17,5 +17,6 @@
 - `jobqueue`: the ready and delayed jobs, handed out as the pause allows; the request slots.
 - `budget`: the daily credit budget.
 - `client`: the Clipdrop API, one call: bytes in, a result file or a typed error out.
+- `deadline`: the bound on a whole request (a watchdog thread that shuts its socket down).
 - `outputs`: making one file's outputs from the API's one answer, and its manifest.
 """
