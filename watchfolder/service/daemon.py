@@ -120,12 +120,7 @@ class Daemon:
 
     def _start(self) -> None:
         config = self.config
-        if config.metrics.listen:
-            # Imported only when asked for: prometheus_client costs 40 ms of CPU at start-up.
-            from watchfolder.service.metrics import Metrics
-
-            self.metrics = Metrics(self.snapshot)
-            self.metrics.serve(config.metrics.listen)
+        self.metrics = rebind_metrics(None, config.metrics.listen, self.snapshot)
         self.web = web_view.bind(self, config)  # a taken address stops the start before work
         self.journal = journal = Journal(config.state_dir)
         self.client = ApiClient(config.api.url, config.api.key,
