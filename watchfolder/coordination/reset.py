@@ -6,7 +6,8 @@ flushed) lost two things at once: the sends of the last minute, which still coun
 vendor, and the claims of files being worked on. Both waits start from the same instant, the
 *loss*, recorded once per store run in the key's epoch (`<run_id>|<loss, store clock, us>`):
 
-- the loss is the store's start (`TIME - uptime`) when the store says it restarted (another
+- the loss is the store's start (`TIME - uptime`, plus the second `uptime` may be rounded up
+  by, never later than now) when the store says it restarted (another
   run_id than the epoch's), or when no epoch exists and the store started less than
   `window + margin` ago (a fresh store);
 - it is *now* (the first time any daemon of the key notices) when no epoch exists and the store
@@ -70,7 +71,10 @@ if seen_run == run_id then
   loss = tonumber(seen_loss)
 else
   if uptime and (recorded or uptime < {span}) then
-    loss = now - uptime  -- every lost send and claim is older than this store's start
+    -- Every lost send and claim is older than this store's start. `uptime_in_seconds` is
+    -- the difference of two truncated clocks, up to a second more than the store has been
+    -- up: the start is dated a second later (never after now), not up to a second early.
+    loss = math.min(now, now - uptime + 1000000)
   else
     loss = now  -- empty for long (first use, a flush): nothing says since when
   end
