@@ -21,6 +21,21 @@ that after a crash at any instant the next start resumes each file from its last
 - `done` / `failed` / `gone` are final. A final record's `handoff` is "pending" from the
   final commit until its hand-off (manifest, done marker, webhook, hooks) is complete.
 
+Durability: every commit is written to SQLite's WAL before the step it guards has its
+effect, so the process's death at any instant (SIGKILL, a crash) loses none. A power loss
+(or a kernel crash) may also roll back commits the kernel had not written yet; only those
+whose loss would cost a credit again are forced to disk before `update` returns
+(`must_survive_power_loss`): `sending` (with its send time), `fetched` (the paid answer in the
+spool) and every commit that forgets a spooled answer (its file is deleted next). One fsync
+of the WAL makes every commit written before it durable, so workers committing at the same
+time share one (group commit), and none holds the journal's lock while the disk syncs. What
+a power loss can still undo costs no credit: a record created (the file waits in its inbox
+again), the name chosen for an output (made again: adopted when the name holds the same
+bytes, else placed beside it as `-1`), the archive's name (the original, moved, is not
+there any more: done, without its archive path), `stored`, `done` and the hand-off's
+completion (done again: each part of a hand-off is idempotent). The name chosen in errors
+is fsynced too (see `must_survive_power_loss`).
+
 The journal also keeps the results table (content identity → outbox file, so the same content
 dropped again costs nothing), the send times of the last minute (so a restart cannot burst past
 the rate limit; each with the boot id and the monotonic time, so that a wall-clock step between
@@ -37,13 +52,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from watchfolder.errors import JournalUnreadable, StateDirFull, StateUnavailable
+from watchfolder.files.atomic import fsync_dir
 from watchfolder.files.layout import JOURNAL_NAME, SPOOL
 from watchfolder.journal.notes import Notes
 from watchfolder.journal.sqlite import open_durable, open_read_only
@@ -165,6 +181,24 @@ class FileRecord:
         return [str(path) for path in json.loads(self.reuse_from)]
 
 
+def must_survive_power_loss(record: FileRecord, changes: Mapping[str, Any],
+                            sent: bool = False) -> bool:
+    """Whether the commit of `changes` to `record` must be on disk, not only written to the
+    WAL, before its effect: when a power loss that rolled it back would cost a credit again.
+
+    `sending` (a request goes out next: rolled back, the file would be sent again unjournaled),
+    `fetched` (the answer is paid for and spooled: rolled back to `sending`, it would be sent
+    again), and a commit that forgets a spooled answer (the spool file is deleted after it:
+    rolled back, the record would point at a deleted answer and ask again). Also the name
+    chosen in errors, which costs no credit but is rare: rolled back, a failed file moved
+    there would be taken for gone and keep no reason beside it.
+    """
+    state = changes.get("state", record.state)
+    enters = state != record.state and state in (SENDING, FETCHED)  # not an output's name
+    forgets_answer = "spool" in changes and changes["spool"] is None and record.spool is not None
+    return sent or enters or forgets_answer or "error_path" in changes
+
+
 def encode_outputs(placed: Sequence[tuple[str, str] | list[str] | None]) -> str:
     """The `outputs` column for outputs placed so far (see `FileRecord.placed`)."""
     return json.dumps([None if entry is None else [entry[0], entry[1]] for entry in placed])
@@ -231,9 +265,10 @@ class Journal:
         self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
         self.notes = Notes(self._query, self._writing)
+        self._group_commit(None)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = open_durable(self.path)
+            self._db = open_durable(self.path, power_safe=False)
             _create_or_upgrade(self._db)
             damage = [row[0] for row in self._db.execute("PRAGMA quick_check")]
         except sqlite3.Error as exc:
@@ -246,6 +281,12 @@ class Journal:
         if damage != ["ok"]:
             self._db.close()
             raise JournalUnreadable(_damaged(self.path, "; ".join(damage[:3])))
+        # The WAL exists once the journal was read (above), for as long as it is open: its
+        # fsync is what makes commits survive a power loss (`_make_durable`); its name is
+        # made durable once.
+        wal = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        self._group_commit(wal)
+        fsync_dir(self.path.parent)
 
     @classmethod
     def for_reading(cls, state_dir: Path, *, live: bool) -> Journal | None:
@@ -261,6 +302,7 @@ class Journal:
         self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
         self.notes = Notes(self._query, self._writing)
+        self._group_commit(None)
         try:
             self._db = open_read_only(path, live=live)
         except sqlite3.Error as exc:
@@ -268,9 +310,41 @@ class Journal:
                                     f"the daemon's user or a member of its group)") from None
         return self
 
+    def _group_commit(self, wal: int | None) -> None:
+        self._wal = wal  # a descriptor of the WAL file (None: read-only, nothing to sync)
+        self._commits = 0  # commits written to the WAL through this connection
+        self._durable = 0  # of those, how many are known to be on disk
+        self.syncs = 0  # fsyncs made to that end (for tests and benchmarks)
+        self._sync_lock = threading.Lock()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._wal is not None:
+                os.close(self._wal)
+                self._wal = None
+
+    def _make_durable(self, commit: int) -> None:
+        """Return once commit number `commit` (and every one before it) is on disk.
+
+        One fdatasync of the WAL flushes every frame written before it, whoever wrote it: a
+        worker whose commit an fsync already under way covers waits for that one, and the
+        next fsync covers all the commits made while the last one ran. Raises
+        StateUnavailable when the disk refuses it (the commit may then be lost to a power
+        loss: the caller goes on as if it had not been made, so no request follows it).
+        """
+        with self._sync_lock:
+            if self._durable >= commit:
+                return
+            written = self._commits  # every commit counted is already in the WAL
+            if self._wal is None:
+                raise StateUnavailable(f"cannot write the journal {self.path}: it is closed")
+            try:
+                os.fdatasync(self._wal)
+            except OSError as exc:
+                raise StateUnavailable(f"cannot write the journal {self.path}: {exc}") from exc
+            self._durable = written
+            self.syncs += 1
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -293,6 +367,7 @@ class Journal:
                     yield self._db
                     if transaction:
                         self._db.execute("COMMIT")
+                    self._commits += 1
                 except BaseException:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
@@ -325,9 +400,11 @@ class Journal:
 
         `sent` also journals a send time (the rate limit survives a restart); `remember`
         ((identity, path, sha256), ...) records results for reuse in the same transaction. The
-        object changes only once the commit succeeded, so memory and disk always agree. Raises
+        object changes only once the commit succeeded, so memory and disk always agree; a
+        commit that `must_survive_power_loss` is on disk when this returns. Raises
         StateUnavailable when the disk refuses the write (nothing changed, in memory either).
         """
+        durable = must_survive_power_loss(record, changes, sent)
         changes = {**changes, "updated": time.time()}
         assignments = ", ".join(f"{name} = ?" for name in changes)
         with self._writing(transaction=True) as db:
@@ -340,9 +417,14 @@ class Journal:
                 # The file's timeline (its page in the web view).
                 db.execute("INSERT INTO steps (file, state, t) VALUES (?, ?, ?)",
                            (record.id, changes["state"], changes["updated"]))
-            db.executemany(
-                "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
-                "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
+            if remember:
+                db.executemany(
+                    "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
+                    "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
+        if durable:
+            # Outside the lock: other workers commit while the disk syncs, and one fsync
+            # serves them all. At least this commit's number (one read later is larger).
+            self._make_durable(self._commits)
         for name, value in changes.items():
             setattr(record, name, value)
 

@@ -1,0 +1,117 @@
+"""The journal's commits: every one survives the process's death; those whose loss to a power
+cut would cost a credit again are fsynced before `update` returns, the others are not, and
+workers committing at once share one fsync (group commit)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tests.conftest import wait_for
+from watchfolder.journal.db import (
+    DONE,
+    FETCHED,
+    QUEUED,
+    SENDING,
+    STORED,
+    Journal,
+    must_survive_power_loss,
+)
+
+
+def _synced(journal: Journal, before: int) -> int:
+    return journal.syncs - before
+
+
+def test_only_the_commits_that_guard_a_credit_are_fsynced(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    try:
+        record = journal.create("/in", "a.jpg", 10, 1, "s")
+        syncs = journal.syncs
+        assert _synced(journal, syncs) == 0, "a record created costs no credit if lost"
+        # A fast-path file's life, commit by commit: (changes, sent, fsynced?)
+        life = [
+            ({"state": SENDING, "sha256": "a" * 64, "route": "fast"}, True, True),
+            ({"state": FETCHED, "spool": str(tmp_path / "answer.png")}, False, True),
+            ({"outputs": '[["/out/a.png", "b"]]', "result": "/out/a.png"}, False, False),
+            ({"state": STORED, "spool": None}, False, True),  # the answer is deleted next
+            ({"archive": "/archive/a.jpg"}, False, False),
+            ({"state": DONE, "handoff": "pending"}, False, False),
+            ({"handoff": None}, False, False),
+        ]
+        for changes, sent, fsynced in life:
+            assert must_survive_power_loss(record, changes, sent) is fsynced, changes
+            syncs = journal.syncs
+            journal.update(record, sent=sent, **changes)
+            assert _synced(journal, syncs) == (1 if fsynced else 0), changes
+        assert journal.record(record.id) == record
+    finally:
+        journal.close()
+
+
+def test_going_back_to_the_queue_without_an_answer_is_not_fsynced(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    try:
+        record = journal.create("/in", "b.jpg", 10, 1, "s")
+        journal.update(record, state=SENDING, sent=True)
+        syncs = journal.syncs
+        # A 429: nothing was paid; rolled back by a power cut, it is sent once after it.
+        journal.update(record, state=QUEUED, attempts=1)
+        assert journal.syncs == syncs
+        journal.update(record, state=FETCHED, spool=None, reuse_from='["/out/x.png"]')
+        assert journal.syncs == syncs + 1, "fetched is fsynced, also for a reused answer"
+        journal.update(record, error_path="/errors/b.jpg")
+        assert journal.syncs == syncs + 2, "a failed file's name in errors is fsynced"
+    finally:
+        journal.close()
+
+
+def test_concurrent_commits_share_one_fsync(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    try:
+        records = [journal.create("/in", f"{n}.jpg", 10, 1, "s") for n in range(8)]
+        start = journal.syncs
+        # Held here as an fsync under way holds it: the eight commits are written meanwhile,
+        # and the first worker to get it makes one fsync that covers them all.
+        with journal._sync_lock:
+            workers = [threading.Thread(target=journal.update, args=(record,),
+                                        kwargs={"state": SENDING, "sent": True})
+                       for record in records]
+            for worker in workers:
+                worker.start()
+            wait_for(lambda: journal._commits >= 2 * len(records),
+                     what="the eight commits written")
+        for worker in workers:
+            worker.join(10)
+        assert journal.syncs == start + 1
+        assert all(r.state == SENDING for r in records)
+    finally:
+        journal.close()
+
+
+KILLED_AFTER_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from watchfolder.journal.db import Journal, STORED
+journal = Journal(Path(sys.argv[1]))
+record = journal.create("/in", "c.jpg", 10, 1, "s")
+journal.update(record, state=STORED, outputs='[["/out/c.png", "d"]]', result="/out/c.png")
+assert journal.syncs == 0
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_commit_not_fsynced_survives_the_process_being_killed(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", KILLED_AFTER_COMMIT, str(tmp_path)],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+                          capture_output=True, check=False, timeout=60)
+    assert done.returncode == -9, done.stderr
+    journal = Journal(tmp_path)
+    try:
+        [record] = journal.unfinished()
+        assert (record.state, record.result) == (STORED, "/out/c.png")
+    finally:
+        journal.close()
