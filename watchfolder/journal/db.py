@@ -121,7 +121,6 @@ CREATE TABLE IF NOT EXISTS files (
     handoff TEXT
 );
 CREATE INDEX IF NOT EXISTS files_by_path ON files (inbox, rel);
-CREATE INDEX IF NOT EXISTS files_by_state ON files (state);
 CREATE INDEX IF NOT EXISTS files_by_finish ON files (state, updated);
 CREATE TABLE IF NOT EXISTS results (
     identity TEXT PRIMARY KEY,
@@ -243,6 +242,9 @@ def _is_utf8(text: str) -> bool:
 def _create_or_upgrade(db: sqlite3.Connection) -> None:
     """The schema, with the columns older journals lack added."""
     db.executescript(_SCHEMA)
+    # (state) is the prefix of files_by_finish (state, updated), which serves the same
+    # queries: one index fewer to rewrite at each state change.
+    db.execute("DROP INDEX IF EXISTS files_by_state")
     columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
     for column in ("route", "proxy", "outputs", "handoff"):  # older journals
         if column not in columns:
