@@ -1,6 +1,7 @@
 """The journal's commits: every one survives the process's death; those whose loss to a power
 cut would cost a credit again are fsynced before `update` returns, the others are not, and
-workers committing at once share one fsync (group commit)."""
+workers committing at once share one fsync (group commit); a stored file's answer is deleted
+only once an fsync covers `stored`."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_only_the_commits_that_guard_a_credit_are_fsynced(tmp_path: Path) -> Non
             ({"state": SENDING, "sha256": "a" * 64, "route": "fast"}, True, True),
             ({"state": FETCHED, "spool": str(tmp_path / "answer.png")}, False, True),
             ({"outputs": '[["/out/a.png", "b"]]', "result": "/out/a.png"}, False, False),
-            ({"state": STORED, "spool": None}, False, True),  # the answer is deleted next
+            # Its answer is deleted only once a later fsync covers it (below).
+            ({"state": STORED, "spool": None}, False, False),
             ({"archive": "/archive/a.jpg"}, False, False),
             ({"state": DONE, "handoff": "pending"}, False, False),
             ({"handoff": None}, False, False),
@@ -113,5 +115,38 @@ def test_a_commit_not_fsynced_survives_the_process_being_killed(tmp_path: Path) 
     try:
         [record] = journal.unfinished()
         assert (record.state, record.result) == (STORED, "/out/c.png")
+    finally:
+        journal.close()
+
+
+def test_a_stored_answer_is_deleted_only_once_an_fsync_covers_stored(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    try:
+        answers = []
+        for name in ("a", "b"):
+            answer = journal.spool_dir / f"{name}.png"
+            answer.write_bytes(b"paid for")
+            record = journal.create("/in", f"{name}.jpg", 10, 1, "s")
+            journal.update(record, state=SENDING, sent=True)
+            journal.update(record, state=FETCHED, spool=str(answer))
+            syncs = journal.syncs
+            journal.update(record, state=STORED, spool=None)
+            journal.when_durable(answer.unlink)
+            assert answer.exists(), "a power cut could still undo stored: the answer stays"
+            assert journal.syncs == syncs
+            answers.append((record, answer))
+        # The next request's fsync covers both.
+        journal.update(journal.create("/in", "c.jpg", 10, 1, "s"), state=SENDING, sent=True)
+        assert not any(answer.exists() for _, answer in answers)
+        # Nothing else commits: settle (the daemon's main loop, and close) makes the fsync.
+        last = journal.spool_dir / "last.png"
+        last.write_bytes(b"paid for")
+        journal.update(answers[0][0], state=DONE)
+        journal.when_durable(last.unlink)
+        assert last.exists()
+        journal.settle()
+        assert not last.exists()
+        journal.when_durable(lambda: answers.clear())  # all durable: at once
+        assert answers == []
     finally:
         journal.close()

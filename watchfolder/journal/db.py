@@ -25,16 +25,18 @@ Durability: every commit is written to SQLite's WAL before the step it guards ha
 effect, so the process's death at any instant (SIGKILL, a crash) loses none. A power loss
 (or a kernel crash) may also roll back commits the kernel had not written yet; only those
 whose loss would cost a credit again are forced to disk before `update` returns
-(`must_survive_power_loss`): `sending` (with its send time), `fetched` (the paid answer in the
-spool) and every commit that forgets a spooled answer (its file is deleted next). One fsync
-of the WAL makes every commit written before it durable, so workers committing at the same
-time share one (group commit), and none holds the journal's lock while the disk syncs. What
-a power loss can still undo costs no credit: a record created (the file waits in its inbox
-again), the name chosen for an output (made again: adopted when the name holds the same
-bytes, else placed beside it as `-1`), the archive's name (the original, moved, is not
-there any more: done, without its archive path), `stored`, `done` and the hand-off's
-completion (done again: each part of a hand-off is idempotent). The name chosen in errors
-is fsynced too (see `must_survive_power_loss`).
+(`must_survive_power_loss`): `sending` (with its send time), `fetched` (the paid answer in
+the spool) and a commit that forgets a spooled answer (its file is deleted next), but for
+`stored`: its answer is deleted once the next fsync, whoever makes it, covers it
+(`when_durable`; the daemon's main loop makes one when none came within its turn, 5 s at
+most). One fsync of the WAL makes every commit written before it durable, so workers
+committing at the same time share one (group commit), and none holds the journal's lock
+while the disk syncs. What a power loss can still undo costs no credit: a record created
+(the file waits in its inbox again), the name chosen for an output (made again: adopted
+when the name holds the same bytes, else placed beside it as `-1`), the archive's name (the
+original, moved, is not there any more: done, without its archive path), `stored`, `done`
+and the hand-off's completion (done again: each part of a hand-off is idempotent). The name
+chosen in errors is fsynced too (see `must_survive_power_loss`).
 
 The journal also keeps the results table (content identity → outbox file, so the same content
 dropped again costs nothing), the send times of the last minute (so a restart cannot burst past
@@ -188,13 +190,17 @@ def must_survive_power_loss(record: FileRecord, changes: Mapping[str, Any],
     `sending` (a request goes out next: rolled back, the file would be sent again unjournaled),
     `fetched` (the answer is paid for and spooled: rolled back to `sending`, it would be sent
     again), and a commit that forgets a spooled answer (the spool file is deleted after it:
-    rolled back, the record would point at a deleted answer and ask again). Also the name
-    chosen in errors, which costs no credit but is rare: rolled back, a failed file moved
-    there would be taken for gone and keep no reason beside it.
+    rolled back, the record would point at a deleted answer and ask again), but `stored`,
+    whose answer is deleted only once a later fsync covers it (`Journal.when_durable`). Also
+    the name chosen in errors, which costs no credit but is rare: rolled back, a failed file
+    moved there would be taken for gone and keep no reason beside it.
     """
     state = changes.get("state", record.state)
     enters = state != record.state and state in (SENDING, FETCHED)  # not an output's name
-    forgets_answer = "spool" in changes and changes["spool"] is None and record.spool is not None
+    # A stored file's answer is deleted only once a later fsync covers `stored`
+    # (`when_durable`): that commit waits for nobody's fsync.
+    forgets_answer = "spool" in changes and changes["spool"] is None and \
+        record.spool is not None and state != STORED
     return sent or enters or forgets_answer or "error_path" in changes
 
 
@@ -237,6 +243,11 @@ def _is_utf8(text: str) -> bool:
         return False
     return True
 
+
+
+def _quietly(effect: Callable[[], object]) -> None:
+    with contextlib.suppress(OSError):
+        effect()
 
 
 def _create_or_upgrade(db: sqlite3.Connection) -> None:
@@ -318,13 +329,34 @@ class Journal:
         self._durable = 0  # of those, how many are known to be on disk
         self.syncs = 0  # fsyncs made to that end (for tests and benchmarks)
         self._sync_lock = threading.Lock()
+        # (commit number, effect): what waits until that commit is on disk (`when_durable`).
+        self._waiting: list[tuple[int, Callable[[], object]]] = []
 
     def close(self) -> None:
+        """Close the journal, once what waits for the disk (`when_durable`) has happened."""
+        with contextlib.suppress(StateUnavailable):
+            self.settle()
         with self._lock:
             self._db.close()
             if self._wal is not None:
                 os.close(self._wal)
                 self._wal = None
+
+    def when_durable(self, effect: Callable[[], object]) -> None:
+        """Call `effect` once every commit made so far is on disk: right away if it is, else
+        after the next fsync, in the thread that makes it (at the latest at `settle`). An
+        `OSError` it raises is dropped: the effect must be one a next start makes again (a
+        spool file deleted: `remove_orphans`)."""
+        with self._sync_lock:
+            if self._durable < self._commits:
+                self._waiting.append((self._commits, effect))
+                return
+        _quietly(effect)
+
+    def settle(self) -> None:
+        """Make every commit so far durable if some effect waits for it (`when_durable`)."""
+        if self._waiting:
+            self._make_durable(self._commits)
 
     def _make_durable(self, commit: int) -> None:
         """Return once commit number `commit` (and every one before it) is on disk.
@@ -347,6 +379,10 @@ class Journal:
                 raise StateUnavailable(f"cannot write the journal {self.path}: {exc}") from exc
             self._durable = written
             self.syncs += 1
+            ready = [effect for commit, effect in self._waiting if commit <= written]
+            self._waiting = [entry for entry in self._waiting if entry[0] > written]
+        for effect in ready:
+            _quietly(effect)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

@@ -113,11 +113,13 @@ def store(ctx: Context, work: Work) -> Outcome:
     identity = f"{record.sha256}|{record.settings}"
     outputs.forget_shared(record.spool)  # its last reader removed it, unless placed earlier
     # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
-    # the next start removes, never a reference that keeps it forever.
+    # the next start removes, never a reference that keeps it forever. Deleted once a fsync
+    # covers `stored` (the next request's, say): a power cut that undid it finds the answer.
     return Advance(STORED, {"spool": None},
                    remember=[(output_identity(identity, index), entry[0], entry[1])
                              for index, entry in enumerate(placed) if entry],
-                   then=None if spool is None else lambda: spool.unlink(missing_ok=True))
+                   then=None if spool is None else lambda: ctx.journal.when_durable(
+                       lambda: spool.unlink(missing_ok=True)))
 
 
 def _ask_again(ctx: Context, work: Work, exc: BadResult) -> Outcome:
