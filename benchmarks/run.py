@@ -413,7 +413,8 @@ def _case_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], No
         add(f"{x['files']:,} files dropped in {x['drop_s']:.1f} s while running ({how})",
             "all processed in ≤ 70 s (issue 17)" + ("; overflow → rescan" if forced else ""),
             f"{x['archived']:,} processed in {x['seconds']:.0f} s, {x['missed']} missed; "
-            f"{x['overflows']} overflow(s), {x['rescans']} rescan(s)", ok)
+            f"{x['overflows']} overflow(s), {x['rescans']} rescan(s); the daemon's CPU "
+            f"{x['cpu_ms_per_file']:.1f} ms per file", ok)
     elif r["case"] == "memory":
         if not x["rss_first_mb"] or not x["samples"]:
             raise MissingSample(f"no RSS sample (first {x['rss_first_mb']}, "
