@@ -24,14 +24,14 @@ from watchfolder.journal.db import (
 
 
 def _synced(journal: Journal, before: int) -> int:
-    return journal.syncs - before
+    return journal.commits.syncs - before
 
 
 def test_only_the_commits_that_guard_a_credit_are_fsynced(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     try:
         record = journal.create("/in", "a.jpg", 10, 1, "s")
-        syncs = journal.syncs
+        syncs = journal.commits.syncs
         assert _synced(journal, syncs) == 0, "a record created costs no credit if lost"
         # A fast-path file's life, commit by commit: (changes, sent, fsynced?)
         life = [
@@ -46,7 +46,7 @@ def test_only_the_commits_that_guard_a_credit_are_fsynced(tmp_path: Path) -> Non
         ]
         for changes, sent, fsynced in life:
             assert must_survive_power_loss(record, changes, sent) is fsynced, changes
-            syncs = journal.syncs
+            syncs = journal.commits.syncs
             journal.update(record, sent=sent, **changes)
             assert _synced(journal, syncs) == (1 if fsynced else 0), changes
         assert journal.record(record.id) == record
@@ -59,14 +59,14 @@ def test_going_back_to_the_queue_without_an_answer_is_not_fsynced(tmp_path: Path
     try:
         record = journal.create("/in", "b.jpg", 10, 1, "s")
         journal.update(record, state=SENDING, sent=True)
-        syncs = journal.syncs
+        syncs = journal.commits.syncs
         # A 429: nothing was paid; rolled back by a power cut, it is sent once after it.
         journal.update(record, state=QUEUED, attempts=1)
-        assert journal.syncs == syncs
+        assert journal.commits.syncs == syncs
         journal.update(record, state=FETCHED, spool=None, reuse_from='["/out/x.png"]')
-        assert journal.syncs == syncs + 1, "fetched is fsynced, also for a reused answer"
+        assert journal.commits.syncs == syncs + 1, "fetched is fsynced, also for a reused answer"
         journal.update(record, error_path="/errors/b.jpg")
-        assert journal.syncs == syncs + 2, "a failed file's name in errors is fsynced"
+        assert journal.commits.syncs == syncs + 2, "a failed file's name in errors is fsynced"
     finally:
         journal.close()
 
@@ -75,20 +75,20 @@ def test_concurrent_commits_share_one_fsync(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     try:
         records = [journal.create("/in", f"{n}.jpg", 10, 1, "s") for n in range(8)]
-        start = journal.syncs
+        start = journal.commits.syncs
         # Held here as an fsync under way holds it: the eight commits are written meanwhile,
         # and the first worker to get it makes one fsync that covers them all.
-        with journal._sync_lock:
+        with journal.commits.lock:
             workers = [threading.Thread(target=journal.update, args=(record,),
                                         kwargs={"state": SENDING, "sent": True})
                        for record in records]
             for worker in workers:
                 worker.start()
-            wait_for(lambda: journal._commits >= 2 * len(records),
+            wait_for(lambda: journal.commits.count >= 2 * len(records),
                      what="the eight commits written")
         for worker in workers:
             worker.join(10)
-        assert journal.syncs == start + 1
+        assert journal.commits.syncs == start + 1
         assert all(r.state == SENDING for r in records)
     finally:
         journal.close()
@@ -101,7 +101,7 @@ from watchfolder.journal.db import Journal, STORED
 journal = Journal(Path(sys.argv[1]))
 record = journal.create("/in", "c.jpg", 10, 1, "s")
 journal.update(record, state=STORED, outputs='[["/out/c.png", "d"]]', result="/out/c.png")
-assert journal.syncs == 0
+assert journal.commits.syncs == 0
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -129,11 +129,11 @@ def test_a_stored_answer_is_deleted_only_once_an_fsync_covers_stored(tmp_path: P
             record = journal.create("/in", f"{name}.jpg", 10, 1, "s")
             journal.update(record, state=SENDING, sent=True)
             journal.update(record, state=FETCHED, spool=str(answer))
-            syncs = journal.syncs
+            syncs = journal.commits.syncs
             journal.update(record, state=STORED, spool=None)
-            journal.when_durable(answer.unlink)
+            journal.commits.when_durable(answer.unlink)
             assert answer.exists(), "a power cut could still undo stored: the answer stays"
-            assert journal.syncs == syncs
+            assert journal.commits.syncs == syncs
             answers.append((record, answer))
         # The next request's fsync covers both.
         journal.update(journal.create("/in", "c.jpg", 10, 1, "s"), state=SENDING, sent=True)
@@ -142,11 +142,11 @@ def test_a_stored_answer_is_deleted_only_once_an_fsync_covers_stored(tmp_path: P
         last = journal.spool_dir / "last.png"
         last.write_bytes(b"paid for")
         journal.update(answers[0][0], state=DONE)
-        journal.when_durable(last.unlink)
+        journal.commits.when_durable(last.unlink)
         assert last.exists()
-        journal.settle()
+        journal.commits.settle()
         assert not last.exists()
-        journal.when_durable(lambda: answers.clear())  # all durable: at once
+        journal.commits.when_durable(lambda: answers.clear())  # all durable: at once
         assert answers == []
     finally:
         journal.close()

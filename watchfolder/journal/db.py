@@ -61,8 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from watchfolder.errors import JournalUnreadable, StateDirFull, StateUnavailable
-from watchfolder.files.atomic import fsync_dir
 from watchfolder.files.layout import JOURNAL_NAME, SPOOL
+from watchfolder.journal.durable import GroupCommit
 from watchfolder.journal.notes import Notes
 from watchfolder.journal.sqlite import open_durable, open_read_only
 
@@ -191,8 +191,8 @@ def must_survive_power_loss(record: FileRecord, changes: Mapping[str, Any],
     `fetched` (the answer is paid for and spooled: rolled back to `sending`, it would be sent
     again), and a commit that forgets a spooled answer (the spool file is deleted after it:
     rolled back, the record would point at a deleted answer and ask again), but `stored`,
-    whose answer is deleted only once a later fsync covers it (`Journal.when_durable`). Also
-    the name chosen in errors, which costs no credit but is rare: rolled back, a failed file
+    whose answer is deleted only once a later fsync covers it (`GroupCommit.when_durable`).
+    Also the name chosen in errors, which costs no credit but is rare: rolled back, a failed file
     moved there would be taken for gone and keep no reason beside it.
     """
     state = changes.get("state", record.state)
@@ -245,11 +245,6 @@ def _is_utf8(text: str) -> bool:
 
 
 
-def _quietly(effect: Callable[[], object]) -> None:
-    with contextlib.suppress(OSError):
-        effect()
-
-
 def _create_or_upgrade(db: sqlite3.Connection) -> None:
     """The schema, with the columns older journals lack added."""
     db.executescript(_SCHEMA)
@@ -278,7 +273,7 @@ class Journal:
         self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
         self.notes = Notes(self._query, self._writing)
-        self._group_commit(None)
+        self.commits = GroupCommit(None)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._db = open_durable(self.path, power_safe=False)
@@ -294,12 +289,7 @@ class Journal:
         if damage != ["ok"]:
             self._db.close()
             raise JournalUnreadable(_damaged(self.path, "; ".join(damage[:3])))
-        # The WAL exists once the journal was read (above), for as long as it is open: its
-        # fsync is what makes commits survive a power loss (`_make_durable`); its name is
-        # made durable once.
-        wal = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-        self._group_commit(wal)
-        fsync_dir(self.path.parent)
+        self.commits = GroupCommit(self.path)  # the journal was read: its WAL exists
 
     @classmethod
     def for_reading(cls, state_dir: Path, *, live: bool) -> Journal | None:
@@ -315,7 +305,7 @@ class Journal:
         self.spool_dir = Path(state_dir) / SPOOL
         self._lock = threading.Lock()
         self.notes = Notes(self._query, self._writing)
-        self._group_commit(None)
+        self.commits = GroupCommit(None)
         try:
             self._db = open_read_only(path, live=live)
         except sqlite3.Error as exc:
@@ -323,66 +313,11 @@ class Journal:
                                     f"the daemon's user or a member of its group)") from None
         return self
 
-    def _group_commit(self, wal: int | None) -> None:
-        self._wal = wal  # a descriptor of the WAL file (None: read-only, nothing to sync)
-        self._commits = 0  # commits written to the WAL through this connection
-        self._durable = 0  # of those, how many are known to be on disk
-        self.syncs = 0  # fsyncs made to that end (for tests and benchmarks)
-        self._sync_lock = threading.Lock()
-        # (commit number, effect): what waits until that commit is on disk (`when_durable`).
-        self._waiting: list[tuple[int, Callable[[], object]]] = []
-
     def close(self) -> None:
         """Close the journal, once what waits for the disk (`when_durable`) has happened."""
-        with contextlib.suppress(StateUnavailable):
-            self.settle()
+        self.commits.close()
         with self._lock:
             self._db.close()
-            if self._wal is not None:
-                os.close(self._wal)
-                self._wal = None
-
-    def when_durable(self, effect: Callable[[], object]) -> None:
-        """Call `effect` once every commit made so far is on disk: right away if it is, else
-        after the next fsync, in the thread that makes it (at the latest at `settle`). An
-        `OSError` it raises is dropped: the effect must be one a next start makes again (a
-        spool file deleted: `remove_orphans`)."""
-        with self._sync_lock:
-            if self._durable < self._commits:
-                self._waiting.append((self._commits, effect))
-                return
-        _quietly(effect)
-
-    def settle(self) -> None:
-        """Make every commit so far durable if some effect waits for it (`when_durable`)."""
-        if self._waiting:
-            self._make_durable(self._commits)
-
-    def _make_durable(self, commit: int) -> None:
-        """Return once commit number `commit` (and every one before it) is on disk.
-
-        One fdatasync of the WAL flushes every frame written before it, whoever wrote it: a
-        worker whose commit an fsync already under way covers waits for that one, and the
-        next fsync covers all the commits made while the last one ran. Raises
-        StateUnavailable when the disk refuses it (the commit may then be lost to a power
-        loss: the caller goes on as if it had not been made, so no request follows it).
-        """
-        with self._sync_lock:
-            if self._durable >= commit:
-                return
-            written = self._commits  # every commit counted is already in the WAL
-            if self._wal is None:
-                raise StateUnavailable(f"cannot write the journal {self.path}: it is closed")
-            try:
-                os.fdatasync(self._wal)
-            except OSError as exc:
-                raise StateUnavailable(f"cannot write the journal {self.path}: {exc}") from exc
-            self._durable = written
-            self.syncs += 1
-            ready = [effect for commit, effect in self._waiting if commit <= written]
-            self._waiting = [entry for entry in self._waiting if entry[0] > written]
-        for effect in ready:
-            _quietly(effect)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -405,7 +340,7 @@ class Journal:
                     yield self._db
                     if transaction:
                         self._db.execute("COMMIT")
-                    self._commits += 1
+                    self.commits.written()
                 except BaseException:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
@@ -462,7 +397,7 @@ class Journal:
         if durable:
             # Outside the lock: other workers commit while the disk syncs, and one fsync
             # serves them all. At least this commit's number (one read later is larger).
-            self._make_durable(self._commits)
+            self.commits.sync(self.commits.count)
         for name, value in changes.items():
             setattr(record, name, value)
 

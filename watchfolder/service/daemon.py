@@ -186,7 +186,7 @@ class Daemon:
         if self.journal is not None:
             # Stored files' answers wait for an fsync; when no request made one this turn.
             with contextlib.suppress(StateUnavailable):
-                self.journal.settle()
+                self.journal.commits.settle()
         now = time.monotonic()
         if self.journal is None or now < self._next_prune:
             return

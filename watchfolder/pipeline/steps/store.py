@@ -118,7 +118,7 @@ def store(ctx: Context, work: Work) -> Outcome:
     return Advance(STORED, {"spool": None},
                    remember=[(output_identity(identity, index), entry[0], entry[1])
                              for index, entry in enumerate(placed) if entry],
-                   then=None if spool is None else lambda: ctx.journal.when_durable(
+                   then=None if spool is None else lambda: ctx.journal.commits.when_durable(
                        lambda: spool.unlink(missing_ok=True)))
 
 
