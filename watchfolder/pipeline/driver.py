@@ -52,6 +52,7 @@ runs again, and no worker dies of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -443,8 +444,12 @@ class AfterCommit:
                 work = Work(Job(index, record.rel, record=record), record, inboxes[index])
                 self.run(work, partial(hand_off, self.ctx, work))
 
-    def retry_refused(self) -> None:
-        """Try again the hand-offs an unusable outbox refused (from the main loop)."""
+    def catch_up(self) -> None:
+        """From the main loop: make the journal durable when a stored file's spooled answer
+        waits for it (no request made an fsync since), then try again the hand-offs an
+        unusable outbox refused."""
+        with contextlib.suppress(StateUnavailable):  # the answers wait for the next one
+            self.ctx.journal.commits.settle()
         with self._lock:
             waiting, self._refused = self._refused, []
         for work in waiting:

@@ -177,16 +177,12 @@ class Daemon:
     # -- running ------------------------------------------------------------------------------
 
     def housekeeping(self) -> None:
-        """Every turn of the main loop: end a budget pause that is over, try again the
-        hand-offs a folder refused, make the journal durable if a stored file's answer waits
-        for it. At start and once a day: forget what the journal no longer needs."""
+        """Every turn of the main loop: end a budget pause that is over, catch up after
+        commits (`AfterCommit.catch_up`). At start and once a day: forget what the journal
+        no longer needs."""
         if self.pipeline is not None:
             self.pipeline.ctx.check_budget()
-            self.pipeline.after_commit.retry_refused()
-        if self.journal is not None:
-            # Stored files' answers wait for an fsync; when no request made one this turn.
-            with contextlib.suppress(StateUnavailable):
-                self.journal.commits.settle()
+            self.pipeline.after_commit.catch_up()
         now = time.monotonic()
         if self.journal is None or now < self._next_prune:
             return
