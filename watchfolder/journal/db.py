@@ -375,7 +375,9 @@ class Journal:
         ((identity, path, sha256), ...) records results for reuse in the same transaction. The
         object changes only once the commit succeeded, so memory and disk always agree; a
         commit that `must_survive_power_loss` is on disk when this returns. Raises
-        StateUnavailable when the disk refuses the write (nothing changed, in memory either).
+        StateUnavailable when the disk refuses the write (nothing changed, in memory either)
+        or that fsync (the object is unchanged: the caller goes on as if nothing was
+        journaled, so no request follows a `sending` that a power cut could undo).
         """
         durable = must_survive_power_loss(record, changes, sent)
         changes = {**changes, "updated": time.time()}
