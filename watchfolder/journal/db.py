@@ -266,7 +266,8 @@ def _create_or_upgrade(db: sqlite3.Connection) -> None:
 
 
 class Journal:
-    """Thread-safe access to the journal database; every write is committed durably."""
+    """Thread-safe access to the journal database; every write is committed when the call
+    returns, and on disk too when its loss to a power cut would cost a credit (Durability)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / JOURNAL_NAME
