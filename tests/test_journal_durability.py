@@ -21,6 +21,7 @@ from watchfolder.journal.db import (
     Journal,
     must_survive_power_loss,
 )
+from watchfolder.journal.durable import GroupCommit
 
 
 def _synced(journal: Journal, before: int) -> int:
@@ -150,3 +151,21 @@ def test_a_stored_answer_is_deleted_only_once_an_fsync_covers_stored(tmp_path: P
         assert answers == []
     finally:
         journal.close()
+
+
+def test_without_a_wal_every_commit_counts_as_on_disk(tmp_path: Path) -> None:
+    # A journal whose filesystem refused WAL mode keeps a rollback journal with
+    # synchronous=FULL: nothing is left to sync, nothing waits.
+    path = tmp_path / "journal.sqlite3"
+    path.write_bytes(b"")
+    commits = GroupCommit(path)
+    try:
+        assert commits.every_commit
+        commits.written()
+        commits.sync(commits.count)
+        assert commits.syncs == 0
+        ran: list[int] = []
+        commits.when_durable(lambda: ran.append(1))
+        assert ran == [1]
+    finally:
+        commits.close()

@@ -291,6 +291,8 @@ class Journal:
             self._db.close()
             raise JournalUnreadable(_damaged(self.path, "; ".join(damage[:3])))
         self.commits = GroupCommit(self.path)  # the journal was read: its WAL exists
+        if self.commits.every_commit:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     @classmethod
     def for_reading(cls, state_dir: Path, *, live: bool) -> Journal | None:

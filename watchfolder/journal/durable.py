@@ -32,9 +32,16 @@ class GroupCommit:
         it is open); None for a journal opened read-only (nothing to sync)."""
         self.path = path
         self._wal: int | None = None
+        self.every_commit = False  # synchronous=FULL: each commit is on disk when made
         if path is not None:
-            self._wal = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-            fsync_dir(path.parent)  # the -wal's name, once
+            try:
+                self._wal = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                # No WAL (a filesystem without the shared memory it needs): SQLite keeps a
+                # rollback journal, and the caller syncs every commit instead.
+                self.every_commit = True
+            else:
+                fsync_dir(path.parent)  # the -wal's name, once
         self.count = 0  # commits written to the WAL through this connection
         self._durable = 0  # of those, how many are known to be on disk
         self.syncs = 0  # fsyncs made (for tests and benchmarks)
@@ -55,6 +62,8 @@ class GroupCommit:
         loss: the caller goes on as if it had not been made, so no request follows it).
         """
         with self.lock:
+            if self.every_commit:
+                self._durable = self.count
             if self._durable >= commit:
                 return
             written = self.count  # every commit counted is already in the WAL
@@ -77,7 +86,7 @@ class GroupCommit:
         `OSError` it raises is dropped: the effect must be one a next start makes again (a
         spool file deleted: `remove_orphans`)."""
         with self.lock:
-            if self._durable < self.count:
+            if self._durable < self.count and not self.every_commit:
                 self._waiting.append((self.count, effect))
                 return
         _quietly(effect)
