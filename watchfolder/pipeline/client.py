@@ -139,7 +139,7 @@ class ApiClient:
         self._local = threading.local()
         self._adapters: list[DeadlineAdapter] = []
         self._lock = threading.Lock()
-        self._watchdog = Watchdog()
+        self.watchdog = Watchdog()
         self._environment: dict[str, Any] | None = None
 
     def _route(self) -> _Route:
@@ -171,7 +171,7 @@ class ApiClient:
                 adapter.close()
             self._adapters.clear()
         self._local = threading.local()
-        self._watchdog.close()
+        self.watchdog.close()
 
     def remove_background(self, data: bytes, *, filename: str, mime: str,
                           dest: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -194,7 +194,7 @@ class ApiClient:
                    "x-api-key": self._key.reveal(), "Content-Type": content_type,
                    "Content-Length": str(len(body))}
         started = time.monotonic()
-        with Deadline(self.timeout[1], self._watchdog) as deadline:
+        with Deadline(self.timeout[1], self.watchdog) as deadline:
             try:
                 route = self._route()
                 response = route.pool.urlopen(

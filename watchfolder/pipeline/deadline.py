@@ -56,7 +56,12 @@ class Deadline:
     def __exit__(self, *exc_info: object) -> None:
         with self._lock:
             self._finished = True
+            self._socket = None
         _current.deadline = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     def attach(self, sock: socket.socket | None) -> None:
         if sock is None:
@@ -92,12 +97,23 @@ class Watchdog:
                 self._thread = threading.Thread(target=self._run, args=(self._generation,),
                                                 daemon=True, name="watchfolder-api-deadlines")
                 self._thread.start()
+            # Finished deadlines leave the heap here, not when they fall due: every request
+            # has the same timeout, so the earliest are the oldest, nearly all finished, and
+            # the heap stays near the requests in flight instead of rate x timeout entries.
+            while self._due and self._due[0][2].finished:
+                heapq.heappop(self._due)
             entry = (deadline.due, next(self._count), deadline)
             heapq.heappush(self._due, entry)
             # Woken only for a deadline that comes first: with one timeout for every request
             # that is only the first after an idle spell, not a wake-up per request.
             if self._due[0] is entry:
                 self._changed.notify()
+
+    @property
+    def watched(self) -> int:
+        """Deadlines still held (in flight, or finished and not yet let go)."""
+        with self._changed:
+            return len(self._due)
 
     def close(self) -> None:
         with self._changed:
