@@ -413,13 +413,18 @@ def png_crcs(data: bytes | mmap.mmap) -> str | None:
     view = memoryview(data)
     try:
         for chunk in chunks:
-            body = view[chunk.data_start:chunk.data_start + chunk.length]
-            crc = int.from_bytes(view[chunk.end - 4:chunk.end], "big")
-            if zlib.crc32(body, zlib.crc32(chunk.type)) != crc:
+            if not _crc_holds(view, chunk):
                 return f"PNG chunk {chunk.type!r} fails its CRC (corrupt)"
     finally:
         view.release()
     return None
+
+
+def _crc_holds(view: memoryview, chunk: Chunk) -> bool:
+    """Whether `chunk`'s stored CRC matches its type and data."""
+    body = view[chunk.data_start:chunk.data_start + chunk.length]
+    crc = int.from_bytes(view[chunk.end - 4:chunk.end], "big")
+    return zlib.crc32(body, zlib.crc32(chunk.type)) == crc
 
 
 def png_inflates(data: bytes | mmap.mmap) -> str | None:
@@ -448,13 +453,11 @@ def png_inflates(data: bytes | mmap.mmap) -> str | None:
     view = memoryview(data)
     try:
         for chunk in chunks:
-            body = view[chunk.data_start:chunk.data_start + chunk.length]
-            crc = int.from_bytes(view[chunk.end - 4:chunk.end], "big")
-            if zlib.crc32(body, zlib.crc32(chunk.type)) != crc:
+            if not _crc_holds(view, chunk):
                 return f"PNG chunk {chunk.type!r} fails its CRC (corrupt)"
             if chunk.type != b"IDAT":
                 continue
-            pending: bytes | memoryview = body
+            pending: bytes | memoryview = view[chunk.data_start:chunk.data_start + chunk.length]
             while pending:
                 if inflater.eof:
                     return "data after the end of the compressed pixel stream"
