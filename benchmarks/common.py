@@ -7,6 +7,7 @@ folders on the disk under /tmp, and the API is the loopback sandbox with its `la
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import dataclasses
 import hashlib
@@ -142,7 +143,9 @@ def studio_config(root: Path, url: str, *, rpm: int, concurrency: int,
 
 
 class DaemonProcess:
-    """`python -m watchfolder run --config ...` in a child process, logging JSON to a file."""
+    """`python -m watchfolder run --config ...` in a child process, logging JSON to a file.
+    A daemon still running when the harness exits (a case that failed half-way) is stopped
+    then, not left behind to load the machine under the next measurement."""
 
     def __init__(self, root: Path, config: dict[str, Any], name: str = "daemon",
                  argv: Sequence[str] | None = None) -> None:
@@ -165,6 +168,7 @@ class DaemonProcess:
             self.started = time.monotonic()
             self.proc = subprocess.Popen([*self.argv, str(self.config_path)], cwd=REPO, env=env,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        atexit.register(self.stop, 10.0)
         deadline = time.monotonic() + timeout
         while not any(e.get("event") == "ready" for e in self.read_events()):
             if self.proc.poll() is not None:
