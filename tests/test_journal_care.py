@@ -9,8 +9,9 @@ from pathlib import Path
 
 from tests.conftest import Running, Studio, make_image, run_watchfolder, wait_for
 from watchfolder.dev.sandbox import Sandbox
-from watchfolder.journal.db import Journal
-from watchfolder.service.recovery import still_in_place
+from watchfolder.journal.db import FETCHED, Journal
+from watchfolder.pipeline.outputs import SHARED_SUFFIX
+from watchfolder.service.recovery import remove_orphans, still_in_place
 
 
 def test_a_damaged_journal_exits_2_naming_the_file_and_the_fix(studio: Studio,
@@ -126,3 +127,20 @@ def test_reset_journal_finds_tiff_results_and_recipe_outputs(tmp_path: Path,
     assert done.stdout.count("2 file(s) kept in place recorded as done") == 2, done.stdout
     assert studio.files(studio.outbox) == ["sub/kept0.tif", "sub/kept1.tif"]
     assert len(studio.files(tmp_path / "out2")) == 4
+
+
+def test_a_start_clears_a_shared_cut_out_a_crash_left_but_keeps_its_answer(tmp_path: Path) -> None:
+    # A recipe's full-size cut-out kept on disk for the file's other outputs (outputs.py)
+    # lives beside the spooled answer; a crash before its last reader leaves it there.
+    journal = Journal(tmp_path)
+    try:
+        record = journal.create("inbox", "shot.tif", 1, 1, "v1:{}")
+        answer = journal.spool_dir / f"{record.id}.png"
+        answer.write_bytes(b"answer")
+        journal.update(record, state=FETCHED, spool=str(answer))
+        left = answer.with_name(f"{answer.name}.0123456789abcdef{SHARED_SUFFIX}")
+        left.write_bytes(b"pixels")
+        remove_orphans(journal)
+        assert sorted(journal.spool_dir.iterdir()) == [answer]
+    finally:
+        journal.close()
