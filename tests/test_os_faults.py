@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from PIL import Image
 
 from tests.conftest import KEY, Studio, make_image, run_watchfolder, wait_for
@@ -28,6 +29,7 @@ from tests.faults import (
 from watchfolder.dev.sandbox import Sandbox
 from watchfolder.errors import StateUnavailable
 from watchfolder.journal.db import DONE, QUEUED, SENDING, Journal
+from watchfolder.pipeline.state import StateGuard
 
 __all__ = ["loop_mount", "tmpfs"]  # the fixtures, used by name
 
@@ -214,6 +216,29 @@ def test_a_journal_write_on_a_full_disk_changes_nothing_and_says_so(
     assert [r.state for r in again.unfinished()] == []
     assert len(again.recent_send_ages(3600.0)) == again.sends_since(0)  # readable, whole
     again.close()
+
+
+def test_a_journal_write_that_works_on_a_still_full_disk_is_not_a_recovery(
+        tmp_path: Path, tmpfs: Callable[[Path, int], Tmpfs]) -> None:
+    # A placed result's spool file, deleted, frees a few kilobytes on a full state_dir: the
+    # journal's next write then works although the room for an answer is not there. Said as
+    # a recovery, the next answer's refusal would be a second outage (a flake of the test
+    # below, under load).
+    state = tmp_path / "state"
+    tmpfs(state, 2048)
+    answer = state / "answer.png"
+    answer.write_bytes(b"\0" * 65536)
+    filler = fill(state)
+    guard = StateGuard(state, probe=lambda: None)
+    guard.failed(StateUnavailable("disk full"))
+    answer.unlink()
+    with structlog.testing.capture_logs() as logged:
+        guard.worked()
+        assert guard.down is not None, "64 KB free is not the room an answer needs"
+        filler.unlink()
+        guard.worked()
+    assert guard.down is None
+    assert [entry["event"] for entry in logged] == ["state.recovered"]
 
 
 def test_a_state_dir_that_fills_mid_batch_is_a_pause_and_nothing_is_paid_twice(

@@ -54,8 +54,16 @@ class StateGuard:
                            "nothing is sent, files wait; it resumes by itself when it can")
 
     def worked(self) -> None:
-        """A journal write worked: the outage, if any, is over."""
+        """A journal write worked: the outage, if any, is over once the room recovery waits
+        for is there too. A write alone does not say so: the few kilobytes an answer's spool
+        file frees when its result is placed let the journal's next pages in while the disk
+        is still full, and a recovery said then would be followed by a second outage."""
         if self.down is None:  # the usual case, without the lock
+            return
+        try:
+            if _free(self.state_dir) < self._need:
+                return
+        except OSError:
             return
         with self._lock:
             was, self.down = self.down, None
