@@ -272,6 +272,44 @@ def test_a_second_signal_forces_the_exit(tmp_path: Path, sandbox: Sandbox) -> No
     assert studio.files(studio.inbox) == ["stuck.png"], "forced, yet nothing lost"
 
 
+BUSY_MAIN_THREAD = """
+import sqlite3
+from watchfolder.cli import _SignalState
+
+class Stops:
+    def request_stop(self):
+        print("graceful stop", flush=True)
+
+    def request_reload(self):
+        pass
+
+_SignalState(Stops()).install()
+print("ready", flush=True)
+# about a second in one C call: Python runs no signal handler until it returns
+sqlite3.connect(":memory:").execute(
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 5000000) "
+    "SELECT count(*) FROM c").fetchall()
+print("survived", flush=True)
+"""
+
+
+def test_a_second_signal_forces_the_exit_while_the_main_thread_is_busy() -> None:
+    # Two signals that reach Python before its main thread runs a handler run that handler
+    # once: a daemon slow to get the CPU took "stop now" for a graceful stop (a flake of the
+    # test above, under load). Each signal is counted as it arrives.
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_MAIN_THREAD], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert out == "graceful stop\n", "the first asked for a stop, at once; nothing after"
+
+
 def test_run_once_on_a_terminal_shows_a_live_progress_line(studio: Studio) -> None:
     import pty
     import select

@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -354,25 +355,47 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 class _SignalState:
-    """The first SIGTERM/SIGINT asks for a graceful stop; a second forces the exit."""
+    """The first SIGTERM/SIGINT asks for a graceful stop; a second forces the exit; SIGHUP
+    asks for a reload.
+
+    Python runs a handler in the main thread at its next bytecode, and two signals that
+    arrive before then run it once: a main thread slow to get the CPU on a loaded machine
+    turned "stop now" into a graceful stop waiting for a hung request. So the handlers do
+    nothing; the interpreter writes each signal's number to a pipe as it arrives
+    (`signal.set_wakeup_fd`, one byte per delivery), and a thread of our own reads the pipe
+    and acts on every byte at once, whatever the main thread is doing.
+    """
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.count = 0
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGHUP, self._hangup)
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # a full pipe drops a byte rather than block a handler
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, _noted)
+        threading.Thread(target=self._listen, args=(read,), name="watchfolder-signals",
+                         daemon=True).start()
 
-    def _hangup(self, signum: int, frame: FrameType | None) -> None:
-        self.daemon.request_reload()
+    def _listen(self, fd: int) -> None:
+        while True:
+            for signum in os.read(fd, 64):
+                self.handle(signum)
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.count += 1
-        if self.count > 1:
-            os._exit(128 + signum)  # the user insists: journal is consistent at every step
-        self.daemon.request_stop()
+    def handle(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self.daemon.request_reload()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.count += 1
+            if self.count > 1:
+                os._exit(128 + signum)  # the user insists: journal is consistent at every step
+            self.daemon.request_stop()
+
+
+def _noted(signum: int, frame: FrameType | None) -> None:
+    """Nothing to do here: the wakeup pipe has carried the signal to `_SignalState`."""
 
 
 if __name__ == "__main__":
