@@ -401,6 +401,34 @@ def test_reload_rejects_an_invalid_config_and_keeps_running(studio: Studio, sand
     assert KEY not in daemon.log
 
 
+def test_an_old_keys_refusal_answered_after_the_resume_does_not_pause_again(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    # A request sent with the revoked key is answered (403) only after the reload's probe has
+    # resumed the queue: its refusal predates the new key and must not hold the files for a
+    # whole probe interval (a flake of the test below, under load).
+    studio = Studio(tmp_path, sandbox.url, api={"key": "revoked-key-0000"},
+                    retry={"pause_seconds": 120}, inbox={"settle_seconds": 0.1})
+    sandbox.latency = 4.0
+    config = studio.write_config()
+    with DaemonProcess(config) as daemon:
+        daemon.wait_event("ready")
+        make_image(studio.inbox / "slow.png", seed=1)
+        wait_for(lambda: studio.states() == ["sending"], what="the slow request")
+        time.sleep(1.0)  # in the sandbox, waiting its 4 s
+        sandbox.latency = 0.0
+        make_image(studio.inbox / "quick.png", seed=2)
+        daemon.wait_event("account.paused")
+        studio.data["api"]["key"] = KEY
+        studio.write_config()
+        daemon.send(signal.SIGHUP)
+        daemon.wait_event("account.resumed")
+        wait_for(lambda: len(studio.files(studio.archive)) == 2, timeout=20,
+                 what="both files sent with the new key")
+        assert daemon.stop() == 0
+    assert len(daemon.events("account.paused")) == 1
+    assert daemon.events("account.refusal_outdated"), "the old key's late 403"
+
+
 def test_reload_with_a_working_key_resumes_a_paused_queue_at_once(
         tmp_path: Path, sandbox: Sandbox) -> None:
     studio = Studio(tmp_path, sandbox.url, api={"key": "revoked-key-0000"},

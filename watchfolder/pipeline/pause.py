@@ -52,6 +52,7 @@ class Pause:
         self._error: AccountError | BudgetReached | None = None
         self._probe_at = 0.0
         self._probe_every = 0.0
+        self._resumes = 0  # how many times the account or budget pause was lifted
         self._held: dict[str, str] = {}
         self._listeners: list[Callable[[], None]] = []
         if journal is not None:
@@ -96,10 +97,18 @@ class Pause:
             was = self._error is not None and (kind is None or isinstance(self._error, kind))
             if was:
                 self._error = None
+                self._resumes += 1
         if was:
             self._note(None)
             self._changed()
         return was
+
+    @property
+    def resumes(self) -> int:
+        """How many times the pause was lifted: read before a request, it tells whether a
+        refusal of that request says anything about the account as it is now."""
+        with self._lock:
+            return self._resumes
 
     def probe_now(self) -> None:
         """While paused, let the next probe go at once (after a reload with a new key)."""

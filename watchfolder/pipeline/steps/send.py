@@ -63,6 +63,7 @@ def send(ctx: Context, work: Work) -> Outcome:
     asked = "png" if record.route == "studio" or inbox.output_format == "tiff" \
         or inbox.outputs else inbox.output_format
     part = ctx.journal.spool_dir / layout.part_name(record.id)
+    resumes = ctx.pause.resumes
     try:
         result = _call_api(
             ctx, payload.data, filename=_sendable(PurePosixPath(work.job.rel).name),
@@ -80,7 +81,7 @@ def send(ctx: Context, work: Work) -> Outcome:
                     retry_after=exc.delay is not None)
         return Park(front=True, changes=back)
     except AccountError as exc:
-        ctx.account_problem(exc, probe=work.job.probe)
+        ctx.account_problem(exc, probe=work.job.probe, sent_after=resumes)
         return Park(front=True, changes=back)
     except FileRejected as exc:
         if isinstance(exc, FormatNotAcceptable):
