@@ -65,7 +65,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -574,7 +574,8 @@ class Sandbox:
 
     @property
     def latency(self) -> float:
-        """Seconds added before answering each request."""
+        """Seconds from a request's arrival (its headers read) to its answer: the sandbox's own
+        work is counted in it, and the rest is slept (work that takes longer answers at once)."""
         return self._latency
 
     @latency.setter
@@ -1039,9 +1040,13 @@ class _Handler(BaseHTTPRequestHandler):
         key = (self.headers.get("x-api-key") or "").strip() or None
         accept = self.headers.get("accept")
         answer = sandbox._answer(receipt, key, accept, form, too_large)
+        record = self._make_record(receipt, key, accept, form, answer)
         if answer.action != "hang" and sandbox.latency:
-            sandbox._stopping.wait(sandbox.latency)
-        sandbox._record(self._make_record(receipt, key, accept, form, answer))
+            # `latency` is what a client reads: from the request to the answer. The sandbox's
+            # own work (reading the body, the cut-out, the record) is part of it, not added
+            # to it (added, it made 0.2 s answer in 0.2045 s: 2.2 % of a benchmark's rate).
+            sandbox._stopping.wait(max(0.0, receipt + sandbox.latency - time.monotonic()))
+        sandbox._record(replace(record, ms=(time.monotonic() - receipt) * 1000))
         if answer.action == "send":
             self._send(answer)
         elif answer.action == "truncate":
@@ -1270,7 +1275,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="delay added before each answer (default: %(default)s)",
+        help="seconds from a request's arrival to its answer, the sandbox's own work "
+        "included (default: %(default)s)",
     )
     parser.add_argument(
         "--fail-rate",
