@@ -137,12 +137,19 @@ def throughput(params: dict[str, Any]) -> Result:
         theirs = list(api2.requests)
     ok = sorted(r.time for r in ours if r.status == 200)
     last = min(len(ok), need) - 1
+    # The daemon's time per request outside the sandbox (Little's law at the slots' edge):
+    # the k-th answer to leave frees a slot, which sends the (k + concurrency)-th request.
+    answers = sorted(r.time + r.ms / 1000 for r in ours if r.status == 200)
+    gaps = [1000 * (ok[k + conc] - answers[k]) for k in range(rpm, max(rpm, last - conc))]
     # NaN, never 0: fewer requests than one window is a figure not measured (run.py refuses it).
     rate = (last - rpm) / (ok[last] - ok[rpm]) * 60 if last > rpm else math.nan
     result = {
         "rpm": rpm, "latency": latency, "concurrency": conc, "windows": windows,
         "span_s": ok[last] - ok[rpm] if last > rpm else math.nan, "counted": max(0, last - rpm),
         "rate": rate, "fraction": rate / rpm,
+        "gap_ms": statistics.median(gaps) if gaps else math.nan,
+        "gap_ms_p90": statistics.quantiles(gaps, n=10)[-1] if len(gaps) > 1 else math.nan,
+        "answer_ms": statistics.median(r.ms for r in ours if r.status == 200),
         "first_minute": count_between([r.time for r in ours], t1, t1 + 60),
         "max_window": max_in_window([r.time for r in ours]),
         "status_429": sum(1 for r in ours if r.status == 429),

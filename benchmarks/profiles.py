@@ -3,8 +3,9 @@
     python -m benchmarks.profiles DIR/throughput-600rpm-0.2s-c2.txt
 
 Throughput profiles are wall-clock (waiting threads included) and are split by what the
-workers do: holding a request slot (and, within it, waiting for the answer versus
-watchfolder's own work), waiting for a slot, local work outside the slot, waiting for a job.
+main lane's workers do: waiting for a job or a request slot, within the slot (the limiter,
+the answer, the spool, the client), the journal's commits, and the steps that follow an
+answer (store, finish; on one host outside the slot).
 Other profiles are CPU profiles: the functions that hold the most samples, inclusive.
 """
 
@@ -32,48 +33,45 @@ def _stacks(path: Path) -> list[tuple[list[str], int]]:
     return stacks
 
 
-def _slot_part(inner: list[str]) -> str:
-    names = " ".join(inner)
-    if "HTTPResponse._read_status" in names:
-        return "waiting for the answer (API latency + the server's own work)"
-    if "ApiClient.remove_background" in names:
-        return "HTTP client: building, sending, reading the body"
-    if "Journal.update" in names:
-        return "journal commit (sending / fetched, fsync)"
-    if "write_atomic" in names:
-        return "spool write (fsync of file and folder)"
-    if "inspect_result" in names:
-        return "decoding the result (Pillow)"
-    return inner[0] if inner else "other"
+def _worker_part(short: list[str]) -> str:
+    """What a main-lane worker's sample is doing, by the step on its stack."""
+    def has(name: str) -> bool:
+        return name in short
+    if has("JobQueue.get"):
+        return "waiting for a job"
+    if has("RequestSlots.acquire"):
+        return "waiting for a request slot"
+    if has("send"):
+        if has("HTTPResponse.begin"):
+            return "slot: waiting for the answer (latency + transfer)"
+        if has("_write_file") or has("fsync_dir") or has("_spooled"):
+            return "slot: the answer to the spool (write, fsync)"
+        return "slot: HTTP client, checking the answer"
+    if has("admit"):
+        if any("Limiter.acquire" in name for name in short):
+            return "slot: waiting for the rate limiter"
+        return "slot: admission (claim, budget)"
+    if has("Pipeline._commit"):
+        return "journal commits (sending, fetched: in the slot; stored, done)"
+    for step in ("store", "finish", "prepare"):
+        if has(step):
+            return f"{step} (one host: outside the slot)"
+    return "other"
 
 
 def workers(path: Path) -> str:
-    """Where the worker threads' wall-clock time goes."""
-    outer: Counter[str] = Counter()
-    held: Counter[str] = Counter()
+    """Where the main-lane workers' wall-clock time goes."""
+    parts: Counter[str] = Counter()
     total = 0
     for frames, count in _stacks(path):
-        if not any("watchfolder-worker" in f for f in frames):
+        if not any("watchfolder-main-worker" in f for f in frames):
             continue
         total += count
-        short = [f.split(" (")[0] for f in frames]
-        if "Pipeline._request" in short:
-            outer["holding a request slot"] += count
-            held[_slot_part(frames[short.index("Pipeline._request") + 1:])] += count
-        elif "RequestSlots.acquire" in short:
-            outer["waiting for a request slot"] += count
-        elif "JobQueue.get" in short:
-            outer["waiting for a job"] += count
-        else:
-            outer["local work outside the slot (journal, outbox, archive)"] += count
+        parts[_worker_part([f.split(" (")[0] for f in frames])] += count
     if not total:
         return "no worker samples"
-    lines = [f"{total} worker samples (wall clock)"]
-    lines += [f"  {100 * n / total:5.1f}%  {what}" for what, n in outer.most_common()]
-    slot = outer["holding a request slot"]
-    if slot:
-        lines.append("  of the time a slot is held:")
-        lines += [f"    {100 * n / slot:5.1f}%  {what}" for what, n in held.most_common(6)]
+    lines = [f"{total} main-lane worker samples (wall clock)"]
+    lines += [f"  {100 * n / total:5.1f}%  {what}" for what, n in parts.most_common()]
     return "\n".join(lines)
 
 

@@ -86,8 +86,8 @@ def plan(quick: bool) -> tuple[list[Case], list[Case]]:
     for rpm in RATES:
         for latency in LATENCIES:
             needed = latency * rpm / 60
-            # The smallest concurrency above latency x rate: the API's answer always takes a
-            # little longer than `latency` (the sandbox's own work, the transfer).
+            # The smallest concurrency above latency x rate: a request always takes a little
+            # longer than `latency` (the upload, the answer's transfer).
             parallel.append(("throughput", {"rpm": rpm, "latency": latency,
                                             "concurrency": math.floor(needed + 1e-9) + 1,
                                             "windows": windows}))
@@ -198,7 +198,8 @@ def _short(params: dict[str, Any]) -> str:
 
 
 def sandbox_overhead() -> float:
-    """Median milliseconds of one sandbox answer at latency 0: what `latency` does not count."""
+    """Median milliseconds of one sandbox answer at latency 0: its own work, which `latency`
+    includes (a latency shorter than it is not kept)."""
     import requests
 
     with Sandbox(rpm=0) as api, requests.Session() as session:
@@ -354,7 +355,8 @@ def _case_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], No
             f"concurrency {p['concurrency']}{edge}",
             f"≥ 98% of {p['rpm']}/min, no 429, ≤ {p['rpm']} in any 60 s",
             f"{x['rate']:.1f}/min = {_pct(x['fraction'])} over {x['counted']:,} requests, "
-            f"429s: {x['status_429']}, max {x['max_window']} in 60 s", ok)
+            f"429s: {x['status_429']}, max {x['max_window']} in 60 s"
+            + (f", gap {x['gap_ms']:.1f} ms" if "gap_ms" in x else ""), ok)
         if p["rpm"] == 600 and p["latency"] == 0.2 and not p.get("boundary"):
             add(f"Fast path: CPU per request at {p['rpm']}/min, latency {p['latency']:g} s, "
                 f"concurrency {p['concurrency']} (the daemon's CPU from exec to the last "
@@ -555,19 +557,22 @@ process on the machine).
   network jitter, so its ceiling is 60/60.5 = 99.2% of the limit.
   *Max in 60 s* is the most requests the sandbox received in any 60-second window of the whole
   run, start-up included; the sandbox enforces the limit itself, so any excess shows as a 429.
-- **Concurrency**: the main rows use the smallest concurrency above latency x rate (an answer
-  always takes a little longer than `latency`: the sandbox's own work and the transfer, see
-  *sandbox answer* above). The full run adds rows with concurrency exactly latency x rate
-  (*no headroom*). There Little's law, rate = concurrency / time a request holds its slot,
-  turns every millisecond beyond `latency` into lost throughput: the sandbox's own work, and
-  watchfolder's durable writes while it holds the slot (the `sending` journal commit before
-  the request, the spool file and the `fetched` commit after it, which is what bounds a crash
-  to one lost credit per slot). At 0.2 s a few milliseconds are a few percent; at 2 s and
-  5 s they vanish. `api.concurrency` counts requests: local work (reading, checking, outbox,
-  archive) runs on spare workers and holds no slot.
+- **Concurrency**: the main rows use the smallest concurrency above latency x rate (a request
+  always takes a little longer than `latency`, the time from its arrival at the sandbox to its
+  answer, the sandbox's own work included: the upload and the transfer of the answer). The
+  full run adds rows with concurrency exactly latency x rate (*no headroom*). There Little's
+  law, rate = concurrency / time a request holds its slot, turns every millisecond beyond
+  `latency` into lost throughput: the transfer, and watchfolder's durable writes while it
+  holds the slot (the `sending` journal commit before the request, the spool file and the
+  `fetched` commit after it, which is what bounds a crash to one lost credit per slot; on
+  one host the slot ends there, with several hosts only once the file is finished). At 0.2 s
+  a few milliseconds are a few percent; at 2 s and 5 s they vanish. `api.concurrency` counts
+  requests: local work (reading, checking, outbox, archive) runs on spare workers. *Gap*: the
+  median time from an answer leaving the sandbox to the request that its freed slot sends
+  arriving there (the k-th answer against the (k + concurrency)-th request).
 - **Profiles**: `python -m benchmarks.run --profile DIR` attaches py-spy to each daemon
   (wall clock for throughput, CPU otherwise); `python -m benchmarks.profiles DIR/*.txt` says
-  where the workers' time goes (slot held / waiting for the answer / own work, ...).
+  where the workers' time goes (waiting for a slot / the answer / the spool, ...).
 - **Naive client**: `benchmarks/naive.py`, the vendor's Python example in a loop over the
   folder: `requests.post(...)`, write the result, `time.sleep(60 / requests_per_minute)`. It
   runs at the same time against its own sandbox with the same knobs. It sends evenly, so its

@@ -223,3 +223,55 @@ def test_requests_wait_while_every_slot_holds_an_answer_and_say_so_once(
     assert slots.acquire(stop), "a free slot at once: the episode is over"
     assert len(log_lines.events("requests.resumed")) == 1
     assert len(log_lines.events("requests.waiting")) == 1
+
+
+def _waits(slots: RequestSlots, stop: threading.Event) -> threading.Thread:
+    """A request asking for a slot, still waiting after 0.2 s (asserted)."""
+    waiter = threading.Thread(target=slots.acquire, args=(stop,))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive(), "the request waits"
+    return waiter
+
+
+def test_one_host_ends_a_slot_at_its_answer_and_bounds_the_spool_apart(
+        log_lines: LogCapture) -> None:
+    """Without several hosts an answer in the spool holds no request slot (a restart adopts
+    it): the slot sends again at once; the spool's own bound, 2 x size answers with requests
+    in flight counted, holds requests back when answers are placed too slowly."""
+    slots = RequestSlots(2, hold_answers=False)
+    stop = threading.Event()
+    assert slots.acquire(stop) and slots.acquire(stop)
+    waiter = _waits(slots, stop)  # two requests in flight: the limit of requests
+    slots.answered()  # an answer journaled: its slot is free, the waiting request goes
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert not log_lines.events("requests.waiting"), "waiting for a slot is not the spool"
+    slots.answered()
+    assert slots.acquire(stop)
+    # In the spool 2 answers, 2 requests in flight: at the bound (4), though a slot is free
+    # once one is answered.
+    slots.answered()
+    waiter = _waits(slots, stop)
+    assert [e["reason"] for e in log_lines.events("requests.waiting")] == ["spool_full"]
+    slots.release(answered=True)  # one placed: the request goes
+    waiter.join(5)
+    assert not waiter.is_alive()
+    slots.release()  # a request that ended without an answer (a retry later)
+    slots.answered()
+    assert slots.free == 1, "3 answers in the spool: room for one more request, not two"
+    slots.release(answered=True)
+    assert slots.free == 2 and slots.acquire(stop)
+    assert len(log_lines.events("requests.resumed")) == 1
+
+
+def test_one_host_counts_answers_a_previous_run_left_against_the_spool() -> None:
+    slots = RequestSlots(1, hold_answers=False)
+    stop = threading.Event()
+    for _ in range(2):
+        slots.adopt()
+    assert slots.free == 0, "the spool holds 2 answers, its bound"
+    waiter = _waits(slots, stop)
+    slots.release(answered=True)
+    waiter.join(5)
+    assert not waiter.is_alive()

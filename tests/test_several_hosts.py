@@ -191,3 +191,42 @@ def test_a_takeover_pays_only_for_the_request_slots_of_the_dead_host(
     assert studio.files(tmp_path / "outbox-y") == ["y0.png", "y1.png"]
     # Three files, and one request slot (concurrency 1) of the dead host paid twice at most.
     assert sandbox.count(200) <= 3 + 1
+
+
+def test_one_host_sends_while_an_answer_waits_and_its_restart_pays_for_it_once(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    # Issue 17: without a coordination store no other host takes the file over, so an answer
+    # in the spool needs no slot (the restart adopts it): the slot sends again at once, and a
+    # kill still costs no credit for an answer received.
+    sandbox.latency = 1.0
+    other = {"path": "inbox-y", "outbox": "outbox-y", "errors": "errors-y",
+             "archive": "archive-y", "settle_seconds": 0.1, "polling_interval_seconds": 0.1}
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1}, extra_inboxes=[other])
+    for folder in ("inbox-y", "outbox-y", "errors-y", "archive-y", "outbox", "archive"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    host = DaemonProcess(host_config(studio, "host0"))
+    try:
+        host.wait_event("ready")
+        make_image(studio.inbox / "x1.png", seed=1)
+        wait_for(lambda: journal_states(tmp_path / "state-host0") == ["sending"],
+                 what="x1's request on its way")
+        # Its answer will have nowhere to go: it waits in the spool.
+        studio.outbox.rename(tmp_path / "outbox-away")
+        host.wait_event("destination.unavailable")
+        for n in range(2):
+            make_image(tmp_path / "inbox-y" / f"y{n}.png", seed=10 + n)
+        wait_for(lambda: len(studio.files(tmp_path / "archive-y")) == 2, timeout=30,
+                 what="the only slot sends y0 and y1 while x1's answer waits")
+        assert journal_states(tmp_path / "state-host0")[0] == "fetched"
+        host.send(signal.SIGKILL)
+    finally:
+        host.stop(timeout=10)
+    (tmp_path / "outbox-away").rename(studio.outbox)
+    restarted = start_hosts(studio, 1)  # the same state_dir: its spool, its claims
+    try:
+        wait_for(lambda: len(studio.files(studio.archive)) == 1, timeout=60,
+                 what="x1 finished from the spool")
+    finally:
+        stop(restarted)
+    assert studio.files(studio.outbox) == ["x1.png"]
+    assert sandbox.count(200) == 3, "x1's answer was adopted from the spool, not paid again"

@@ -5,9 +5,12 @@ coordinator's thread renews it every lease/3 (at most every window/3) while this
 on the file (parked for a retry or a 429 included), and it is released when the file ends or is
 handed back at a stop. A claim not renewed for a whole lease belongs to a daemon that died (or
 lost the share or the store that long): the next daemon that wants the file takes it over. A
-takeover pays for a file again only for a request that was truly in flight at the crash: the
-pipeline keeps a request slot from before the request until the file is finished, so an answer
-the dead host had already received counts against the same `api.concurrency` slots. A daemon
+takeover pays for a file again only for a request that was truly in flight at the crash: with a
+coordination store the pipeline keeps a request slot from before the request until the file is
+finished, so an answer the dead host had already received counts against the same
+`api.concurrency` slots (without one, a slot ends at its answer, safe in the host's own spool
+for its restart: a takeover by a second daemon pointed at the inbox by mistake may also pay
+for the dead one's answers not yet placed, at most `api.concurrency` more). A daemon
 restarted on the same state_dir takes the claims of its previous life back at once
 (`Holder.instance`).
 

@@ -86,7 +86,10 @@ class Context:
         self.coordinator = coordinator
         self.on_account_problem = on_account_problem
         self.pause = Pause(journal)
-        self.slots = RequestSlots(config.api.concurrency)
+        # Several hosts (a coordination store) hold a slot until the file is finished: a
+        # taker pays again for answers that died in a dead host's spool (RequestSlots).
+        self.slots = RequestSlots(config.api.concurrency,
+                                  hold_answers=coordinator.store is not None)
         self.destinations = Destinations()
         self.twins = Twins()
         self.budget = Budget(config.api.max_credits_per_day, journal.sends_since)

@@ -31,13 +31,21 @@ learned by `prepare` on the main lane (from the header) and journaled first, the
 moves to the local lane for its proxy.
 
 `api.concurrency` counts requests, not workers: a request holds one of the `RequestSlots`
-from before the limiter is asked until its answer is placed and the original archived (parked
-meanwhile, the job waits on the local lane, whose workers never wait for a slot), while a few
-spare workers do the light steps of other files. A received answer keeps its slot because,
-should this daemon die, the daemon that takes the file over pays for it again: so a crash
-costs at most one credit per slot, whether its request was in flight or answered. The held
-slots are also the back-pressure: the spool holds at most one answer per slot, and requests
-wait (logged once by `RequestSlots`) while every slot holds an answer not yet placed.
+from before the limiter is asked, while a few spare workers do the light steps of other
+files. When the slot ends depends on who could take the file over after a crash:
+
+- one host (no coordination store): once the answer is journaled `fetched`. The answer is in
+  this host's spool, which its next start adopts, so a crash costs at most one credit per
+  slot (the requests `sending`), and the slot sends again while the answer is placed. The
+  spool has its own bound: at most 2 x `api.concurrency` answers, requests in flight counted.
+- several hosts (`coordination.url`): when its answer is placed and the original archived.
+  Should this daemon die, the daemon that takes the file over pays for the answer again (the
+  spool died with it), so a crash costs at most one credit per slot whether its request was
+  in flight or answered; the held slots are the spool's bound (one answer per slot).
+
+Either way a job counted by the slots (`Job.holds_slot`: in flight, or its answer in the
+spool) is parked on the local lane, whose workers never wait for a slot, and requests wait
+(logged once by `RequestSlots`) while the spool is at its bound.
 
 The local lane's workers and how far ahead proxies are made: lanes.py.
 
@@ -121,11 +129,12 @@ def _heavy_outputs(record: FileRecord, inbox: InboxConfig) -> str | None:
     return LOCAL if outputs.heavy(record.route, inbox, 0, record.reused()) else None
 
 
-# A request slot is held from before the limiter is asked until the file is finished: its
-# answer, once received, stays counted until it is placed and the original archived, so a
-# daemon that dies costs a taker at most one credit per slot (see RequestSlots).
+# A request is counted by the slots from before the limiter is asked until the file is
+# finished: in flight, then as an answer in the spool until it is placed and the original
+# archived (with several hosts still holding its slot, so a daemon that dies costs a taker at
+# most one credit per slot; see RequestSlots).
 ANSWER_UNFINISHED = (SENDING, FETCHED, STORED)
-ANSWER_WAITING = (FETCHED, STORED)  # parked in these, a job keeps its slot
+ANSWER_WAITING = (FETCHED, STORED)  # parked in these, a job stays counted
 
 
 # The lane each state's step needs (None: a light step, run on whichever lane the job is).

@@ -6,10 +6,10 @@ slots that bound how many requests are in flight.
 - A queue given the `Pause` (pause.py, the main lane's: requests) reads it: while the account
   or budget pause holds, nothing is handed out but one probe every `probe_in` seconds, and a
   job of an inbox a person paused waits (the others go on).
-- `RequestSlots` counts requests that may be in flight or answered and not yet placed, so
-  what a crash can cost stays one credit per slot; and so the spool holds at most one answer
-  per slot: requests wait while every slot holds an answer (back-pressure, logged once per
-  episode as `requests.waiting reason=spool_full`, then `requests.resumed`).
+- `RequestSlots` counts requests in flight (what a crash can cost: one credit per slot) and
+  answers received and not yet placed, so the spool stays bounded: requests wait while it is
+  full (back-pressure, logged once per episode as `requests.waiting reason=spool_full`, then
+  `requests.resumed`). With several hosts an answer keeps its slot until it is placed.
 - A `selective` queue lets its workers prefer some jobs and leave others for later
   (`get(prefer=, accept=)`): the local lane's proxies and composites.
 
@@ -195,62 +195,95 @@ class JobQueue:
 
 
 class RequestSlots:
-    """One slot per request that may be in flight, or answered but its file not yet finished.
+    """The request slots (`size`: requests in flight at most) and the spool's bound on answers
+    received and not yet placed, in one of two rules.
 
-    Held from before the limiter is asked (a slot waited for after the limiter granted would
-    send later than the limiter counted) until the file is finished (its answer placed, its
-    original archived), so at most `size` records are ever `sending`, `fetched` or `stored`:
-    what a crash can cost stays one credit per slot, also when another daemon takes the
-    files over (the dead daemon's spool died with it).
+    A slot is taken before the limiter is asked (a slot waited for after the limiter granted
+    would send later than the limiter counted). When it ends:
+
+    - `hold_answers` (several hosts share the inbox, a coordination store configured): at the
+      file's end (its answer placed, its original archived), so at most `size` records are
+      ever `sending`, `fetched` or `stored`: what a crash can cost stays one credit per slot,
+      also when another daemon takes the files over (the dead daemon's spool died with it).
+      The held slots are the spool's bound too: `size` answers.
+    - otherwise (one host): once its answer is journaled as `fetched` (`answered`). The
+      answer is safe in this host's own spool (a restart adopts it), so a crash still costs
+      at most one credit per slot (the `sending` records), and the next request goes while
+      the answer is placed. The spool's bound is its own: at most `2 x size` answers,
+      requests in flight counted (each will be one), so a request waits when the spool would
+      pass it.
+
+    Either way a request that waits because the spool is full is logged once per episode
+    (`requests.waiting reason=spool_full`, then `requests.resumed`).
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, hold_answers: bool = True) -> None:
         self.size = size
-        self._free = size
-        self._answered = 0  # slots whose answer is in the spool, waiting to be placed
+        self.hold_answers = hold_answers
+        self.bound = size if hold_answers else 2 * size  # answers in the spool, in flight too
+        self._flying = 0  # requests not yet answered (slots taken and not ended)
+        self._answered = 0  # answers in the spool, waiting to be placed
         self._full = False  # in an episode of requests waiting for answers to be placed
         self._cond = threading.Condition()
 
     @property
     def free(self) -> int:
+        """Requests that could go now."""
         with self._cond:
-            return self._free
+            return self._room()
+
+    def _room(self) -> int:
+        held = self._flying + (self._answered if self.hold_answers else 0)
+        return max(0, min(self.size - held, self.bound - self._flying - self._answered))
+
+    def _spool_full(self) -> bool:
+        """Whether answers waiting to be placed, not requests in flight, hold requests back."""
+        if self.hold_answers:
+            return self._answered >= self.size
+        return self._flying < self.size and self._flying + self._answered >= self.bound
 
     def acquire(self, stop: threading.Event) -> bool:
         """Block until a slot is ours (True) or `stop` is set (False)."""
         with self._cond:
-            if self._free > 0 and self._full:
+            if self._room() > 0 and self._full:
                 self._full = False
                 log.info("requests.resumed")
-            while self._free <= 0:
+            while self._room() <= 0:
                 if stop.is_set():
                     return False
-                if not self._full and self._answered >= self.size:
-                    # The spool's bound: every slot holds an answer not placed yet. Said
-                    # once per episode; no credit is spent until one is placed.
+                if not self._full and self._spool_full():
+                    # The spool's bound: said once per episode; no credit is spent until an
+                    # answer is placed.
                     self._full = True
                     log.info("requests.waiting", reason="spool_full", answers=self._answered,
-                             bound=self.size)
+                             bound=self.bound)
                 self._cond.wait()
-            self._free -= 1
+            self._flying += 1
             return True
 
     def adopt(self) -> None:
-        """Count an answer a previous run left in the spool as holding a slot (even beyond
-        `size`: new requests then wait until enough are placed)."""
+        """Count an answer a previous run left in the spool (even beyond the bound: new
+        requests then wait until enough are placed)."""
         with self._cond:
-            self._free -= 1
             self._answered += 1
 
     def answered(self) -> None:
-        """A slot's answer is in the spool now, waiting to be placed."""
+        """A slot's answer is in the spool now, waiting to be placed (journaled `fetched`).
+        Without `hold_answers` this ends the slot: the next request may go."""
         with self._cond:
+            self._flying -= 1
             self._answered += 1
+            if not self.hold_answers:
+                self._cond.notify()
 
     def release(self, *, answered: bool = False) -> None:
+        """The file is finished (`answered`: its answer was counted), or its request ended
+        with no answer."""
         with self._cond:
-            self._free += 1
-            self._answered -= answered
+            if answered:
+                self._answered -= 1
+            else:
+                self._flying -= 1
             self._cond.notify()
 
     def wake(self) -> None:
