@@ -325,12 +325,14 @@ def _studio_limit_rows(results: list[dict[str, Any]],
                 f"busy, {per_file:.2f} CPU s per finished file = {overhead:+.0%} over the "
                 f"isolated work{per_core}",
                 done >= 0.8 * per_min and overhead <= 0.10)
-            bound = p["concurrency"]
+            # One host (no coordination store): a slot ends at its answer, and the spool's
+            # own bound is twice the slots, requests in flight counted (RequestSlots).
+            bound = 2 * p["concurrency"]
             peak = x.get("spool_answers_peak")
             if peak is not None:
                 add(f"Back-pressure: the spool during that backlog ({x['minutes']} min, "
-                    f"concurrency {bound})",
-                    f"at most {bound} answers (one per request slot) (issue 17)",
+                    f"concurrency {p['concurrency']})",
+                    f"at most {bound} answers (2 per request slot on one host) (issue 17)",
                     f"peak {peak} answers and {x['spool_proxies_peak']} proxies, "
                     f"{x['spool_gb_peak']:.2f} GB; {x['spool_gb_at_end']:.2f} GB at the end",
                     peak <= bound)
