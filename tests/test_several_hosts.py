@@ -151,11 +151,7 @@ def test_a_takeover_pays_only_for_the_request_slots_of_the_dead_host(
     # Issue 20: an answer the dead host had received but not placed died with its spool, and
     # its request slot had already gone to new requests: the taker paid for all of them.
     sandbox.latency = 1.0
-    other = {"path": "inbox-y", "outbox": "outbox-y", "errors": "errors-y",
-             "archive": "archive-y", "settle_seconds": 0.1, "polling_interval_seconds": 0.1}
-    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1}, extra_inboxes=[other])
-    for folder in ("inbox-y", "outbox-y", "errors-y", "archive-y", "outbox", "archive"):
-        (tmp_path / folder).mkdir(exist_ok=True)
+    studio = _one_slot_two_inboxes(tmp_path, sandbox)
     extra = {"coordination": {"url": redis_server.url, "lease_seconds": 5}}
     adopt_fresh(redis_server)
     # The failpoint kills the victim when a second answer arrives (if one ever does).
@@ -193,17 +189,23 @@ def test_a_takeover_pays_only_for_the_request_slots_of_the_dead_host(
     assert sandbox.count(200) <= 3 + 1
 
 
+def _one_slot_two_inboxes(tmp_path: Path, sandbox: Sandbox) -> Studio:
+    """One request slot (concurrency 1) for the inbox and a second inbox, inbox-y."""
+    other = {"path": "inbox-y", "outbox": "outbox-y", "errors": "errors-y",
+             "archive": "archive-y", "settle_seconds": 0.1, "polling_interval_seconds": 0.1}
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1}, extra_inboxes=[other])
+    for folder in ("inbox-y", "outbox-y", "errors-y", "archive-y", "outbox", "archive"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    return studio
+
+
 def test_one_host_sends_while_an_answer_waits_and_its_restart_pays_for_it_once(
         tmp_path: Path, sandbox: Sandbox) -> None:
     # Issue 17: without a coordination store no other host takes the file over, so an answer
     # in the spool needs no slot (the restart adopts it): the slot sends again at once, and a
     # kill still costs no credit for an answer received.
     sandbox.latency = 1.0
-    other = {"path": "inbox-y", "outbox": "outbox-y", "errors": "errors-y",
-             "archive": "archive-y", "settle_seconds": 0.1, "polling_interval_seconds": 0.1}
-    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1}, extra_inboxes=[other])
-    for folder in ("inbox-y", "outbox-y", "errors-y", "archive-y", "outbox", "archive"):
-        (tmp_path / folder).mkdir(exist_ok=True)
+    studio = _one_slot_two_inboxes(tmp_path, sandbox)
     host = DaemonProcess(host_config(studio, "host0"))
     try:
         host.wait_event("ready")
