@@ -273,6 +273,7 @@ def recipe_child(original: Path, answer: Path, out: Path,
     record = SimpleNamespace(route="studio", size=source.stat().st_size,
                              sha256=sha256_file(source))
     destinations = Destinations()
+    cutouts = results.SharedCutouts()  # the pipeline's (its Context's), one per daemon
     made = []
     start = time.perf_counter()
     cpu = time.process_time()
@@ -281,7 +282,7 @@ def recipe_child(original: Path, answer: Path, out: Path,
     for index in range(len(settings.outputs) or 1):
         mark, mark_cpu = time.perf_counter(), time.process_time()
         maker = results.maker(record, settings, source.name, answer, index,  # type: ignore[arg-type]
-                              [], unchanged=True, source=facts)
+                              [], unchanged=True, source=facts, cutouts=cutouts)
         path, _ = destinations.place_new(
             maker.root, "outbox", maker.target, None, produce=maker.produce,
             claim=lambda name, digest: None, ours=lambda name: False, need=maker.need)

@@ -267,13 +267,15 @@ def test_full_size_outputs_share_one_decode_of_the_original(
         expected.append(alone.read_bytes())
 
     record = SimpleNamespace(route="studio", size=original.stat().st_size, sha256="0" * 64)
+    cutouts = outputs.SharedCutouts()  # the pipeline's, on its Context
     makers = [outputs.maker(record, inbox, "shot.jpg", answer, index, [],  # type: ignore[arg-type]
-                            unchanged=True, source=source) for index in range(len(recipe))]
+                            unchanged=True, source=source, cutouts=cutouts)
+              for index in range(len(recipe))]
     made = [tmp_path / f"made{index}.{spec.ext}" for index, spec in enumerate(inbox.outputs)]
     makers[0].produce(made[0])
     makers[1].produce(made[1])
     kept_files = list(spool.glob("*.cutout.tif"))
-    held = [key for key in outputs._held if key.parent == spool]
+    held = [key for key in cutouts.held() if key.parent == spool]
     # The full-size cut-out is kept for the next ones, in memory or beside the answer.
     assert (len(held), len(kept_files)) == ((1, 0) if in_memory else (0, 1))
     # The original's pixels can no longer be decoded (same size and time: the same file to
@@ -287,7 +289,7 @@ def test_full_size_outputs_share_one_decode_of_the_original(
     makers[3].produce(made[3])
     assert [path.read_bytes() for path in made] == expected
     assert list(spool.iterdir()) == [answer], "the last one to read it removed it"
-    assert not [key for key in outputs._held if key.parent == spool]
+    assert not [key for key in cutouts.held() if key.parent == spool]
 
 
 def test_an_8_bit_cut_out_is_scaled_in_8_bits_with_the_look_of_float(tmp_path: Path) -> None:

@@ -246,7 +246,7 @@ def test_a_studio_recipe_shares_one_cut_out_and_leaves_nothing_behind(
         {"name": "{dir}/{stem}_retouch.{ext}", "format": "tiff"},
         {"name": "{dir}/{stem}_mask.{ext}", "format": "png", "mask": True}]})
     (studio.inbox / "shot.tif").write_bytes(adobe_rgb_tiff(900, 600))  # 16-bit: studio path
-    with Running(studio.config()):
+    with Running(studio.config()) as daemon:
         wait_for(lambda: log_lines.events("file.done"), timeout=60, what="done")
     assert sandbox.count() == 1
     assert studio.files(studio.outbox) == ["shot.png", "shot_mask.png", "shot_retouch.tif"]
@@ -258,4 +258,6 @@ def test_a_studio_recipe_shares_one_cut_out_and_leaves_nothing_behind(
     for image in (png, tif):
         assert bytes(image.get("icc-profile-data")) == adobe_rgb_profile()
     assert list((studio.root / "state" / "spool").iterdir()) == [], "nothing kept behind"
-    assert not [key for key in outputs._held if str(key).startswith(str(studio.root))]
+    assert daemon.pipeline is not None
+    assert not [key for key in daemon.pipeline.ctx.cutouts.held()
+                if str(key).startswith(str(studio.root))]

@@ -1,6 +1,7 @@
 """What the steps need, in one object: the journal, the API client, the limiter, the
-coordinator, the request slots, the destinations, the budget, the one `Pause`, and the
-reactions to a pause (an account problem, a spent budget, another daemon's pause).
+coordinator, the request slots, the destinations, the budget, the one `Pause`, the full-size
+cut-outs held for recipes, and the reactions to a pause (an account problem, a spent budget,
+another daemon's pause).
 
 `config` and `client` are swapped by a reload from the main thread while workers read them:
 `reconfigure` is their one writer, under the context's lock, and a step reads each once.
@@ -26,6 +27,7 @@ from watchfolder.journal.db import Journal
 from watchfolder.pipeline.budget import Budget, BudgetReached
 from watchfolder.pipeline.client import ApiClient, ApiResult
 from watchfolder.pipeline.jobqueue import JobQueue, RequestSlots
+from watchfolder.pipeline.outputs import SharedCutouts
 from watchfolder.pipeline.pause import Pause
 from watchfolder.pipeline.state import StateGuard
 from watchfolder.pipeline.work import Payload, Twins
@@ -92,6 +94,8 @@ class Context:
                                   hold_answers=coordinator.store is not None)
         self.destinations = Destinations()
         self.twins = Twins()
+        # Full-size cut-outs shared by a recipe's outputs, held in memory (outputs.py).
+        self.cutouts = SharedCutouts()
         self.budget = Budget(config.api.max_credits_per_day, journal.sends_since)
         self.credits = Credits(journal)
         self.stopping = threading.Event()

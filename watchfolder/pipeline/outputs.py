@@ -3,10 +3,13 @@
     heavy(route, inbox, index, reused)   whether output `index` is local image work (the
                                          pipeline's local lane): the studio path, TIFF and
                                          recipes encode; a copy or the fast path do not
-    maker(record, inbox, rel, answer, index, reused, unchanged, source) -> Maker
+    maker(record, inbox, rel, answer, index, reused, unchanged, source, cutouts) -> Maker
                                          how to write output `index`, where, and the bytes
                                          it needs (`source`: the original as inspected
-                                         before, if known: not inspected again)
+                                         before, if known: not inspected again;
+                                         `cutouts`: the pipeline's SharedCutouts)
+    SharedCutouts                        the full-size cut-outs held in memory for a
+                                         recipe's outputs (one per pipeline, on its Context)
     manifest_for(record, src, event, made, upright)
                                          the manifest (manifest.py) of a finished file;
                                          `made`: the `Output`s written in this run (their
@@ -27,9 +30,10 @@ original decoded at a fraction of its size (`load_shrink`), a mask from the answ
 alone, and the others from the full-size cut-out. When two or more outputs read that
 full-size cut-out (a PNG and a TIFF, a mask, a crop), it is computed once, by the first of
 them (recipes' `keep`: the original decoded and the alpha scaled up once per file), kept in
-memory up to `SHARED_IN_MEMORY` bytes or else as an uncompressed TIFF beside the answer in
-the spool, read by each, and let go by the last. A big one is not kept when the spool's
-disk lacks the room (`SHARED_RESERVE` kept free): each output then composes on its own.
+memory up to `SHARED_IN_MEMORY` bytes (by the pipeline's `SharedCutouts`) or else as an
+uncompressed TIFF beside the answer in the spool, read by each, and let go by the last. A
+big one is not kept when the spool's disk lacks the room (`SHARED_RESERVE` kept free): each
+output then composes on its own.
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ def heavy(route: str | None, inbox: InboxConfig, index: int, reused: list[str]) 
 
 
 def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index: int,
-          reused: list[str], *, unchanged: bool, source: Source | None = None) -> Maker:
+          reused: list[str], *, unchanged: bool, cutouts: SharedCutouts,
+          source: Source | None = None) -> Maker:
     spec = inbox.outputs[index] if inbox.outputs else None
     src = inbox.path / rel
 
@@ -115,7 +120,7 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     if not unchanged:
         return Maker(partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size)
     if spec is not None:
-        shared = _shared(record.route, inbox, src, answer, index, source)
+        shared = _shared(record.route, inbox, src, answer, index, source, cutouts)
         return Maker(partial(_render, record.route, src, answer, spec,
                              spec.compression or inbox.compression, source=source,
                              shared=shared),
@@ -136,57 +141,95 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
                  *where(answer.suffix[1:]), 2 * size)
 
 
+# A kept cut-out up to this size is held in memory (a 45 MP RGBA one: 179 MB), bigger ones
+# (a 100 MP 16-bit one: 930 MB) go to the spool's disk and are read a strip at a time.
+# Memory saves about 0.4 s of CPU on a 45 MP file's five outputs (no write, no reads back).
+SHARED_IN_MEMORY = 256 << 20
+# Held in memory at once by one pipeline, whatever its number of local workers (one per
+# worker on 2 cores): memory is the bound.
+HELD_AT_MOST = 2
+
+
+class SharedCutouts:
+    """The full-size cut-outs held in memory for the recipes' outputs that read them, each
+    under its `Shared.path`, at most `at_most` at once: memory is the bound, whatever the
+    number of local workers. The oldest is dropped first when more are put (its file's
+    remaining outputs then compose on their own; a reader holding it keeps its pixels until
+    it is written), and one whose last reader never ran (its file failed, or the daemon
+    stopped) when its file is forgotten (`forget`)."""
+
+    def __init__(self, at_most: int = HELD_AT_MOST) -> None:
+        self._at_most = at_most
+        self._held: dict[Path, pyvips.Image] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Path) -> pyvips.Image | None:
+        with self._lock:
+            return self._held.get(key)
+
+    def put(self, key: Path, pixels: pyvips.Image) -> None:
+        with self._lock:
+            self._held[key] = pixels
+            while len(self._held) > self._at_most:  # oldest first (dicts keep their order)
+                del self._held[next(iter(self._held))]
+
+    def drop(self, key: Path) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+
+    def held(self) -> list[Path]:
+        """The keys of the cut-outs held now, oldest first."""
+        with self._lock:
+            return list(self._held)
+
+    def forget(self, answer: str | None) -> None:
+        """Let go of any full-size cut-out kept for the spooled `answer` (a file that failed
+        or was stored: its last reader may not have run), in memory or beside it. None (no
+        spool): nothing to do."""
+        if not answer:
+            return
+        spooled = Path(answer)
+        with self._lock:
+            for key in [key for key in self._held if key.parent == spooled.parent
+                        and key.name.startswith(f"{spooled.name}.")]:
+                del self._held[key]
+        for path in spooled.parent.glob(f"{glob.escape(spooled.name)}.*{SHARED_SUFFIX}"):
+            path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Shared:
     """The full-size cut-out of one file, kept for the recipe's outputs that read it: in
-    memory up to SHARED_IN_MEMORY bytes, else as a file beside the answer."""
+    memory (`held`) up to SHARED_IN_MEMORY bytes, else as a file beside the answer."""
 
     path: Path  # its key; the uncompressed TIFF beside the answer when not in memory
-    in_memory: bool
+    held: SharedCutouts | None  # where it is held in memory; None: in the file at `path`
     make: bool  # this output computes it when it is not there (another one reads it after)
     last: bool  # this output lets it go once written
 
     def pixels(self) -> pyvips.Image | None:
         """The pixels kept, or None (not made yet, or dropped)."""
-        if self.in_memory:
-            with _held_lock:
-                return _held.get(self.path)
+        if self.held is not None:
+            return self.held.get(self.path)
         return kept_pixels(self.path) if self.path.exists() else None
 
     def keep(self, cut: Cutout) -> pyvips.Image:
         """Compute `cut` once and keep it; its pixels."""
-        if not self.in_memory:
+        if self.held is None:
             return keep(cut, self.path)
         pixels = keep(cut)
-        with _held_lock:
-            _held[self.path] = pixels
-            while len(_held) > HELD_AT_MOST:  # oldest first (dicts keep their order)
-                del _held[next(iter(_held))]
+        self.held.put(self.path, pixels)
         return pixels
 
     def release(self) -> None:
-        if self.in_memory:
-            with _held_lock:
-                _held.pop(self.path, None)
+        if self.held is not None:
+            self.held.drop(self.path)
         else:
             self.path.unlink(missing_ok=True)
 
 
-# A kept cut-out up to this size is held in memory (a 45 MP RGBA one: 179 MB), bigger ones
-# (a 100 MP 16-bit one: 930 MB) go to the spool's disk and are read a strip at a time.
-# Memory saves about 0.4 s of CPU on a 45 MP file's five outputs (no write, no reads back).
-SHARED_IN_MEMORY = 256 << 20
-# Held at once, whatever the number of local workers (one per worker on 2 cores): memory is
-# the bound. A file whose last reader never ran (it failed, or the daemon stopped), or the
-# oldest when more workers share at once, is dropped; its outputs then compose on their own
-# (a reader holding it keeps its pixels until it is written).
-HELD_AT_MOST = 2
-_held: dict[Path, pyvips.Image] = {}
-_held_lock = threading.Lock()
-
-
 def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, index: int,
-            source: Source | None) -> Shared | None:
+            source: Source | None, cutouts: SharedCutouts) -> Shared | None:
     """Output `index`'s part in sharing the full-size cut-out: None when fewer than two of
     the recipe's outputs read it, when this one does not, or when it is kept on disk and the
     spool's disk lacks the room for it (each output then composes on its own, as before)."""
@@ -210,25 +253,12 @@ def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, inde
     # taken for it.
     key = hashlib.sha256(repr((str(src), stat.st_size, stat.st_mtime_ns, answered.st_size,
                                answered.st_mtime_ns)).encode()).hexdigest()[:16]
-    return Shared(answer.with_name(f"{answer.name}.{key}{SHARED_SUFFIX}"), in_memory,
+    return Shared(answer.with_name(f"{answer.name}.{key}{SHARED_SUFFIX}"),
+                  cutouts if in_memory else None,
                   make=index != readers[-1], last=index == readers[-1])
 
 
 SHARED_SUFFIX = ".cutout.tif"
-
-
-def forget_shared(answer: str | None) -> None:
-    """Let go of any full-size cut-out kept for the spooled `answer` (a file that failed or
-    was stored: its last reader may not have run). None (no spool): nothing to do."""
-    if not answer:
-        return
-    spooled = Path(answer)
-    with _held_lock:
-        for key in [key for key in _held if key.parent == spooled.parent
-                    and key.name.startswith(f"{spooled.name}.")]:
-            del _held[key]
-    for path in spooled.parent.glob(f"{glob.escape(spooled.name)}.*{SHARED_SUFFIX}"):
-        path.unlink(missing_ok=True)
 
 
 def _shrink(spec: OutputConfig, source: Source, answer: Path) -> int:

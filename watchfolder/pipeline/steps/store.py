@@ -77,7 +77,7 @@ def store(ctx: Context, work: Work) -> Outcome:
                              "result is the API's answer as it is")
         source = job.source if job.source_of == (record.size, record.mtime_ns) else None
         maker = outputs.maker(record, inbox, job.rel, answer, index, earlier,
-                              unchanged=unchanged, source=source)
+                              unchanged=unchanged, source=source, cutouts=ctx.cutouts)
         entry = placed[index]
         wrote: list[object] = []
 
@@ -103,7 +103,7 @@ def store(ctx: Context, work: Work) -> Outcome:
                 produce=produce, claim=claim, ours=ours, need=maker.need,
                 adopt_identical=not earlier)
         except InputRejected as exc:  # the original no longer decodes, or too large
-            outputs.forget_shared(record.spool)             # for the asked format
+            ctx.cutouts.forget(record.spool)
             return failing(exc.reason, exc.message)
         placed[index] = (str(path), sha)
         if wrote and isinstance(wrote[-1], Output):
@@ -111,7 +111,7 @@ def store(ctx: Context, work: Work) -> Outcome:
         failpoints.hit("result-placed")
     spool = Path(record.spool) if record.spool else None
     identity = f"{record.sha256}|{record.settings}"
-    outputs.forget_shared(record.spool)  # its last reader removed it, unless placed earlier
+    ctx.cutouts.forget(record.spool)  # its last reader removed it, unless placed earlier
     # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
     # the next start removes, never a reference that keeps it forever. Deleted once a fsync
     # covers `stored` (the next request's, say): a power cut that undid it finds the answer.
