@@ -638,7 +638,9 @@ STUDIO_DEFINITIONS = """\
   white cropped to the subject with a 5 % margin, a 1600 px WEBP, the mask as PNG, a TIFF).
   The original is inspected once, as `prepare` does. The ratio is of CPU seconds (all the
   process's threads; the wall clock of one process on a shared machine is mostly the other
-  processes' share), and each output's CPU is in the table.
+  processes' share), and each output's CPU is in the table, except for the outputs that
+  read the cut-out held in memory, encoded two at a time as `store` does ("together": the
+  process's CPU is theirs together).
 - **Peak RSS**: `python -m watchfolder run` (`api.concurrency: 8`, 60/min, latency 2 s) with
   10 unique 100 MP 16-bit TIFFs waiting at start, until all are archived; VmHWM from
   `/proc/<pid>/status` (mapped files included), and the largest VmRSS sample (every 0.1 s)
@@ -746,7 +748,8 @@ def studio_detail(results: list[dict[str, Any]]) -> list[str]:
         x = done["recipe_local"]
         body = [[label, o["name"], o["format"] or "?", f"{o['size'][0]}x{o['size'][1]}",
                  f"{o['bytes'] / 1e3:,.0f}", f"{o['seconds']:.2f}",
-                 f"{o['cpu_s']:.2f}" if "cpu_s" in o else "?"]
+                 "together" if o.get("together") else
+                 f"{o['cpu_s']:.2f}" if o.get("cpu_s") is not None else "?"]
                 for label, run in (("one output", x["one"]), ("five outputs", x["five"]))
                 for o in run["outputs"]]
         runs = "; ".join(f"{label}: {', '.join(f'{s:.2f}' for s in seconds)} s"

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,9 @@ def recipe_child(original: Path, answer: Path, out: Path,
                  outputs: list[dict[str, Any]] | None) -> dict[str, Any]:
     """Make every output of a recipe (None: the default one output) from `answer`, as the
     daemon's `store` step does: results.maker, then placed (written beside its name,
-    fsynced, its SHA-256 taken, linked). The journal's commits are not counted."""
+    fsynced, its SHA-256 taken, linked), those that read the cut-out held in memory two at
+    a time (`encode_together`; their CPU is reported together). The journal's commits are
+    not counted."""
     from types import SimpleNamespace
 
     from watchfolder.config.settings import parse_config
@@ -279,19 +282,33 @@ def recipe_child(original: Path, answer: Path, out: Path,
     cpu = time.process_time()
     # As `prepare` does: the original inspected once, its facts handed to every output.
     facts = inspect_source(source, studio=True, verify=False)
-    for index in range(len(settings.outputs) or 1):
+
+    def place(maker: Any) -> dict[str, Any]:
         mark, mark_cpu = time.perf_counter(), time.process_time()
-        maker = results.maker(record, settings, source.name, answer, index,  # type: ignore[arg-type]
-                              [], unchanged=True, source=facts, cutouts=cutouts)
         path, _ = destinations.place_new(
             maker.root, "outbox", maker.target, None, produce=maker.produce,
             claim=lambda name, digest: None, ours=lambda name: False, need=maker.need)
         fmt, width, height = results.image_facts(path)
-        made.append({"name": path.name, "format": fmt, "size": [width, height],
-                     "bytes": path.stat().st_size, "seconds": time.perf_counter() - mark,
-                     "cpu_s": time.process_time() - mark_cpu})
+        return {"name": path.name, "format": fmt, "size": [width, height],
+                "bytes": path.stat().st_size, "seconds": time.perf_counter() - mark,
+                "cpu_s": time.process_time() - mark_cpu}
+
+    together = []
+    for index in range(len(settings.outputs) or 1):
+        maker = results.maker(record, settings, source.name, answer, index,  # type: ignore[arg-type]
+                              [], unchanged=True, source=facts, cutouts=cutouts)
+        if maker.from_memory:  # as `store` does: encoded together once the cut-out is made
+            together.append(maker)
+        else:
+            made.append(place(maker))
+    mark, mark_cpu = time.perf_counter(), time.process_time()
+    for output in results.encode_together([partial(place, maker) for maker in together]):
+        # Made at the same time: the process's CPU is theirs together, not each one's.
+        made.append({**output, "cpu_s": None, "together": True})
     return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
-            "outputs": made}
+            "outputs": made, "together": {"outputs": len(together),
+                                          "seconds": time.perf_counter() - mark,
+                                          "cpu_s": time.process_time() - mark_cpu}}
 
 
 def child(args: argparse.Namespace) -> None:

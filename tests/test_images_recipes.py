@@ -272,6 +272,9 @@ def test_full_size_outputs_share_one_decode_of_the_original(
                             unchanged=True, source=source, cutouts=cutouts)
               for index in range(len(recipe))]
     made = [tmp_path / f"made{index}.{spec.ext}" for index, spec in enumerate(inbox.outputs)]
+    # Those that read it after the first (the mask, the TIFF) may be encoded together, from
+    # memory; not from a file, nor the WEBP (the original decoded at 1/2).
+    assert [m.from_memory for m in makers] == [False, False, in_memory, in_memory]
     makers[0].produce(made[0])
     makers[1].produce(made[1])
     kept_files = list(spool.glob("*.cutout.tif"))
@@ -290,6 +293,40 @@ def test_full_size_outputs_share_one_decode_of_the_original(
     assert [path.read_bytes() for path in made] == expected
     assert list(spool.iterdir()) == [answer], "the last one to read it removed it"
     assert not [key for key in cutouts.held() if key.parent == spool]
+
+
+def test_outputs_read_from_memory_are_encoded_two_at_a_time() -> None:
+    import threading
+
+    from watchfolder.pipeline.outputs import ENCODED_AT_ONCE, encode_together
+
+    assert ENCODED_AT_ONCE == 2
+    both = threading.Barrier(2, timeout=5)  # broken unless two run at the same time
+    running: list[int] = []
+    lock = threading.Lock()
+
+    def job(n: int) -> int:
+        with lock:
+            running.append(n)
+        both.wait()
+        return n * 10
+
+    assert encode_together([lambda n=n: job(n) for n in range(4)]) == [0, 10, 20, 30]
+    assert sorted(running) == [0, 1, 2, 3]
+
+    def fails() -> int:
+        raise OSError("disk full")
+
+    ended: list[str] = []
+
+    def slow() -> int:
+        threading.Event().wait(0.2)
+        ended.append("slow")
+        return 1
+
+    with pytest.raises(OSError, match="disk full"):
+        encode_together([fails, slow])
+    assert ended == ["slow"], "raised once every job had ended"
 
 
 def test_an_8_bit_cut_out_is_scaled_in_8_bits_with_the_look_of_float(tmp_path: Path) -> None:

@@ -128,6 +128,34 @@ def test_a_crash_between_outputs_makes_none_twice_and_none_missing(
     assert 2 <= sandbox.count(200) <= 3
 
 
+@pytest.mark.parametrize("nth", [2, 3])
+def test_a_crash_while_outputs_are_encoded_together_makes_none_twice_and_none_missing(
+        tmp_path: Path, sandbox: Sandbox, nth: int) -> None:
+    from watchfolder.dev.samples import adobe_rgb_tiff
+
+    # A studio file (16-bit): the PNG makes the cut-out, held in memory; the TIFF, the mask
+    # and the crop read it and are encoded two at a time. Killed as the 2nd or the 3rd
+    # output is placed (one of those made together, another maybe half-written).
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 1}, inbox={"outputs": [
+        {"format": "png"},
+        {"name": "{dir}/{stem}_retouch.{ext}", "format": "tiff"},
+        {"name": "{dir}/{stem}_mask.{ext}", "format": "png", "mask": True},
+        {"name": "{dir}/{stem}_white.{ext}", "format": "jpeg", "background": "#ffffff",
+         "crop": "subject", "margin": "10%"}]})
+    (studio.inbox / "shot.tif").write_bytes(adobe_rgb_tiff(900, 600))
+    config = studio.write_config()
+    crashed = run(config, failpoint=f"result-placed:{nth}")
+    assert crashed.returncode == -9, crashed.stderr
+    placed = studio.files(studio.outbox)
+    assert nth <= len(placed) <= nth + 1, placed  # one more may be placed beside it
+    again = run(config)
+    assert again.returncode == 0, again.stderr
+    assert studio.files(studio.outbox) == ["shot.png", "shot_mask.png", "shot_retouch.tif",
+                                           "shot_white.jpg"]
+    assert sandbox.count(200) == 1, "the spooled answer made the rest"
+    assert list((studio.root / "state" / "spool").iterdir()) == [], "nothing kept behind"
+
+
 def test_hooks_get_the_manifest_and_the_facts(tmp_path: Path, sandbox: Sandbox,
                                               log_lines: LogCapture) -> None:
     dump = tmp_path / "hook.py"

@@ -10,6 +10,8 @@
                                          `cutouts`: the pipeline's SharedCutouts)
     SharedCutouts                        the full-size cut-outs held in memory for a
                                          recipe's outputs (one per pipeline, on its Context)
+    encode_together(jobs)                the outputs that read a cut-out held in memory
+                                         (`Maker.from_memory`), two at a time
     manifest_for(record, src, event, made, upright)
                                          the manifest (manifest.py) of a finished file;
                                          `made`: the `Output`s written in this run (their
@@ -45,11 +47,12 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import pyvips
 
@@ -78,6 +81,7 @@ from watchfolder.imaging.recipes import (
 )
 from watchfolder.journal.db import FileRecord
 
+T = TypeVar("T")
 DEFAULT_OUTPUT = OutputConfig()  # no recipe: one output named {dir}/{stem}.{ext}
 # Left free on the spool's disk beside a shared full-size cut-out (a 45 MP RGBA one is
 # 179 MB, a 150 MP 16-bit one 1.2 GB), so that answers still find room while it exists.
@@ -91,6 +95,9 @@ class Maker:
     root: Path  # the outbox it goes to
     target: Path  # its name there, before collisions
     need: int  # about the bytes it takes
+    # It reads the full-size cut-out held in memory, made by an earlier output of the file:
+    # it may be encoded beside another such output (`encode_together`).
+    from_memory: bool = False
 
 
 def heavy(route: str | None, inbox: InboxConfig, index: int, reused: list[str]) -> bool:
@@ -124,7 +131,9 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
         return Maker(partial(_render, record.route, src, answer, spec,
                              spec.compression or inbox.compression, source=source,
                              shared=shared),
-                     *where(spec.ext), 2 * record.size + 8 * size)
+                     *where(spec.ext), 2 * record.size + 8 * size,
+                     from_memory=shared is not None and shared.held is not None
+                     and not shared.first)
     fmt = inbox.output_format
     if record.route == "studio":
         source = source or inspect_source(src, studio=True, verify=False)
@@ -206,6 +215,7 @@ class Shared:
     held: SharedCutouts | None  # where it is held in memory; None: in the file at `path`
     make: bool  # this output computes it when it is not there (another one reads it after)
     last: bool  # this output lets it go once written
+    first: bool  # the first output to read it (the one that makes it, unless placed before)
 
     def pixels(self) -> pyvips.Image | None:
         """The pixels kept, or None (not made yet, or dropped)."""
@@ -226,6 +236,24 @@ class Shared:
             self.held.drop(self.path)
         else:
             self.path.unlink(missing_ok=True)
+
+
+# Outputs that read the full-size cut-out held in memory are encoded this many at a time:
+# the threads one output streamed from the original keeps busy (libvips's pixel thread and
+# its encoder's write-behind), where each of these spends its time in its encoder alone
+# (zlib for a PNG or a TIFF). Their pixels are already in memory: nothing more is held.
+ENCODED_AT_ONCE = 2
+
+
+def encode_together(jobs: list[Callable[[], T]]) -> list[T]:
+    """Run `jobs` (the outputs of one file that read its cut-out held in memory, once it is
+    made), ENCODED_AT_ONCE at a time; their results in order. An exception is raised once
+    every job has ended, none left running."""
+    if len(jobs) < 2:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(max_workers=ENCODED_AT_ONCE, thread_name_prefix="encode") as pool:
+        futures = [pool.submit(job) for job in jobs]
+    return [future.result() for future in futures]
 
 
 def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, index: int,
@@ -255,7 +283,8 @@ def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, inde
                                answered.st_mtime_ns)).encode()).hexdigest()[:16]
     return Shared(answer.with_name(f"{answer.name}.{key}{SHARED_SUFFIX}"),
                   cutouts if in_memory else None,
-                  make=index != readers[-1], last=index == readers[-1])
+                  make=index != readers[-1], last=index == readers[-1],
+                  first=index == readers[0])
 
 
 SHARED_SUFFIX = ".cutout.tif"

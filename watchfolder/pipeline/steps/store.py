@@ -1,7 +1,8 @@
 """fetched → stored: every output of the recipe made from the one answer (spooled, or earlier
 identical results) and placed in its outbox, each journaled as it is placed, so after a crash
-only the missing ones are made, none twice. The outputs written are kept on the job for the
-manifest (nothing is read again).
+only the missing ones are made, none twice; those that read the full-size cut-out held in
+memory, once an earlier output made it, are encoded two at a time (`encode_together`). The
+outputs written are kept on the job for the manifest (nothing is read again).
 
 A studio answer is decoded here first, once (send checked all but its decode): that decode
 is its check and the composite's alpha; one that does not decode is refused as send refuses
@@ -10,6 +11,8 @@ a bad answer (an attempt counted) and asked for again (back to `queued`)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -67,6 +70,44 @@ def store(ctx: Context, work: Work) -> Outcome:
         return Advance(QUEUED, {"spool": None, "reuse_from": None, "outputs": None})
     made: list[Output | None] = job.outputs or [None] * count
     job.outputs = made
+    claiming = threading.Lock()  # outputs encoded at once journal the list one at a time
+
+    def place_one(index: int, maker: outputs.Maker) -> Outcome | None:
+        """Make and place output `index`; a failing outcome when it cannot be made."""
+        entry = placed[index]
+        wrote: list[object] = []
+
+        def claim(name: Path, digest: str) -> None:
+            with claiming:
+                placed[index] = (str(name), digest)
+                first = placed[0]
+                ctx.journal.update(record, outputs=encode_outputs(placed),
+                                   result=first[0] if first else None,
+                                   result_sha=first[1] if first else None)
+
+        def ours(name: Path) -> bool:
+            return entry is not None and sha_or_none(name) == entry[1]
+
+        def produce(dest: Path) -> object:
+            made = produce_from(work, maker.produce, dest)
+            wrote.append(made)
+            return made  # a Written carries its hash: place_new need not read it back
+
+        try:
+            path, sha = ctx.destinations.place_new(
+                maker.root, "outbox", maker.target, Path(entry[0]) if entry else None,
+                produce=produce, claim=claim, ours=ours, need=maker.need,
+                adopt_identical=not earlier)
+        except InputRejected as exc:  # the original no longer decodes, or too large
+            return failing(exc.reason, exc.message)
+        with claiming:
+            placed[index] = (str(path), sha)
+        if wrote and isinstance(wrote[-1], Output):
+            made[index] = dataclasses.replace(wrote[-1], path=path)
+        failpoints.hit("result-placed")
+        return None
+
+    together: list[tuple[int, outputs.Maker]] = []
     for index in range(count):
         if done[index]:
             continue  # placed before a crash
@@ -78,37 +119,18 @@ def store(ctx: Context, work: Work) -> Outcome:
         source = job.source if job.source_of == (record.size, record.mtime_ns) else None
         maker = outputs.maker(record, inbox, job.rel, answer, index, earlier,
                               unchanged=unchanged, source=source, cutouts=ctx.cutouts)
-        entry = placed[index]
-        wrote: list[object] = []
-
-        def claim(name: Path, digest: str, index: int = index) -> None:
-            placed[index] = (str(name), digest)
-            first = placed[0]
-            ctx.journal.update(record, outputs=encode_outputs(placed),
-                               result=first[0] if first else None,
-                               result_sha=first[1] if first else None)
-
-        def ours(name: Path, entry: tuple[str, str] | None = entry) -> bool:
-            return entry is not None and sha_or_none(name) == entry[1]
-
-        def produce(dest: Path, make: outputs.Maker = maker,
-                    wrote: list[object] = wrote) -> object:
-            made = produce_from(work, make.produce, dest)
-            wrote.append(made)
-            return made  # a Written carries its hash: place_new need not read it back
-
-        try:
-            path, sha = ctx.destinations.place_new(
-                maker.root, "outbox", maker.target, Path(entry[0]) if entry else None,
-                produce=produce, claim=claim, ours=ours, need=maker.need,
-                adopt_identical=not earlier)
-        except InputRejected as exc:  # the original no longer decodes, or too large
+        if maker.from_memory:
+            together.append((index, maker))  # once the cut-out they read is made
+            continue
+        failed = place_one(index, maker)
+        if failed is not None:
             ctx.cutouts.forget(record.spool)
-            return failing(exc.reason, exc.message)
-        placed[index] = (str(path), sha)
-        if wrote and isinstance(wrote[-1], Output):
-            made[index] = dataclasses.replace(wrote[-1], path=path)
-        failpoints.hit("result-placed")
+            return failed
+    failed = next((outcome for outcome in outputs.encode_together(
+        [partial(place_one, index, maker) for index, maker in together]) if outcome), None)
+    if failed is not None:
+        ctx.cutouts.forget(record.spool)
+        return failed
     spool = Path(record.spool) if record.spool else None
     identity = f"{record.sha256}|{record.settings}"
     ctx.cutouts.forget(record.spool)  # its last reader removed it, unless placed earlier
