@@ -272,9 +272,9 @@ def test_full_size_outputs_share_one_decode_of_the_original(
                             unchanged=True, source=source, cutouts=cutouts)
               for index in range(len(recipe))]
     made = [tmp_path / f"made{index}.{spec.ext}" for index, spec in enumerate(inbox.outputs)]
-    # Those that read it after the first (the mask, the TIFF) may be encoded together, from
-    # memory; not from a file, nor the WEBP (the original decoded at 1/2).
-    assert [m.from_memory for m in makers] == [False, False, in_memory, in_memory]
+    # Those that read it (the PNG, the mask, the TIFF) may be encoded together, from memory;
+    # not from a file, nor the WEBP (the original decoded at 1/2).
+    assert [m.from_memory for m in makers] == [in_memory, False, in_memory, in_memory]
     makers[0].produce(made[0])
     makers[1].produce(made[1])
     kept_files = list(spool.glob("*.cutout.tif"))
@@ -327,6 +327,39 @@ def test_outputs_read_from_memory_are_encoded_two_at_a_time() -> None:
     with pytest.raises(OSError, match="disk full"):
         encode_together([fails, slow])
     assert ended == ["slow"], "raised once every job had ended"
+
+
+def test_outputs_encoded_together_compute_their_cut_out_once(tmp_path: Path) -> None:
+    import threading
+
+    from watchfolder.pipeline.outputs import SharedCutouts, encode_together
+
+    cutouts = SharedCutouts()
+    computing = threading.Event()
+    calls: list[int] = []
+
+    def compute() -> pyvips.Image:
+        calls.append(1)
+        computing.set()
+        threading.Event().wait(0.3)  # the other one asks meanwhile
+        return pyvips.Image.black(8, 8)
+
+    for ask in ("make", "get"):
+        key = tmp_path / f"answer.png.{ask}.cutout.tif"
+        computing.clear()
+        calls.clear()
+
+        def later(key: Path = key, ask: str = ask) -> pyvips.Image | None:
+            assert computing.wait(5)
+            return cutouts.make_once(key, compute) if ask == "make" else cutouts.get(key)
+
+        first, second = encode_together([lambda key=key: cutouts.make_once(key, compute),
+                                          later])
+        assert calls == [1], "computed once"
+        assert second is first, f"{ask}: waited for the one being computed"
+        cutouts.drop(key)
+        assert cutouts.get(key) is None
+    assert cutouts.held() == []
 
 
 def test_an_8_bit_cut_out_is_scaled_in_8_bits_with_the_look_of_float(tmp_path: Path) -> None:

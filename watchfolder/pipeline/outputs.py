@@ -95,8 +95,8 @@ class Maker:
     root: Path  # the outbox it goes to
     target: Path  # its name there, before collisions
     need: int  # about the bytes it takes
-    # It reads the full-size cut-out held in memory, made by an earlier output of the file:
-    # it may be encoded beside another such output (`encode_together`).
+    # It reads the full-size cut-out held in memory (computed by the first output of the
+    # file that needs it): it may be encoded beside another such output (`encode_together`).
     from_memory: bool = False
 
 
@@ -132,8 +132,7 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
                              spec.compression or inbox.compression, source=source,
                              shared=shared),
                      *where(spec.ext), 2 * record.size + 8 * size,
-                     from_memory=shared is not None and shared.held is not None
-                     and not shared.first)
+                     from_memory=shared is not None and shared.held is not None)
     fmt = inbox.output_format
     if record.route == "studio":
         source = source or inspect_source(src, studio=True, verify=False)
@@ -170,11 +169,37 @@ class SharedCutouts:
     def __init__(self, at_most: int = HELD_AT_MOST) -> None:
         self._at_most = at_most
         self._held: dict[Path, pyvips.Image] = {}
+        self._making: dict[Path, threading.Lock] = {}  # held while one is being computed
         self._lock = threading.Lock()
 
     def get(self, key: Path) -> pyvips.Image | None:
+        """The pixels held under `key` (waiting for them while they are being computed), or
+        None."""
+        with self._lock:
+            making = self._making.get(key)
+        if making is not None:
+            with making:
+                pass
         with self._lock:
             return self._held.get(key)
+
+    def make_once(self, key: Path, compute: Callable[[], pyvips.Image]) -> pyvips.Image:
+        """The pixels held under `key`, computed by `compute` and held if they are not: by
+        one caller at a time (the outputs encoded together wait for the first one's)."""
+        with self._lock:
+            making = self._making.setdefault(key, threading.Lock())
+        try:
+            with making:
+                with self._lock:
+                    pixels = self._held.get(key)
+                if pixels is None:
+                    pixels = compute()
+                    self.put(key, pixels)
+                return pixels
+        finally:
+            with self._lock:
+                if self._making.get(key) is making:
+                    del self._making[key]
 
     def put(self, key: Path, pixels: pyvips.Image) -> None:
         with self._lock:
@@ -215,7 +240,6 @@ class Shared:
     held: SharedCutouts | None  # where it is held in memory; None: in the file at `path`
     make: bool  # this output computes it when it is not there (another one reads it after)
     last: bool  # this output lets it go once written
-    first: bool  # the first output to read it (the one that makes it, unless placed before)
 
     def pixels(self) -> pyvips.Image | None:
         """The pixels kept, or None (not made yet, or dropped)."""
@@ -227,9 +251,7 @@ class Shared:
         """Compute `cut` once and keep it; its pixels."""
         if self.held is None:
             return keep(cut, self.path)
-        pixels = keep(cut)
-        self.held.put(self.path, pixels)
-        return pixels
+        return self.held.make_once(self.path, partial(keep, cut))
 
     def release(self) -> None:
         if self.held is not None:
@@ -240,15 +262,15 @@ class Shared:
 
 # Outputs that read the full-size cut-out held in memory are encoded this many at a time:
 # the threads one output streamed from the original keeps busy (libvips's pixel thread and
-# its encoder's write-behind), where each of these spends its time in its encoder alone
-# (zlib for a PNG or a TIFF). Their pixels are already in memory: nothing more is held.
+# its encoder's write-behind), where each of these, once the cut-out is made, spends its
+# time in its encoder alone (zlib for a PNG or a TIFF). Nothing more is held in memory.
 ENCODED_AT_ONCE = 2
 
 
 def encode_together(jobs: list[Callable[[], T]]) -> list[T]:
-    """Run `jobs` (the outputs of one file that read its cut-out held in memory, once it is
-    made), ENCODED_AT_ONCE at a time; their results in order. An exception is raised once
-    every job has ended, none left running."""
+    """Run `jobs` (the outputs of one file that read its cut-out held in memory: the first
+    computes it while the next waits), ENCODED_AT_ONCE at a time; their results in order.
+    An exception is raised once every job has ended, none left running."""
     if len(jobs) < 2:
         return [job() for job in jobs]
     with ThreadPoolExecutor(max_workers=ENCODED_AT_ONCE, thread_name_prefix="encode") as pool:
@@ -281,10 +303,12 @@ def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, inde
     # taken for it.
     key = hashlib.sha256(repr((str(src), stat.st_size, stat.st_mtime_ns, answered.st_size,
                                answered.st_mtime_ns)).encode()).hexdigest()[:16]
+    # Held in memory, its readers are encoded together (`encode_together`): whichever needs
+    # it first computes it, the others wait for it, the last one included. In a file, they
+    # are made one by one, and a last reader that finds none composes on its own.
     return Shared(answer.with_name(f"{answer.name}.{key}{SHARED_SUFFIX}"),
                   cutouts if in_memory else None,
-                  make=index != readers[-1], last=index == readers[-1],
-                  first=index == readers[0])
+                  make=in_memory or index != readers[-1], last=index == readers[-1])
 
 
 SHARED_SUFFIX = ".cutout.tif"

@@ -1,8 +1,9 @@
 """fetched → stored: every output of the recipe made from the one answer (spooled, or earlier
 identical results) and placed in its outbox, each journaled as it is placed, so after a crash
 only the missing ones are made, none twice; those that read the full-size cut-out held in
-memory, once an earlier output made it, are encoded two at a time (`encode_together`). The
-outputs written are kept on the job for the manifest (nothing is read again).
+memory are encoded two at a time once the others are placed (`encode_together`: the first
+computes the cut-out while the next waits for it). The outputs written are kept on the job
+for the manifest (nothing is read again).
 
 A studio answer is decoded here first, once (send checked all but its decode): that decode
 is its check and the composite's alpha; one that does not decode is refused as send refuses
@@ -120,7 +121,7 @@ def store(ctx: Context, work: Work) -> Outcome:
         maker = outputs.maker(record, inbox, job.rel, answer, index, earlier,
                               unchanged=unchanged, source=source, cutouts=ctx.cutouts)
         if maker.from_memory:
-            together.append((index, maker))  # once the cut-out they read is made
+            together.append((index, maker))  # after the others, two at a time
             continue
         failed = place_one(index, maker)
         if failed is not None:
