@@ -297,10 +297,11 @@ def recipe_child(original: Path, answer: Path, out: Path,
     for index in range(len(settings.outputs) or 1):
         maker = results.maker(record, settings, source.name, answer, index,  # type: ignore[arg-type]
                               [], unchanged=True, source=facts, cutouts=cutouts)
-        if maker.from_memory:  # as `store` does: encoded together once the cut-out is made
+        if maker.together:  # as `store` does: made together after the others
             together.append(maker)
         else:
             made.append(place(maker))
+    together.sort(key=lambda maker: maker.together)
     mark, mark_cpu = time.perf_counter(), time.process_time()
     for output in results.encode_together([partial(place, maker) for maker in together]):
         # Made at the same time: the process's CPU is theirs together, not each one's.

@@ -272,9 +272,9 @@ def test_full_size_outputs_share_one_decode_of_the_original(
                             unchanged=True, source=source, cutouts=cutouts)
               for index in range(len(recipe))]
     made = [tmp_path / f"made{index}.{spec.ext}" for index, spec in enumerate(inbox.outputs)]
-    # Those that read it (the PNG, the mask, the TIFF) may be encoded together, from memory;
-    # not from a file, nor the WEBP (the original decoded at 1/2).
-    assert [m.from_memory for m in makers] == [in_memory, False, in_memory, in_memory]
+    # Those that read it (the PNG, the mask, the TIFF) may be encoded together, from memory,
+    # and the WEBP (the original decoded at 1/2) first, beside them; none when it is a file.
+    assert [m.together for m in makers] == ([2, 1, 2, 2] if in_memory else [0, 0, 0, 0])
     makers[0].produce(made[0])
     makers[1].produce(made[1])
     kept_files = list(spool.glob("*.cutout.tif"))

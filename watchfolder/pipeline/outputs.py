@@ -95,9 +95,11 @@ class Maker:
     root: Path  # the outbox it goes to
     target: Path  # its name there, before collisions
     need: int  # about the bytes it takes
-    # It reads the full-size cut-out held in memory (computed by the first output of the
-    # file that needs it): it may be encoded beside another such output (`encode_together`).
-    from_memory: bool = False
+    # Whether it may be made beside another output of the file (`encode_together`), and
+    # when: 0 alone, in its order; 1 together, first: it streams from a small decode of the
+    # original, while the cut-out held in memory is computed; 2 together, after those: it
+    # reads that cut-out (computed by the first output that needs it).
+    together: int = 0
 
 
 def heavy(route: str | None, inbox: InboxConfig, index: int, reused: list[str]) -> bool:
@@ -128,11 +130,14 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
         return Maker(partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size)
     if spec is not None:
         shared = _shared(record.route, inbox, src, answer, index, source, cutouts)
+        together = 2 if shared is not None and shared.held is not None else \
+            1 if shared is None and _small_beside_held(record.route, inbox, src, answer, index,
+                                                       source) else 0
         return Maker(partial(_render, record.route, src, answer, spec,
                              spec.compression or inbox.compression, source=source,
                              shared=shared),
                      *where(spec.ext), 2 * record.size + 8 * size,
-                     from_memory=shared is not None and shared.held is not None)
+                     together=together)
     fmt = inbox.output_format
     if record.route == "studio":
         source = source or inspect_source(src, studio=True, verify=False)
@@ -283,16 +288,11 @@ def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, inde
     """Output `index`'s part in sharing the full-size cut-out: None when fewer than two of
     the recipe's outputs read it, when this one does not, or when it is kept on disk and the
     spool's disk lacks the room for it (each output then composes on its own, as before)."""
-    if route != "studio":
-        return None
     try:
-        source = source or inspect_source(src, studio=True, verify=False)
-        readers = [n for n, spec in enumerate(inbox.outputs)
-                   if _shrink(spec, source, answer) == 1]
-        if len(readers) < 2 or index not in readers:
+        sharing = _sharing(route, inbox, src, answer, source)
+        if sharing is None or index not in sharing[0]:
             return None
-        width, height = source.upright
-        need = width * height * (source.colour_bands + 1) * source.bits // 8
+        readers, need = sharing
         in_memory = need <= SHARED_IN_MEMORY
         if not in_memory and shutil.disk_usage(answer.parent).free < need + SHARED_RESERVE:
             return None
@@ -312,6 +312,31 @@ def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, inde
 
 
 SHARED_SUFFIX = ".cutout.tif"
+
+
+def _sharing(route: str | None, inbox: InboxConfig, src: Path, answer: Path,
+             source: Source | None) -> tuple[list[int], int] | None:
+    """(the outputs that read the full-size cut-out, its bytes) when two or more of the
+    recipe's outputs read it on the studio path, else None."""
+    if route != "studio":
+        return None
+    source = source or inspect_source(src, studio=True, verify=False)
+    readers = [n for n, spec in enumerate(inbox.outputs) if _shrink(spec, source, answer) == 1]
+    if len(readers) < 2:
+        return None
+    width, height = source.upright
+    return readers, width * height * (source.colour_bands + 1) * source.bits // 8
+
+
+def _small_beside_held(route: str | None, inbox: InboxConfig, src: Path, answer: Path,
+                       index: int, source: Source | None) -> bool:
+    """Output `index` is made from a small decode of the original (`_shrink` > 1), and its
+    file's full-size cut-out is held in memory: it may be made while that is computed."""
+    try:
+        sharing = _sharing(route, inbox, src, answer, source)
+    except (OSError, ValueError, WatchfolderError, pyvips.Error):
+        return False
+    return sharing is not None and index not in sharing[0] and sharing[1] <= SHARED_IN_MEMORY
 
 
 def _shrink(spec: OutputConfig, source: Source, answer: Path) -> int:

@@ -120,13 +120,14 @@ def store(ctx: Context, work: Work) -> Outcome:
         source = job.source if job.source_of == (record.size, record.mtime_ns) else None
         maker = outputs.maker(record, inbox, job.rel, answer, index, earlier,
                               unchanged=unchanged, source=source, cutouts=ctx.cutouts)
-        if maker.from_memory:
+        if maker.together:
             together.append((index, maker))  # after the others, two at a time
             continue
         failed = place_one(index, maker)
         if failed is not None:
             ctx.cutouts.forget(record.spool)
             return failed
+    together.sort(key=lambda pair: pair[1].together)  # those not waiting for the cut-out first
     failed = next((outcome for outcome in outputs.encode_together(
         [partial(place_one, index, maker) for index, maker in together]) if outcome), None)
     if failed is not None:
