@@ -10,8 +10,9 @@
                                          `cutouts`: the pipeline's SharedCutouts)
     SharedCutouts                        the full-size cut-outs held in memory for a
                                          recipe's outputs (one per pipeline, on its Context)
-    encode_together(jobs)                the outputs that read a cut-out held in memory
-                                         (`Maker.from_memory`), two at a time
+    encode_together(jobs)                the outputs made beside one another when the
+                                         file's cut-out is held in memory
+                                         (`Maker.together`), two at a time
     manifest_for(record, src, event, made, upright)
                                          the manifest (manifest.py) of a finished file;
                                          `made`: the `Output`s written in this run (their
@@ -273,9 +274,10 @@ ENCODED_AT_ONCE = 2
 
 
 def encode_together(jobs: list[Callable[[], T]]) -> list[T]:
-    """Run `jobs` (the outputs of one file that read its cut-out held in memory: the first
-    computes it while the next waits), ENCODED_AT_ONCE at a time; their results in order.
-    An exception is raised once every job has ended, none left running."""
+    """Run `jobs` (outputs of one file whose cut-out is held in memory: those from a small
+    decode, then those that read the cut-out, the first computing it while the next waits),
+    ENCODED_AT_ONCE at a time; their results in order. An exception is raised once every
+    job has ended, none left running."""
     if len(jobs) < 2:
         return [job() for job in jobs]
     with ThreadPoolExecutor(max_workers=ENCODED_AT_ONCE, thread_name_prefix="encode") as pool:

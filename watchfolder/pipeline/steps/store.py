@@ -1,9 +1,10 @@
 """fetched → stored: every output of the recipe made from the one answer (spooled, or earlier
 identical results) and placed in its outbox, each journaled as it is placed, so after a crash
-only the missing ones are made, none twice; those that read the full-size cut-out held in
-memory are encoded two at a time once the others are placed (`encode_together`: the first
-computes the cut-out while the next waits for it). The outputs written are kept on the job
-for the manifest (nothing is read again).
+only the missing ones are made, none twice; when the full-size cut-out is held in memory,
+the outputs that read it, and those made from a smaller decode, are made two at a time once
+the others are placed (`encode_together`: the smaller ones first; the first reader computes
+the cut-out while the next waits for it). The outputs written are kept on the job for the
+manifest (nothing is read again).
 
 A studio answer is decoded here first, once (send checked all but its decode): that decode
 is its check and the composite's alpha; one that does not decode is refused as send refuses
