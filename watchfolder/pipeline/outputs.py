@@ -266,10 +266,12 @@ class Shared:
             self.path.unlink(missing_ok=True)
 
 
-# Outputs that read the full-size cut-out held in memory are encoded this many at a time:
+# A file's outputs made together (its cut-out held in memory) are made this many at a time:
 # the threads one output streamed from the original keeps busy (libvips's pixel thread and
 # its encoder's write-behind), where each of these, once the cut-out is made, spends its
-# time in its encoder alone (zlib for a PNG or a TIFF). Nothing more is held in memory.
+# time in its encoder alone (zlib for a PNG or a TIFF). Beside the cut-out, memory holds
+# only their encoders' buffers, and a small output's decode at 1/2 or less when the
+# original must be turned upright (read out of order).
 ENCODED_AT_ONCE = 2
 
 
