@@ -36,6 +36,7 @@ from benchmarks.common import (
     count_between,
     count_files,
     cpu_seconds,
+    cpu_split,
     folder_bytes,
     max_in_window,
     memory_kb,
@@ -120,7 +121,8 @@ def throughput(params: dict[str, Any]) -> Result:
         startup_cpu = cpu_seconds(daemon.pid)
         if naive is not None:
             naive.start()
-        profiler = Profiler(daemon.pid, _profile_path(params, name), wall=params.get("wall", True))
+        profiler = Profiler(daemon.pid, _profile_path(params, name),
+                            wall=params.get("wall", True), gil=params.get("gil", False))
         _wait(lambda: bool(api.requests), 120, 0.01)
         t1 = api.requests[0].time
         # 15% slack for a daemon slower than its limit; then the figure uses what came.
@@ -128,6 +130,7 @@ def throughput(params: dict[str, Any]) -> Result:
         _wait(lambda: sum(1 for r in api.requests if r.status == 200) >= need,
               deadline - time.monotonic(), 0.2)
         cpu = cpu_seconds(daemon.pid)
+        user, system = cpu_split(daemon.pid)
         profiler.stop()
         stop.set()
         daemon.stop()
@@ -157,6 +160,9 @@ def throughput(params: dict[str, Any]) -> Result:
         "requests": len(ours), "cpu_ms_per_request": 1000 * cpu / max(1, len(ours)),
         "startup_cpu_s": startup_cpu,
         "cpu_ms_per_request_after_ready": 1000 * (cpu - startup_cpu) / max(1, len(ours)),
+        # the same whole-process CPU, split: the interpreter's (user) and the kernel's (system)
+        "user_ms_per_request": 1000 * user / max(1, len(ours)),
+        "system_ms_per_request": 1000 * system / max(1, len(ours)),
     }
     if naive is not None:
         # The loop sends evenly: its rate is the spacing of its requests after the first
@@ -344,7 +350,9 @@ def drop_while_running(params: dict[str, Any]) -> Result:
             if original is not None:
                 INOTIFY_QUEUE.write_text(original)
         startup_cpu = cpu_seconds(daemon.pid)
-        profiler = Profiler(daemon.pid, _profile_path(params, f"drop-{limit or 'default'}"))
+        profiler = Profiler(daemon.pid, _profile_path(params, f"drop-{limit or 'default'}"),
+                            gil=params.get("gil", False))
+        user0, system0 = cpu_split(daemon.pid)
         t0 = time.monotonic()
         for name in files:
             os.rename(staging / name, inbox / name)
@@ -353,6 +361,7 @@ def drop_while_running(params: dict[str, Any]) -> Result:
         finished = _wait(lambda: count_files(archive) >= count, params["timeout"], 0.2)
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(daemon.pid) - startup_cpu  # less noisy than the wall time under load
+        user, system = cpu_split(daemon.pid)
         profiler.stop()
         rss = status_kb(daemon.pid, "VmHWM") / 1024
         daemon.stop()
@@ -366,7 +375,9 @@ def drop_while_running(params: dict[str, Any]) -> Result:
                   "overflows": sum(1 for e in events
                                    if "events were lost" in str(e.get("event", ""))),
                   "rescans": sum(1 for e in events if e.get("event") == "intake.rescan"),
-                  "hwm_mb": rss, "daemon_cpu_s": cpu, "cpu_ms_per_file": 1000 * cpu / count}
+                  "hwm_mb": rss, "daemon_cpu_s": cpu, "cpu_ms_per_file": 1000 * cpu / count,
+                  "user_ms_per_file": 1000 * (user - user0) / count,
+                  "system_ms_per_file": 1000 * (system - system0) / count}
     result["missed"] = count - result["archived"]
     return result
 

@@ -212,17 +212,19 @@ class Profiler:
     """py-spy attached to a running process (optional: `--profile DIR`)."""
 
     def __init__(self, pid: int, out: Path | None, rate: int = 100, *,
-                 wall: bool = False) -> None:
+                 wall: bool = False, gil: bool = False) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         if out is None:
             return
         out.parent.mkdir(parents=True, exist_ok=True)
         # wall: sample waiting threads too (fsync, locks, sockets), to see where time goes
-        # rather than where the CPU goes.
+        # rather than where the CPU goes. gil: only the thread holding the GIL, the nearest
+        # py-spy comes to "where the interpreter's CPU goes" (a thread blocked in fsync or in
+        # a socket read counts as active otherwise, which is most of the samples).
         self.proc = subprocess.Popen(
             [shutil.which("py-spy") or "py-spy", "record", "--pid", str(pid), "--rate",
              str(rate), "--threads", "--format", "raw", "--output", str(out), "--nonblocking",
-             *(["--idle"] if wall else [])],
+             *(["--idle"] if wall else []), *(["--gil"] if gil else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
@@ -273,6 +275,14 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the whole process in seconds: the interpreter's work and the kernel's
+    on its behalf (syscalls: fsync, rename, inotify, sockets)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def task_totals(pid: int) -> tuple[float, int]:
