@@ -161,3 +161,50 @@ def test_writes_and_the_claims_folder_wake_the_intake_only_for_what_it_uses(
     assert [p for p in seen if p.parent != inbox.path] == [], "claims folder handed over"
     big = [p for p in seen if p.name == "big.png"]
     assert 1 <= len(big) <= 3, f"big.png handed over {len(big)} times for 200 writes"
+
+
+def _watched_inodes() -> set[int]:
+    """The inodes this process's inotify instances watch (the kernel's own list)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue  # closed meanwhile
+        for line in info.splitlines():
+            if line.startswith("inotify"):
+                fields = dict(part.split(":", 1) for part in line.split()[1:])
+                found.add(int(fields["ino"], 16))
+    return found
+
+
+def test_hidden_folders_are_not_watched_until_renamed_into_place(tmp_path: Path) -> None:
+    """No kernel watch is put on a hidden or temporary folder below the inbox (the claims
+    folder takes a claim, its link and the clock file per file processed: each an event for
+    watchdog's threads to build and drop); an ordinary folder is watched, and a hidden one
+    renamed to an ordinary name is watched from then on, its new files handed over."""
+    studio = Studio(tmp_path, "http://127.0.0.1:9")
+    inbox = studio.config().inboxes[0]
+    seen: list[Path] = []
+    claims, upload = inbox.path / ".watchfolder-claims", inbox.path / "shoot.partial"
+    sub = inbox.path / "sub"
+    for folder in (claims, upload, sub, sub / ".cache"):
+        folder.mkdir()
+    before = _watched_inodes()
+    watcher = Watcher((inbox,), lambda _index, path, _moved: seen.append(path), lambda: None)
+    watcher.start()
+    try:
+        watched = _watched_inodes() - before
+        inode = {folder: folder.stat().st_ino
+                 for folder in (inbox.path, claims, upload, sub, sub / ".cache")}
+        assert inode[inbox.path] in watched and inode[sub] in watched
+        assert inode[claims] not in watched, "the claims folder has a kernel watch"
+        assert inode[upload] not in watched and inode[sub / ".cache"] not in watched
+        upload.rename(inbox.path / "shoot")
+        wait_for(lambda: inode[upload] in _watched_inodes(), what="the renamed folder's watch")
+        (inbox.path / "shoot" / "a.png").write_bytes(b"x")
+        wait_for(lambda: inbox.path / "shoot" / "a.png" in seen, what="a file in it")
+    finally:
+        watcher.stop()

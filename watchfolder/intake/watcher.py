@@ -60,7 +60,7 @@ from watchfolder.config.settings import InboxConfig
 from watchfolder.intake.settle import is_ignored
 
 if platform.is_linux():  # the daemon targets Linux; the module still imports elsewhere
-    from watchdog.observers.inotify import InotifyObserver
+    from watchfolder.intake.inotify import VisibleInotifyObserver
 
 _INTERESTING = {EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED}
 # The same, as watchdog's filter: inotify is then asked for these alone. Without it every open
@@ -306,8 +306,9 @@ class Watcher:
             observer = PollingObserver(timeout=inbox.polling_interval_seconds)
         elif platform.is_linux():
             # Full events: a move in from an unwatched folder stays a move (with no source)
-            # instead of becoming a creation, so it can skip the settle wait.
-            observer = InotifyObserver(generate_full_events=True)
+            # instead of becoming a creation, so it can skip the settle wait. Hidden folders
+            # (our claims folder above all) are not watched: intake/inotify.py.
+            observer = VisibleInotifyObserver()
         else:
             observer = Observer()
         observer.daemon = True
