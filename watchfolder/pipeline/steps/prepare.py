@@ -181,6 +181,8 @@ def _earlier_results(ctx: Context, identities: list[str], count: int) -> list[st
 
 
 def _inside(root: Path, folder: Path) -> bool:
+    if folder == root:
+        return True  # the inbox itself (a link to it or not): no lstat of every component
     real_root = os.path.realpath(root)
     real = os.path.realpath(folder)
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
