@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,41 @@ def test_a_share_that_vanishes_and_returns_is_watched_again_and_nothing_is_sent_
         assert hashlib.sha256((studio.archive / name).read_bytes()).hexdigest() == \
             digest.hexdigest()
     assert sandbox.count(200) == FILES + 2  # nothing paid twice
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def test_a_share_that_drops_while_an_original_is_archived_keeps_no_copy_of_it(
+        tmp_path: Path, sandbox: Sandbox, loop_mount: Callable[..., LoopMount]) -> None:
+    # The original is copied to the archive (another file system), then the share drops
+    # before it is unlinked: its path names the bare mount point now. Unlinked by that path,
+    # it stayed on the share and was sent again (an "-1" twin) when the share came back (a
+    # flake of the test above).
+    share = loop_mount(tmp_path / "inbox")
+    studio = Studio(tmp_path, sandbox.url, inbox={"settle_seconds": 0.1})
+    make_image(studio.inbox / "img.png")
+    daemon = DaemonProcess(studio.write_config(),
+                           env={"WATCHFOLDER_FAILPOINT": "moved-linked:1:stop"})
+    try:
+        wait_for(lambda: _stopped(daemon.proc.pid), timeout=30,
+                 what="the daemon stopped with the original in the archive and the inbox")
+        assert studio.files(studio.inbox) == studio.files(studio.archive) == ["img.png"]
+        share.vanish()
+        assert studio.files(studio.inbox) == [], "the bare mount point"
+        daemon.proc.send_signal(signal.SIGCONT)
+        daemon.wait_event("file.done")
+        share.come_back()
+        assert studio.files(studio.inbox) == [], "the original left the share"
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert studio.files(studio.archive) == ["img.png"]
+    assert studio.files(studio.outbox) == ["img.png"]
+    assert sandbox.count(200) == 1
 
 
 def test_an_inbox_made_unreadable_for_a_while_is_a_pause_of_that_inbox(

@@ -2,8 +2,10 @@
 
 Random kills rarely land in the microseconds between, say, linking a result into the outbox and
 journaling that it is there; a failpoint makes each such instant testable. Off unless the
-environment says `WATCHFOLDER_FAILPOINT=<name>[:<nth>]`: the nth time the named point is
-reached, the process sends itself SIGKILL, exactly as `kill -9` would.
+environment says `WATCHFOLDER_FAILPOINT=<name>[:<nth>[:stop]]`: the nth time the named point
+is reached, the process sends itself SIGKILL, exactly as `kill -9` would; with `stop`, SIGSTOP
+instead, so that a test can change the world at that instant (a share dropped, say) and let it
+go on with SIGCONT.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import os
 import signal
 import threading
 
-_name, _, _nth = os.environ.get("WATCHFOLDER_FAILPOINT", "").partition(":")
+_name, _, _rest = os.environ.get("WATCHFOLDER_FAILPOINT", "").partition(":")
+_nth, _, _how = _rest.partition(":")
 _target = int(_nth or 1)
+_signal = signal.SIGSTOP if _how == "stop" else signal.SIGKILL
 _count = 0
 _lock = threading.Lock()
 
@@ -25,5 +29,9 @@ def hit(point: str) -> None:
         return
     with _lock:
         _count += 1
-        if _count >= _target:
+        if _count == _target and _signal == signal.SIGSTOP:
+            # To this thread: a SIGSTOP sent to the process lets this thread run on until
+            # another thread has taken it (it stopped past the instant it was meant for).
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        elif _count >= _target and _signal == signal.SIGKILL:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -149,27 +150,36 @@ def copy_into(src: Path, dest: Path) -> bool:
 
 
 def move_into(src: Path, dest: Path) -> bool:
-    """Move `src` to `dest` (any filesystem); False (nothing moved) if `dest` is taken."""
+    """Move `src` to `dest` (any filesystem); False (nothing moved) if `dest` is taken.
+
+    `src` is unlinked through a handle on its folder opened first, not by its path: a share
+    that drops (a lazy unmount) between the copy and the unlink leaves the path naming the
+    bare mount point, where the original is not, and the original stayed on the share, to be
+    sent again when it came back."""
+    folder = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        placed = _link_no_clobber(src, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        if src.is_symlink():
-            # A link is never followed out of the inbox: move the link itself.
-            if os.path.lexists(dest):
-                return False
-            dest.symlink_to(src.readlink())
-            placed = True
-        else:
-            placed = copy_into(src, dest)
-    if not placed:
-        return False
-    failpoints.hit("moved-linked")  # both names exist: the instant a crash must survive
-    if os.path.lexists(src):
-        src.unlink()
-    fsync_dir(dest.parent)
-    fsync_dir(src.parent)
+        try:
+            placed = _link_no_clobber(src, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            if src.is_symlink():
+                # A link is never followed out of the inbox: move the link itself.
+                if os.path.lexists(dest):
+                    return False
+                dest.symlink_to(src.readlink())
+                placed = True
+            else:
+                placed = copy_into(src, dest)
+        if not placed:
+            return False
+        failpoints.hit("moved-linked")  # both names exist: the instant a crash must survive
+        with contextlib.suppress(FileNotFoundError):  # a rename (no hard links) moved it
+            os.unlink(src.name, dir_fd=folder)
+        fsync_dir(dest.parent)
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return True
 
 
