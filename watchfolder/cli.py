@@ -24,7 +24,7 @@ from watchfolder.config.settings import Config, inline_key_readable_by_others, l
 from watchfolder.errors import ConfigError, JournalUnreadable, StartupError
 from watchfolder.files.requeue import report, requeue
 from watchfolder.journal.reset import reset_journal
-from watchfolder.service import status
+from watchfolder.service import allocator, status
 from watchfolder.service.daemon import EXIT_USAGE, Daemon
 from watchfolder.service.notify import Notifier
 from watchfolder.service.progress import ProgressLine
@@ -234,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_USAGE
+    allocator.pin_thresholds()  # big freed blocks then leave the process (allocator.py)
     # `--once` on a terminal shows a live progress line; logs are written above it.
     progress = ProgressLine(sys.stderr) if args.once and sys.stderr.isatty() else None
     logs.configure(args.log_format or config.log.format, config.log.level,

@@ -6,6 +6,7 @@
 - `recovery`: what a start puts right: folders, unfinished records, a crash's left-overs.
 - `health`: watches that died and were not restored.
 - `lock`: one daemon per state_dir.
+- `allocator`: glibc's mmap and trim thresholds, fixed so freed big blocks leave the process.
 - `notify`: the sd_notify protocol.
 - `metrics`: Prometheus metrics.
 - `status`: `watchfolder status` and the STATUS= line.
