@@ -430,7 +430,9 @@ def _case_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], No
             "no growth (≤ 5%)",
             f"{x['rss_first_mb']:.1f} → {x['rss_end_mb']:.1f} MB ({growth:+.1%}; "
             f"{x['rss_end_mb'] - samples[half]:+.1f} MB over the last "
-            f"{x['files'] - half:,})", x["processed"] >= x["files"] and growth <= 0.05)
+            f"{x['files'] - half:,}" + (f"; the daemon's CPU {x['cpu_ms_per_file']:.1f} ms per "
+                                         "file" if "cpu_ms_per_file" in x else "") + ")",
+            x["processed"] >= x["files"] and growth <= 0.05)
     elif r["case"] in STUDIO_CASES:
         _studio_rows(r, add)
 
