@@ -65,3 +65,9 @@ def test_an_operators_own_allocator_tuning_wins() -> None:
     kept = _churn("pinned", MALLOC_MMAP_THRESHOLD_="8388608")
     assert kept["pinned"] is False
     assert isinstance(kept["growth_kb"], int) and kept["growth_kb"] > 4 * 1024
+    tunable = _churn("pinned", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=8388608")
+    assert tunable["pinned"] is False
+    # a tunable of something else is no tuning of the allocator
+    other = _churn("pinned", GLIBC_TUNABLES="glibc.rtld.optional_static_tls=2048")
+    assert other["pinned"] is True and isinstance(other["growth_kb"], int)
+    assert other["growth_kb"] < 1024
