@@ -3,6 +3,7 @@ long edges, white backgrounds with the subject's own pixels, masks."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,23 @@ def test_outputs_encoded_together_compute_their_cut_out_once(tmp_path: Path) -> 
         cutouts.drop(key)
         assert cutouts.get(key) is None
     assert cutouts.held() == []
+
+
+def test_a_files_cut_outs_are_let_go_when_it_is_stored_or_failed(tmp_path: Path) -> None:
+    from watchfolder.journal.db import FileRecord
+    from watchfolder.pipeline.outputs import SHARED_SUFFIX, SharedCutouts
+
+    cutouts = SharedCutouts()
+    answer = tmp_path / "7.png"
+    on_disk = answer.with_name(f"{answer.name}.full{SHARED_SUFFIX}")
+    on_disk.write_bytes(b"pixels")
+    cutouts.put(answer.with_name(f"{answer.name}.other{SHARED_SUFFIX}"), pyvips.Image.black(8, 8))
+    record = FileRecord(id=7, inbox="in", rel="a.jpg", state="failed", size=1, mtime_ns=1,
+                        settings="", spool=str(answer), route="fast")
+    cutouts.forget_file(record)
+    assert cutouts.held() and on_disk.exists(), "a fast-path file keeps none: nothing listed"
+    cutouts.forget_file(dataclasses.replace(record, route="studio"))
+    assert cutouts.held() == [] and not on_disk.exists()
 
 
 def test_an_8_bit_cut_out_is_scaled_in_8_bits_with_the_look_of_float(tmp_path: Path) -> None:

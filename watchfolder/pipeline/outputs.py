@@ -222,6 +222,12 @@ class SharedCutouts:
         with self._lock:
             return list(self._held)
 
+    def forget_file(self, record: FileRecord) -> None:
+        """`forget` the cut-outs kept for `record`'s answer (the file was stored or failed).
+        Only the studio path keeps any: a fast-path file's spool is not listed for one."""
+        if record.route == "studio":
+            self.forget(record.spool)
+
     def forget(self, answer: str | None) -> None:
         """Let go of any full-size cut-out kept for the spooled `answer` (a file that failed
         or was stored: its last reader may not have run), in memory or beside it. None (no

@@ -74,6 +74,7 @@ def fail(ctx: Context, work: Work) -> Outcome:
     record, inbox, src = work.record, work.inbox, work.src
     if record.proxy:
         Path(record.proxy).unlink(missing_ok=True)  # never sent, never needed again
+    ctx.cutouts.forget_file(record)  # a store that raised half-way kept its cut-out
     chosen = Path(record.error_path) if record.error_path else None
     if source_stat(ctx, work) is None and (chosen is None or not os.path.lexists(chosen)):
         return gone(work, "removed from the inbox before it was moved to errors",

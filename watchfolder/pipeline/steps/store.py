@@ -27,7 +27,6 @@ from watchfolder.journal.db import (
     QUEUED,
     REVIEW,
     STORED,
-    FileRecord,
     encode_outputs,
     output_identity,
 )
@@ -127,17 +126,17 @@ def store(ctx: Context, work: Work) -> Outcome:
             continue
         failed = place_one(index, maker)
         if failed is not None:
-            _forget_shared(ctx, record)
+            ctx.cutouts.forget_file(record)
             return failed
     together.sort(key=lambda pair: pair[1].together)  # those not waiting for the cut-out first
     failed = next((outcome for outcome in outputs.encode_together(
         [partial(place_one, index, maker) for index, maker in together]) if outcome), None)
     if failed is not None:
-        _forget_shared(ctx, record)
+        ctx.cutouts.forget_file(record)
         return failed
     spool = Path(record.spool) if record.spool else None
     identity = f"{record.sha256}|{record.settings}"
-    _forget_shared(ctx, record)  # its last reader removed it, unless placed earlier
+    ctx.cutouts.forget_file(record)  # its last reader removed it, unless placed earlier
     # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
     # the next start removes, never a reference that keeps it forever. Deleted once a fsync
     # covers `stored` (the next request's, say): a power cut that undid it finds the answer.
@@ -146,13 +145,6 @@ def store(ctx: Context, work: Work) -> Outcome:
                              for index, entry in enumerate(placed) if entry],
                    then=None if spool is None else lambda: ctx.journal.commits.when_durable(
                        lambda: spool.unlink(missing_ok=True)))
-
-
-def _forget_shared(ctx: Context, record: FileRecord) -> None:
-    # Only the studio path shares a full-size cut-out between outputs (outputs._shared): a
-    # fast-path file's spool is not listed for one (a glob of the spool, per file).
-    if record.route == "studio":
-        ctx.cutouts.forget(record.spool)
 
 
 def _ask_again(ctx: Context, work: Work, exc: BadResult) -> Outcome:
