@@ -158,15 +158,7 @@ def test_a_takeover_pays_only_for_the_request_slots_of_the_dead_host(
     victim = DaemonProcess(host_config(studio, "host0", **extra),
                            env={"WATCHFOLDER_FAILPOINT": "answered:2"})
     try:
-        victim.wait_event("ready")
-        make_image(studio.inbox / "x1.png", seed=1)
-        wait_for(lambda: journal_states(tmp_path / "state-host0") == ["sending"],
-                 what="x1's request on its way")
-        # Its answer will have nowhere to go: it stays in the victim's spool.
-        studio.outbox.rename(tmp_path / "outbox-away")
-        victim.wait_event("destination.unavailable")
-        for n in range(2):
-            make_image(tmp_path / "inbox-y" / f"y{n}.png", seed=10 + n)
+        _x1_answered_into_the_spool_then_y0_y1(studio, victim)
         # A freed slot sends y0 at once and dies at its answer; a held one sends nothing.
         deadline = time.monotonic() + 4 * sandbox.latency + 2
         while victim.proc.poll() is None and time.monotonic() < deadline:
@@ -199,6 +191,19 @@ def _one_slot_two_inboxes(tmp_path: Path, sandbox: Sandbox) -> Studio:
     return studio
 
 
+def _x1_answered_into_the_spool_then_y0_y1(studio: Studio, daemon: DaemonProcess) -> None:
+    """x1 sent while its outbox is taken away (its answer will have nowhere to go: it waits
+    in host0's spool), then y0 and y1 dropped into inbox-y."""
+    daemon.wait_event("ready")
+    make_image(studio.inbox / "x1.png", seed=1)
+    wait_for(lambda: journal_states(studio.root / "state-host0") == ["sending"],
+             what="x1's request on its way")
+    studio.outbox.rename(studio.root / "outbox-away")
+    daemon.wait_event("destination.unavailable")
+    for n in range(2):
+        make_image(studio.root / "inbox-y" / f"y{n}.png", seed=10 + n)
+
+
 def test_one_host_sends_while_an_answer_waits_and_its_restart_pays_for_it_once(
         tmp_path: Path, sandbox: Sandbox) -> None:
     # Issue 17: without a coordination store no other host takes the file over, so an answer
@@ -208,15 +213,7 @@ def test_one_host_sends_while_an_answer_waits_and_its_restart_pays_for_it_once(
     studio = _one_slot_two_inboxes(tmp_path, sandbox)
     host = DaemonProcess(host_config(studio, "host0"))
     try:
-        host.wait_event("ready")
-        make_image(studio.inbox / "x1.png", seed=1)
-        wait_for(lambda: journal_states(tmp_path / "state-host0") == ["sending"],
-                 what="x1's request on its way")
-        # Its answer will have nowhere to go: it waits in the spool.
-        studio.outbox.rename(tmp_path / "outbox-away")
-        host.wait_event("destination.unavailable")
-        for n in range(2):
-            make_image(tmp_path / "inbox-y" / f"y{n}.png", seed=10 + n)
+        _x1_answered_into_the_spool_then_y0_y1(studio, host)
         wait_for(lambda: len(studio.files(tmp_path / "archive-y")) == 2, timeout=30,
                  what="the only slot sends y0 and y1 while x1's answer waits")
         assert journal_states(tmp_path / "state-host0")[0] == "fetched"
