@@ -130,10 +130,16 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
     if not unchanged:
         return Maker(partial(shutil.copyfile, answer), *where(answer.suffix[1:]), size)
     if spec is not None:
-        shared = _shared(record.route, inbox, src, answer, index, source, cutouts)
+        try:  # once per output: it may inspect the original
+            sharing = _sharing(record.route, inbox, src, answer, source)
+        except (OSError, ValueError, WatchfolderError, pyvips.Error):
+            sharing = None  # the output itself says what is wrong, when it is made
+        shared = _shared(sharing, src, answer, index, cutouts)
+        # Made beside the others (`encode_together`): a reader of the cut-out held in memory
+        # (2), or an output from a small decode while that cut-out is computed (1).
         together = 2 if shared is not None and shared.held is not None else \
-            1 if shared is None and _small_beside_held(record.route, inbox, src, answer, index,
-                                                       source) else 0
+            1 if sharing is not None and index not in sharing[0] \
+            and sharing[1] <= SHARED_IN_MEMORY else 0
         return Maker(partial(_render, record.route, src, answer, spec,
                              spec.compression or inbox.compression, source=source,
                              shared=shared),
@@ -293,21 +299,21 @@ def encode_together(jobs: list[Callable[[], T]]) -> list[T]:
     return [future.result() for future in futures]
 
 
-def _shared(route: str | None, inbox: InboxConfig, src: Path, answer: Path, index: int,
-            source: Source | None, cutouts: SharedCutouts) -> Shared | None:
-    """Output `index`'s part in sharing the full-size cut-out: None when fewer than two of
-    the recipe's outputs read it, when this one does not, or when it is kept on disk and the
-    spool's disk lacks the room for it (each output then composes on its own, as before)."""
+def _shared(sharing: tuple[list[int], int] | None, src: Path, answer: Path, index: int,
+            cutouts: SharedCutouts) -> Shared | None:
+    """Output `index`'s part in sharing the full-size cut-out (`sharing`: see `_sharing`):
+    None when fewer than two of the recipe's outputs read it, when this one does not, or when
+    it is kept on disk and the spool's disk lacks the room for it (each output then composes
+    on its own, as before)."""
+    if sharing is None or index not in sharing[0]:
+        return None
+    readers, need = sharing
+    in_memory = need <= SHARED_IN_MEMORY
     try:
-        sharing = _sharing(route, inbox, src, answer, source)
-        if sharing is None or index not in sharing[0]:
-            return None
-        readers, need = sharing
-        in_memory = need <= SHARED_IN_MEMORY
         if not in_memory and shutil.disk_usage(answer.parent).free < need + SHARED_RESERVE:
             return None
         stat, answered = src.stat(), answer.stat()
-    except (OSError, ValueError, WatchfolderError, pyvips.Error):
+    except OSError:
         return None  # the output itself says what is wrong, when it is made
     # Named after the original and the answer it is made of: a file replaced since is not
     # taken for it.
@@ -336,17 +342,6 @@ def _sharing(route: str | None, inbox: InboxConfig, src: Path, answer: Path,
         return None
     width, height = source.upright
     return readers, width * height * (source.colour_bands + 1) * source.bits // 8
-
-
-def _small_beside_held(route: str | None, inbox: InboxConfig, src: Path, answer: Path,
-                       index: int, source: Source | None) -> bool:
-    """Output `index` is made from a small decode of the original (`_shrink` > 1), and its
-    file's full-size cut-out is held in memory: it may be made while that is computed."""
-    try:
-        sharing = _sharing(route, inbox, src, answer, source)
-    except (OSError, ValueError, WatchfolderError, pyvips.Error):
-        return False
-    return sharing is not None and index not in sharing[0] and sharing[1] <= SHARED_IN_MEMORY
 
 
 def _shrink(spec: OutputConfig, source: Source, answer: Path) -> int:
