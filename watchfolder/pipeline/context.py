@@ -151,15 +151,14 @@ class Context:
 
     # -- pauses -------------------------------------------------------------------------------
 
-    def account_problem(self, exc: AccountError, *, probe: bool,
-                        sent_after: int | None = None) -> None:
+    def account_problem(self, exc: AccountError, *, probe: bool, sent_after: int) -> None:
         """Pause sending (here and, through the limiter, on every host sharing the key).
 
         `sent_after` is `pause.resumes` read before the request: a refusal of a request sent
         before the pause was last lifted (an old key's, answered after a reload's probe
         succeeded) says nothing about the account now, and would hold every file for a whole
         probe interval. Its file is simply sent again."""
-        if sent_after is not None and sent_after != self.pause.resumes:
+        if sent_after != self.pause.resumes:
             log.info("account.refusal_outdated", reason=exc.reason, status=exc.status,
                      hint="a request sent before the pause was lifted: sent again")
             return
