@@ -375,3 +375,23 @@ def test_a_polling_inbox_keeps_the_settle_wait_for_renamed_files(
         wait_for(lambda: studio.files(studio.archive) == ["share.png"], what="archive")
     # A move polling infers from a listing proves nothing about a share's data.
     assert delay >= settle * 0.9, delay
+
+
+def test_the_answer_streams_into_a_spool_name_made_before_the_request(
+        studio: Studio, sandbox: Sandbox) -> None:
+    """The answer's spool name exists (its folder fsynced) before the request goes: between
+    the answer and the journal no rename and no folder fsync; a request that ends without
+    an answer leaves no name behind."""
+    spool = studio.root / "state" / "spool"
+    seen: list[list[tuple[str, int]]] = []
+    sandbox.on_request = lambda record: seen.append(
+        sorted((path.name, path.stat().st_size) for path in spool.iterdir()))
+    sandbox.add_faults(500)
+    make_image(studio.inbox / "a.png", seed=1)
+    with Running(studio.config()):
+        wait_for(lambda: len(studio.files(studio.archive)) == 1, what="archived")
+    assert sandbox.count(200) == 1 and len(seen) == 2
+    # While each request waited for its answer: the empty answer file, nothing else.
+    assert [[(name.split(".", 1)[1], size) for name, size in names] for names in seen] == \
+        [[("png", 0)], [("png", 0)]]
+    assert list(spool.iterdir()) == []

@@ -2,8 +2,11 @@
 
     state_dir/journal.sqlite3            the journal (journal/db.py opens it)
     state_dir/spool/<id>.proxy.jpg       a studio file's proxy, until its answer is in
-    state_dir/spool/.<id>.part           an answer while it streams in
-    state_dir/spool/<id>.<ext>           the answer, until every output is placed
+    state_dir/spool/<id>.<ext>           the answer: made empty before its request, streamed
+                                         in, complete once journaled `fetched`, kept until
+                                         every output is placed
+    state_dir/spool/.<id>.part           an answer streaming in that has no name yet (one
+                                         kept in memory while the spool was full)
     <folder>/.watchfolder-<hex>.tmp      a file being written beside its final name
     <outbox>/<name template>             each output (`{dir}/{stem}.{ext}` with no recipe)
     <outbox>/<dir>/<stem>.json / .done   a file's manifest and done marker

@@ -11,10 +11,12 @@ from typing import Any
 import structlog
 from PIL import Image
 
+from watchfolder.files.atomic import fsync_dir
 from watchfolder.journal.db import GONE, QUEUED, SENDING
 from watchfolder.pipeline.client import max_result_bytes
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.state import STATE_RECHECK_SECONDS
+from watchfolder.pipeline.steps.send import answer_file
 from watchfolder.pipeline.work import Advance, Outcome, Park, Payload, Work
 
 log = structlog.get_logger("watchfolder")
@@ -51,6 +53,26 @@ def admit(ctx: Context, work: Work, payload: Payload, changes: Mapping[str, Any]
     ctx.destinations.check(work.inbox.outbox, "outbox", need)
     if work.inbox.archive is not None:
         ctx.destinations.check(work.inbox.archive, "archive")
+    # The answer's spool name, made before the slot is waited for: the folder's fsync is then
+    # no part of the time between an answer and the next request.
+    spool = answer_file(ctx, work.record, work.inbox)
+    try:
+        spool.touch()
+        fsync_dir(spool.parent)
+    except OSError as exc:
+        spool.unlink(missing_ok=True)
+        ctx.state.failed(exc)
+        return Park(STATE_RECHECK_SECONDS, changes=changes)
+    outcome = _take_slot(ctx, work, changes)
+    if isinstance(outcome, Park) or outcome.state != SENDING:
+        spool.unlink(missing_ok=True)  # no request: nothing will stream into it
+        return outcome
+    work.payload = payload
+    return outcome
+
+
+def _take_slot(ctx: Context, work: Work, changes: Mapping[str, Any]) -> Outcome:
+    """A request slot, a send time, the claim confirmed, the day's budget: `sending`."""
     if not ctx.slots.acquire(ctx.stopping):
         return Park(changes=changes)
     work.job.holds_slot = True
@@ -64,5 +86,4 @@ def admit(ctx: Context, work: Work, payload: Payload, changes: Mapping[str, Any]
     if not ctx.budget.take():
         ctx.budget_spent()
         return Park(front=True, changes=changes)
-    work.payload = payload
     return Advance(SENDING, changes, sent=True)

@@ -1,6 +1,12 @@
 """sending → fetched | failing, or parked back to `proxied`/`queued`: one request, its answer
 streamed to the spool and fsynced before it is journaled.
 
+The answer streams into its spool name (`answer_file`), which `admit` created, its folder
+fsynced, before the request slot was waited for: between the answer and the journal only the
+file's own fsync remains (a rename and the spool folder's fsync only for an answer in another
+format than asked). Until `fetched` no record points at the file: a crash leaves an orphan
+the next start removes, never an answer taken for complete.
+
 Policies, per the API contract: a transient failure parks the file with exponential backoff
 and full jitter (no worker, no slot held); a 429 holds the limiter and puts the file back at
 the front, costing no attempt; an account problem pauses sending (the context's pause).
@@ -17,6 +23,7 @@ from typing import Any
 import structlog
 
 from watchfolder import failpoints
+from watchfolder.config.settings import EXTENSIONS, InboxConfig
 from watchfolder.errors import (
     AccountError,
     ApiError,
@@ -58,11 +65,10 @@ def send(ctx: Context, work: Work) -> Outcome:
         # (the one credit a crash can cost per request in flight).
         return Advance(back["state"])
     config = ctx.config
-    # The studio path composes from the answer's alpha: it asks for PNG; so does a TIFF
-    # output, made locally.
-    asked = "png" if record.route == "studio" or inbox.output_format == "tiff" \
-        or inbox.outputs else inbox.output_format
-    part = ctx.journal.spool_dir / layout.part_name(record.id)
+    asked = asked_format(record, inbox)
+    part = answer_file(ctx, record, inbox)
+    if not part.exists():  # not made by admit (never in practice): streamed in beside it
+        part = ctx.journal.spool_dir / layout.part_name(record.id)
     resumes = ctx.pause.resumes
     try:
         result = _call_api(
@@ -75,15 +81,18 @@ def send(ctx: Context, work: Work) -> Outcome:
         ext = inspect_result(part, payload.width, payload.height,
                              decode=_decode_here(record))
     except RateLimited as exc:
+        part.unlink(missing_ok=True)  # none of these left an answer in it
         delay = ctx.limiter.rate_limited(
             None if exc.delay is None else min(exc.delay, config.retry.retry_after_cap_seconds))
         log.warning("api.rate_limited", delay_s=round(delay, 2),
                     retry_after=exc.delay is not None)
         return Park(front=True, changes=back)
     except AccountError as exc:
+        part.unlink(missing_ok=True)
         ctx.account_problem(exc, probe=work.job.probe, sent_after=resumes)
         return Park(front=True, changes=back)
     except FileRejected as exc:
+        part.unlink(missing_ok=True)
         if isinstance(exc, FormatNotAcceptable):
             ctx.warn_format_refused(inbox.output_format, str(inbox.path))
         return failing(exc.reason, exc.message, exc.status, attempts=record.attempts + 1)
@@ -96,6 +105,20 @@ def send(ctx: Context, work: Work) -> Outcome:
         return Park(STATE_RECHECK_SECONDS, changes=back)
     _answered(ctx, work, result)
     return _spooled(ctx, work, result, part, ext)
+
+
+def asked_format(record: FileRecord, inbox: InboxConfig) -> str:
+    """The format the request asks for: the studio path composes from the answer's alpha,
+    it asks for PNG; so does a TIFF output or a recipe, made locally."""
+    if record.route == "studio" or inbox.output_format == "tiff" or inbox.outputs:
+        return "png"
+    return inbox.output_format
+
+
+def answer_file(ctx: Context, record: FileRecord, inbox: InboxConfig) -> Path:
+    """The spool name the answer to `record`'s request streams into."""
+    return ctx.journal.spool_dir / layout.answer_name(
+        record.id, EXTENSIONS[asked_format(record, inbox)])
 
 
 def _decode_here(record: FileRecord) -> bool:
@@ -152,11 +175,13 @@ def _spool_kept(ctx: Context, work: Work, result: ApiResult, payload: Payload) -
 
 
 def _spooled(ctx: Context, work: Work, result: ApiResult, part: Path, ext: str) -> Outcome:
-    """The answer is in `part`, checked: give it its spool name; journaled next."""
+    """The answer is in `part`, checked, with its spool name (given here if it has another);
+    journaled next."""
     record = work.record
     spool = ctx.journal.spool_dir / layout.answer_name(record.id, ext)
-    part.replace(spool)
-    fsync_dir(spool.parent)
+    if part != spool:  # streamed in beside it, or another format than asked
+        part.replace(spool)
+        fsync_dir(spool.parent)
     failpoints.hit("spooled")
     proxy = Path(record.proxy) if record.proxy else None
     return Advance(FETCHED, {"spool": str(spool), "result_sha": result.sha256,
