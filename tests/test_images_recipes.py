@@ -260,11 +260,13 @@ def test_full_size_outputs_share_one_decode_of_the_original(
                           "inboxes": [{"path": "inbox", "outbox": "outbox", "errors": "errors",
                                        "outputs": recipe}]}, base_dir=tmp_path).inboxes[0]
     source = inspect_source(original)
-    # What each output is when made on its own (the original decoded for each).
+    # What each output is when made on its own (the original decoded for each; the WEBP at
+    # 1/2), at the levels the makers use (the inbox's: each format's default).
     expected = []
     for index, spec in enumerate(inbox.outputs):
         alone = tmp_path / f"alone{index}.{spec.ext}"
-        outputs._render("studio", original, answer, spec, 3, alone, source=source)
+        outputs._render("studio", original, answer, spec, inbox.compression, alone,
+                        source=source)
         expected.append(alone.read_bytes())
 
     record = SimpleNamespace(route="studio", size=original.stat().st_size, sha256="0" * 64)
@@ -273,27 +275,47 @@ def test_full_size_outputs_share_one_decode_of_the_original(
                             unchanged=True, source=source, cutouts=cutouts)
               for index in range(len(recipe))]
     made = [tmp_path / f"made{index}.{spec.ext}" for index, spec in enumerate(inbox.outputs)]
-    # Those that read it (the PNG, the mask, the TIFF) may be encoded together, from memory,
-    # and the WEBP (the original decoded at 1/2) first, beside them; none when it is a file.
-    assert [m.together for m in makers] == ([2, 1, 2, 2] if in_memory else [0, 0, 0, 0])
+    # Held in memory, every output reads it (the small WEBP too) and they may be encoded
+    # together; in a file, the full-size ones read it one by one and the WEBP decodes the
+    # original at 1/2.
+    assert [m.together for m in makers] == ([2, 2, 2, 2] if in_memory else [0, 0, 0, 0])
     makers[0].produce(made[0])
-    makers[1].produce(made[1])
+    if not in_memory:
+        makers[1].produce(made[1])
     kept_files = list(spool.glob("*.cutout.tif"))
     held = [key for key in cutouts.held() if key.parent == spool]
     # The full-size cut-out is kept for the next ones, in memory or beside the answer.
     assert (len(held), len(kept_files)) == ((1, 0) if in_memory else (0, 1))
     # The original's pixels can no longer be decoded (same size and time: the same file to
-    # the daemon): the mask and the TIFF are still made, from the cut-out kept, unchanged.
+    # the daemon): the outputs that read the cut-out are still made, from the one kept, the
+    # WEBP among them when it is held in memory: the original is decoded once per file.
     stat, data = original.stat(), original.read_bytes()
     original.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
     os.utime(original, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises((pyvips.Error, InputRejected)):
         computed(cutout(original, source, answer).image)
-    makers[2].produce(made[2])
-    makers[3].produce(made[3])
-    assert [path.read_bytes() for path in made] == expected
+    for index in (1, 2, 3) if in_memory else (2, 3):
+        makers[index].produce(made[index])
+    full_size = [0, 2, 3]  # the same bytes as alone, whichever way they were made
+    assert [made[n].read_bytes() for n in full_size] == [expected[n] for n in full_size]
     assert list(spool.iterdir()) == [answer], "the last one to read it removed it"
     assert not [key for key in cutouts.held() if key.parent == spool]
+    if not in_memory:
+        assert made[1].read_bytes() == expected[1]
+        return
+    # The WEBP from the held cut-out: the same size, bands and picture as alone, to a few
+    # levels on the subject's edge (the cut-out scaled down instead of a decode at 1/2).
+    web = computed(pyvips.Image.new_from_file(str(made[1])))
+    alone_web = computed(pyvips.Image.new_from_file(str(tmp_path / "alone1.webp")))
+    assert (web.width, web.height, web.bands) == (alone_web.width, alone_web.height, 4) \
+        == (100, 67, 4)
+    on_white = [computed(image.flatten(background=[255, 255, 255]).cast("float"))
+                for image in (web, alone_web)]
+    difference = (on_white[0] - on_white[1]).abs()
+    assert difference.avg() < 1.0, difference.avg()
+    assert difference.max() <= 24, difference.max()
+    alpha = (web[3].cast("float") - alone_web[3].cast("float")).abs()
+    assert alpha.max() <= 12, alpha.max()
 
 
 def test_outputs_read_from_memory_are_encoded_two_at_a_time() -> None:

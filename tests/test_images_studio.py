@@ -603,3 +603,31 @@ def test_deflate_level_of_png_and_tiff_outputs_is_chosen(tmp_path: Path) -> None
     inbox = config.inboxes[0]
     assert (inbox.compression, inbox.outputs[0].compression, inbox.outputs[1].compression) \
         == (6, 1, None)
+
+
+def test_each_format_has_its_default_deflate_level(tmp_path: Path) -> None:
+    # The level each format is written at when the config names none (the size/time table
+    # in BENCHMARKS.md chose them): PNG 3, TIFF 2, told apart by their bytes on a gradient
+    # with some grain (noise alone is stored alike at both).
+    xyz = pyvips.Image.xyz(400, 300)
+    grain = pyvips.Image.gaussnoise(400, 300, sigma=3, mean=0)
+    image = ((xyz[0] * 255 / 400 + grain).bandjoin([xyz[1] * 255 / 300 + grain, grain + 90,
+                                                    grain + 200])).cast("uchar").copy(
+        interpretation="srgb")
+    assert (imaging.PNG_COMPRESSION, imaging.TIFF_COMPRESSION) == (3, 2)
+    for fmt, default in (("png", 3), ("tiff", 2)):
+        made = {level: write_output(image, fmt, tmp_path / f"{fmt}{level}", Metadata(),
+                                    compression=level).path.read_bytes()
+                for level in (None, 2, 3)}
+        assert made[None] == made[default], fmt
+        assert made[2] != made[3], fmt  # the levels do differ on this image
+    # The inbox names none by default, so each output takes its format's; a level in the
+    # config is the one used, for every format.
+    config = parse_config({"api": {"key": "k" * 20}, "state_dir": str(tmp_path / "s"),
+                           "inboxes": [{"path": str(tmp_path), "outbox": "/o", "errors": "/e",
+                                        "outputs": [{"format": "tiff"},
+                                                    {"format": "tiff", "compression": 3,
+                                                     "name": "{stem}_3.{ext}"}]}]},
+                          base_dir=tmp_path)
+    assert config.inboxes[0].compression is None
+    assert config.inboxes[0].outputs[1].compression == 3

@@ -177,7 +177,7 @@ class InboxConfig:
     archive: Path | None = folder(required=False)
     recursive: bool = flag(True)
     output_format: str = choice("png", tuple(OUTPUT_FORMATS))
-    compression: int = integer(3, 1, maximum=9)
+    compression: int | None = integer(None, 1, maximum=9, shown="PNG `3`, TIFF `2`")
     transparency_handling: str = choice(TRANSPARENCY_MODES[0], TRANSPARENCY_MODES)
     settle_seconds: float = number(2.0, 0)
     polling: bool = flag(False)

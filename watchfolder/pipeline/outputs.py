@@ -37,6 +37,14 @@ memory up to `SHARED_IN_MEMORY` bytes (by the pipeline's `SharedCutouts`) or els
 uncompressed TIFF beside the answer in the spool, read by each, and let go by the last. A
 big one is not kept when the spool's disk lacks the room (`SHARED_RESERVE` kept free): each
 output then composes on its own.
+
+Held in memory, the cut-out also serves the file's small outputs (a web WEBP, a thumbnail):
+the original is then decoded once per file, and averaging the pixels in memory costs less
+than a second decode at a fraction of the size (a 45 MP JPEG's 1600 px WEBP, encoded: about
+0.45 against 0.65 s of CPU). Such an output's pixels are the full-size cut-out scaled down,
+so they differ by a few levels, on the subject's edge, from the same output made alone
+(from a decode at 1/2, 1/4 or 1/8), and its size may differ by a pixel's rounding; its
+depth, profile and metadata do not. Full-size outputs are the same bytes either way.
 """
 
 from __future__ import annotations
@@ -136,7 +144,8 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
             sharing = None  # the output itself says what is wrong, when it is made
         shared = _shared(sharing, src, answer, index, cutouts)
         # Made beside the others (`encode_together`): a reader of the cut-out held in memory
-        # (2), or an output from a small decode while that cut-out is computed (1).
+        # (2), or an output from a small decode while that cut-out is computed (1; none
+        # today: a cut-out held in memory is read by every output of its file).
         together = 2 if shared is not None and shared.held is not None else \
             1 if sharing is not None and index not in sharing[0] \
             and sharing[1] <= SHARED_IN_MEMORY else 0
@@ -333,15 +342,20 @@ SHARED_SUFFIX = ".cutout.tif"
 def _sharing(route: str | None, inbox: InboxConfig, src: Path, answer: Path,
              source: Source | None) -> tuple[list[int], int] | None:
     """(the outputs that read the full-size cut-out, its bytes) when two or more of the
-    recipe's outputs read it on the studio path, else None."""
+    recipe's outputs read it on the studio path, else None: those at full size, and when
+    it is held in memory (up to SHARED_IN_MEMORY bytes) the small ones too, as long as one
+    output needs it at full size (small ones alone decode the original smaller)."""
     if route != "studio":
         return None
     source = source or inspect_source(src, studio=True, verify=False)
     readers = [n for n, spec in enumerate(inbox.outputs) if _shrink(spec, source, answer) == 1]
+    width, height = source.upright
+    need = width * height * (source.colour_bands + 1) * source.bits // 8
+    if readers and need <= SHARED_IN_MEMORY:
+        readers = list(range(len(inbox.outputs)))
     if len(readers) < 2:
         return None
-    width, height = source.upright
-    return readers, width * height * (source.colour_bands + 1) * source.bits // 8
+    return readers, need
 
 
 def _shrink(spec: OutputConfig, source: Source, answer: Path) -> int:
@@ -365,14 +379,16 @@ def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig,
     """The cut-out (studio path), or the answer with the original's metadata (fast path):
     what a recipe's steps work on, and the shrink it was made at (`_shrink`). On the studio
     path, a mask is the alpha alone (the original's colours are not decoded) unless the
-    full-size cut-out is `shared`: then it, like every full-size output, reads the cut-out
-    kept for the file (computing it first if it is the first to need it)."""
+    full-size cut-out is `shared`: then it, like every output that reads it (all of them
+    when it is held in memory, small ones included), reads the cut-out kept for the file
+    (computing it first if it is the first to need it); a small one reads it averaged down
+    by its shrink (its size then within a pixel of the decode at 1/shrink's)."""
     if route != "studio":
         image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
         return Cutout(image, replace(read_metadata(src), icc=None), answer), 1
     source = source or inspect_source(src, studio=True, verify=False)
     shrink = _shrink(spec, source, answer)
-    if shared is None or shrink != 1:
+    if shared is None:
         return cutout(src, source, answer, alpha_only=spec.mask, shrink=shrink), shrink
     whole = cutout(src, source, answer)  # lazy: only its header is read here
     pixels = shared.pixels()
@@ -380,10 +396,17 @@ def _cutout(route: str | None, src: Path, answer: Path, spec: OutputConfig,
         if not shared.make:
             return cutout(src, source, answer, alpha_only=spec.mask), 1
         pixels = shared.keep(whole)
-    return kept(whole, pixels), 1
+    held = kept(whole, pixels)
+    if shrink == 1:
+        return held, 1
+    # A small output: the held pixels averaged by `shrink` (a box, as the JPEG decode at
+    # 1/shrink it replaces averages in the DCT), so the lanczos3 that follows works on twice
+    # the output's pixels a side, not on all 45 MP (its premultiply is in floating point).
+    return replace(held, image=held.image.shrink(shrink, shrink)), shrink
 
 
-def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, compression: int,
+def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig,
+            compression: int | None,
             dest: Path, *, source: Source | None = None, shared: Shared | None = None
             ) -> Output:
     """One output of a recipe, written to `dest`."""
@@ -402,7 +425,8 @@ def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig, comp
     return made
 
 
-def _answer_as_tiff(answer: Path, original: Path, dest: Path, *, compression: int) -> Output:
+def _answer_as_tiff(answer: Path, original: Path, dest: Path, *,
+                    compression: int | None) -> Output:
     """The API's answer (8-bit sRGB with alpha) as a TIFF with the original's metadata."""
     image = pyvips.Image.new_from_file(vips_name(answer), access="sequential")
     return write_output(image, "tiff", dest, replace(read_metadata(original), icc=None),
