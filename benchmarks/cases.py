@@ -500,21 +500,25 @@ def recipe_local(params: dict[str, Any]) -> Result:
 
 def encoder_levels(params: dict[str, Any]) -> Result:
     """The full-size cut-out of one 45 MP file as PNG and as TIFF at each deflate level
-    (`compression:`), each made and placed as the daemon does, in a process of its own: the
-    size/time table the default level is chosen from."""
+    (`compression:`), and its 1600 px WEBP (the recipe's web output) at each encoder effort
+    (`effort:`, `efforts`), each made and placed as the daemon does, in a process of its
+    own: the size/time table each format's default is chosen from."""
     folder = studio.CACHE / "studio"
     original = studio.make_input(folder, JPEG45, *studio.FULL[JPEG45])
     answer, _, _ = studio.make_answer(folder, original)
     rows = []
+    runs: list[tuple[str, int, dict[str, Any]]] = [
+        (fmt, level, {"format": fmt, "compression": level})
+        for fmt in ("png", "tiff") for level in params["levels"]]
+    runs += [("webp", effort, {"format": "webp", "max_size": 1600, "effort": effort})
+             for effort in params.get("efforts", [])]
     with workspace("levels") as root:
-        for fmt in ("png", "tiff"):
-            for level in params["levels"]:
-                run = studio.measure_recipe(original, answer, root / f"{fmt}{level}",
-                                            [{"format": fmt, "compression": level}])
-                made = run["outputs"][0]
-                rows.append({"format": fmt, "level": level, "seconds": run["seconds"],
-                             "cpu_s": run["cpu_s"], "bytes": made["bytes"],
-                             "size": made["size"]})
+        for fmt, level, output in runs:
+            run = studio.measure_recipe(original, answer, root / f"{fmt}{level}", [output])
+            made = run["outputs"][0]
+            rows.append({"format": fmt, "level": level, "seconds": run["seconds"],
+                         "cpu_s": run["cpu_s"], "bytes": made["bytes"],
+                         "size": made["size"]})
     return {"input": JPEG45, "rows": rows}
 
 

@@ -42,6 +42,7 @@ from typing import Any
 from benchmarks.cases import JPEG45
 from benchmarks.common import KEY, REPO, unique_png
 from watchfolder.dev.sandbox import Sandbox
+from watchfolder.imaging.compose import PNG_COMPRESSION, TIFF_COMPRESSION, WEBP_EFFORT
 
 RATES = (60, 600)
 LATENCIES = (0.2, 2.0, 5.0)
@@ -68,7 +69,7 @@ def studio_plan(quick: bool) -> list[Case]:
     return [
         ("studio_local", {"inputs": ["45 MP JPEG", "100 MP 16-bit TIFF"]}),
         ("recipe_local", {"repeat": 2}),
-        ("encoder_levels", {"levels": [1, 3, 6]}),
+        ("encoder_levels", {"levels": [1, 2, 3, 6], "efforts": [0, 2, 4, 6]}),
         ("studio_rss", {"files": 10, "concurrency": 8, "rpm": 60, "latency": 2.0,
                         "timeout": 600}),
         ("studio_rate", {**rate(long), "kind": "jpeg45"}),
@@ -463,15 +464,18 @@ def _studio_rows(r: dict[str, Any], add: Callable[[str, str, str, bool | None], 
             f"peak {five['peak_mb']:.0f} vs {one['peak_mb']:.0f} MB", x["cpu_ratio"] <= 2)
     elif r["case"] == "encoder_levels":
         rows = {(row["format"], row["level"]): row for row in x["rows"]}
-        chosen = [(fmt, rows[(fmt, 3)], rows[(fmt, 6)]) for fmt in ("png", "tiff")
-                  if (fmt, 3) in rows and (fmt, 6) in rows]
-        add(f"Encoder effort: full-size cut-out of a {x['input']} at deflate level 3 (the "
-            f"default) beside zlib's 6", "level 3: at least 1.5x less CPU, at most 25% bigger",
-            "; ".join(f"{fmt.upper()} CPU {a['cpu_s']:.2f} s vs {b['cpu_s']:.2f} s "
+        defaults = {"png": PNG_COMPRESSION, "tiff": TIFF_COMPRESSION}
+        chosen = [(fmt, level, rows[(fmt, level)], rows[(fmt, 6)])
+                  for fmt, level in defaults.items() if (fmt, level) in rows and (fmt, 6) in rows]
+        add(f"Encoder effort: full-size cut-out of a {x['input']} at each format's default "
+            f"deflate level (PNG {PNG_COMPRESSION}, TIFF {TIFF_COMPRESSION}) beside zlib's 6",
+            "the default: at least 1.5x less CPU, at most 25% bigger",
+            "; ".join(f"{fmt.upper()} {level}: CPU {a['cpu_s']:.2f} s vs {b['cpu_s']:.2f} s "
                       f"({b['cpu_s'] / a['cpu_s']:.1f}x), {a['bytes'] / 1e6:.1f} vs "
-                      f"{b['bytes'] / 1e6:.1f} MB" for fmt, a, b in chosen),
+                      f"{b['bytes'] / 1e6:.1f} MB (+{a['bytes'] / b['bytes'] - 1:.1%})"
+                      for fmt, level, a, b in chosen),
             all(b["cpu_s"] >= 1.5 * a["cpu_s"] and a["bytes"] <= 1.25 * b["bytes"]
-                for _, a, b in chosen) and len(chosen) == 2)
+                for _, _, a, b in chosen) and len(chosen) == 2)
     elif r["case"] == "studio_cpu":
         isolated = x["local_cpu_s"]
         add(f"Daemon overhead per 45 MP studio file (one PNG output): its CPU per file, "
@@ -763,11 +767,16 @@ def studio_detail(results: list[dict[str, Any]]) -> list[str]:
     if "encoder_levels" in done:
         x = done["encoder_levels"]
         body = [[row["format"].upper(), str(row["level"]), f"{row['seconds']:.2f}",
-                 f"{row['cpu_s']:.2f}", f"{row['bytes'] / 1e6:.1f}"] for row in x["rows"]]
-        parts += [f"## Encoder effort: deflate level of a {x['input']}'s full-size cut-out", "",
+                 f"{row['cpu_s']:.2f}", f"{row['bytes'] / 1e6:.3f}" if row["format"] == "webp"
+                 else f"{row['bytes'] / 1e6:.1f}"] for row in x["rows"]]
+        parts += [f"## Encoder effort: deflate level of a {x['input']}'s full-size cut-out, "
+                  "effort of its 1600 px WEBP", "",
                   "Each output made and placed as the daemon does (composite included), in a "
-                  "process of its own; `compression:` (default 3) sets the level.", "",
-                  _markdown(["format", "level", "seconds", "CPU s", "MB"], body), ""]
+                  "process of its own; `compression:` (default: PNG "
+                  f"{PNG_COMPRESSION}, TIFF {TIFF_COMPRESSION}) sets the deflate level, "
+                  f"`effort:` (default {WEBP_EFFORT}) the WEBP's effort (the WEBP alone: "
+                  "from the original decoded at 1/2).", "",
+                  _markdown(["format", "level / effort", "seconds", "CPU s", "MB"], body), ""]
     return parts
 
 

@@ -631,3 +631,31 @@ def test_each_format_has_its_default_deflate_level(tmp_path: Path) -> None:
                           base_dir=tmp_path)
     assert config.inboxes[0].compression is None
     assert config.inboxes[0].outputs[1].compression == 3
+
+
+def test_webp_effort_is_the_default_unless_an_output_names_one(tmp_path: Path) -> None:
+    from watchfolder.pipeline.outputs import _render
+
+    xyz = pyvips.Image.xyz(300, 200)
+    grain = pyvips.Image.gaussnoise(300, 200, sigma=3, mean=0)
+    image = ((xyz[0] * 255 / 300 + grain).bandjoin([xyz[1] * 255 / 200 + grain, grain + 90,
+                                                    grain + 200])).cast("uchar").copy(
+        interpretation="srgb")
+    made = {effort: write_output(image, "webp", tmp_path / f"{effort}.webp", Metadata(),
+                                 effort=effort).path.read_bytes() for effort in (None, 0, 4)}
+    assert imaging.WEBP_EFFORT == 4
+    assert made[None] == made[4] != made[0]
+    # A recipe's `effort:` reaches the encoder.
+    original, answer = tmp_path / "original.png", tmp_path / "answer.png"
+    image.pngsave(str(original))
+    image.bandjoin(255).cast("uchar").copy(interpretation="srgb").pngsave(str(answer))
+    config = parse_config({"api": {"key": "k" * 20}, "state_dir": str(tmp_path / "s"),
+                           "inboxes": [{"path": str(tmp_path), "outbox": "/o", "errors": "/e",
+                                        "outputs": [{"format": "webp", "effort": 0},
+                                                    {"format": "webp", "name": "{stem}_4.{ext}"}
+                                                    ]}]}, base_dir=tmp_path)
+    specs = config.inboxes[0].outputs
+    assert (specs[0].effort, specs[1].effort) == (0, None)
+    sizes = [_render("studio", original, answer, spec, None, tmp_path / f"out{n}.webp").size
+             for n, spec in enumerate(specs)]
+    assert sizes[0] != sizes[1]  # effort 0 is another encoding of the same pixels

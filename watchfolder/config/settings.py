@@ -131,6 +131,7 @@ class OutputConfig:
     dpi: int | None = integer(None, 1, shown="none")
     quality: int | None = integer(None, 1, maximum=100, shown="none")
     compression: int | None = integer(None, 1, maximum=9, shown="the inbox's `compression`")
+    effort: int | None = integer(None, 0, maximum=6, shown="`4`")
     outbox: Path | None = folder(required=False, shown="the inbox's `outbox`")
 
     @property

@@ -45,6 +45,10 @@ PROXY_QUALITIES = (92, 85, 75)  # JPEG qualities tried in turn to stay under 30 
 # No optimize_coding anywhere: libjpeg then holds every DCT coefficient of the image
 # (300 MB for a 25 MP proxy) to build its Huffman tables, for files about 5 % smaller.
 JPEG_QUALITY, WEBP_QUALITY = 92, 90
+# WEBP's encoder effort (0-6), libvips's default: on a 45 MP file's 1600 px output lower
+# efforts saved no CPU worth having (the encode is 0.16 s of the output's 0.45) and 0 made
+# it six times bigger (BENCHMARKS.md, "Encoder effort"); `effort:` sets another per output.
+WEBP_EFFORT = 4
 # Deflate levels of PNG and TIFF outputs, chosen by the size/time table in BENCHMARKS.md
 # ("Encoder effort"; libvips's zlib-ng, where level 1 is a quick pass without matching
 # strings and 2 its fast strategy). Level 6, zlib's own default, costs about 2.5 times level 3
@@ -345,11 +349,13 @@ def compose(original: Path, source: Source, answer: Path, dest: Path, fmt: str, 
 
 
 def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, *,
-                 quality: int | None = None, compression: int | None = None) -> Output:
+                 quality: int | None = None, compression: int | None = None,
+                 effort: int | None = None) -> Output:
     """Encode `image` (colour bands, then alpha if any) as `fmt` to `dest`, atomically.
 
     `compression`: the deflate level of png and tiff (1-9; None: PNG_COMPRESSION,
-    TIFF_COMPRESSION); `quality`: jpeg and webp's (libvips's default effort).
+    TIFF_COMPRESSION); `quality`: jpeg and webp's; `effort`: webp's (0-6; None:
+    WEBP_EFFORT).
     png: 8 or 16-bit as the image, alpha, ICC, EXIF, XMP. tiff: the same, deflate, CMYK
     kept, IPTC. webp: 8-bit, alpha, ICC, EXIF, XMP. jpeg: 8-bit, flattened onto white, ICC,
     EXIF, XMP, IPTC. CMYK becomes RGB through its profile except in TIFF; greyscale becomes
@@ -385,7 +391,8 @@ def write_output(image: pyvips.Image, fmt: str, dest: Path, metadata: Metadata, 
         if fmt == "png":
             image.pngsave(target, compression=compression or PNG_COMPRESSION, keep=_KEEP)
         elif fmt == "webp":
-            image.webpsave(target, Q=quality or WEBP_QUALITY, keep=_KEEP)
+            image.webpsave(target, Q=quality or WEBP_QUALITY,
+                           effort=WEBP_EFFORT if effort is None else effort, keep=_KEEP)
         elif fmt == "jpeg":
             meta.with_iptc(image, metadata.iptc).jpegsave(
                 target, Q=quality or JPEG_QUALITY, keep=_KEEP)

@@ -419,7 +419,7 @@ def _render(route: str | None, src: Path, answer: Path, spec: OutputConfig,
     if spec.dpi:
         image = image.copy(xres=spec.dpi / 25.4, yres=spec.dpi / 25.4)
     made = write_output(image, spec.format, dest, cut.metadata, quality=spec.quality,
-                        compression=compression)
+                        compression=compression, effort=spec.effort)
     if shared is not None and shared.last:
         shared.release()
     return made
