@@ -301,7 +301,6 @@ def recipe_child(original: Path, answer: Path, out: Path,
             together.append(maker)
         else:
             made.append(place(maker))
-    together.sort(key=lambda maker: maker.together)
     mark, mark_cpu = time.perf_counter(), time.process_time()
     for output in results.encode_together([partial(place, maker) for maker in together]):
         # Made at the same time: the process's CPU is theirs together, not each one's.

@@ -278,7 +278,7 @@ def test_full_size_outputs_share_one_decode_of_the_original(
     # Held in memory, every output reads it (the small WEBP too) and they may be encoded
     # together; in a file, the full-size ones read it one by one and the WEBP decodes the
     # original at 1/2.
-    assert [m.together for m in makers] == ([2, 2, 2, 2] if in_memory else [0, 0, 0, 0])
+    assert [m.together for m in makers] == [in_memory] * 4
     makers[0].produce(made[0])
     if not in_memory:
         makers[1].produce(made[1])

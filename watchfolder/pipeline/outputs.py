@@ -11,8 +11,8 @@
     SharedCutouts                        the full-size cut-outs held in memory for a
                                          recipe's outputs (one per pipeline, on its Context)
     encode_together(jobs)                the outputs made beside one another when the
-                                         file's cut-out is held in memory
-                                         (`Maker.together`), two at a time
+                                         file's cut-out is held in memory (every output
+                                         of the file: `Maker.together`), two at a time
     manifest_for(record, src, event, made, upright)
                                          the manifest (manifest.py) of a finished file;
                                          `made`: the `Output`s written in this run (their
@@ -104,11 +104,9 @@ class Maker:
     root: Path  # the outbox it goes to
     target: Path  # its name there, before collisions
     need: int  # about the bytes it takes
-    # Whether it may be made beside another output of the file (`encode_together`), and
-    # when: 0 alone, in its order; 1 together, first: it streams from a small decode of the
-    # original, while the cut-out held in memory is computed; 2 together, after those: it
-    # reads that cut-out (computed by the first output that needs it).
-    together: int = 0
+    # Whether it is made beside the file's other outputs (`encode_together`), after those
+    # made alone: it reads the cut-out held in memory (computed by the first that needs it).
+    together: bool = False
 
 
 def heavy(route: str | None, inbox: InboxConfig, index: int, reused: list[str]) -> bool:
@@ -143,17 +141,11 @@ def maker(record: FileRecord, inbox: InboxConfig, rel: str, answer: Path, index:
         except (OSError, ValueError, WatchfolderError, pyvips.Error):
             sharing = None  # the output itself says what is wrong, when it is made
         shared = _shared(sharing, src, answer, index, cutouts)
-        # Made beside the others (`encode_together`): a reader of the cut-out held in memory
-        # (2), or an output from a small decode while that cut-out is computed (1; none
-        # today: a cut-out held in memory is read by every output of its file).
-        together = 2 if shared is not None and shared.held is not None else \
-            1 if sharing is not None and index not in sharing[0] \
-            and sharing[1] <= SHARED_IN_MEMORY else 0
         return Maker(partial(_render, record.route, src, answer, spec,
                              spec.compression or inbox.compression, source=source,
                              shared=shared),
                      *where(spec.ext), 2 * record.size + 8 * size,
-                     together=together)
+                     together=shared is not None and shared.held is not None)
     fmt = inbox.output_format
     if record.route == "studio":
         source = source or inspect_source(src, studio=True, verify=False)
@@ -291,16 +283,14 @@ class Shared:
 # the threads one output streamed from the original keeps busy (libvips's pixel thread and
 # its encoder's write-behind), where each of these, once the cut-out is made, spends its
 # time in its encoder alone (zlib for a PNG or a TIFF). Beside the cut-out, memory holds
-# only their encoders' buffers, and a small output's decode at 1/2 or less when the
-# original must be turned upright (read out of order).
+# only their encoders' buffers (and a small output's scaled pixels).
 ENCODED_AT_ONCE = 2
 
 
 def encode_together(jobs: list[Callable[[], T]]) -> list[T]:
-    """Run `jobs` (outputs of one file whose cut-out is held in memory: those from a small
-    decode, then those that read the cut-out, the first computing it while the next waits),
-    ENCODED_AT_ONCE at a time; their results in order. An exception is raised once every
-    job has ended, none left running."""
+    """Run `jobs` (outputs of one file that read its cut-out held in memory, the first
+    computing it while the next waits), ENCODED_AT_ONCE at a time; their results in order.
+    An exception is raised once every job has ended, none left running."""
     if len(jobs) < 2:
         return [job() for job in jobs]
     with ThreadPoolExecutor(max_workers=ENCODED_AT_ONCE, thread_name_prefix="encode") as pool:

@@ -1,9 +1,9 @@
 """fetched → stored: every output of the recipe made from the one answer (spooled, or earlier
 identical results) and placed in its outbox, each journaled as it is placed, so after a crash
 only the missing ones are made, none twice; when the full-size cut-out is held in memory,
-the outputs that read it, and those made from a smaller decode, are made two at a time once
-the others are placed (`encode_together`: the smaller ones first; the first reader computes
-the cut-out while the next waits for it). The outputs written are kept on the job for the
+the outputs that read it (every output of the recipe, small ones included) are made two at
+a time once the others are placed (`encode_together`: the first reader computes the
+cut-out while the next waits for it). The outputs written are kept on the job for the
 manifest (nothing is read again).
 
 A studio answer is decoded here first, once (send checked all but its decode): that decode
@@ -128,7 +128,6 @@ def store(ctx: Context, work: Work) -> Outcome:
         if failed is not None:
             ctx.cutouts.forget_file(record)
             return failed
-    together.sort(key=lambda pair: pair[1].together)  # those not waiting for the cut-out first
     failed = next((outcome for outcome in outputs.encode_together(
         [partial(place_one, index, maker) for index, maker in together]) if outcome), None)
     if failed is not None:
