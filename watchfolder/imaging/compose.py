@@ -47,14 +47,16 @@ PROXY_QUALITIES = (92, 85, 75)  # JPEG qualities tried in turn to stay under 30 
 JPEG_QUALITY, WEBP_QUALITY = 92, 90
 # WEBP's encoder effort (0-6), libvips's default: on a 45 MP file's 1600 px output lower
 # efforts saved no CPU worth having (the encode is 0.16 s of the output's 0.45) and 0 made
-# it six times bigger (BENCHMARKS.md, "Encoder effort"); `effort:` sets another per output.
+# it six times bigger; 6 took 3.4 times the CPU for 4 % fewer bytes (BENCHMARKS.md, "Encoder
+# effort"); `effort:` sets another per output.
 WEBP_EFFORT = 4
 # Deflate levels of PNG and TIFF outputs, chosen by the size/time table in BENCHMARKS.md
-# ("Encoder effort"; libvips's zlib-ng, where level 1 is a quick pass without matching
-# strings and 2 its fast strategy). Level 6, zlib's own default, costs about 2.5 times level 3
+# ("Encoder effort"; libvips's zlib-ng, where level 1 is its quick strategy, with static
+# Huffman codes, and 2 its fast one). Level 6, zlib's own default, costs about 2.5 times level 3
 # for files 13-15 % smaller; level 1 doubles the bytes. The PNG, the file a studio delivers,
 # keeps 3; the TIFF, the retoucher's working file (opened and saved again in an editor),
-# takes 2: about 15 % less CPU for 6 % more bytes (a 45 MP cut-out: 37.9 against 35.7 MB).
+# takes 2: about 15 % less CPU in its encoder for 6 % more bytes on an 8-bit cut-out (45 MP:
+# 37.9 against 35.7 MB), 12 % more on a 16-bit one (100 MP: 162 against 145 MB).
 # Adaptive row filters made noisy photographs bigger and slower. `compression:` in the config
 # sets another level (1-9) per inbox or output.
 PNG_COMPRESSION = 3
