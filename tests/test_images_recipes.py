@@ -318,6 +318,37 @@ def test_full_size_outputs_share_one_decode_of_the_original(
     assert alpha.max() <= 12, alpha.max()
 
 
+def test_one_full_size_output_and_a_small_one_share_the_cut_out_held_in_memory(
+        tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from watchfolder.config.settings import parse_config
+    from watchfolder.pipeline import outputs
+
+    tiff, answer = make_pair(tmp_path)
+    (tmp_path / "inbox").mkdir()
+    original = tmp_path / "inbox" / "shot.jpg"
+    pyvips.Image.new_from_file(str(tiff)).jpegsave(str(original), Q=90)
+
+    def makers(recipe: list[dict[str, object]]) -> list[outputs.Maker]:
+        inbox = parse_config({"api": {"key": "test-key-0123456789"}, "state_dir": "state",
+                              "inboxes": [{"path": "inbox", "outbox": "outbox",
+                                           "errors": "errors", "outputs": recipe}]},
+                             base_dir=tmp_path).inboxes[0]
+        record = SimpleNamespace(route="studio", size=original.stat().st_size,
+                                 sha256="0" * 64)
+        return [outputs.maker(record, inbox, "shot.jpg", answer, index, [],  # type: ignore[arg-type]
+                              unchanged=True, cutouts=outputs.SharedCutouts())
+                for index in range(len(recipe))]
+
+    web = {"name": "{stem}_web.{ext}", "format": "webp", "max_size": 100}
+    # The PNG computes the cut-out into memory, the WEBP (else a decode at 1/2) reads it.
+    assert [m.together for m in makers([{"format": "png"}, web])] == [True, True]
+    # Small outputs alone decode the original small, each: no full-size cut-out is made.
+    assert [m.together for m in makers([web, {**web, "name": "{stem}_w2.{ext}"}])] == \
+        [False, False]
+
+
 def test_outputs_read_from_memory_are_encoded_two_at_a_time() -> None:
     import threading
 
