@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from tests.conftest import Studio, wait_for
 from watchfolder.config.settings import Secret
 from watchfolder.coordination.ratelimit import RateLimiter
 from watchfolder.errors import (
@@ -22,8 +23,11 @@ from watchfolder.errors import (
     ServerError,
 )
 from watchfolder.files.place import candidates
+from watchfolder.intake.loop import Intake
 from watchfolder.intake.settle import SettleTracker, is_ignored
+from watchfolder.journal.db import Journal
 from watchfolder.pipeline.client import error_for, parse_retry_after
+from watchfolder.pipeline.jobqueue import Job
 
 
 class Clock:
@@ -177,3 +181,41 @@ def test_logs_scrub_the_key_but_not_every_letter_of_a_toy_key() -> None:
     assert "sk-live-0123456789abcdef" not in line and "header *** leaked" in line
     assert "https://clipdrop-api.co/x" in line, "a one-letter key must not blank every k"
     logs.configure("json", "warning")
+
+
+
+def test_files_finished_together_wake_the_intake_once_and_each_is_looked_at_again(
+        tmp_path: Path) -> None:
+    """Workers release finished files in a batch: the intake gets one message for all those
+    released since it last looked (at a few hundred files a second, one message and one
+    wake-up per file was its largest cost), and each path is still looked at again: a file
+    dropped under a finished one's name is taken, one kept in place is not sent again."""
+    studio = Studio(tmp_path, "http://127.0.0.1:9")
+    config = studio.config()
+    inbox = config.inboxes[0].path
+    journal = Journal(tmp_path / "state")
+    taken: list[Job] = []
+    intake = Intake(config, journal, taken.append)
+    jobs = [Job(0, f"{n}.png") for n in range(100)]
+    for job in jobs:
+        (inbox / job.rel).write_bytes(b"x")
+        intake.adopt(job)
+    taken.clear()
+    for job in jobs[:50]:  # archived: gone from the inbox
+        (inbox / job.rel).unlink()
+    for job in jobs:
+        kept = None
+        if job.rel == "60.png":  # finished in place: the same file is not taken again
+            st = (inbox / job.rel).stat()
+            kept = (st.st_size, st.st_mtime_ns)
+        intake.release(job, kept)
+    assert intake.messages.qsize() == 1, "one message per released file"
+    (inbox / "7.png").write_bytes(b"new")  # dropped again under a finished file's name
+    expected = {f"{n}.png" for n in range(50, 100)} - {"60.png"} | {"7.png"}
+    intake.start(None)
+    try:
+        wait_for(lambda: {job.rel for job in taken} >= expected, what="the files taken again")
+    finally:
+        intake.stop()
+        journal.close()
+    assert sorted(job.rel for job in taken) == sorted(expected)

@@ -7,6 +7,11 @@ It owns three things, and nothing else touches them (messages arrive on one queu
 - `kept`: files finished in keep-in-place mode (no archive), by signature, so they are not
   sent again; a changed file (new size or mtime) under the same name is new work.
 
+Files the workers finish come back as releases (`release`): they are gathered in a list and
+the intake is woken once for all those that arrived since its last look, not once per file
+(at a few hundred files a second, a message and a thread switch each was the intake's
+largest cost and the workers' largest single line).
+
 It is fed by watchdog events, by the start-up scan, by a rescan every `rescan_seconds` (a
 safety net for dropped events) and by an immediate rescan when inotify reports an overflow. A
 reload is a message too: the running thread takes the new configuration, the files to resume
@@ -48,6 +53,7 @@ from watchfolder.pipeline.jobqueue import Job
 log = structlog.get_logger("watchfolder")
 
 _STOP = ("stop",)
+_RELEASED = ("released",)
 PROBE_SECONDS = 1.0  # how often each inbox folder is looked at while watching (at most)
 
 
@@ -75,6 +81,9 @@ class Intake:
         self.kept: dict[tuple[int, str], Signature] = {}
         self._remember_kept(range(len(config.inboxes)))
         self.messages: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        # Files finished by the workers, handed over in batches (`release`): (key, kept).
+        self._released: list[tuple[tuple[int, str], Signature | None]] = []
+        self._released_lock = threading.Lock()
         # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
         self.inactive: set[int] = set()
         self._thread: threading.Thread | None = None
@@ -91,7 +100,12 @@ class Intake:
         self.messages.put(("rescan",))
 
     def release(self, job: Job, kept: Signature | None) -> None:
-        self.messages.put(("release", job.key, kept))
+        """The workers are done with this file (`kept`: its signature, finished in place)."""
+        with self._released_lock:
+            self._released.append((job.key, kept))
+            if len(self._released) > 1:
+                return  # the message of the first one has not been read yet: it takes all
+        self.messages.put(_RELEASED)
 
     def reconfigure(self, config: Config, inactive: set[int], watcher: Watcher | None,
                     resume: Iterable[Job], added: Iterable[int]) -> Future[int]:
@@ -174,14 +188,18 @@ class Intake:
         if kind == "path":
             _, index, path, at_once = message
             self._consider(index, path, at_once=at_once)
-        elif kind == "release":
-            _, key, kept = message
-            index, rel = key
-            self.known.discard(key)
-            if kept is not None:
-                self.kept[key] = kept
-            # Something may have been dropped under the same name meanwhile.
-            self._consider(index, self.config.inboxes[index].path / rel)
+        elif kind == "released":
+            with self._released_lock:
+                released, self._released = self._released, []
+            # Handled at the first one's place among the messages: a later event for the same
+            # path is looked at again here anyway (the path is looked at as it is now).
+            for key, kept in released:
+                index, rel = key
+                self.known.discard(key)
+                if kept is not None:
+                    self.kept[key] = kept
+                # Something may have been dropped under the same name meanwhile.
+                self._consider(index, self.config.inboxes[index].path / rel)
         elif kind == "rescan":
             log.warning("intake.rescan", why="inotify queue overflowed; events were lost")
             self._rescan()
