@@ -249,6 +249,30 @@ def test_confirm_before_paying_sees_a_takeover_at_once(backends: Backends, inbox
     assert not coordinator.confirm(inbox, "other.png")  # never claimed here
 
 
+
+def test_confirm_right_after_the_claim_is_no_second_write(inbox: Path) -> None:
+    """A claim made or renewed less than a beat ago (a third of the lease) cannot have been
+    taken over (that needs a whole lease without a renewal): the check before paying does not
+    rewrite it, which was one claim file rewrite per request on the fast path. Older, it is
+    renewed before paying, as before."""
+    from watchfolder.coordination.coordinator import Coordinator
+    from watchfolder.coordination.limits import LocalLimiter
+
+    mine = Backends(None).make()
+    coordinator = Coordinator(holder=mine.holder, limiter=LocalLimiter(60), claims=mine,
+                              marks=DoneMarks(mine.holder), lease_seconds=LEASE)
+    assert coordinator.claim(inbox, "quick.png") is not None
+    path = inbox / CLAIMS_FOLDER / f"{rel_hash('quick.png')}.claim"
+    made = path.read_bytes()
+    assert coordinator.confirm(inbox, "quick.png")
+    assert path.read_bytes() == made, "rewritten right after it was made"
+    time.sleep(coordinator.interval + 0.05)  # a beat later (the coordinator's thread is off)
+    assert coordinator.confirm(inbox, "quick.png")
+    renewed = path.read_bytes()
+    assert renewed != made, "not renewed before paying, a beat after it was made"
+    assert coordinator.confirm(inbox, "quick.png")  # just renewed: not again
+    assert path.read_bytes() == renewed
+
 # -- on the share --------------------------------------------------------------------------------
 
 

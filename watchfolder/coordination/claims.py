@@ -34,6 +34,7 @@ import hashlib
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -139,12 +140,17 @@ class Claim:
         # (device, inode) of the inbox folder the claim was made in (share claims): a claim
         # not found in another folder at that path is away with its folder, not lost.
         self.where: tuple[int, int] | None = None
+        # When this daemon last wrote it (made it, or a renewal that found it still ours).
+        self.written = time.monotonic()
 
     def renew(self) -> bool:
         """Extend the lease; False once it turned out lost. Raises CoordinationUnavailable."""
         if self.lost or self.released:
             return not self.lost
-        if not self.backend.renew(self):
+        written = time.monotonic()
+        if self.backend.renew(self):
+            self.written = written
+        else:
             self.lost = True
             log.warning("claim.lost", inbox=str(self.inbox), file=self.rel,
                         hint="another daemon took this file over (this one did not renew its "
