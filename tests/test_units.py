@@ -23,6 +23,7 @@ from watchfolder.errors import (
     ServerError,
 )
 from watchfolder.files.place import candidates
+from watchfolder.files.spares import EMPTY_ABOVE, Spares
 from watchfolder.intake.loop import Intake
 from watchfolder.intake.settle import SettleTracker, is_ignored
 from watchfolder.journal.db import Journal
@@ -226,3 +227,25 @@ def test_finished_files_do_not_wake_the_intake_and_each_is_looked_at_again(
         journal.close()
     assert sorted(job.rel for job in taken) == sorted(expected)
     assert intake.pending == 0
+
+
+def test_spares_keep_inodes_bounded_and_empty_large_ones(tmp_path: Path) -> None:
+    spares = Spares(tmp_path, keep=2)
+    small, large = tmp_path / "1.png", tmp_path / "2.png"
+    small.write_bytes(b"s" * 100)
+    large.write_bytes(b"l" * (EMPTY_ABOVE + 1))
+    inodes = {small.stat().st_ino, large.stat().st_ino}
+    assert spares.keep(small) and spares.keep(large)
+    third = tmp_path / "3.png"
+    third.write_bytes(b"t")
+    assert not spares.keep(third), "more spares than asked for"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".spare.0", ".spare.1", "3.png"]
+    assert (tmp_path / ".spare.1").stat().st_size == 0, "a large spare holds its bytes"
+    dest = tmp_path / ".9.part"
+    spares.take(dest)
+    assert dest.stat().st_ino in inodes
+    (tmp_path / ".spare.0").unlink()  # removed meanwhile (a spare is nobody's data)
+    spares.take(tmp_path / ".10.part")
+    assert not (tmp_path / ".10.part").exists()
+    spares.drop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".9.part", "3.png"]

@@ -62,6 +62,7 @@ from typing import Any
 
 from watchfolder.errors import JournalUnreadable, StateDirFull, StateUnavailable
 from watchfolder.files.layout import JOURNAL_NAME, SPOOL
+from watchfolder.files.spares import Spares
 from watchfolder.journal.durable import GroupCommit
 from watchfolder.journal.notes import Notes
 from watchfolder.journal.sqlite import open_durable, open_read_only
@@ -276,6 +277,8 @@ class Journal:
         self.notes = Notes(self._query, self._writing)
         self.commits = GroupCommit(None)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        # Spent answers' files, written again by the next answers (no inode per file).
+        self.spool_spares = Spares(self.spool_dir)
         try:
             self._db = open_durable(self.path, power_safe=False)
             _create_or_upgrade(self._db)
@@ -317,8 +320,11 @@ class Journal:
         return self
 
     def close(self) -> None:
-        """Close the journal, once what waits for the disk (`when_durable`) has happened."""
+        """Close the journal, once what waits for the disk (`when_durable`) has happened; the
+        spool's spares are removed (a stopped daemon leaves no spent answer behind)."""
         self.commits.close()
+        if hasattr(self, "spool_spares"):  # not for_reading's
+            self.spool_spares.drop()
         with self._lock:
             self._db.close()
 

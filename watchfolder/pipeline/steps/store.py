@@ -137,13 +137,20 @@ def store(ctx: Context, work: Work) -> Outcome:
     identity = f"{record.sha256}|{record.settings}"
     ctx.cutouts.forget_file(record)  # its last reader removed it, unless placed earlier
     # Forget the spool in the same commit: a crash before the unlink leaves an orphan that
-    # the next start removes, never a reference that keeps it forever. Deleted once a fsync
+    # the next start removes, never a reference that keeps it forever. Let go once a fsync
     # covers `stored` (the next request's, say): a power cut that undid it finds the answer.
+    # Let go means kept as a spare (renamed, written over by a later answer), else unlinked.
     return Advance(STORED, {"spool": None},
                    remember=[(output_identity(identity, index), entry[0], entry[1])
                              for index, entry in enumerate(placed) if entry],
                    then=None if spool is None else lambda: ctx.journal.commits.when_durable(
-                       lambda: spool.unlink(missing_ok=True)))
+                       lambda: _let_go(ctx, spool)))
+
+
+def _let_go(ctx: Context, spool: Path) -> None:
+    """A spent answer: kept as a spare for a later answer, or removed."""
+    if not ctx.journal.spool_spares.keep(spool):
+        spool.unlink(missing_ok=True)
 
 
 def _ask_again(ctx: Context, work: Work, exc: BadResult) -> Outcome:
