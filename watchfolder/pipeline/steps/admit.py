@@ -54,10 +54,13 @@ def admit(ctx: Context, work: Work, payload: Payload, changes: Mapping[str, Any]
     if work.inbox.archive is not None:
         ctx.destinations.check(work.inbox.archive, "archive")
     # The answer's spool name, made before the slot is waited for: the folder's fsync is then
-    # no part of the time between an answer and the next request.
+    # no part of the time between an answer and the next request. A spent answer's file is
+    # taken when there is one (no inode allocated: files/spares.py), emptied.
     spool = answer_file(ctx, work.record, work.inbox)
+    spares = ctx.journal.spool_spares
     try:
-        spool.touch()
+        spares.take(spool)
+        spool.open("wb").close()
         fsync_dir(spool.parent)
     except OSError as exc:
         spool.unlink(missing_ok=True)
@@ -65,7 +68,8 @@ def admit(ctx: Context, work: Work, payload: Payload, changes: Mapping[str, Any]
         return Park(STATE_RECHECK_SECONDS, changes=changes)
     outcome = _take_slot(ctx, work, changes)
     if isinstance(outcome, Park) or outcome.state != SENDING:
-        spool.unlink(missing_ok=True)  # no request: nothing will stream into it
+        if not spares.keep(spool):  # no request: nothing will stream into it
+            spool.unlink(missing_ok=True)
         return outcome
     work.payload = payload
     return outcome
