@@ -3,6 +3,7 @@ pyvips and pillow-heif: routes, reasons, refusals, image bombs, trailing garbage
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import subprocess
@@ -449,3 +450,67 @@ def test_tiff_metadata_is_read_with_pillows_guard_on(tmp_path: Path,
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     metadata = read_metadata(path)
     assert metadata.exif is not None and b"Camera Maker" in metadata.exif
+
+
+def _plain_pngs(tmp_path: Path) -> dict[str, bytes]:
+    """Plain PNGs of every kind `_plain_png` reads itself, some with the ancillary chunks it
+    lets through."""
+    made: dict[str, bytes] = {}
+    for mode in ("L", "LA", "RGB", "RGBA", "I;16"):
+        buffer = io.BytesIO()
+        Image.new(mode, (40, 30)).save(buffer, "PNG", dpi=(300, 300))
+        made[mode] = buffer.getvalue()
+    rgb = pyvips.Image.black(40, 30, bands=3).cast("ushort").copy(interpretation="rgb16")
+    made["RGB 16-bit"] = rgb.pngsave_buffer(keep="none")
+    made["RGBA 16-bit, interlaced"] = rgb.bandjoin(65535).copy(
+        interpretation="rgb16").pngsave_buffer(interlace=True, keep="none")
+    extra = b"".join(containers.png_chunk(kind, body) for kind, body in (
+        (b"sRGB", b"\0"), (b"gAMA", struct.pack(">I", 45455)),
+        (b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000, 60000, 15000, 6000)),
+        (b"bKGD", struct.pack(">3H", 255, 255, 255)), (b"tIME", struct.pack(">HBBBBB", 2026,
+                                                                            12, 5, 3, 40, 0))))
+    made["RGB with sRGB, gAMA, cHRM, bKGD, tIME"] = made["RGB"][:33] + extra + made["RGB"][33:]
+    return made
+
+
+def test_a_plain_png_header_is_read_without_libvips_as_libvips_reads_it(tmp_path: Path) -> None:
+    """The fast path's header of a small plain PNG comes from its first bytes, not a libvips
+    open (a twentieth of the daemon's Python work per file): the same `Source` as libvips
+    gives, forced here by a private chunk that only libvips reads."""
+    from watchfolder.imaging.inspect import _plain_png
+
+    for name, data in _plain_pngs(tmp_path).items():
+        assert _plain_png(data[:containers.HEAD_BYTES]) is not None, name
+        plain, other = tmp_path / "plain.png", tmp_path / "other.png"
+        plain.write_bytes(data)
+        private = containers.png_chunk(b"prVt", b"libvips reads this one")
+        other.write_bytes(data[:33] + private + data[33:])
+        assert _plain_png(other.read_bytes()[:containers.HEAD_BYTES]) is None
+        read, by_libvips = inspect_source(plain), inspect_source(other)
+        assert read.file_size + len(private) == by_libvips.file_size
+        assert dataclasses.replace(read, file_size=by_libvips.file_size) == by_libvips, name
+
+
+def test_a_png_header_read_without_libvips_is_refused_as_libvips_refuses_it(
+        tmp_path: Path) -> None:
+    """A damaged chunk before the pixel data, a palette, transparency or a profile, more than
+    25 MP: left to libvips, which refuses or reads it as before."""
+    from watchfolder.imaging.inspect import _plain_png
+
+    data = _plain_pngs(tmp_path)["RGB"]
+    broken = data[:29] + bytes([data[29] ^ 1]) + data[30:]  # IHDR's CRC
+    assert _plain_png(broken) is None
+    (tmp_path / "broken.png").write_bytes(broken)
+    with pytest.raises(InputRejected) as refused:
+        inspect_source(tmp_path / "broken.png")
+    assert refused.value.reason == "corrupt"
+    for mode in ("P", "1"):
+        buffer = io.BytesIO()
+        Image.new(mode, (40, 30)).save(buffer, "PNG")
+        assert _plain_png(buffer.getvalue()) is None, mode
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buffer, "PNG", transparency=(0, 0, 0))
+    assert _plain_png(buffer.getvalue()) is None
+    huge = containers.PNG_SIGNATURE + containers.png_chunk(
+        b"IHDR", struct.pack(">IIBBBBB", 6000, 5000, 8, 2, 0, 0, 0)) + data[33:]
+    assert _plain_png(huge) is None
