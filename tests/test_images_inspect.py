@@ -26,7 +26,13 @@ from watchfolder.dev.samples import (
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.imaging import containers
 from watchfolder.imaging.compose import answer_mask
-from watchfolder.imaging.inspect import MAX_BYTES, inspect_result, inspect_source, max_answer_bytes
+from watchfolder.imaging.inspect import (
+    MAX_BYTES,
+    MAX_PIXELS,
+    inspect_result,
+    inspect_source,
+    max_answer_bytes,
+)
 from watchfolder.imaging.metadata import read_metadata
 
 
@@ -452,6 +458,10 @@ def test_tiff_metadata_is_read_with_pillows_guard_on(tmp_path: Path,
     assert metadata.exif is not None and b"Camera Maker" in metadata.exif
 
 
+def _plain_png(head: bytes) -> containers.PngHeader | None:
+    return containers.plain_png(head, MAX_PIXELS)
+
+
 def _plain_pngs(tmp_path: Path) -> dict[str, bytes]:
     """Plain PNGs of every kind `_plain_png` reads itself, some with the ancillary chunks it
     lets through."""
@@ -477,8 +487,6 @@ def test_a_plain_png_header_is_read_without_libvips_as_libvips_reads_it(tmp_path
     """The fast path's header of a small plain PNG comes from its first bytes, not a libvips
     open (a twentieth of the daemon's Python work per file): the same `Source` as libvips
     gives, forced here by a private chunk that only libvips reads."""
-    from watchfolder.imaging.inspect import _plain_png
-
     for name, data in _plain_pngs(tmp_path).items():
         assert _plain_png(data[:containers.HEAD_BYTES]) is not None, name
         plain, other = tmp_path / "plain.png", tmp_path / "other.png"
@@ -495,8 +503,6 @@ def test_a_png_header_read_without_libvips_is_refused_as_libvips_refuses_it(
         tmp_path: Path) -> None:
     """A damaged chunk before the pixel data, a palette, transparency or a profile, more than
     25 MP: left to libvips, which refuses or reads it as before."""
-    from watchfolder.imaging.inspect import _plain_png
-
     data = _plain_pngs(tmp_path)["RGB"]
     broken = data[:29] + bytes([data[29] ^ 1]) + data[30:]  # IHDR's CRC
     assert _plain_png(broken) is None

@@ -2,7 +2,7 @@
 
 Decisions come from the bytes, never the extension. `inspect_source` reads the header with
 libvips (pyvips), which decodes nothing until asked (a small plain PNG's header is parsed
-here, from the bytes sniffed, as libvips would read it: `_plain_png`), then decodes the
+from the bytes sniffed, as libvips would read it: `containers.plain_png`), then decodes the
 whole image once, streaming, so a truncated file is refused before a request is spent:
 
     inspect_source(path)  -> Source    route "fast" (send the bytes as they are) or "studio"
@@ -32,10 +32,8 @@ import math
 import mmap
 import os
 import shutil
-import struct
 import tempfile
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,7 +185,8 @@ def inspect_source(path: Path, *, studio: bool = True, verify: bool = True) -> S
                             f"{sniffed.name} files are not supported; export it as JPEG, PNG, "
                             f"WEBP or TIFF")
 
-    header = (_plain_png(head) if sniffed.kind == "png" else None) or _header(path)
+    header = (containers.plain_png(head, MAX_PIXELS) if sniffed.kind == "png" else None) \
+        or _header(path)
     fmt = _format(sniffed.kind, header)
     width, height = header.width, header.height
     if width * height > MAX_SOURCE_PIXELS:
@@ -239,63 +238,6 @@ _CARRIED = ("exif-data", "xmp-data", "iptc-data")
 def _refuse_raw(name: str) -> None:
     raise InputRejected("raw", f"a camera raw file ({name}); export a TIFF or JPEG from your "
                                f"raw developer (Lightroom, Capture One, ...) and drop that")
-
-
-# Chunks a plain PNG may hold before its pixel data that change nothing `Source` holds, as
-# libvips reads it (resolution, background colour, time, gamma and chromaticities, the sRGB
-# intent: libvips attaches no profile for these).
-_PLAIN_PNG_CHUNKS = frozenset({b"pHYs", b"bKGD", b"tIME", b"gAMA", b"cHRM", b"sRGB"})
-_PNG_BANDS = {0: 1, 2: 3, 4: 2, 6: 4}  # by colour type: grey, RGB, grey + alpha, RGBA
-
-
-class _PngHeader:
-    """A plain PNG's header as libvips gives it, for the fields `inspect_source` reads."""
-
-    def __init__(self, width: int, height: int, depth: int, colour_type: int) -> None:
-        self.width, self.height = width, height
-        self.format = "uchar" if depth == 8 else "ushort"
-        grey = colour_type in (0, 4)
-        self.interpretation = ("b-w" if grey else "srgb") if depth == 8 else \
-            ("grey16" if grey else "rgb16")
-        self.bands = _PNG_BANDS[colour_type]
-        self._fields = {"bits-per-sample": depth}
-
-    def get_typeof(self, name: str) -> int:
-        return 1 if name in self._fields else 0
-
-    def get(self, name: str) -> int:
-        return self._fields[name]
-
-
-def _plain_png(head: bytes) -> _PngHeader | None:
-    """The header of a small plain PNG (8- or 16-bit grey or RGB, with or without alpha, no
-    palette, transparency chunk, profile or metadata, up to 25 MP), read from its first bytes
-    without libvips (whose open, per fast-path file, was a twentieth of the daemon's Python
-    work); None for any other, which libvips reads. Every chunk up to the pixel data must hold
-    its CRC, as libvips requires."""
-    pos, header = len(containers.PNG_SIGNATURE), None
-    while pos + 8 <= len(head):
-        length = int.from_bytes(head[pos:pos + 4], "big")
-        kind = head[pos + 4:pos + 8]
-        if kind == b"IDAT":
-            return header
-        end = pos + 12 + length
-        if end > len(head) or zlib.crc32(head[pos + 4:end - 4]) != \
-                int.from_bytes(head[end - 4:end], "big"):
-            return None
-        if header is None:
-            if kind != b"IHDR" or length != 13:
-                return None
-            width, height, depth, colour_type, compression, filtering, interlace = \
-                struct.unpack(">IIBBBBB", head[pos + 8:end - 4])
-            if not 0 < width * height <= MAX_PIXELS or depth not in (8, 16) or \
-                    colour_type not in _PNG_BANDS or compression or filtering or interlace > 1:
-                return None
-            header = _PngHeader(width, height, depth, colour_type)
-        elif kind not in _PLAIN_PNG_CHUNKS:
-            return None
-        pos = end
-    return None
 
 
 def _header(path: Path) -> pyvips.Image:
