@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,37 @@ def test_finished_files_do_not_wake_the_intake_and_each_is_looked_at_again(
         journal.close()
     assert sorted(job.rel for job in taken) == sorted(expected)
     assert intake.pending == 0
+
+
+def test_the_intake_looks_for_releases_less_often_while_none_come(tmp_path: Path) -> None:
+    """Files parked for hours (a review, a pause, tomorrow's budget) do not keep the intake
+    waking ten times a second: while no file comes back it looks less and less often, down to
+    once every PROBE_SECONDS, and a release is still taken."""
+    studio = Studio(tmp_path, "http://127.0.0.1:9")
+    config = studio.config()
+    journal = Journal(tmp_path / "state")
+    intake = Intake(config, journal, lambda job: None)
+    job = Job(0, "parked.png")
+    (config.inboxes[0].path / job.rel).write_bytes(b"x")
+    intake.adopt(job)
+    intake.start(None)
+    try:
+        assert intake._thread is not None and intake._thread.native_id is not None
+        status = Path(f"/proc/self/task/{intake._thread.native_id}/status")
+
+        def wake_ups() -> int:
+            return int(next(line.split()[1] for line in status.read_text().splitlines()
+                            if line.startswith("voluntary_ctxt_switches:")))
+        before = wake_ups()
+        time.sleep(3.0)
+        # At RELEASE_SECONDS throughout: 30; backing off: 0.1, 0.2, 0.4, 0.8, then 1 s.
+        assert wake_ups() - before <= 10, wake_ups() - before
+        (config.inboxes[0].path / job.rel).unlink()  # archived
+        intake.release(job, None)
+        wait_for(lambda: intake.pending == 0, timeout=3, what="the release taken")
+    finally:
+        intake.stop()
+        journal.close()
 
 
 def test_spares_keep_inodes_bounded_and_empty_large_ones(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ It owns three things, and nothing else touches them (messages arrive on one queu
 
 Files the workers finish come back as releases (`release`): a worker only adds the file to
 a list, and the intake takes the whole list every `RELEASE_SECONDS` while files are in the
-pipeline (and whenever something else wakes it). A message per file woke the intake from
+pipeline (and whenever something else wakes it). While none come back (files parked for a
+review, a pause or tomorrow's budget), it looks less and less often, down to once every
+`PROBE_SECONDS`. A message per file woke the intake from
 the worker's thread, which, holding the GIL, was then often preempted by the thread it woke:
 the workers' largest single line in a GIL profile (0.1 ms per file).
 
@@ -87,6 +89,7 @@ class Intake:
         # Files finished by the workers, taken by the intake in batches (`release`): (key, kept).
         self._released: list[tuple[tuple[int, str], Signature | None]] = []
         self._released_lock = threading.Lock()
+        self._release_wait = RELEASE_SECONDS  # doubled (to PROBE_SECONDS) while none come
         # Slots of inboxes a reload removed: their queued jobs finish, nothing new is taken.
         self.inactive: set[int] = set()
         self._thread: threading.Thread | None = None
@@ -163,7 +166,7 @@ class Intake:
             if due is not None:
                 wake = min(wake, due)
             if self.known:  # some may be released meanwhile: look for them in a while
-                wake = min(wake, now + RELEASE_SECONDS)
+                wake = min(wake, now + self._release_wait)
             timeout = None if wake == float("inf") else max(0.0, wake - now)
             try:
                 message = self.messages.get(timeout=timeout)
@@ -173,7 +176,10 @@ class Intake:
                 return
             if message is not None:
                 self._handle(message)
-            self._take_released()
+            if self._take_released():
+                self._release_wait = RELEASE_SECONDS
+            elif message is None:  # a look for nothing: the next one later
+                self._release_wait = min(2 * self._release_wait, PROBE_SECONDS)
             complete, vanished = self.tracker.check_due(self._look)
             for key in complete:
                 self.submit(Job(*_key(key)))
@@ -210,7 +216,8 @@ class Intake:
                     self._scan_inbox(index)
             reply.set_result(len(self.known) - before)
 
-    def _take_released(self) -> None:
+    def _take_released(self) -> bool:
+        """Look again at the paths of the files released since the last look; False: none."""
         with self._released_lock:
             released, self._released = self._released, []
         # A path is looked at as it is now, so a release taken after a later event for the
@@ -222,6 +229,7 @@ class Intake:
                 self.kept[key] = kept
             # Something may have been dropped under the same name meanwhile.
             self._consider(index, self.config.inboxes[index].path / rel)
+        return bool(released)
 
     def _remember_kept(self, indexes: Iterable[int]) -> None:
         """Load the files finished in place (no archive) of these inboxes from the journal."""
