@@ -606,12 +606,21 @@ class _SpoolWatch(threading.Thread):
                 names = os.listdir(self.spool)
             except FileNotFoundError:
                 continue
-            # `<id>.proxy.jpg` a proxy, `.<id>.part` an answer streaming in, `<id>.<ext>` one
-            # in the spool (files/layout.py)
+            # `<id>.proxy.jpg` a proxy; `<id>.<ext>` an answer, made empty before its request
+            # and streamed into (files/layout.py): an empty one is a request not yet answered
+            # (it may still be waiting for its slot), no answer; hidden names are spares.
             proxies = sum(1 for n in names if n.endswith(".proxy.jpg"))
             self.proxies = max(self.proxies, proxies)
-            self.answers = max(self.answers, sum(1 for n in names if not n.startswith("."))
-                               - proxies)
+            self.answers = max(self.answers, sum(
+                1 for n in names if not n.startswith(".") and not n.endswith(".proxy.jpg")
+                and _size(self.spool / n) > 0))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 class _Lander(threading.Thread):
