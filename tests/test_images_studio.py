@@ -605,15 +605,20 @@ def test_deflate_level_of_png_and_tiff_outputs_is_chosen(tmp_path: Path) -> None
         == (6, 1, None)
 
 
+def _grainy_gradient(width: int, height: int) -> pyvips.Image:
+    """An 8-bit sRGB gradient with some grain: encoder settings tell apart on its bytes."""
+    xyz = pyvips.Image.xyz(width, height)
+    grain = pyvips.Image.gaussnoise(width, height, sigma=3, mean=0)
+    return ((xyz[0] * 255 / width + grain).bandjoin([xyz[1] * 255 / height + grain,
+                                                      grain + 90, grain + 200])
+            ).cast("uchar").copy(interpretation="srgb")
+
+
 def test_each_format_has_its_default_deflate_level(tmp_path: Path) -> None:
     # The level each format is written at when the config names none (the size/time table
     # in BENCHMARKS.md chose them): PNG 3, TIFF 2, told apart by their bytes on a gradient
     # with some grain (noise alone is stored alike at both).
-    xyz = pyvips.Image.xyz(400, 300)
-    grain = pyvips.Image.gaussnoise(400, 300, sigma=3, mean=0)
-    image = ((xyz[0] * 255 / 400 + grain).bandjoin([xyz[1] * 255 / 300 + grain, grain + 90,
-                                                    grain + 200])).cast("uchar").copy(
-        interpretation="srgb")
+    image = _grainy_gradient(400, 300)
     assert (imaging.PNG_COMPRESSION, imaging.TIFF_COMPRESSION) == (3, 2)
     for fmt, default in (("png", 3), ("tiff", 2)):
         made = {level: write_output(image, fmt, tmp_path / f"{fmt}{level}", Metadata(),
@@ -636,11 +641,7 @@ def test_each_format_has_its_default_deflate_level(tmp_path: Path) -> None:
 def test_webp_effort_is_the_default_unless_an_output_names_one(tmp_path: Path) -> None:
     from watchfolder.pipeline.outputs import _render
 
-    xyz = pyvips.Image.xyz(300, 200)
-    grain = pyvips.Image.gaussnoise(300, 200, sigma=3, mean=0)
-    image = ((xyz[0] * 255 / 300 + grain).bandjoin([xyz[1] * 255 / 200 + grain, grain + 90,
-                                                    grain + 200])).cast("uchar").copy(
-        interpretation="srgb")
+    image = _grainy_gradient(300, 200)
     made = {effort: write_output(image, "webp", tmp_path / f"{effort}.webp", Metadata(),
                                  effort=effort).path.read_bytes() for effort in (None, 0, 4)}
     assert imaging.WEBP_EFFORT == 4
