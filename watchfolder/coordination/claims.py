@@ -47,6 +47,16 @@ from watchfolder.logs import readable
 
 log = structlog.get_logger("watchfolder")
 
+
+def since_boot() -> float:
+    """Seconds on a clock that goes on while the machine is suspended (CLOCK_BOOTTIME; the
+    monotonic clock elsewhere): a claim's age must count a suspend, during which the other
+    hosts' leases ran on."""
+    return time.clock_gettime(_BOOTTIME)
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
 DONE_FOLDER = "done"
 
 
@@ -141,13 +151,13 @@ class Claim:
         # not found in another folder at that path is away with its folder, not lost.
         self.where: tuple[int, int] | None = None
         # When this daemon last wrote it (made it, or a renewal that found it still ours).
-        self.written = time.monotonic()
+        self.written = since_boot()
 
     def renew(self) -> bool:
         """Extend the lease; False once it turned out lost. Raises CoordinationUnavailable."""
         if self.lost or self.released:
             return not self.lost
-        written = time.monotonic()
+        written = since_boot()
         if self.backend.renew(self):
             self.written = written
         else:

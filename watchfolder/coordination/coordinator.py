@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import itertools
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from watchfolder.coordination import reset
-from watchfolder.coordination.claims import Claim, ClaimBackend, Holder, instance_id
+from watchfolder.coordination.claims import Claim, ClaimBackend, Holder, instance_id, since_boot
 from watchfolder.coordination.done_marks import DoneMark, DoneMarks
 from watchfolder.coordination.limits import Limiter, LocalLimiter
 from watchfolder.coordination.registry import HostRegistry
@@ -216,7 +215,7 @@ class Coordinator:
             held = self._held.get((inbox, rel))
         if held is None or held.lost or held.released:
             return False
-        if time.monotonic() - held.written < self.interval:
+        if since_boot() - held.written < self.interval:
             # Made or renewed less than a beat ago: a takeover needs a whole lease (three
             # beats at least) without a renewal, and a store that lost it holds new claims for
             # as long (reset.py). On the fast path the file was claimed a few ms ago.
