@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import itertools
 import json
 import os
 import secrets
@@ -66,6 +65,7 @@ from watchfolder.coordination.claims import (
     unavailable,
 )
 from watchfolder.errors import CoordinationUnavailable
+from watchfolder.files.spares import Spares
 from watchfolder.logs import readable
 
 log = structlog.get_logger("watchfolder")
@@ -111,30 +111,9 @@ class ShareFolder:
         tag = hashlib.sha1((holder.instance or holder.daemon).encode(),
                            usedforsecurity=False).hexdigest()[:12]
         self.new_prefix = f"{NEW_PREFIX}{tag}."
-        self._spares: list[Path] = []  # released claims' files, renamed to private names
-        self._spare_names = (f"{self.new_prefix}{SPARE}{n}" for n in itertools.count())
-
-    def keep_spare(self, claim: Path) -> bool:
-        """Rename a released claim's file (ours) to a private spare name; False if there are
-        enough spares already (the caller unlinks it)."""
-        with self._lock:
-            if len(self._spares) >= SPARES:
-                return False
-            spare = self.path / next(self._spare_names)
-        claim.rename(spare)
-        with self._lock:
-            self._spares.append(spare)
-        return True
-
-    def take_spare(self) -> Path | None:
-        with self._lock:
-            return self._spares.pop() if self._spares else None
-
-    def drop_spares(self) -> None:
-        with self._lock:
-            spares, self._spares = self._spares, []
-        for spare in spares:
-            spare.unlink(missing_ok=True)
+        # Released claims' files, renamed to private names (files/spares.py).
+        self.spares = Spares(self.path, keep=SPARES, prefix=f"{self.new_prefix}{SPARE}",
+                             empty_above=None)
 
     def ensure(self) -> None:
         if self._made:
@@ -170,7 +149,7 @@ class ShareFolder:
         self._made = False
         with self._lock:
             self._clock = None
-            self._spares = []  # gone with the folder
+        self.spares.forget()  # gone with the folder
 
     def forget_clock(self) -> None:
         with contextlib.suppress(OSError):
@@ -282,15 +261,9 @@ class ShareClaims:
     def release(self, claim: Claim) -> None:
         path = self.folder(claim.inbox).path / f"{rel_hash(claim.rel)}{CLAIM_SUFFIX}"
         seen = _read_claim(path)
-        if seen is not None and seen.nonce == claim.token:
-            folder = self.folder(claim.inbox)
-            try:
-                if folder.keep_spare(path):
-                    return
-            except FileNotFoundError:
-                return
-            except OSError:
-                pass  # not renamed: removed as before
+        # Ours: kept as a spare for the next claim, else removed.
+        if seen is not None and seen.nonce == claim.token \
+                and not self.folder(claim.inbox).spares.keep(path):
             path.unlink(missing_ok=True)
 
     def sweep(self, inbox: Path) -> None:
@@ -325,7 +298,7 @@ class ShareClaims:
         with self._lock:
             folders = list(self._folders.values())
         for folder in folders:
-            folder.drop_spares()
+            folder.spares.drop()
             folder.forget_clock()
             with contextlib.suppress(OSError):
                 folder.path.rmdir()
@@ -462,7 +435,7 @@ def _folder_identity(folder: Path) -> tuple[int, int] | None:
 def _spare_or_new(folder: ShareFolder, new: Path) -> tuple[Path, int]:
     """A private file to write a claim into: a spare one emptied (no inode allocated), or
     `new`, created."""
-    while (spare := folder.take_spare()) is not None:
+    while (spare := folder.spares.pop()) is not None:
         try:
             return spare, os.open(spare, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
         except FileNotFoundError:

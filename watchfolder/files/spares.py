@@ -11,7 +11,12 @@ first), so no inode is allocated or freed per file.
     spares = Spares(folder)   # its spares are `.spare.<n>` there, at most `keep` of them
     spares.keep(spent)        # renamed to a spare (emptied when large); False: unlink it
     spares.take(dest)         # a spare renamed to `dest`, when there is one
+    spares.pop()              # a spare to write into where it is (share claims), or None
     spares.drop()             # remove them all (the journal's close)
+    spares.forget()           # let them go unremoved (their folder is gone)
+
+The spool's spares are `.spare.<n>`; a claims folder's carry its daemon's private prefix
+(coordination/share_claims.py), so that only this daemon's restart or sweep removes them.
 
 A spare is nobody's data: a stop removes them, and a start that finds one (a crash) removes
 it with the other orphans.
@@ -33,11 +38,15 @@ EMPTY_ABOVE = 1 << 20
 class Spares:
     """The spare files of one folder of ours."""
 
-    def __init__(self, folder: Path, keep: int = KEEP) -> None:
+    def __init__(self, folder: Path, keep: int = KEEP, prefix: str = SPARE_PREFIX,
+                 empty_above: int | None = EMPTY_ABOVE) -> None:
         self.folder = folder
         self.keep_at_most = keep
+        # None: never emptied, nor even looked at (a claim: small, and on a share a stat is a
+        # round trip to the server).
+        self.empty_above = empty_above
         self._free: list[Path] = []
-        self._names = (folder / f"{SPARE_PREFIX}{n}" for n in itertools.count())
+        self._names = (folder / f"{prefix}{n}" for n in itertools.count())
         self._lock = threading.Lock()
 
     def keep(self, spent: Path) -> bool:
@@ -48,7 +57,7 @@ class Spares:
                 return False
             spare = next(self._names)
         try:
-            if spent.stat().st_size > EMPTY_ABOVE:
+            if self.empty_above is not None and spent.stat().st_size > self.empty_above:
                 os.truncate(spent, 0)
             spent.rename(spare)
         except OSError:
@@ -57,18 +66,25 @@ class Spares:
             self._free.append(spare)
         return True
 
+    def pop(self) -> Path | None:
+        """A spare, no longer counted here (the caller writes into it where it is, or lets
+        it go); None when there is none."""
+        with self._lock:
+            return self._free.pop() if self._free else None
+
     def take(self, dest: Path) -> None:
         """Rename a spare to `dest` (which is then written over), if there is one."""
-        while True:
-            with self._lock:
-                if not self._free:
-                    return
-                spare = self._free.pop()
+        while (spare := self.pop()) is not None:
             try:
                 spare.rename(dest)
             except OSError:
                 continue  # removed meanwhile: the next one, or none
             return
+
+    def forget(self) -> None:
+        """Let every spare go without removing it (its folder is gone with it)."""
+        with self._lock:
+            self._free = []
 
     def drop(self) -> None:
         """Remove every spare (a stop: no spent file is left behind)."""
