@@ -94,7 +94,7 @@ def test_406_fails_the_file_and_names_the_format(tmp_path: Path, sandbox: Sandbo
 
 
 @pytest.mark.parametrize("fault", [500, 502, 503, "500-empty", "500-html", "reset",
-                                   "truncated", "garbage", "wrong-size"])
+                                   "truncated", "garbage", "wrong-size", "undecodable"])
 def test_transient_faults_are_retried(studio: Studio, sandbox: Sandbox, fault: object) -> None:
     sandbox.add_faults(fault, fault)  # type: ignore[arg-type]
     make_image(studio.inbox / "shot.png")
@@ -228,6 +228,25 @@ def test_results_are_validated_before_anything_is_written(studio: Studio,
     assert studio.reason("shot.png")["reason"] in ("bad_result", "transport_error")
     assert studio.files(studio.outbox) == []
     assert os.listdir(studio.outbox) == []
+
+
+def test_a_fast_path_answer_that_does_not_decode_is_refused_before_anything_is_made(
+        studio: Studio, sandbox: Sandbox, log_lines: LogCapture) -> None:
+    """Send checks an answer's size, end and CRCs; its complete decode is checked by store,
+    off the path to the slot's next request, before anything is made of it: an answer whose
+    pixel data does not decode is refused each time (an attempt counted), and after the
+    attempts the file fails with nothing in the outbox and nothing left in the spool."""
+    sandbox.add_faults("undecodable", "undecodable", "undecodable")
+    make_image(studio.inbox / "shot.png")
+    with Running(studio.config()):
+        wait_for(lambda: (studio.errors / "shot.png.error.json").exists())
+    reason = studio.reason("shot.png")
+    assert reason["reason"] == "bad_result" and reason["attempts"] == 3
+    assert "does not decode completely" in reason["message"]
+    assert [event["attempt"] for event in log_lines.events("file.retry")] == [1, 2]
+    assert sandbox.count(200) == 3, "max_attempts requests, no more"
+    assert os.listdir(studio.outbox) == []
+    assert list((studio.root / "state" / "spool").iterdir()) == []
 
 
 def test_error_report_never_holds_the_key(studio: Studio, sandbox: Sandbox,

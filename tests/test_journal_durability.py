@@ -169,3 +169,43 @@ def test_without_a_wal_every_commit_counts_as_on_disk(tmp_path: Path) -> None:
         assert ran == [1]
     finally:
         commits.close()
+
+
+def test_an_answers_fetched_is_made_durable_by_the_next_request_or_before_it_is_used(
+        tmp_path: Path) -> None:
+    """`owed`: an answer's `fetched` is written to the WAL only; the next request's `sending`
+    fsync (before that request goes) covers it: one fsync between them, not two. Without a
+    request after it, `settle_owed` (store, before anything is made of the answer) or the
+    main loop's settle makes it durable."""
+    journal = Journal(tmp_path)
+    try:
+        first = journal.create("/in", "a.jpg", 10, 1, "s")
+        journal.update(first, state=SENDING, sent=True)
+        syncs = journal.commits.syncs
+        journal.update(first, state=FETCHED, spool=str(tmp_path / "a.png"), owed=True)
+        covered: list[str] = []
+        journal.commits.when_durable(lambda: covered.append("fetched"))
+        assert journal.commits.syncs == syncs and covered == [], "written, not synced yet"
+        assert journal.record(first.id) == first, "in the WAL: it survives the process"
+        second = journal.create("/in", "b.jpg", 10, 1, "s")
+        journal.update(second, state=SENDING, sent=True)
+        assert journal.commits.syncs == syncs + 1, "one fsync for both commits"
+        assert covered == ["fetched"], "on disk before the next request goes"
+        journal.settle_owed(first)
+        assert journal.commits.syncs == syncs + 1, "store finds it on disk already"
+        # The next answer, with no request after it: store makes it durable itself.
+        journal.update(second, state=FETCHED, spool=str(tmp_path / "b.png"), owed=True)
+        journal.commits.when_durable(lambda: covered.append("second"))
+        journal.settle_owed(second)
+        assert covered == ["fetched", "second"] and journal.commits.syncs == syncs + 2
+        journal.settle_owed(second)
+        assert journal.commits.syncs == syncs + 2, "once"
+        # Nobody uses the answer for a while: the main loop's settle.
+        third = journal.create("/in", "c.jpg", 10, 1, "s")
+        journal.update(third, state=SENDING, sent=True)
+        journal.update(third, state=FETCHED, spool=str(tmp_path / "c.png"), owed=True)
+        syncs = journal.commits.syncs
+        journal.commits.settle()
+        assert journal.commits.syncs == syncs + 1
+    finally:
+        journal.close()

@@ -533,8 +533,9 @@ def inspect_result(answer: Path | bytes, width: int, height: int, *,
     completely and nothing may follow its end (PNG after IEND, JPEG after EOI, WEBP after its
     RIFF length). Bytes are accepted while the pipeline still holds answers in memory.
     With `decode=False`, everything but the decode is checked (and a PNG's CRCs): for an
-    answer whose next step decodes it whole anyway and refuses it then with the same
-    BadResult (the studio path's composite, `compose.answer_mask`), so it is decoded once.
+    answer whose decode is checked later, off the path between an answer and the next
+    request, with the same BadResult (`answer_decodes`, or the studio path's composite,
+    `compose.answer_mask`, which decodes it once for both).
     """
     if isinstance(answer, bytes):
         return _inspect_answer(answer, width, height, lambda: pyvips.Image.new_from_buffer(
@@ -583,7 +584,24 @@ def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
         if problem:
             raise BadResult(f"the API answered 200 but the body does not decode completely: "
                             f"{problem}", 200)
-        return API_FORMATS[kind][1]
+    else:
+        _decodes(data, kind, decoder)
+    return API_FORMATS[kind][1]
+
+
+def answer_decodes(answer: Path) -> None:
+    """The rest of an answer's check after `inspect_result(decode=False)`: it decodes
+    completely (BadResult, as that check would raise, if not)."""
+    with answer.open("rb") as handle:
+        if answer.stat().st_size == 0:
+            raise BadResult("the API answered 200 with an empty body", 200)
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _decodes(data, containers.sniff(bytes(data[:64])).kind,
+                     lambda: pyvips.Image.new_from_file(vips_name(answer), access="sequential",
+                                                        fail_on=FAIL_ON))
+
+
+def _decodes(data: bytes | mmap.mmap, kind: str, decoder: Callable[[], pyvips.Image]) -> None:
     problem = containers.png_inflates(data) if kind == "png" else ""
     if problem:
         raise BadResult(f"the API answered 200 but the body does not decode completely: "
@@ -595,4 +613,3 @@ def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
         except pyvips.Error as exc:
             raise BadResult(f"the API answered 200 but the body does not decode completely: "
                             f"{_vips_message(exc)}", 200) from None
-    return API_FORMATS[kind][1]

@@ -24,12 +24,14 @@ that after a crash at any instant the next start resumes each file from its last
 Durability: every commit is written to SQLite's WAL before the step it guards has its
 effect, so the process's death at any instant (SIGKILL, a crash) loses none. A power loss
 (or a kernel crash) may also roll back commits the kernel had not written yet; only those
-whose loss would cost a credit again are forced to disk before `update` returns
-(`must_survive_power_loss`): `sending` (with its send time), `fetched` (the paid answer in
-the spool) and a commit that forgets a spooled answer (its file is deleted next), but for
-`stored`: its answer is deleted once the next fsync, whoever makes it, covers it
-(`when_durable`; the daemon's main loop makes one when none came within its turn, 5 s at
-most). One fsync of the WAL makes every commit written before it durable, so workers
+whose loss would cost a credit again are forced to disk before their effect
+(`must_survive_power_loss`): `sending` (with its send time) and a commit that forgets a
+spooled answer (its file is deleted next) before `update` returns; `fetched` (the paid
+answer in the spool) before the next request goes (that request's `sending` fsync covers
+it) or anything is made of the answer, whichever comes first (`update`'s `owed`); `stored`
+once its answer is deleted (the next fsync, whoever makes it: `when_durable`). The daemon's
+main loop makes an fsync when such a commit waits and none came within its turn (5 s at
+most), and a start makes one for what the last run left in the WAL. One fsync of the WAL makes every commit written before it durable, so workers
 committing at the same time share one (group commit), and none holds the journal's lock
 while the disk syncs. What a power loss can still undo costs no credit: a record created
 (the file waits in its inbox again), the name chosen for an output (made again: adopted
@@ -183,6 +185,10 @@ class FileRecord:
         return [str(path) for path in json.loads(self.reuse_from)]
 
 
+def _nothing() -> None:
+    """An effect that only asks for the next fsync (`GroupCommit.settle`)."""
+
+
 def must_survive_power_loss(record: FileRecord, changes: Mapping[str, Any],
                             sent: bool = False) -> bool:
     """Whether the commit of `changes` to `record` must be on disk, not only written to the
@@ -276,6 +282,8 @@ class Journal:
         self._lock = threading.Lock()
         self.notes = Notes(self._query, self._writing)
         self.commits = GroupCommit(None)
+        # record id -> its commit whose fsync was left to the next one (`update`'s `owed`)
+        self._owed: dict[int, int] = {}
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # Spent answers' files, written again by the next answers (no inode per file).
         self.spool_spares = Spares(self.spool_dir)
@@ -377,7 +385,8 @@ class Journal:
                           mtime_ns=mtime_ns, settings=settings, created=now, updated=now)
 
     def update(self, record: FileRecord, *, sent: bool = False,
-               remember: Sequence[tuple[str, str, str]] = (), **changes: Any) -> None:
+               remember: Sequence[tuple[str, str, str]] = (), owed: bool = False,
+               **changes: Any) -> None:
         """Commit `changes` to the record, then apply them to the object.
 
         `sent` also journals a send time (the rate limit survives a restart); `remember`
@@ -387,6 +396,13 @@ class Journal:
         StateUnavailable when the disk refuses the write (nothing changed, in memory either)
         or that fsync (the object is unchanged: the caller goes on as if nothing was
         journaled, so no request follows a `sending` that a power cut could undo).
+
+        `owed`: a commit that must survive a power loss only once something is made of it,
+        and not before the next request: a `fetched` (send). It is only written to the WAL;
+        the next fsync, whoever makes it, covers it: the next request's `sending` (on disk
+        before that request goes, so a power cut still costs at most one credit per slot),
+        else `settle_owed` before anything is made of the answer, else the main loop's
+        `settle` within its turn.
         """
         durable = must_survive_power_loss(record, changes, sent)
         changes = {**changes, "updated": time.time()}
@@ -405,12 +421,23 @@ class Journal:
                 db.executemany(
                     "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
                     "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
-        if durable:
+        if durable and owed:
+            self._owed[record.id] = self.commits.count  # at least this commit's number
+            self.commits.when_durable(_nothing)  # the main loop's settle, if nobody else's
+        elif durable:
             # Outside the lock: other workers commit while the disk syncs, and one fsync
             # serves them all. At least this commit's number (one read later is larger).
             self.commits.sync(self.commits.count)
         for name, value in changes.items():
             setattr(record, name, value)
+
+    def settle_owed(self, record: FileRecord) -> None:
+        """Return once `record`'s commit made with `owed` is on disk (at once when a later
+        fsync covered it, as it mostly has). Raises StateUnavailable as `update` does."""
+        commit = self._owed.get(record.id)
+        if commit is not None:
+            self.commits.sync(commit)
+            self._owed.pop(record.id, None)
 
     def active(self, inbox: str, rel: str) -> FileRecord | None:
         """The unfinished record for this path, if any."""

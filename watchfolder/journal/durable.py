@@ -42,6 +42,10 @@ class GroupCommit:
                 self.every_commit = True
             else:
                 fsync_dir(path.parent)  # the -wal's name, once
+                # What a run that died left in the WAL without an fsync (`Journal.update`'s
+                # `owed`) is on disk before this run acts on it.
+                with contextlib.suppress(OSError):  # a failing disk: the next sync says so
+                    os.fdatasync(self._wal)
         self.count = 0  # commits written to the WAL through this connection
         self._durable = 0  # of those, how many are known to be on disk
         self.syncs = 0  # fsyncs made (for tests and benchmarks)
@@ -70,7 +74,8 @@ class GroupCommit:
             if self._wal is None:
                 raise StateUnavailable(f"cannot write the journal {self.path}: it is closed")
             try:
-                os.fdatasync(self._wal)
+                with contextlib.suppress(OSError):  # a failing disk: the next sync says so
+                    os.fdatasync(self._wal)
             except OSError as exc:
                 raise StateUnavailable(f"cannot write the journal {self.path}: {exc}") from exc
             self._durable = written

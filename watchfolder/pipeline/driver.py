@@ -36,8 +36,10 @@ files. When the slot ends depends on who could take the file over after a crash:
 
 - one host (no coordination store): once the answer is journaled `fetched`. The answer is in
   this host's spool, which its next start adopts, so a crash costs at most one credit per
-  slot (the requests `sending`), and the slot sends again while the answer is placed. The
-  spool has its own bound: at most 2 x `api.concurrency` answers, requests in flight counted.
+  slot (the requests `sending`, or a `fetched` not yet on disk: the slot's next request
+  fsyncs it with its own `sending` before it goes), and the slot sends again while the
+  answer is placed. The spool has its own bound: at most 2 x `api.concurrency` answers,
+  requests in flight counted.
 - several hosts (`coordination.url`): when its answer is placed and the original archived.
   Should this daemon die, the daemon that takes the file over pays for the answer again (the
   spool died with it), so a crash costs at most one credit per slot whether its request was
@@ -308,9 +310,12 @@ class Pipeline:
         job is parked until the state disk takes writes again)."""
         job, record = work.job, work.record
         before = record.state
+        # An answer's `fetched`: fsynced by the next request's `sending` (the slot's next
+        # request goes without a second fsync), else by `store` before it makes anything.
+        owed = before == SENDING and outcome.state == FETCHED
         try:
             self.journal.update(record, state=outcome.state, sent=outcome.sent,
-                                remember=outcome.remember, **outcome.changes)
+                                remember=outcome.remember, owed=owed, **outcome.changes)
         except StateUnavailable as exc:
             self.ctx.state.failed(exc)
             if outcome.state != SENDING:

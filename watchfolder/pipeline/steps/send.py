@@ -1,6 +1,10 @@
 """sending → fetched | failing, or parked back to `proxied`/`queued`: one request, its answer
 streamed to the spool and fsynced before it is journaled.
 
+The answer is checked here (its declared size, nothing after its end, a PNG's CRCs) but for
+its complete decode, which `store` checks first (off the path from an answer to the slot's
+next request), refusing it the same way.
+
 The answer streams into its spool name (`answer_file`), which `admit` created, its folder
 fsynced, before the request slot was waited for: between the answer and the journal only the
 file's own fsync remains (a rename and the spool folder's fsync only for an answer in another
@@ -78,8 +82,7 @@ def send(ctx: Context, work: Work) -> Outcome:
             output_format=asked, transparency=inbox.transparency_handling)
         if result.spool_error is not None:
             return _keep_answer(ctx, work, result, payload)
-        ext = inspect_result(part, payload.width, payload.height,
-                             decode=_decode_here(record))
+        ext = inspect_result(part, payload.width, payload.height, decode=False)
     except RateLimited as exc:
         part.unlink(missing_ok=True)  # none of these left an answer in it
         delay = ctx.limiter.rate_limited(
@@ -121,13 +124,6 @@ def answer_file(ctx: Context, record: FileRecord, inbox: InboxConfig) -> Path:
         record.id, EXTENSIONS[asked_format(record, inbox)])
 
 
-def _decode_here(record: FileRecord) -> bool:
-    """Whether the answer's complete decode is checked here (False: by `store`, on the local
-    lane, whose one decode of a studio answer is both the check and the composite's alpha;
-    decoding it here too cost a quarter of a second per 25 MP answer on the main lane)."""
-    return record.route != "studio"
-
-
 def _answered(ctx: Context, work: Work, result: ApiResult) -> None:
     """A request was answered with a result (paid for)."""
     failpoints.hit("answered")
@@ -160,8 +156,7 @@ def _spool_kept(ctx: Context, work: Work, result: ApiResult, payload: Payload) -
             handle.write(result.body or b"")
             handle.flush()
             os.fsync(handle.fileno())
-        ext = inspect_result(part, payload.width, payload.height,
-                             decode=_decode_here(work.record))
+        ext = inspect_result(part, payload.width, payload.height, decode=False)
     except OSError as exc:
         part.unlink(missing_ok=True)
         with ctx.kept_lock:
@@ -187,7 +182,8 @@ def _spooled(ctx: Context, work: Work, result: ApiResult, part: Path, ext: str) 
     return Advance(FETCHED, {"spool": str(spool), "result_sha": result.sha256,
                              "credits": result.credits_remaining,
                              "attempts": record.attempts + 1, "proxy": None},
-                   then=None if proxy is None else lambda: proxy.unlink(missing_ok=True))
+                   then=None if proxy is None else lambda: ctx.journal.commits.when_durable(
+                       lambda: proxy.unlink(missing_ok=True)))  # once `fetched` is on disk
 
 
 def _call_api(ctx: Context, data: bytes, **options: Any) -> ApiResult:

@@ -6,9 +6,14 @@ a time once the others are placed (`encode_together`: the first reader computes 
 cut-out while the next waits for it). The outputs written are kept on the job for the
 manifest (nothing is read again).
 
-A studio answer is decoded here first, once (send checked all but its decode): that decode
-is its check and the composite's alpha; one that does not decode is refused as send refuses
-a bad answer (an attempt counted) and asked for again (back to `queued`)."""
+An answer's complete decode is checked here first (send checked all but that, so the slot's
+next request does not wait for it); a studio answer's one decode is both that check and the
+composite's alpha. One that does not decode is refused as send refuses a bad answer (an
+attempt counted) and asked for again (back to `queued`).
+
+No output is placed (nor the original archived) before the answer's `fetched` is on disk:
+send's commit of it is only written to the WAL, and the slot's next request has mostly
+fsynced it by then with its own `sending` (`Journal.update`'s `owed`)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import structlog
 from watchfolder import failpoints
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.imaging.compose import Output, answer_mask
+from watchfolder.imaging.inspect import answer_decodes
 from watchfolder.journal.db import (
     FETCHED,
     QUEUED,
@@ -49,12 +55,16 @@ def store(ctx: Context, work: Work) -> Outcome:
     """Make and place every output not placed yet; forget the spool with the last one. An
     inbox with `review: true` holds a fresh answer for a person first (steps/review.py)."""
     record, inbox, job = work.record, work.inbox, work.job
-    if record.route == "studio" and record.spool and Path(record.spool).is_file():
+    if record.spool and Path(record.spool).is_file() and \
+            (record.route == "studio" or record.state == FETCHED):
         try:
-            # The answer's one complete decode: its check (send checked all but that), kept
-            # in memory for the composite's alpha. Before review, so nobody judges a corrupt
-            # answer; before any output, so none is made of one.
-            answer_mask(Path(record.spool))
+            # The answer's complete decode: its check (send checked all but that); a studio
+            # answer's is kept in memory for the composite's alpha. Before review, so nobody
+            # judges a corrupt answer; before any output, so none is made of one.
+            if record.route == "studio":
+                answer_mask(Path(record.spool))
+            else:
+                answer_decodes(Path(record.spool))
         except BadResult as exc:
             return _ask_again(ctx, work, exc)
     if record.state == FETCHED and inbox.review:
@@ -80,6 +90,9 @@ def store(ctx: Context, work: Work) -> Outcome:
         wrote: list[object] = []
 
         def claim(name: Path, digest: str) -> None:
+            # Once an output is placed a power cut must not undo the answer's `fetched`; by
+            # now the slot's next request has mostly fsynced it with its own `sending`.
+            ctx.journal.settle_owed(record)
             with claiming:
                 placed[index] = (str(name), digest)
                 first = placed[0]
@@ -133,6 +146,7 @@ def store(ctx: Context, work: Work) -> Outcome:
     if failed is not None:
         ctx.cutouts.forget_file(record)
         return failed
+    ctx.journal.settle_owed(record)  # every output placed before a crash: before archiving
     spool = Path(record.spool) if record.spool else None
     identity = f"{record.sha256}|{record.settings}"
     ctx.cutouts.forget_file(record)  # its last reader removed it, unless placed earlier
@@ -154,9 +168,10 @@ def _let_go(ctx: Context, spool: Path) -> None:
 
 
 def _ask_again(ctx: Context, work: Work, exc: BadResult) -> Outcome:
-    """A studio answer that does not decode: refused as send refuses one on arrival (the
-    same BadResult, an attempt counted, after `retry.max_attempts` the file fails), then
-    asked for again from a new proxy (the one sent was removed with the answer's arrival)."""
+    """An answer that does not decode: refused as send refuses one on arrival (the same
+    BadResult, an attempt counted, after `retry.max_attempts` the file fails), then asked for
+    again (a studio file from a new proxy: the one sent was removed with the answer's
+    arrival)."""
     record, retry = work.record, ctx.config.retry
     attempts = record.attempts  # this request was counted when its answer was spooled
     if attempts >= retry.max_attempts:
