@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -17,12 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import make_image
 from watchfolder.config.settings import Secret
 from watchfolder.dev.sandbox import Sandbox
 from watchfolder.errors import BadResult, EndpointMissing, TransportError
-from watchfolder.pipeline.client import ApiClient, ApiResult, max_result_bytes
+from watchfolder.pipeline.client import SMALL_BODY, ApiClient, ApiResult, max_result_bytes
 
 KEY = "hostile-key-0123456789"
 TIMEOUT = 1.0
@@ -86,7 +89,8 @@ def test_a_result_is_streamed_to_the_file_with_its_size_and_hash(
     first = client.remove_background(image, filename="in.png", mime="image/png", dest=dest,
                                      max_bytes=max_result_bytes(160, 120, len(image)))
     data = dest.read_bytes()
-    assert first.path == dest and first.body is None
+    # A small answer is kept in memory too (checked without reading the file back).
+    assert first.path == dest and first.body == data and len(data) <= SMALL_BODY
     assert (first.size, first.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert first.content == data and first.content_type == "image/png"
     assert first.credits_consumed == 1
@@ -95,6 +99,17 @@ def test_a_result_is_streamed_to_the_file_with_its_size_and_hash(
     assert second.path is None and second.content == data
     assert second.sha256 == first.sha256
     assert len({r.connection for r in sandbox.requests}) == 1
+
+
+def test_a_large_result_is_only_in_its_file(client: ApiClient, tmp_path: Path) -> None:
+    noise = Image.frombytes("RGB", (400, 300), random.Random(7).randbytes(400 * 300 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    dest = tmp_path / "big.png"
+    result = client.remove_background(buffer.getvalue(), filename="in.png", mime="image/png",
+                                      dest=dest)
+    assert result.size == dest.stat().st_size > SMALL_BODY
+    assert result.body is None and result.content == dest.read_bytes()
 
 
 @pytest.mark.parametrize("fault", ["huge", "huge-unsized"])

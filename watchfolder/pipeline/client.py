@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -72,6 +72,8 @@ USER_AGENT = f"watchfolder/{__version__} (+https://github.com/watchfolder) pytho
 _CHUNK = 64 * 1024
 # An error body is a short JSON message; more than this is not worth reading.
 _MAX_ERROR_BODY = 64 * 1024
+# An answer up to this size is kept in memory as well as written to its file.
+SMALL_BODY = 256 * 1024
 # Room for a result's container (PNG chunks, WEBP/JPEG headers, metadata) beyond its pixels.
 _RESULT_SLACK = 1 << 20
 # Inputs are at most 25 megapixels and 30 MB (the API's limits).
@@ -92,9 +94,29 @@ DEFAULT_MAX_BYTES = max_result_bytes(_API_MAX_PIXELS, 1, _API_MAX_INPUT)
 
 
 @dataclass(frozen=True)
+class Form:
+    """A request's multipart body and the format it asks for, encoded ahead of its turn (a
+    request that waits for a slot goes the moment it has one)."""
+
+    body: bytes = field(repr=False)
+    content_type: str
+    accept: str
+
+
+def form(data: bytes, *, filename: str, mime: str, output_format: str = "png",
+         transparency: str = "return_input_if_non_opaque") -> Form:
+    """The request for `data`: the fields in the order requests sends them (form data, then
+    files)."""
+    body, content_type = encode_multipart_formdata(
+        [("transparency_handling", transparency), ("image_file", (filename, data, mime))])
+    return Form(body, content_type, OUTPUT_FORMATS[output_format])
+
+
+@dataclass(frozen=True)
 class ApiResult:
     """A 200 answer. Its body is in `path` (complete, flushed and fsynced) when the caller gave
-    `dest`; otherwise in memory (`content`), for small answers and tools."""
+    `dest`, and in `body` too when it is small (`SMALL_BODY`: checked without reading the
+    file back); otherwise in memory (`content`), for tools."""
 
     path: Path | None
     size: int
@@ -103,7 +125,7 @@ class ApiResult:
     credits_remaining: int | None
     credits_consumed: int | None
     seconds: float
-    body: bytes | None = None
+    body: bytes | None = field(default=None, repr=False)
     # Writing `dest` failed (disk full, I/O error) after the answer came: the whole answer is
     # in `body` instead (it was paid for), and this says why.
     spool_error: OSError | None = None
@@ -177,22 +199,28 @@ class ApiClient:
                           dest: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                           output_format: str = "png",
                           transparency: str = "return_input_if_non_opaque") -> ApiResult:
-        """POST the original bytes; return the result or raise an ApiError subclass.
+        """POST the original bytes; return the result or raise an ApiError subclass
+        (`form`, then `post`)."""
+        return self.post(form(data, filename=filename, mime=mime, output_format=output_format,
+                              transparency=transparency), dest=dest, max_bytes=max_bytes)
+
+    def post(self, request: Form, *, dest: Path | None = None,
+             max_bytes: int = DEFAULT_MAX_BYTES) -> ApiResult:
+        """POST an encoded request; return the result or raise an ApiError subclass.
 
         With `dest`, a 200 body is streamed into that file (created or truncated, then
-        flushed and fsynced; removed again if anything fails). A body longer than
-        `max_bytes` (see `max_result_bytes`) is not read further: BadResult. The whole call
-        takes at most `timeout` seconds: TransportError. When writing `dest` fails (the disk
-        is full or failing), the rest is read into memory and the answer returned with `body`
-        and `spool_error`, `dest` removed: it was paid for, and the caller keeps it.
+        flushed and fsynced; removed again if anything fails); a small one is kept in `body`
+        too. A body longer than `max_bytes` (see `max_result_bytes`) is not read further:
+        BadResult. The whole call takes at most `timeout` seconds: TransportError. When
+        writing `dest` fails (the disk is full or failing), the rest is read into memory and
+        the answer returned with `body` and `spool_error`, `dest` removed: it was paid for,
+        and the caller keeps it.
         """
-        # The fields in the order requests sends them (form data, then files).
-        body, content_type = encode_multipart_formdata(
-            [("transparency_handling", transparency), ("image_file", (filename, data, mime))])
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": DEFAULT_ACCEPT_ENCODING,
-                   "Accept": OUTPUT_FORMATS[output_format], "Connection": "keep-alive",
-                   "x-api-key": self._key.reveal(), "Content-Type": content_type,
-                   "Content-Length": str(len(body))}
+                   "Accept": request.accept, "Connection": "keep-alive",
+                   "x-api-key": self._key.reveal(), "Content-Type": request.content_type,
+                   "Content-Length": str(len(request.body))}
+        body = request.body
         started = time.monotonic()
         with Deadline(self.timeout[1], self.watchdog) as deadline:
             try:
@@ -323,18 +351,23 @@ def _copy(chunks: Iterator[bytes], handle: BinaryIO) -> tuple[int, str]:
 
 def _write_file(chunks: Iterator[bytes],
                 dest: Path) -> tuple[int, str, bytes | None, OSError | None]:
-    """Stream into `dest`, then flush and fsync: (size, sha256, None, None). When the disk
-    refuses (full, I/O error), the rest of the body is read into memory and what was written
-    read back: (size, sha256, the whole body, the error), `dest` removed. The partial file is
-    removed on any other failure too."""
+    """Stream into `dest`, then flush and fsync: (size, sha256, the body if it is small (at
+    most `SMALL_BODY`) else None, None). When the disk refuses (full, I/O error), the rest of
+    the body is read into memory and what was written read back: (size, sha256, the whole
+    body, the error), `dest` removed. The partial file is removed on any other failure too."""
     digest = hashlib.sha256()
     size = 0
     written = 0  # bytes known to be in `dest` (unbuffered writes: no doubt about a failure)
+    small: list[bytes] | None = []  # the body, while it is small
     try:
         with dest.open("wb", buffering=0) as handle:
             for chunk in chunks:
                 digest.update(chunk)
                 size += len(chunk)
+                if small is not None and size <= SMALL_BODY:
+                    small.append(chunk)
+                else:
+                    small = None
                 view = memoryview(chunk)
                 try:
                     while view:
@@ -360,7 +393,7 @@ def _write_file(chunks: Iterator[bytes],
         with contextlib.suppress(OSError):
             dest.unlink()
         raise
-    return size, digest.hexdigest(), None, None
+    return size, digest.hexdigest(), None if small is None else b"".join(small), None
 
 
 def _read_back(path: Path, size: int) -> bytes:

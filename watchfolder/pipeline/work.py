@@ -16,6 +16,7 @@ from typing import Any
 from watchfolder.config.settings import InboxConfig
 from watchfolder.files.place import same_file, sha256_file
 from watchfolder.journal.db import FAILING, PROXIED, QUEUED, FileRecord
+from watchfolder.pipeline.client import Form
 from watchfolder.pipeline.jobqueue import Job
 
 MAIN, LOCAL = "main", "local"  # the lanes: requests and light steps / heavy local image work
@@ -79,6 +80,7 @@ class Work:
     inbox: InboxConfig
     lane: str = MAIN
     payload: Payload | None = None  # made by `prepare`, sent by `send` (never across a park)
+    form: Form | None = None  # the payload's request, encoded by `admit` (sent by `send`)
 
     @property
     def src(self) -> Path:

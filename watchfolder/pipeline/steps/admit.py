@@ -16,7 +16,7 @@ from watchfolder.journal.db import GONE, QUEUED, SENDING
 from watchfolder.pipeline.client import max_result_bytes
 from watchfolder.pipeline.context import Context
 from watchfolder.pipeline.state import STATE_RECHECK_SECONDS
-from watchfolder.pipeline.steps.send import answer_file
+from watchfolder.pipeline.steps.send import answer_file, request_for
 from watchfolder.pipeline.work import Advance, Outcome, Park, Payload, Work
 
 log = structlog.get_logger("watchfolder")
@@ -66,12 +66,14 @@ def admit(ctx: Context, work: Work, payload: Payload, changes: Mapping[str, Any]
         spool.unlink(missing_ok=True)
         ctx.state.failed(exc)
         return Park(STATE_RECHECK_SECONDS, changes=changes)
+    # The request too, so it goes the moment it has a slot.
+    request = request_for(work, payload)
     outcome = _take_slot(ctx, work, changes)
     if isinstance(outcome, Park) or outcome.state != SENDING:
         if not spares.keep(spool):  # no request: nothing will stream into it
             spool.unlink(missing_ok=True)
         return outcome
-    work.payload = payload
+    work.payload, work.form = payload, request
     return outcome
 
 

@@ -40,7 +40,7 @@ from watchfolder.files import layout
 from watchfolder.files.atomic import fsync_dir
 from watchfolder.imaging.inspect import inspect_result
 from watchfolder.journal.db import FETCHED, FileRecord
-from watchfolder.pipeline.client import ApiResult, max_result_bytes
+from watchfolder.pipeline.client import ApiResult, Form, form, max_result_bytes
 from watchfolder.pipeline.context import KEPT_ANSWERS_MAX_BYTES, Context
 from watchfolder.pipeline.state import STATE_RECHECK_SECONDS
 from watchfolder.pipeline.work import (
@@ -64,25 +64,25 @@ def send(ctx: Context, work: Work) -> Outcome:
         kept = ctx.kept_answers.pop(work.job.key, None)
     if kept is not None:
         return _spool_kept(ctx, work, *kept)
-    if payload is None:
+    request = work.form
+    if payload is None or request is None:
         # Journaled as sending by a run that never finished the request: send it again
         # (the one credit a crash can cost per request in flight).
         return Advance(back["state"])
     config = ctx.config
-    asked = asked_format(record, inbox)
     part = answer_file(ctx, record, inbox)
     if not part.exists():  # not made by admit (never in practice): streamed in beside it
         part = ctx.journal.spool_dir / layout.part_name(record.id)
     resumes = ctx.pause.resumes
     try:
         result = _call_api(
-            ctx, payload.data, filename=_sendable(PurePosixPath(work.job.rel).name),
-            mime=payload.mime, dest=part,
-            max_bytes=max_result_bytes(payload.width, payload.height, len(payload.data)),
-            output_format=asked, transparency=inbox.transparency_handling)
+            ctx, request, dest=part,
+            max_bytes=max_result_bytes(payload.width, payload.height, len(payload.data)))
         if result.spool_error is not None:
             return _keep_answer(ctx, work, result, payload)
-        ext = inspect_result(part, payload.width, payload.height, decode=False)
+        # A small answer is checked from the bytes received, not read back.
+        ext = inspect_result(part if result.body is None else result.body,
+                             payload.width, payload.height, decode=False)
     except RateLimited as exc:
         part.unlink(missing_ok=True)  # none of these left an answer in it
         delay = ctx.limiter.rate_limited(
@@ -108,6 +108,14 @@ def send(ctx: Context, work: Work) -> Outcome:
         return Park(STATE_RECHECK_SECONDS, changes=back)
     _answered(ctx, work, result)
     return _spooled(ctx, work, result, part, ext)
+
+
+def request_for(work: Work, payload: Payload) -> Form:
+    """The request that sends `payload` for `work`'s file (encoded by `admit` before the
+    request slot is waited for)."""
+    return form(payload.data, filename=_sendable(PurePosixPath(work.job.rel).name),
+                mime=payload.mime, output_format=asked_format(work.record, work.inbox),
+                transparency=work.inbox.transparency_handling)
 
 
 def asked_format(record: FileRecord, inbox: InboxConfig) -> str:
@@ -186,12 +194,12 @@ def _spooled(ctx: Context, work: Work, result: ApiResult, part: Path, ext: str) 
                        lambda: proxy.unlink(missing_ok=True)))  # once `fetched` is on disk
 
 
-def _call_api(ctx: Context, data: bytes, **options: Any) -> ApiResult:
+def _call_api(ctx: Context, request: Form, **options: Any) -> ApiResult:
     """The API call, timed and counted by status for the metrics."""
     started = time.monotonic()
     status: int | None = None
     try:
-        result = ctx.client.remove_background(data, **options)
+        result = ctx.client.post(request, **options)
         status = 200
     except ApiError as exc:
         status = exc.status
