@@ -169,7 +169,8 @@ _SHIM = r"""
 
 /* Fail open() and read() with WATCHFOLDER_FAULT_ERRNO (default EIO) for paths below
    WATCHFOLDER_FAULT_BELOW, while the file WATCHFOLDER_FAULT_SWITCH exists (always, if
-   unset), each time with the probability WATCHFOLDER_FAULT_RATE (default 1: always). */
+   unset), each time with the probability WATCHFOLDER_FAULT_RATE (default 1: always); with
+   WATCHFOLDER_FAULT_SYNC set, fsync() and fdatasync() too (a disk that fails its flush). */
 
 static int armed(void) {
     const char *sw = getenv("WATCHFOLDER_FAULT_SWITCH");
@@ -228,6 +229,24 @@ int open64(const char *path, int flags, ...) {
     }
     if (below(path) && !(flags & O_DIRECTORY) && armed()) { errno = fault(); return -1; }
     return real(path, flags, mode);
+}
+
+static int sync_fault(int fd) {
+    return getenv("WATCHFOLDER_FAULT_SYNC") && armed() && fd_below(fd);
+}
+
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = dlsym(RTLD_NEXT, "fsync");
+    if (sync_fault(fd)) { errno = fault(); return -1; }
+    return real(fd);
+}
+
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = dlsym(RTLD_NEXT, "fdatasync");
+    if (sync_fault(fd)) { errno = fault(); return -1; }
+    return real(fd);
 }
 
 ssize_t read(int fd, void *buf, size_t count) {

@@ -5,6 +5,7 @@ only once an fsync covers `stored`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import threading
 from pathlib import Path
 
 from tests.conftest import wait_for
+from tests.faults import eio_shim
 from watchfolder.journal.db import (
     DONE,
     FETCHED,
@@ -209,3 +211,49 @@ def test_an_answers_fetched_is_made_durable_by_the_next_request_or_before_it_is_
         assert journal.commits.syncs == syncs + 1
     finally:
         journal.close()
+
+
+FLUSH_FAILS = """
+import json
+import sys
+from pathlib import Path
+from watchfolder.errors import StateUnavailable
+from watchfolder.journal.db import FETCHED, SENDING, Journal
+state, switch = Path(sys.argv[1]), Path(sys.argv[2])
+journal = Journal(state)
+record = journal.create("/in", "a.jpg", 10, 1, "s")
+switch.touch()  # from now on every fsync and fdatasync below state_dir fails (EIO)
+seen = []
+for step in ("sending", "fetched", "settle_owed"):
+    try:
+        if step == "sending":
+            journal.update(record, state=SENDING, sent=True)
+        elif step == "fetched":
+            journal.update(record, state=FETCHED, owed=True)
+        else:
+            journal.settle_owed(record)
+        seen.append([step, "done", record.state])
+    except StateUnavailable as exc:
+        seen.append([step, str(exc), record.state])
+print(json.dumps(seen))
+"""
+
+
+def test_a_flush_the_disk_refuses_is_never_taken_for_durable(tmp_path: Path) -> None:
+    """An fdatasync of the WAL that fails (a real EIO, from an LD_PRELOAD shim over a real
+    journal) raises StateUnavailable: a `sending` is not taken (memory keeps the state
+    before it, and no request follows), and an answer's `fetched`, only written to the WAL,
+    is refused by `settle_owed`, so nothing is made of it."""
+    state, switch = tmp_path / "state", tmp_path / "flush-fails"
+    state.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+           "LD_PRELOAD": str(eio_shim(tmp_path)), "WATCHFOLDER_FAULT_BELOW": str(state),
+           "WATCHFOLDER_FAULT_SWITCH": str(switch), "WATCHFOLDER_FAULT_SYNC": "1"}
+    done = subprocess.run([sys.executable, "-c", FLUSH_FAILS, str(state), str(switch)],
+                          env=env, capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    sending, fetched, settle = json.loads(done.stdout)
+    assert sending[1].startswith("cannot write the journal") and "Input/output" in sending[1]
+    assert sending[2] == QUEUED, "not taken: no request follows a sending the disk refused"
+    assert fetched == ["fetched", "done", FETCHED], "only written to the WAL: no flush yet"
+    assert settle[1].startswith("cannot write the journal"), "refused before it is used"

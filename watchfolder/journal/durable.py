@@ -74,8 +74,7 @@ class GroupCommit:
             if self._wal is None:
                 raise StateUnavailable(f"cannot write the journal {self.path}: it is closed")
             try:
-                with contextlib.suppress(OSError):  # a failing disk: the next sync says so
-                    os.fdatasync(self._wal)
+                os.fdatasync(self._wal)
             except OSError as exc:
                 raise StateUnavailable(f"cannot write the journal {self.path}: {exc}") from exc
             self._durable = written
