@@ -209,6 +209,11 @@ def test_an_answers_fetched_is_made_durable_by_the_next_request_or_before_it_is_
         syncs = journal.commits.syncs
         journal.commits.settle()
         assert journal.commits.syncs == syncs + 1
+        # Covered and never settled (a result rejected in review): let go with the next one.
+        fourth = journal.create("/in", "d.jpg", 10, 1, "s")
+        journal.update(fourth, state=SENDING, sent=True)
+        journal.update(fourth, state=FETCHED, spool=str(tmp_path / "d.png"), owed=True)
+        assert set(journal._owed) == {fourth.id}
     finally:
         journal.close()
 

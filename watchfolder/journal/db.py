@@ -422,6 +422,10 @@ class Journal:
                     "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
                     "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
         if durable and owed:
+            # Those a later fsync covered and nobody settled (a result rejected in review)
+            # are let go here: the table holds about the answers in the spool.
+            covered = self.commits.durable
+            self._owed = {key: number for key, number in self._owed.items() if number > covered}
             self._owed[record.id] = self.commits.count  # at least this commit's number
             self.commits.when_durable(_nothing)  # the main loop's settle, if nobody else's
         elif durable:

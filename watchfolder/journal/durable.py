@@ -53,6 +53,11 @@ class GroupCommit:
         # (commit number, effect): what waits until that commit is on disk.
         self._waiting: list[tuple[int, Callable[[], object]]] = []
 
+    @property
+    def durable(self) -> int:
+        """How many commits are known to be on disk."""
+        return self._durable
+
     def written(self) -> None:
         """Count a commit (the caller holds the journal's lock: counts follow the WAL)."""
         self.count += 1
