@@ -25,14 +25,9 @@ from watchfolder.dev.samples import (
 )
 from watchfolder.errors import BadResult, InputRejected
 from watchfolder.imaging import containers
+from watchfolder.imaging.answers import answer_decodes, inspect_result, max_answer_bytes
 from watchfolder.imaging.compose import answer_mask
-from watchfolder.imaging.inspect import (
-    MAX_BYTES,
-    MAX_PIXELS,
-    inspect_result,
-    inspect_source,
-    max_answer_bytes,
-)
+from watchfolder.imaging.inspect import MAX_BYTES, MAX_PIXELS, inspect_source
 from watchfolder.imaging.metadata import read_metadata
 
 
@@ -398,9 +393,9 @@ def test_well_framed_pngs_with_wrong_pixel_data_are_refused(tmp_path: Path) -> N
 
 def test_without_the_decode_all_else_is_checked_and_the_composite_decode_refuses(
         tmp_path: Path) -> None:
-    """`decode=False` (a studio answer, decoded once by the composite): size, end and CRCs
-    are still checked on arrival; what only a decode finds is refused by `answer_mask`
-    with the same BadResult."""
+    """`decode=False` (every answer on arrival): size, end and CRCs are still checked;
+    what only a decode finds is refused later, by `answer_decodes` (store) or a studio
+    answer's `answer_mask`, with the same BadResult."""
     width, height = 64, 48
     row = bytes([1]) + bytes(range(256))
     path = tmp_path / "a.png"
@@ -414,10 +409,16 @@ def test_without_the_decode_all_else_is_checked_and_the_composite_decode_refuses
         path = tmp_path / f"{what}.png"
         path.write_bytes(data)
         assert inspect_result(path, width, height, decode=False) == "png", what
-        with pytest.raises(BadResult, match="does not decode completely") as caught:
-            answer_mask(path)
-        assert caught.value.reason == "bad_result" and caught.value.status == 200
+        for later in (answer_mask, answer_decodes):
+            with pytest.raises(BadResult, match="does not decode completely") as caught:
+                later(path)
+            assert caught.value.reason == "bad_result" and caught.value.status == 200, what
     sound = framed_png(width, height, row * height)
+    (tmp_path / "sound.png").write_bytes(sound)
+    answer_decodes(tmp_path / "sound.png")  # nothing to say
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(BadResult, match="empty body"):
+        answer_decodes(tmp_path / "empty.png")
     with pytest.raises(BadResult, match="32x48 but the input is 64x48"):
         inspect_result(framed_png(32, height, row[:129] * height), width, height, decode=False)
     with pytest.raises(BadResult, match="bytes after the end"):

@@ -21,12 +21,12 @@ from watchfolder.dev.sandbox import remove_backdrop
 from watchfolder.errors import InputRejected
 from watchfolder.imaging import compose as imaging
 from watchfolder.imaging import containers
+from watchfolder.imaging.answers import inspect_result
 from watchfolder.imaging.compose import Output, Proxy, compose, cutout, make_proxy, write_output
 from watchfolder.imaging.inspect import (
     MAX_BYTES,
     MAX_PIXELS,
     Source,
-    inspect_result,
     inspect_source,
     verify_decodes,
     vips_name,

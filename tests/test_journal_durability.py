@@ -193,14 +193,14 @@ def test_an_answers_fetched_is_made_durable_by_the_next_request_or_before_it_is_
         journal.update(second, state=SENDING, sent=True)
         assert journal.commits.syncs == syncs + 1, "one fsync for both commits"
         assert covered == ["fetched"], "on disk before the next request goes"
-        journal.settle_owed(first)
+        journal.commits.settle_owed(first.id)
         assert journal.commits.syncs == syncs + 1, "store finds it on disk already"
         # The next answer, with no request after it: store makes it durable itself.
         journal.update(second, state=FETCHED, spool=str(tmp_path / "b.png"), owed=True)
         journal.commits.when_durable(lambda: covered.append("second"))
-        journal.settle_owed(second)
+        journal.commits.settle_owed(second.id)
         assert covered == ["fetched", "second"] and journal.commits.syncs == syncs + 2
-        journal.settle_owed(second)
+        journal.commits.settle_owed(second.id)
         assert journal.commits.syncs == syncs + 2, "once"
         # Nobody uses the answer for a while: the main loop's settle.
         third = journal.create("/in", "c.jpg", 10, 1, "s")
@@ -213,7 +213,7 @@ def test_an_answers_fetched_is_made_durable_by_the_next_request_or_before_it_is_
         fourth = journal.create("/in", "d.jpg", 10, 1, "s")
         journal.update(fourth, state=SENDING, sent=True)
         journal.update(fourth, state=FETCHED, spool=str(tmp_path / "d.png"), owed=True)
-        assert set(journal._owed) == {fourth.id}
+        assert set(journal.commits._owed) == {fourth.id}
     finally:
         journal.close()
 
@@ -236,7 +236,7 @@ for step in ("sending", "fetched", "settle_owed"):
         elif step == "fetched":
             journal.update(record, state=FETCHED, owed=True)
         else:
-            journal.settle_owed(record)
+            journal.commits.settle_owed(record.id)
         seen.append([step, "done", record.state])
     except StateUnavailable as exc:
         seen.append([step, str(exc), record.state])
@@ -248,7 +248,7 @@ def test_a_flush_the_disk_refuses_is_never_taken_for_durable(tmp_path: Path) -> 
     """An fdatasync of the WAL that fails (a real EIO, from an LD_PRELOAD shim over a real
     journal) raises StateUnavailable: a `sending` is not taken (memory keeps the state
     before it, and no request follows), and an answer's `fetched`, only written to the WAL,
-    is refused by `settle_owed`, so nothing is made of it."""
+    is refused by `commits.settle_owed`, so nothing is made of it."""
     state, switch = tmp_path / "state", tmp_path / "flush-fails"
     state.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),

@@ -1,4 +1,5 @@
-"""What an image file is, whether the API takes it as it is, and whether an answer is sound.
+"""What an image file is and whether the API takes it as it is (an answer's soundness:
+answers.py).
 
 Decisions come from the bytes, never the extension. `inspect_source` reads the header with
 libvips (pyvips), which decodes nothing until asked (a small plain PNG's header is parsed
@@ -7,16 +8,10 @@ whole image once, streaming, so a truncated file is refused before a request is 
 
     inspect_source(path)  -> Source    route "fast" (send the bytes as they are) or "studio"
                                        (send a proxy, compose at full size: see imaging.py)
-    inspect_result(path, w, h) -> ext  the API's answer: header first (image bombs), then a
-                                       full decode (a PNG: containers.png_inflates), no bytes
-                                       after the image's end; `decode=False` leaves the
-                                       decode to a caller that decodes it anyway (a studio
-                                       answer: compose.answer_mask) and checks PNG CRCs
-    max_answer_bytes(w, h)             a bound for streaming the answer to disk
 
 Refusals are `InputRejected(reason, message)` with a message that names the fix:
 `empty`, `not_an_image`, `corrupt`, `raw`, `unsupported_format`; with the studio path off,
-also `too_many_pixels` and `too_large`. A bad answer is `BadResult`.
+also `too_many_pixels` and `too_large`.
 
 libvips decodes JPEG, PNG, WEBP, TIFF and AVIF; the pyvips-binary wheel has no HEVC
 decoder, so HEIC (phones) is decoded by pillow-heif, whose wheel carries libheif with one.
@@ -34,7 +29,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -44,7 +38,7 @@ import pyvips
 from PIL import ImageCms
 
 from watchfolder.config.settings import EXTENSIONS
-from watchfolder.errors import BadResult, InputRejected
+from watchfolder.errors import InputRejected
 from watchfolder.imaging import containers
 
 MAX_BYTES = 30_000_000  # "30 MB" read strictly, as the sandbox does: no request wasted on a 400
@@ -245,7 +239,7 @@ def _header(path: Path) -> pyvips.Image:
         # Opening reads the header only; pixels are decoded when something asks for them.
         return pyvips.Image.new_from_file(vips_name(path), access="sequential", fail_on=FAIL_ON)
     except pyvips.Error as exc:
-        raise InputRejected("corrupt", f"the image header is damaged: {_vips_message(exc)}; "
+        raise InputRejected("corrupt", f"the image header is damaged: {vips_message(exc)}; "
                                        f"export or copy it again") from None
 
 
@@ -429,7 +423,7 @@ def open_image(path: Path, source: Source, *, access: str = "sequential",
         return pyvips.Image.new_from_file(vips_name(path), access=access, fail_on=FAIL_ON,
                                           **options)
     except pyvips.Error as exc:
-        raise InputRejected("corrupt", f"the image cannot be read: {_vips_message(exc)}") \
+        raise InputRejected("corrupt", f"the image cannot be read: {vips_message(exc)}") \
             from None
 
 
@@ -500,116 +494,12 @@ def verify_decodes(path: Path, source: Source, data: bytes | None = None) -> Non
         image.avg()
     except pyvips.Error as exc:
         raise InputRejected("corrupt", f"the image does not decode completely (truncated or "
-                                       f"corrupt): {_vips_message(exc)}; copy it again") \
+                                       f"corrupt): {vips_message(exc)}; copy it again") \
             from None
 
 
-def _vips_message(exc: pyvips.Error) -> str:
+def vips_message(exc: pyvips.Error) -> str:
+    """libvips' first line about what went wrong."""
     lines = [line.strip() for line in str(exc.detail or exc.message).splitlines()
              if line.strip()]
     return lines[0] if lines else "unreadable"
-
-
-# --------------------------------------------------------------------------- answers
-
-# PNG's worst case is the raw samples (no compression, 4 bytes a pixel and a filter byte a
-# row) plus zlib's stored-block and chunk framing (< 1 % with 8 KB IDAT chunks); JPEG and
-# lossless WEBP stay under that. The fixed part leaves room for metadata and an ICC profile.
-_ANSWER_SLACK, _ANSWER_FIXED = 1.02, 4 * 1024 * 1024
-
-
-def max_answer_bytes(width: int, height: int) -> int:
-    """A safe upper bound for the size of a cut-out answer of `width` x `height`."""
-    raw = height * (1 + 4 * width)
-    return math.ceil(raw * _ANSWER_SLACK) + _ANSWER_FIXED
-
-
-def inspect_result(answer: Path | bytes, width: int, height: int, *,
-                   decode: bool = True) -> str:
-    """Check an API answer; return its extension (png, jpg, webp) or raise BadResult.
-
-    The declared size is read from the header before anything is decoded, so an image bomb
-    (a small file declaring a huge canvas) is refused cheaply; then the image must decode
-    completely and nothing may follow its end (PNG after IEND, JPEG after EOI, WEBP after its
-    RIFF length). Bytes are accepted while the pipeline still holds answers in memory.
-    With `decode=False`, everything but the decode is checked (and a PNG's CRCs): for an
-    answer whose decode is checked later, off the path between an answer and the next
-    request, with the same BadResult (`answer_decodes`, or the studio path's composite,
-    `compose.answer_mask`, which decodes it once for both).
-    """
-    if isinstance(answer, bytes):
-        return _inspect_answer(answer, width, height, lambda: pyvips.Image.new_from_buffer(
-            answer, "", access="sequential", fail_on=FAIL_ON), decode)
-    path = Path(answer)
-    with path.open("rb") as handle:
-        if path.stat().st_size == 0:
-            raise BadResult("the API answered 200 with an empty body", 200)
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _inspect_answer(data, width, height, lambda: pyvips.Image.new_from_file(
-                vips_name(path), access="sequential", fail_on=FAIL_ON), decode)
-
-
-def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
-                    decoder: Callable[[], pyvips.Image], decode: bool = True) -> str:
-    kind = containers.sniff(bytes(data[:64])).kind
-    if kind not in API_FORMATS:
-        raise BadResult("the API answered 200 but the body is not a PNG, JPEG or WEBP image",
-                        200)
-    try:
-        if kind == "png":
-            size = containers.png_size(data)
-            end = containers.png_end(data)
-        elif kind == "jpeg":
-            size = containers.jpeg_size(data)
-        else:
-            size = containers.webp_size(data)
-            end = containers.webp_end(data)
-    except ValueError as exc:
-        raise BadResult(f"the API answered 200 but the body is not a complete image: {exc}",
-                        200) from None
-    if size != (width, height):
-        raise BadResult(f"the result is {size[0]}x{size[1]} but the input is {width}x{height}",
-                        200)
-    try:
-        if kind == "jpeg":  # walking the scans costs a pass: only once the size is right
-            end = containers.jpeg_end(data)
-    except ValueError as exc:
-        raise BadResult(f"the API answered 200 but the body is not a complete image: {exc}",
-                        200) from None
-    if end != len(data):
-        raise BadResult(f"the API's answer has {len(data) - end} bytes after the end of the "
-                        f"image", 200)
-    if not decode:
-        problem = containers.png_crcs(data) if kind == "png" else None
-        if problem:
-            raise BadResult(f"the API answered 200 but the body does not decode completely: "
-                            f"{problem}", 200)
-    else:
-        _decodes(data, kind, decoder)
-    return API_FORMATS[kind][1]
-
-
-def answer_decodes(answer: Path) -> None:
-    """The rest of an answer's check after `inspect_result(decode=False)`: it decodes
-    completely (BadResult, as that check would raise, if not)."""
-    with answer.open("rb") as handle:
-        if answer.stat().st_size == 0:
-            raise BadResult("the API answered 200 with an empty body", 200)
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            _decodes(data, containers.sniff(bytes(data[:64])).kind,
-                     lambda: pyvips.Image.new_from_file(vips_name(answer), access="sequential",
-                                                        fail_on=FAIL_ON))
-
-
-def _decodes(data: bytes | mmap.mmap, kind: str, decoder: Callable[[], pyvips.Image]) -> None:
-    problem = containers.png_inflates(data) if kind == "png" else ""
-    if problem:
-        raise BadResult(f"the API answered 200 but the body does not decode completely: "
-                        f"{problem}", 200)
-    if problem == "":  # not a PNG, or one png_inflates leaves to libvips
-        try:
-            image = decoder()
-            image.avg()
-        except pyvips.Error as exc:
-            raise BadResult(f"the API answered 200 but the body does not decode completely: "
-                            f"{_vips_message(exc)}", 200) from None

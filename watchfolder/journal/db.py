@@ -27,18 +27,19 @@ effect, so the process's death at any instant (SIGKILL, a crash) loses none. A p
 whose loss would cost a credit again are forced to disk before their effect
 (`must_survive_power_loss`): `sending` (with its send time) and a commit that forgets a
 spooled answer (its file is deleted next) before `update` returns; `fetched` (the paid
-answer in the spool) before the next request goes (that request's `sending` fsync covers
-it) or anything is made of the answer, whichever comes first (`update`'s `owed`); `stored`
-once its answer is deleted (the next fsync, whoever makes it: `when_durable`). The daemon's
-main loop makes an fsync when such a commit waits and none came within its turn (5 s at
-most), and a start makes one for what the last run left in the WAL. One fsync of the WAL makes every commit written before it durable, so workers
-committing at the same time share one (group commit), and none holds the journal's lock
-while the disk syncs. What a power loss can still undo costs no credit: a record created
-(the file waits in its inbox again), the name chosen for an output (made again: adopted
-when the name holds the same bytes, else placed beside it as `-1`), the archive's name (the
-original, moved, is not there any more: done, without its archive path), `stored`, `done`
-and the hand-off's completion (done again: each part of a hand-off is idempotent). The name
-chosen in errors is fsynced too (see `must_survive_power_loss`).
+answer in the spool) before the next request goes (that request's `sending` fsync covers it)
+or anything is made of the answer, whichever comes first (`update`'s `owed`); `stored` once
+its answer is deleted (the next fsync, whoever makes it: `when_durable`). The daemon's main
+loop makes an fsync when such a commit waits and none came within its turn (5 s at most),
+and a start makes one for what the last run left in the WAL. One fsync of the WAL makes
+every commit written before it durable, so workers committing at the same time share one
+(group commit), and none holds the journal's lock while the disk syncs. What a power loss
+can still undo costs no credit: a record created (the file waits in its inbox again), the
+name chosen for an output (made again: adopted when the name holds the same bytes, else
+placed beside it as `-1`), the archive's name (the original, moved, is not there any more:
+done, without its archive path), `stored`, `done` and the hand-off's completion (done again:
+each part of a hand-off is idempotent). The name chosen in errors is fsynced too (see
+`must_survive_power_loss`).
 
 The journal also keeps the results table (content identity → outbox file, so the same content
 dropped again costs nothing), the send times of the last minute (so a restart cannot burst past
@@ -185,10 +186,6 @@ class FileRecord:
         return [str(path) for path in json.loads(self.reuse_from)]
 
 
-def _nothing() -> None:
-    """An effect that only asks for the next fsync (`GroupCommit.settle`)."""
-
-
 def must_survive_power_loss(record: FileRecord, changes: Mapping[str, Any],
                             sent: bool = False) -> bool:
     """Whether the commit of `changes` to `record` must be on disk, not only written to the
@@ -282,8 +279,6 @@ class Journal:
         self._lock = threading.Lock()
         self.notes = Notes(self._query, self._writing)
         self.commits = GroupCommit(None)
-        # record id -> its commit whose fsync was left to the next one (`update`'s `owed`)
-        self._owed: dict[int, int] = {}
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # Spent answers' files, written again by the next answers (no inode per file).
         self.spool_spares = Spares(self.spool_dir)
@@ -401,7 +396,7 @@ class Journal:
         and not before the next request: a `fetched` (send). It is only written to the WAL;
         the next fsync, whoever makes it, covers it: the next request's `sending` (on disk
         before that request goes, so a power cut still costs at most one credit per slot),
-        else `settle_owed` before anything is made of the answer, else the main loop's
+        else `commits.settle_owed` before anything is made of the answer, else the main loop's
         `settle` within its turn.
         """
         durable = must_survive_power_loss(record, changes, sent)
@@ -422,26 +417,13 @@ class Journal:
                     "INSERT OR REPLACE INTO results (identity, path, sha256, t) VALUES "
                     "(?, ?, ?, ?)", [_in((*entry, time.time())) for entry in remember])
         if durable and owed:
-            # Those a later fsync covered and nobody settled (a result rejected in review)
-            # are let go here: the table holds about the answers in the spool.
-            covered = self.commits.durable
-            self._owed = {key: number for key, number in self._owed.items() if number > covered}
-            self._owed[record.id] = self.commits.count  # at least this commit's number
-            self.commits.when_durable(_nothing)  # the main loop's settle, if nobody else's
+            self.commits.owe(record.id)
         elif durable:
             # Outside the lock: other workers commit while the disk syncs, and one fsync
             # serves them all. At least this commit's number (one read later is larger).
             self.commits.sync(self.commits.count)
         for name, value in changes.items():
             setattr(record, name, value)
-
-    def settle_owed(self, record: FileRecord) -> None:
-        """Return once `record`'s commit made with `owed` is on disk (at once when a later
-        fsync covered it, as it mostly has). Raises StateUnavailable as `update` does."""
-        commit = self._owed.get(record.id)
-        if commit is not None:
-            self.commits.sync(commit)
-            self._owed.pop(record.id, None)
 
     def active(self, inbox: str, rel: str) -> FileRecord | None:
         """The unfinished record for this path, if any."""

@@ -10,6 +10,8 @@ commit written before it, whoever wrote it, so workers committing at once share 
     commits.sync(commits.count)           # return once that commit is on disk
     commits.when_durable(effect)          # effect runs once every commit so far is on disk
     commits.settle()                      # the fsync, if an effect waits for one
+    commits.owe(key)                      # the last commit's fsync left to the next one
+    commits.settle_owed(key)              # return once it is on disk
 """
 
 from __future__ import annotations
@@ -52,11 +54,8 @@ class GroupCommit:
         self.lock = threading.Lock()  # held while an fsync runs
         # (commit number, effect): what waits until that commit is on disk.
         self._waiting: list[tuple[int, Callable[[], object]]] = []
-
-    @property
-    def durable(self) -> int:
-        """How many commits are known to be on disk."""
-        return self._durable
+        # key (a record's id) -> its commit whose fsync was left to the next one (`owe`)
+        self._owed: dict[int, int] = {}
 
     def written(self) -> None:
         """Count a commit (the caller holds the journal's lock: counts follow the WAL)."""
@@ -100,6 +99,25 @@ class GroupCommit:
                 return
         _quietly(effect)
 
+    def owe(self, key: int) -> None:
+        """Leave the fsync of the commit just written for `key` (at least that commit) to the
+        next one, whoever makes it: another commit's, `settle_owed(key)` before anything is
+        made of it, or the main loop's `settle` within its turn."""
+        with self.lock:
+            # Those a later fsync covered and nobody settled (a result rejected in review)
+            # are let go here: the table holds about the answers in the spool.
+            self._owed = {owed: n for owed, n in self._owed.items() if n > self._durable}
+            self._owed[key] = self.count
+        self.when_durable(_nothing)
+
+    def settle_owed(self, key: int) -> None:
+        """Return once the commit `owe(key)` left is on disk (at once when a later fsync
+        covered it, as it mostly has). Raises StateUnavailable as `sync` does."""
+        commit = self._owed.get(key)
+        if commit is not None:
+            self.sync(commit)
+            self._owed.pop(key, None)
+
     def settle(self) -> None:
         """Make every commit so far durable if some effect waits for it (`when_durable`)."""
         if self._waiting:
@@ -112,6 +130,10 @@ class GroupCommit:
         if self._wal is not None:
             os.close(self._wal)
             self._wal = None
+
+
+def _nothing() -> None:
+    """An effect that only asks for the next fsync (`settle`)."""
 
 
 def _quietly(effect: Callable[[], object]) -> None:

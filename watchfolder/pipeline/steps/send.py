@@ -38,7 +38,7 @@ from watchfolder.errors import (
 )
 from watchfolder.files import layout
 from watchfolder.files.atomic import fsync_dir
-from watchfolder.imaging.inspect import inspect_result
+from watchfolder.imaging.answers import inspect_result
 from watchfolder.journal.db import FETCHED, FileRecord
 from watchfolder.pipeline.client import ApiResult, Form, form, max_result_bytes
 from watchfolder.pipeline.context import KEPT_ANSWERS_MAX_BYTES, Context

@@ -26,8 +26,8 @@ import structlog
 
 from watchfolder import failpoints
 from watchfolder.errors import BadResult, InputRejected
+from watchfolder.imaging.answers import answer_decodes
 from watchfolder.imaging.compose import Output, answer_mask
-from watchfolder.imaging.inspect import answer_decodes
 from watchfolder.journal.db import (
     FETCHED,
     QUEUED,
@@ -92,7 +92,7 @@ def store(ctx: Context, work: Work) -> Outcome:
         def claim(name: Path, digest: str) -> None:
             # Once an output is placed a power cut must not undo the answer's `fetched`; by
             # now the slot's next request has mostly fsynced it with its own `sending`.
-            ctx.journal.settle_owed(record)
+            ctx.journal.commits.settle_owed(record.id)
             with claiming:
                 placed[index] = (str(name), digest)
                 first = placed[0]
@@ -146,7 +146,8 @@ def store(ctx: Context, work: Work) -> Outcome:
     if failed is not None:
         ctx.cutouts.forget_file(record)
         return failed
-    ctx.journal.settle_owed(record)  # every output placed before a crash: before archiving
+    # Every output may have been placed before a crash: still before the original is archived.
+    ctx.journal.commits.settle_owed(record.id)
     spool = Path(record.spool) if record.spool else None
     identity = f"{record.sha256}|{record.settings}"
     ctx.cutouts.forget_file(record)  # its last reader removed it, unless placed earlier
