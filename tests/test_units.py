@@ -272,6 +272,10 @@ def test_spares_keep_inodes_bounded_and_empty_large_ones(tmp_path: Path) -> None
     third.write_bytes(b"t")
     assert not spares.keep(third), "more spares than asked for"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".spare.0", ".spare.1", "3.png"]
+    fourth = tmp_path / "4.png"
+    fourth.write_bytes(b"f")
+    spares.let_go(fourth)
+    assert not fourth.exists(), "let go with no room for a spare: removed"
     assert (tmp_path / ".spare.1").stat().st_size == 0, "a large spare holds its bytes"
     dest = tmp_path / ".9.part"
     spares.take(dest)

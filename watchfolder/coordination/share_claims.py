@@ -261,10 +261,8 @@ class ShareClaims:
     def release(self, claim: Claim) -> None:
         path = self.folder(claim.inbox).path / f"{rel_hash(claim.rel)}{CLAIM_SUFFIX}"
         seen = _read_claim(path)
-        # Ours: kept as a spare for the next claim, else removed.
-        if seen is not None and seen.nonce == claim.token \
-                and not self.folder(claim.inbox).spares.keep(path):
-            path.unlink(missing_ok=True)
+        if seen is not None and seen.nonce == claim.token:  # ours: a spare for the next one
+            self.folder(claim.inbox).spares.let_go(path)
 
     def sweep(self, inbox: Path) -> None:
         """Remove what dead daemons left: claims and takeover locks expired for two leases

@@ -10,6 +10,7 @@ first), so no inode is allocated or freed per file.
 
     spares = Spares(folder)   # its spares are `.spare.<n>` there, at most `keep` of them
     spares.keep(spent)        # renamed to a spare (emptied when large); False: unlink it
+    spares.let_go(spent)      # kept as a spare, else unlinked
     spares.take(dest)         # a spare renamed to `dest`, when there is one
     spares.pop()              # a spare to write into where it is (share claims), or None
     spares.drop()             # remove them all (the journal's close)
@@ -65,6 +66,11 @@ class Spares:
         with self._lock:
             self._free.append(spare)
         return True
+
+    def let_go(self, spent: Path) -> None:
+        """A spent file of ours: kept as a spare, else removed. Raises nothing."""
+        if not self.keep(spent):
+            spent.unlink(missing_ok=True)
 
     def pop(self) -> Path | None:
         """A spare, no longer counted here (the caller writes into it where it is, or lets

@@ -70,8 +70,7 @@ def admit(ctx: Context, work: Work, payload: Payload, changes: Mapping[str, Any]
     request = request_for(work, payload)
     outcome = _take_slot(ctx, work, changes)
     if isinstance(outcome, Park) or outcome.state != SENDING:
-        if not spares.keep(spool):  # no request: nothing will stream into it
-            spool.unlink(missing_ok=True)
+        spares.let_go(spool)  # no request: nothing will stream into it
         return outcome
     work.payload, work.form = payload, request
     return outcome

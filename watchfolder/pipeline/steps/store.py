@@ -159,13 +159,7 @@ def store(ctx: Context, work: Work) -> Outcome:
                    remember=[(output_identity(identity, index), entry[0], entry[1])
                              for index, entry in enumerate(placed) if entry],
                    then=None if spool is None else lambda: ctx.journal.commits.when_durable(
-                       lambda: _let_go(ctx, spool)))
-
-
-def _let_go(ctx: Context, spool: Path) -> None:
-    """A spent answer: kept as a spare for a later answer, or removed."""
-    if not ctx.journal.spool_spares.keep(spool):
-        spool.unlink(missing_ok=True)
+                       lambda: ctx.journal.spool_spares.let_go(spool)))
 
 
 def _ask_again(ctx: Context, work: Work, exc: BadResult) -> Outcome:
