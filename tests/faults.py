@@ -170,7 +170,8 @@ _SHIM = r"""
 /* Fail open() and read() with WATCHFOLDER_FAULT_ERRNO (default EIO) for paths below
    WATCHFOLDER_FAULT_BELOW, while the file WATCHFOLDER_FAULT_SWITCH exists (always, if
    unset), each time with the probability WATCHFOLDER_FAULT_RATE (default 1: always); with
-   WATCHFOLDER_FAULT_SYNC set, fsync() and fdatasync() too (a disk that fails its flush). */
+   WATCHFOLDER_FAULT_SYNC set, fsync() and fdatasync() too (a disk that fails its flush),
+   and with it set to "only", those alone. */
 
 static int armed(void) {
     const char *sw = getenv("WATCHFOLDER_FAULT_SWITCH");
@@ -203,6 +204,15 @@ static int fd_below(int fd) {
     return below(path);
 }
 
+static int sync_only(void) {
+    const char *s = getenv("WATCHFOLDER_FAULT_SYNC");
+    return s && strcmp(s, "only") == 0;
+}
+
+static int sync_fault(int fd) {
+    return getenv("WATCHFOLDER_FAULT_SYNC") && armed() && fd_below(fd);
+}
+
 int open(const char *path, int flags, ...) {
     static int (*real)(const char *, int, ...);
     mode_t mode = 0;
@@ -213,7 +223,10 @@ int open(const char *path, int flags, ...) {
         mode = va_arg(ap, int);
         va_end(ap);
     }
-    if (below(path) && !(flags & O_DIRECTORY) && armed()) { errno = fault(); return -1; }
+    if (below(path) && !(flags & O_DIRECTORY) && !sync_only() && armed()) {
+        errno = fault();
+        return -1;
+    }
     return real(path, flags, mode);
 }
 
@@ -227,12 +240,11 @@ int open64(const char *path, int flags, ...) {
         mode = va_arg(ap, int);
         va_end(ap);
     }
-    if (below(path) && !(flags & O_DIRECTORY) && armed()) { errno = fault(); return -1; }
+    if (below(path) && !(flags & O_DIRECTORY) && !sync_only() && armed()) {
+        errno = fault();
+        return -1;
+    }
     return real(path, flags, mode);
-}
-
-static int sync_fault(int fd) {
-    return getenv("WATCHFOLDER_FAULT_SYNC") && armed() && fd_below(fd);
 }
 
 int fsync(int fd) {
@@ -252,7 +264,7 @@ int fdatasync(int fd) {
 ssize_t read(int fd, void *buf, size_t count) {
     static ssize_t (*real)(int, void *, size_t);
     if (!real) real = dlsym(RTLD_NEXT, "read");
-    if (fd > 2 && armed() && fd_below(fd)) { errno = fault(); return -1; }
+    if (fd > 2 && !sync_only() && armed() && fd_below(fd)) { errno = fault(); return -1; }
     return real(fd, buf, count);
 }
 """

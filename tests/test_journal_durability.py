@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.conftest import wait_for
 from tests.faults import eio_shim
+from watchfolder.files.layout import JOURNAL_NAME
 from watchfolder.journal.db import (
     DONE,
     FETCHED,
@@ -262,3 +263,26 @@ def test_a_flush_the_disk_refuses_is_never_taken_for_durable(tmp_path: Path) -> 
     assert sending[2] == QUEUED, "not taken: no request follows a sending the disk refused"
     assert fetched == ["fetched", "done", FETCHED], "only written to the WAL: no flush yet"
     assert settle[1].startswith("cannot write the journal"), "refused before it is used"
+
+
+def test_a_start_whose_flush_of_the_wal_fails_is_refused(tmp_path: Path) -> None:
+    """A start fdatasyncs what a killed run left in the WAL before it acts on it; a disk that
+    refuses that flush (a real EIO, from the shim) stops the journal's opening with
+    StateUnavailable, which the daemon's start reports, instead of going on."""
+    state, switch = tmp_path / "state", tmp_path / "flush-fails"
+    state.mkdir()
+    Journal(state).close()
+    switch.touch()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+           "LD_PRELOAD": str(eio_shim(tmp_path)),
+           "WATCHFOLDER_FAULT_BELOW": f"{state / JOURNAL_NAME}-wal",  # that file's flush alone
+           "WATCHFOLDER_FAULT_SWITCH": str(switch), "WATCHFOLDER_FAULT_SYNC": "only"}
+    opening = ("import sys; from pathlib import Path; from watchfolder.errors import "
+               "StateUnavailable; from watchfolder.journal.db import Journal\n"
+               "try:\n    Journal(Path(sys.argv[1]))\n"
+               "except StateUnavailable as exc:\n    print(exc)")
+    done = subprocess.run([sys.executable, "-c", opening, str(state)], env=env,
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"cannot write the journal {state}"), done.stdout
+    assert "Input/output error" in done.stdout

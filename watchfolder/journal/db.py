@@ -296,7 +296,11 @@ class Journal:
         if damage != ["ok"]:
             self._db.close()
             raise JournalUnreadable(_damaged(self.path, "; ".join(damage[:3])))
-        self.commits = GroupCommit(self.path)  # the journal was read: its WAL exists
+        try:
+            self.commits = GroupCommit(self.path)  # the journal was read: its WAL exists
+        except StateUnavailable:
+            self._db.close()
+            raise
         if self.commits.every_commit:
             self._db.execute("PRAGMA synchronous=FULL")
 
@@ -392,12 +396,9 @@ class Journal:
         or that fsync (the object is unchanged: the caller goes on as if nothing was
         journaled, so no request follows a `sending` that a power cut could undo).
 
-        `owed`: a commit that must survive a power loss only once something is made of it,
-        and not before the next request: a `fetched` (send). It is only written to the WAL;
-        the next fsync, whoever makes it, covers it: the next request's `sending` (on disk
-        before that request goes, so a power cut still costs at most one credit per slot),
-        else `commits.settle_owed` before anything is made of the answer, else the main loop's
-        `settle` within its turn.
+        `owed` (an answer's `fetched`): only written to the WAL; the next fsync covers it,
+        the next request's `sending` (so a power cut still costs one credit per slot at
+        most) or `GroupCommit.settle_owed` before anything is made of the answer.
         """
         durable = must_survive_power_loss(record, changes, sent)
         changes = {**changes, "updated": time.time()}

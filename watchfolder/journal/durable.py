@@ -43,11 +43,16 @@ class GroupCommit:
                 # rollback journal, and the caller syncs every commit instead.
                 self.every_commit = True
             else:
-                fsync_dir(path.parent)  # the -wal's name, once
-                # What a run that died left in the WAL without an fsync (`Journal.update`'s
-                # `owed`) is on disk before this run acts on it.
-                with contextlib.suppress(OSError):  # a failing disk: the next sync says so
+                # The -wal's name, once; and what a run that died left in the WAL without an
+                # fsync (`Journal.update`'s `owed`) is on disk before this run acts on it. A
+                # disk that refuses stops the start (StateUnavailable: the daemon names the
+                # file and why).
+                try:
+                    fsync_dir(path.parent)
                     os.fdatasync(self._wal)
+                except OSError as exc:
+                    os.close(self._wal)
+                    raise StateUnavailable(f"cannot write the journal {path}: {exc}") from exc
         self.count = 0  # commits written to the WAL through this connection
         self._durable = 0  # of those, how many are known to be on disk
         self.syncs = 0  # fsyncs made (for tests and benchmarks)
