@@ -34,6 +34,8 @@ from typing import Any
 
 import pytest
 
+from watchfolder.files.layout import JOURNAL_NAME
+
 INSTALL_HINT = ("run the fault tests as root with e2fsprogs (mkfs.ext4), util-linux (losetup, "
                 "mount, setpriv) and gcc installed: `.ci/run` does it on Debian")
 
@@ -278,6 +280,15 @@ def eio_shim(folder: Path) -> Path:
     source.write_text(_SHIM, encoding="ascii")
     _run("gcc", "-shared", "-fPIC", "-O1", "-o", str(library), str(source), "-ldl")
     return library
+
+
+def wal_flushes_fail(folder: Path, state_dir: Path, switch: Path) -> dict[str, str]:
+    """The environment of a process in which every flush (fsync, fdatasync) of the journal's
+    WAL in `state_dir` fails with EIO while `switch` exists, and nothing else fails: a disk
+    that takes writes but refuses to flush them (the shim compiled into `folder`)."""
+    return {"LD_PRELOAD": str(eio_shim(folder)),
+            "WATCHFOLDER_FAULT_BELOW": f"{state_dir / JOURNAL_NAME}-wal",
+            "WATCHFOLDER_FAULT_SWITCH": str(switch), "WATCHFOLDER_FAULT_SYNC": "only"}
 
 
 def without_dac_override() -> list[str]:

@@ -13,8 +13,7 @@ import threading
 from pathlib import Path
 
 from tests.conftest import wait_for
-from tests.faults import eio_shim
-from watchfolder.files.layout import JOURNAL_NAME
+from tests.faults import eio_shim, wal_flushes_fail
 from watchfolder.journal.db import (
     DONE,
     FETCHED,
@@ -274,9 +273,7 @@ def test_a_start_whose_flush_of_the_wal_fails_is_refused(tmp_path: Path) -> None
     Journal(state).close()
     switch.touch()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
-           "LD_PRELOAD": str(eio_shim(tmp_path)),
-           "WATCHFOLDER_FAULT_BELOW": f"{state / JOURNAL_NAME}-wal",  # that file's flush alone
-           "WATCHFOLDER_FAULT_SWITCH": str(switch), "WATCHFOLDER_FAULT_SYNC": "only"}
+           **wal_flushes_fail(tmp_path, state, switch)}
     opening = ("import sys; from pathlib import Path; from watchfolder.errors import "
                "StateUnavailable; from watchfolder.journal.db import Journal\n"
                "try:\n    Journal(Path(sys.argv[1]))\n"

@@ -16,6 +16,7 @@ import pyvips
 from PIL import Image, ImageOps
 
 from tests.conftest import LogCapture, Running, Studio, make_image, wait_for
+from tests.faults import DaemonProcess, wal_flushes_fail
 from tests.test_images_studio import (
     answer_for,
     blob,
@@ -27,8 +28,10 @@ from tests.test_images_studio import (
 )
 from watchfolder.dev.samples import adobe_rgb_profile, adobe_rgb_tiff, camera_jpeg
 from watchfolder.dev.sandbox import Sandbox
+from watchfolder.files.layout import proxy_name
 from watchfolder.imaging.compose import make_proxy
 from watchfolder.imaging.inspect import MAX_BYTES, MAX_PIXELS, inspect_source
+from watchfolder.journal.db import FETCHED, Journal
 
 
 def _camera(path: Path) -> None:
@@ -157,6 +160,55 @@ def _exif_with_copyright() -> Image.Exif:
     exif = Image.Exif()
     exif[0x8298] = "(c) Watchfolder Studio"
     return exif
+
+
+def test_a_proxy_is_deleted_only_once_its_answers_fetched_is_on_disk(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    """An answer's `fetched` is only written to the WAL; the next fsync makes it durable
+    (issue 17). Until then a power cut could roll the file back to `sending`, and the proxy
+    is what would be sent again: it is deleted only once `fetched` is on disk, and nothing is
+    made of the answer before. Here every flush of the WAL fails (a real EIO, from the shim)
+    from the moment the sandbox answers."""
+    studio = Studio(tmp_path, sandbox.url)
+    _tiff16(studio.inbox / "retouch.tif")
+    state = studio.root / "state"
+    switch = tmp_path / "flush-fails"
+    answered: list[int] = []
+
+    def refuse_flushes(record: object) -> None:  # on the sandbox's thread, before it answers
+        answered.append(1)
+        switch.touch()
+
+    sandbox.on_request = refuse_flushes
+    daemon = DaemonProcess(studio.write_config(),
+                           env=wal_flushes_fail(tmp_path, state, switch))
+    try:
+        daemon.wait_event("state.unavailable", timeout=60)
+        journal = Journal.for_reading(state, live=True)
+        assert journal is not None
+        try:
+            wait_for(lambda: [r.state for r in journal.unfinished()] == [FETCHED], timeout=10,
+                     what="the answer spooled and journaled (in the WAL)")
+            [record] = journal.unfinished()
+        finally:
+            journal.close()
+        proxy = state / "spool" / proxy_name(record.id)
+        # The daemon retries while the flushes fail (every STATE_RECHECK_SECONDS, 1 s).
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            assert proxy.exists(), "deleted while its answer's fetched could still be undone"
+            assert studio.files(studio.outbox) == [], "made of an answer not yet durable"
+            time.sleep(0.05)
+        switch.unlink()
+        daemon.wait_event("file.done", timeout=60)
+        daemon.wait_event("state.recovered", timeout=15)  # the main loop's probe, at latest
+    finally:
+        code = daemon.stop()
+    assert code == 0, "".join(daemon.raw)[-2000:]
+    assert not proxy.exists() and list((state / "spool").iterdir()) == []
+    out = read(studio.outbox / "retouch.png")
+    assert (out.width, out.height, out.bands) == (900, 600, 4)
+    assert len(answered) == 1 and sandbox.count(200) == 1, "one request, paid once"
 
 
 def test_proxies_are_made_no_further_ahead_than_the_request_slots(
