@@ -25,6 +25,7 @@ from tests.faults import (
     fill,
     loop_mount,
     tmpfs,
+    wal_flushes_fail,
     without_dac_override,
 )
 from watchfolder.dev.sandbox import Sandbox
@@ -275,6 +276,77 @@ def test_a_journal_write_that_works_on_a_still_full_disk_is_not_a_recovery(
         guard.worked()
     assert guard.down is None
     assert [entry["event"] for entry in logged] == ["state.recovered"]
+
+
+def test_a_disk_that_refuses_flushes_is_one_outage_and_nothing_is_sent_meanwhile(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    """A disk that takes the journal's writes but refuses to flush them (a real EIO on the
+    WAL's fdatasync alone, from the shim) loses what a `sending` promises: nothing is sent
+    while it lasts, and it is one outage, said once, however many commits still work (each
+    was once said as a recovery, and the next flush as a new outage: one pair a second)."""
+    sandbox.latency = 0.3
+    studio = Studio(tmp_path, sandbox.url, api={"concurrency": 2},
+                    inbox={"settle_seconds": 0.1})
+    names = [f"img {n:02d}.png" for n in range(6)]
+    for n, name in enumerate(names):
+        make_image(studio.inbox / name, seed=n)
+    state = studio.root / "state"
+    switch = tmp_path / "flush-fails"
+    outage: list[float] = []
+
+    def refuse_flushes_once(record: object) -> None:  # before the first answer leaves
+        if not outage:
+            switch.touch()
+            outage.append(time.monotonic())
+
+    sandbox.on_request = refuse_flushes_once
+    daemon = DaemonProcess(studio.write_config(),
+                           env=wal_flushes_fail(tmp_path, state, switch))
+    try:
+        daemon.wait_event("state.unavailable", timeout=30)
+        time.sleep(4.0)  # files wait to be sent; the daemon probes every second meanwhile
+        switch.unlink()
+        outage.append(time.monotonic())
+        daemon.wait_event("state.recovered", timeout=10)
+        wait_for(lambda: len(studio.files(studio.archive)) == len(names), timeout=30,
+                 what="every original archived")
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert daemon.raw == [], "".join(daemon.raw)
+    assert len(daemon.events("state.unavailable")) == 1, "one outage, said once"
+    assert len(daemon.events("state.recovered")) == 1
+    began, ended = outage
+    assert not [r for r in sandbox.requests if began < r.time < ended], "sent meanwhile"
+    assert sandbox.count(200) == len(names), "each paid once"
+    _no_twins(studio, names)
+
+
+def test_a_flush_refused_when_only_the_main_loop_makes_one_is_said_too(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    """An answer waiting for review makes no request after it and nothing of it: only the
+    main loop's catch-up flushes its `fetched`. A disk that refuses that flush is the
+    state_dir's outage, said (it was dropped in silence), and its end is said by the main
+    loop's probe although nothing waits to be sent."""
+    studio = Studio(tmp_path, sandbox.url, inbox={"settle_seconds": 0.1, "review": True})
+    make_image(studio.inbox / "a.png")
+    state = studio.root / "state"
+    switch = tmp_path / "flush-fails"
+    sandbox.on_request = lambda record: switch.touch()  # before the answer leaves
+    daemon = DaemonProcess(studio.write_config(),
+                           env=wal_flushes_fail(tmp_path, state, switch))
+    try:
+        daemon.wait_event("file.review", timeout=30)
+        daemon.wait_event("state.unavailable", timeout=15)
+        [refused] = daemon.events("state.unavailable")
+        assert "Input/output error" in refused["error"]
+        switch.unlink()
+        daemon.wait_event("state.recovered", timeout=15)
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert daemon.raw == [], "".join(daemon.raw)
+    assert sandbox.count(200) == 1 and studio.files(studio.outbox) == []
 
 
 def test_a_state_dir_that_fills_mid_batch_is_a_pause_and_nothing_is_paid_twice(

@@ -100,8 +100,7 @@ class Context:
         self.credits = Credits(journal)
         self.stopping = threading.Event()
         # The state_dir (journal, spool): a failed write pauses sending (pipeline/state.py).
-        self.state = StateGuard(journal.path.parent, partial(journal.notes.set, "state_checked",
-                                                             None))
+        self.state = StateGuard(journal.path.parent, partial(_probe_state, journal))
         # Slots of inboxes whose folder is missing or unreadable: filled by the intake, which
         # also answers, when a file is not found, whether its whole folder is away right now.
         self.inbox_paused: set[int] = set()
@@ -217,3 +216,11 @@ class Context:
         if new:
             log.warning("api.format_refused", output_format=output_format, inbox=inbox,
                         hint="the API refused this output_format; set another one")
+
+
+def _probe_state(journal: Journal) -> None:
+    """The write that must work for sending to go on again: a journal commit, and its flush
+    (a disk that takes writes but refuses to flush them would lose a `sending`). Raises
+    StateUnavailable when the disk refuses either."""
+    journal.notes.set("state_checked", None)
+    journal.commits.sync(journal.commits.count)

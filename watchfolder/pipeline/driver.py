@@ -62,7 +62,6 @@ runs again, and no worker dies of it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -326,7 +325,6 @@ class Pipeline:
                 self._release_slot(job)  # not journaled as sending: no request made
             self._park(work, Park(STATE_RECHECK_SECONDS))
             return False
-        self.ctx.state.worked()
         self.proxies.note(record)
         if job.holds_slot and not job.answered and record.state in ANSWER_WAITING:
             job.answered = True
@@ -459,11 +457,17 @@ class AfterCommit:
                 self.run(work, partial(hand_off, self.ctx, work))
 
     def catch_up(self) -> None:
-        """From the main loop: make the journal durable when a stored file's spooled answer
-        waits for it (no request made an fsync since), then try again the hand-offs an
-        unusable outbox refused."""
-        with contextlib.suppress(StateUnavailable):  # the answers wait for the next one
+        """From the main loop: make the journal durable when a commit waits for it (no
+        request made an fsync since: a stored file's spooled answer, an answer in review), a
+        flush the disk refuses said as the state_dir's outage, whose end a probe says even
+        when nothing waits to be sent; then try again the hand-offs an unusable outbox
+        refused."""
+        try:
             self.ctx.journal.commits.settle()
+        except StateUnavailable as exc:
+            self.ctx.state.failed(exc)  # said once; what waits for the flush waits on
+        else:
+            self.ctx.state.ready()  # while paused, a probe (at most every second)
         with self._lock:
             waiting, self._refused = self._refused, []
         for work in waiting:

@@ -1,10 +1,13 @@
 """The state_dir as the pipeline sees it: writable, or not (disk full, I/O error).
 
-A journal or spool write that fails is a pause, not a crash: `StateGuard.failed` says
-`state.unavailable` once (naming the state_dir and the error), sending stops (`ready()` is
-False: no request is made whose `sending` record or answer could not be kept), and the files
-wait. The first journal write that works again, or a probe write made at most every
-`PROBE_SECONDS` while paused, ends it (`state.recovered`).
+A journal or spool write (or a flush of the journal) that fails is a pause, not a crash:
+`StateGuard.failed` says `state.unavailable` once (naming the state_dir and the error),
+sending stops (`ready()` is False: no request is made whose `sending` record or answer could
+not be kept), and the files wait. A probe, made at most every `PROBE_SECONDS` while paused (by
+a file waiting to be sent, and by the main loop), ends it (`state.recovered`) once it works:
+a journal write and its flush, with the room an answer needs. Another commit that works does
+not: it is not flushed, and a disk that takes writes but refuses flushes would be said
+recovered and unavailable again at each file.
 """
 
 from __future__ import annotations
@@ -54,10 +57,10 @@ class StateGuard:
                            "nothing is sent, files wait; it resumes by itself when it can")
 
     def worked(self) -> None:
-        """A journal write worked: the outage, if any, is over once the room recovery waits
-        for is there too. A write alone does not say so: the few kilobytes an answer's spool
-        file frees when its result is placed let the journal's next pages in while the disk
-        is still full, and a recovery said then would be followed by a second outage."""
+        """The probe worked: the outage, if any, is over once the room recovery waits for is
+        there too. A write alone does not say so: the few kilobytes an answer's spool file
+        frees when its result is placed let the journal's next pages in while the disk is
+        still full, and a recovery said then would be followed by a second outage."""
         if self.down is None:  # the usual case, without the lock
             return
         try:
