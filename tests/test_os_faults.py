@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -293,11 +294,13 @@ def test_a_disk_that_refuses_flushes_is_one_outage_and_nothing_is_sent_meanwhile
     state = studio.root / "state"
     switch = tmp_path / "flush-fails"
     outage: list[float] = []
+    first = threading.Lock()  # two answers can leave at once, on two handler threads
 
     def refuse_flushes_once(record: object) -> None:  # before the first answer leaves
-        if not outage:
-            switch.touch()
-            outage.append(time.monotonic())
+        with first:
+            if not outage:
+                switch.touch()
+                outage.append(time.monotonic())
 
     sandbox.on_request = refuse_flushes_once
     daemon = DaemonProcess(studio.write_config(),
@@ -305,8 +308,8 @@ def test_a_disk_that_refuses_flushes_is_one_outage_and_nothing_is_sent_meanwhile
     try:
         daemon.wait_event("state.unavailable", timeout=30)
         time.sleep(4.0)  # files wait to be sent; the daemon probes every second meanwhile
+        outage.append(time.monotonic())  # before: a request after it may follow a flush
         switch.unlink()
-        outage.append(time.monotonic())
         daemon.wait_event("state.recovered", timeout=10)
         wait_for(lambda: len(studio.files(studio.archive)) == len(names), timeout=30,
                  what="every original archived")
