@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyvips
@@ -55,12 +57,9 @@ def inspect_result(answer: Path | bytes, width: int, height: int, *,
         return _inspect_answer(answer, width, height, lambda: pyvips.Image.new_from_buffer(
             answer, "", access="sequential", fail_on=FAIL_ON), decode)
     path = Path(answer)
-    with path.open("rb") as handle:
-        if path.stat().st_size == 0:
-            raise BadResult("the API answered 200 with an empty body", 200)
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _inspect_answer(data, width, height, lambda: pyvips.Image.new_from_file(
-                vips_name(path), access="sequential", fail_on=FAIL_ON), decode)
+    with _mapped(path) as data:
+        return _inspect_answer(data, width, height, lambda: pyvips.Image.new_from_file(
+            vips_name(path), access="sequential", fail_on=FAIL_ON), decode)
 
 
 def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
@@ -106,13 +105,20 @@ def _inspect_answer(data: bytes | mmap.mmap, width: int, height: int,
 def answer_decodes(answer: Path) -> None:
     """The rest of an answer's check after `inspect_result(decode=False)`: it decodes
     completely (BadResult, as that check would raise, if not)."""
+    with _mapped(answer) as data:
+        _decodes(data, containers.sniff(bytes(data[:64])).kind or "",
+                 lambda: pyvips.Image.new_from_file(vips_name(answer), access="sequential",
+                                                    fail_on=FAIL_ON))
+
+
+@contextmanager
+def _mapped(answer: Path) -> Iterator[mmap.mmap]:
+    """An answer's file, mapped read-only (BadResult when it is empty: nothing to map)."""
     with answer.open("rb") as handle:
-        if answer.stat().st_size == 0:
+        if os.fstat(handle.fileno()).st_size == 0:
             raise BadResult("the API answered 200 with an empty body", 200)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            _decodes(data, containers.sniff(bytes(data[:64])).kind or "",
-                     lambda: pyvips.Image.new_from_file(vips_name(answer), access="sequential",
-                                                        fail_on=FAIL_ON))
+            yield data
 
 
 def _decodes(data: bytes | mmap.mmap, kind: str, decoder: Callable[[], pyvips.Image]) -> None:
