@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import KEY, Studio, make_image, run_watchfolder, wait_for
+from tests.conftest import KEY, Running, Studio, make_image, run_watchfolder, wait_for
 from watchfolder.dev.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,8 +337,28 @@ def test_run_once_on_a_terminal_shows_a_live_progress_line(studio: Studio) -> No
     assert process.wait(timeout=30) == 0
     os.close(leader)
     text = seen.decode("utf-8", "replace")
-    assert "3/3 done" in text, text[-2000:]
+    # On a failure, every log line (a file's delay shows in its `ms`) and the last redraws.
+    logged = [line for line in text.replace("\r", "\n").splitlines() if line.startswith("{")]
+    assert "3/3 done" in text, "\n".join(logged) + "\n" + text[-600:]
     assert "file.done" in text, "log lines still show, above the progress line"
+
+
+def test_the_progress_counts_never_count_a_file_twice(studio: Studio) -> None:
+    # The progress line's total is done + failed + waiting. A finished file stayed "waiting"
+    # until the intake next looked (up to a second), so the total read 4 for 3 files and,
+    # kept as a running maximum, ended "3/4 done". Sampled as fast as we can while 6 files go.
+    for n in range(6):
+        make_image(studio.inbox / f"c{n}.png", seed=n)
+    with Running(studio.config()) as daemon:
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            snap = daemon.snapshot()
+            seen.append(snap["done"] + snap["failed"] + snap["pending"])
+            if snap["done"] == 6 and snap["pending"] == 0:
+                break
+    assert seen[-1] == 6, seen[-20:]
+    assert max(seen) == 6, f"a file counted twice: totals {sorted(set(seen))}"
 
 
 def test_run_once_without_a_terminal_prints_no_progress(studio: Studio) -> None:

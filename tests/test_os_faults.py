@@ -178,6 +178,35 @@ def test_an_inbox_made_unreadable_for_a_while_is_a_pause_of_that_inbox(
     assert sandbox.count(200) == FILES
 
 
+def test_a_claims_folder_that_cannot_be_made_is_said_once_and_the_files_wait(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    # Each file is claimed in <inbox>/.watchfolder-claims before anything is done with it.
+    # A file in its place (or a read-only share) made every file wait in silence, for ever.
+    studio = Studio(tmp_path, sandbox.url, retry={"pause_seconds": 0.3})
+    blocker = studio.inbox / ".watchfolder-claims"
+    blocker.write_bytes(b"not a folder")
+    for n in range(3):
+        make_image(studio.inbox / f"w{n}.png", seed=n)
+    daemon = DaemonProcess(studio.write_config())
+    try:
+        daemon.wait_event("claims.unavailable", timeout=10)
+        time.sleep(6.0)  # the files look again every 5 s: not said again
+        assert sandbox.count() == 0
+        assert sorted(studio.files(studio.inbox)) == ["w0.png", "w1.png", "w2.png"]
+        blocker.unlink()
+        daemon.wait_event("claims.recovered", timeout=10)
+        wait_for(lambda: len(studio.files(studio.archive)) == 3, timeout=15,
+                 what="every original archived once the folder can be made")
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    said = daemon.events("claims.unavailable")
+    assert len(said) == 1, said
+    assert str(blocker) in said[0]["message"] and str(blocker) in said[0]["hint"]
+    assert len(daemon.events("claims.recovered")) == 1
+    assert sandbox.count(200) == 3
+
+
 def test_an_inbox_file_that_cannot_be_read_is_retried_then_fails_as_unreadable(
         tmp_path: Path, sandbox: Sandbox) -> None:
     # Three files on a bad sector for good (every open or read below bad/ fails with EIO).

@@ -198,7 +198,8 @@ def test_finished_files_do_not_wake_the_intake_and_each_is_looked_at_again(
     inbox = config.inboxes[0].path
     journal = Journal(tmp_path / "state")
     taken: list[Job] = []
-    intake = Intake(config, journal, taken.append)
+    idle = threading.Event()
+    intake = Intake(config, journal, taken.append, on_idle=idle.set)
     jobs = [Job(0, f"{n}.png") for n in range(100)]
     for job in jobs:
         (inbox / job.rel).write_bytes(b"x")
@@ -218,11 +219,13 @@ def test_finished_files_do_not_wake_the_intake_and_each_is_looked_at_again(
     intake.start(None)
     try:
         wait_for(lambda: {job.rel for job in taken} >= expected, what="the files taken again")
+        assert not idle.is_set(), "files in the pipeline: not idle"
         for job in list(taken):  # archived this time
             (inbox / job.rel).unlink()
             intake.release(job, None)
         (inbox / "60.png").unlink()
-        wait_for(lambda: intake.pending == 0, what="the pipeline seen empty")
+        assert intake.pending == 0, "a released file stops counting at once"
+        assert idle.wait(5), "the intake saw the pipeline empty"
     finally:
         intake.stop()
         journal.close()
@@ -237,7 +240,8 @@ def test_the_intake_looks_for_releases_less_often_while_none_come(tmp_path: Path
     studio = Studio(tmp_path, "http://127.0.0.1:9")
     config = studio.config()
     journal = Journal(tmp_path / "state")
-    intake = Intake(config, journal, lambda job: None)
+    idle = threading.Event()
+    intake = Intake(config, journal, lambda job: None, on_idle=idle.set)
     job = Job(0, "parked.png")
     (config.inboxes[0].path / job.rel).write_bytes(b"x")
     intake.adopt(job)
@@ -254,8 +258,9 @@ def test_the_intake_looks_for_releases_less_often_while_none_come(tmp_path: Path
         # At RELEASE_SECONDS throughout: 30; backing off: 0.1, 0.2, 0.4, 0.8, then 1 s.
         assert wake_ups() - before <= 10, wake_ups() - before
         (config.inboxes[0].path / job.rel).unlink()  # archived
+        idle.clear()
         intake.release(job, None)
-        wait_for(lambda: intake.pending == 0, timeout=3, what="the release taken")
+        assert idle.wait(3), "the release taken"
     finally:
         intake.stop()
         journal.close()

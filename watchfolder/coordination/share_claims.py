@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -106,6 +106,8 @@ class ShareFolder:
         self._ticks = 0
         self._lock = threading.Lock()
         self._made = False
+        self._making = threading.Lock()
+        self._swept_previous_life = False
         # Claims being written are named after this daemon installation, so that a restart can
         # remove what a crash left half-done (anybody else's wait for the sweep).
         tag = hashlib.sha1((holder.instance or holder.daemon).encode(),
@@ -116,18 +118,27 @@ class ShareFolder:
                              empty_above=None)
 
     def ensure(self) -> None:
+        """Make the folder if missing; the first time, remove what our previous life left.
+
+        Only then may a claim be written here: the sweep removes files with our private
+        prefix, and run beside a claim being written (another worker's) it removed that
+        claim's file before its link, so that worker failed and swept again, and so on."""
         if self._made:
             return
-        try:
-            self.path.mkdir(mode=0o777, exist_ok=True)  # the umask decides who else may write
-        except OSError as exc:
-            raise unavailable(self.inbox, exc) from None
-        self._made = True
-        if self.holder.instance:
-            with contextlib.suppress(OSError), os.scandir(self.path) as entries:
-                for entry in entries:
-                    if entry.name.startswith(self.new_prefix):  # left by our previous life
-                        Path(entry.path).unlink(missing_ok=True)
+        with self._making:
+            if self._made:
+                return
+            try:
+                self.path.mkdir(mode=0o777, exist_ok=True)  # the umask decides who may write
+            except OSError as exc:
+                raise unavailable(self.inbox, exc) from None
+            if self.holder.instance and not self._swept_previous_life:
+                self._swept_previous_life = True  # once: a folder made again holds none
+                with contextlib.suppress(OSError), os.scandir(self.path) as entries:
+                    for entry in entries:
+                        if entry.name.startswith(self.new_prefix):
+                            Path(entry.path).unlink(missing_ok=True)
+            self._made = True
 
     def now_ns(self) -> int:
         """The share's time now: the mtime of our clock file, written at most a second ago."""
@@ -191,6 +202,7 @@ class ShareClaims:
         self.monotonic = monotonic
         self._links = True  # until the share refuses a hard link
         self._folders: dict[Path, ShareFolder] = {}
+        self._away: set[Path] = set()  # inboxes whose claims folder failed (said once)
         self._lock = threading.Lock()
 
     def folder(self, inbox: Path) -> ShareFolder:
@@ -201,18 +213,40 @@ class ShareClaims:
             return found
 
     def claim(self, inbox: Path, rel: str) -> Claim | None:
+        """Raises CoordinationUnavailable when the claims folder cannot be used: said once
+        (`claims.unavailable`) until a claim in that inbox works again (`claims.recovered`)."""
         folder = self.folder(inbox)
-        folder.ensure()
         path = folder.path / f"{rel_hash(rel)}{CLAIM_SUFFIX}"
         try:
+            folder.ensure()
             try:
-                return self._claim(folder, path, rel)
+                found = self._claim(folder, path, rel)
             except FileNotFoundError:
                 folder.forget_made()  # the claims folder was removed by hand: make it again
                 folder.ensure()
-                return self._claim(folder, path, rel)
+                found = self._claim(folder, path, rel)
         except OSError as exc:
-            raise unavailable(inbox, exc) from None
+            self._outage(inbox, unavailable(inbox, exc))
+        except CoordinationUnavailable as exc:
+            self._outage(inbox, exc)
+        if inbox in self._away:
+            with self._lock:
+                back = inbox in self._away
+                self._away.discard(inbox)
+            if back:
+                log.warning("claims.recovered", inbox=str(inbox))
+        return found
+
+    def _outage(self, inbox: Path, exc: CoordinationUnavailable) -> NoReturn:
+        with self._lock:
+            new = inbox not in self._away
+            self._away.add(inbox)
+        if new:
+            log.error("claims.unavailable", inbox=str(inbox), message=str(exc),
+                      hint=f"make {claims_folder(inbox)} a folder this daemon can write (not "
+                           f"a file, not on a full or read-only disk); the inbox's files wait "
+                           f"until then")
+        raise exc from None
 
     def _claim(self, folder: ShareFolder, path: Path, rel: str) -> Claim | None:
         for _ in range(5):

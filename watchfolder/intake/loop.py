@@ -81,8 +81,8 @@ class Intake:
         self.tracker = SettleTracker(clock)
         self.known: set[tuple[int, str]] = set()  # the intake thread's alone
         # How many are known, published by the intake thread for readers on other threads
-        # (status, metrics): an int is read whole, a set being changed is not.
-        self.pending = 0
+        # (`pending`), under `_released_lock`: a set being changed cannot be read from there.
+        self._published = 0
         self.kept: dict[tuple[int, str], Signature] = {}
         self._remember_kept(range(len(config.inboxes)))
         self.messages: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -96,6 +96,14 @@ class Intake:
         self.watcher: Watcher | None = None
 
     # -- called from other threads ------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Files known and not yet finished: found, settling, queued or in the workers'
+        hands. A released file stops counting at its `release`, not when this thread next
+        looks, so a file is never counted both here and as finished (see `Tally.finished`)."""
+        with self._released_lock:
+            return max(0, self._published - len(self._released))
 
     def offer(self, index: int, path: Path, at_once: bool = False) -> None:
         """A candidate path; `at_once` when it was renamed or moved into place (complete by
@@ -128,7 +136,7 @@ class Intake:
     def adopt(self, job: Job) -> None:
         """Count a job recovered from the journal as known (before `start`)."""
         self.known.add(job.key)
-        self.pending = len(self.known)
+        self._publish()
         self.submit(job)
 
     def scan_all(self) -> int:
@@ -220,11 +228,12 @@ class Intake:
         """Look again at the paths of the files released since the last look; False: none."""
         with self._released_lock:
             released, self._released = self._released, []
+            self.known.difference_update(key for key, _ in released)
+            self._published = len(self.known)
         # A path is looked at as it is now, so a release taken after a later event for the
         # same path loses nothing: that event's file is found here.
         for key, kept in released:
             index, rel = key
-            self.known.discard(key)
             if kept is not None:
                 self.kept[key] = kept
             # Something may have been dropped under the same name meanwhile.
@@ -326,8 +335,12 @@ class Intake:
         index, rel = _key(key)
         return signature(self.config.inboxes[index].path / rel)
 
+    def _publish(self) -> None:
+        with self._released_lock:
+            self._published = len(self.known)
+
     def _update_idle(self) -> None:
-        self.pending = len(self.known)
+        self._publish()
         if not self.known and self.on_idle is not None:
             self.on_idle()
 

@@ -231,12 +231,15 @@ class Pipeline:
     def submit(self, job: Job) -> None:
         self.queue.put(job)
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self, pending: Callable[[], int] = lambda: 0) -> dict[str, object]:
+        """The counters; `pending` (the intake's files not yet finished) is read in the same
+        instant as done and failed, so a file is counted in one of them (`Tally.counts`)."""
         pause = self.ctx.pause.state()
         held: dict[str, str] = pause["inboxes"]  # type: ignore[assignment]
         tally = self.tally
+        done, failed, unfinished = tally.counts(pending)
         return {"waiting": len(self.queue) + len(self.local), "in_flight": tally.in_flight,
-                "done": tally.done, "failed": tally.failed, "reused": tally.reused,
+                "done": done, "failed": failed, "pending": unfinished, "reused": tally.reused,
                 "credits": self.ctx.credits.remaining,
                 "paused": pause["paused"] or held.get(ALL), "paused_inboxes": held,
                 **self.ctx.budget.snapshot()}
@@ -412,12 +415,11 @@ class Pipeline:
         if job.identity is not None:
             for twin in self.ctx.twins.release(job.identity, job):
                 self.queue.put(twin)
-        self.tally.finished(work, self.ctx.metrics)
         kept = None
         if record.state == DONE and inbox.archive is None:
             kept = (record.size, record.mtime_ns)
         self.coordinator.release(inbox.path, job.rel)
-        self.release(job, kept)
+        self.tally.finished(work, self.ctx.metrics, release=partial(self.release, job, kept))
 
     # -- bookkeeping --------------------------------------------------------------------------
 

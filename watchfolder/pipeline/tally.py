@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -41,8 +41,11 @@ class Tally:
             with self._lock:
                 self.in_flight -= 1
 
-    def finished(self, work: Work, metrics: Metrics | None) -> None:
-        """Count a file that reached a final state and log its one summary line."""
+    def finished(self, work: Work, metrics: Metrics | None,
+                 release: Callable[[], None]) -> None:
+        """Count a file that reached a final state, hand it back (`release`: the intake stops
+        counting it as waiting) in the same instant as seen by `counts`, and log its one
+        summary line."""
         record = work.record
         reused = bool(record.reuse_from)
         ms = round((time.monotonic() - work.job.seen) * 1000)
@@ -52,6 +55,7 @@ class Tally:
                 self.reused += reused
             elif record.state == FAILED:
                 self.failed += 1
+            release()
         if record.state == DONE:
             log.info("file.done", **work.log_fields(), result=record.result,
                      archived=record.archive, attempts=record.attempts,
@@ -63,3 +67,9 @@ class Tally:
         if metrics is not None:
             metrics.file_finished(str(work.inbox.path), record.state, reason=record.reason,
                                   reused=reused)
+
+    def counts(self, waiting: Callable[[], int]) -> tuple[int, int, int]:
+        """(done, failed, waiting()) at one instant: a file being finished is counted either as
+        waiting or as finished, never as both nor neither (the progress line's total)."""
+        with self._lock:
+            return self.done, self.failed, waiting()

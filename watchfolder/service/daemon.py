@@ -210,9 +210,8 @@ class Daemon:
         """The pipeline's counters plus `healthy` (for STATUS= and metrics); {} before start."""
         if self.pipeline is None:
             return {}
-        pending = self.intake.pending if self.intake is not None else 0
-        return {**self.pipeline.snapshot(), "healthy": not self.problems(),
-                "pending": pending, "rate_wait_s": self.pipeline.limiter.wait_time(),
+        return {**self.pipeline.snapshot(lambda: self.intake.pending if self.intake else 0),
+                "healthy": not self.problems(), "rate_wait_s": self.pipeline.limiter.wait_time(),
                 "claims": self.coordinator.claims_held if self.coordinator else 0}
 
     def exit_code(self) -> int:

@@ -26,7 +26,9 @@ class ProgressLine:
     def update(self, snapshot: dict[str, Any]) -> None:
         finished = int(snapshot.get("done", 0)) + int(snapshot.get("failed", 0))
         pending = int(snapshot.get("pending", 0))
-        self._bar.total = max(finished + pending, self._bar.total or 0, finished)
+        # Found so far: finished plus still waiting (one instant of both, `Tally.counts`). A
+        # file that vanishes before it is sent leaves the total.
+        self._bar.total = finished + pending
         self._bar.n = finished
         parts = [f"{snapshot.get('in_flight', 0)} in flight"]
         if snapshot.get("failed"):
