@@ -32,7 +32,7 @@ from tests.faults import (
 from watchfolder.dev.sandbox import Sandbox
 from watchfolder.errors import StateUnavailable
 from watchfolder.journal.db import DONE, QUEUED, SENDING, Journal
-from watchfolder.pipeline.state import StateGuard
+from watchfolder.pipeline.state import PROBE_SECONDS, StateGuard
 
 __all__ = ["loop_mount", "tmpfs"]  # the fixtures, used by name
 
@@ -296,15 +296,19 @@ def test_a_journal_write_that_works_on_a_still_full_disk_is_not_a_recovery(
     answer = state / "answer.png"
     answer.write_bytes(b"\0" * 65536)
     filler = fill(state)
-    guard = StateGuard(state, probe=lambda: None)
+    now = [0.0]
+    probes: list[float] = []
+    guard = StateGuard(state, probe=lambda: probes.append(now[0]), clock=lambda: now[0])
     guard.failed(StateUnavailable("disk full"))
     answer.unlink()
     with structlog.testing.capture_logs() as logged:
-        guard.worked()
+        now[0] += PROBE_SECONDS
+        assert not guard.ready()
         assert guard.down is not None, "64 KB free is not the room an answer needs"
         filler.unlink()
-        guard.worked()
-    assert guard.down is None
+        now[0] += PROBE_SECONDS
+        assert guard.ready()
+    assert guard.down is None and probes == [2 * PROBE_SECONDS]
     assert [entry["event"] for entry in logged] == ["state.recovered"]
 
 

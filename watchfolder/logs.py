@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from collections.abc import Hashable
 from typing import Any, TextIO
 
 import structlog
@@ -30,6 +32,29 @@ def add_secret(value: str) -> None:
 def readable(text: str) -> str:
     """A file name for people: bytes that are not UTF-8 shown as `\\xff` escapes."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class Outages:
+    """Things that broke, each said once until it works again (thread-safe): `began` is True
+    only for the first failure of an outage, `ended` only for the first success after one."""
+
+    def __init__(self) -> None:
+        self._down: set[Hashable] = set()
+        self._lock = threading.Lock()
+
+    def began(self, key: Hashable) -> bool:
+        with self._lock:
+            new = key not in self._down
+            self._down.add(key)
+        return new
+
+    def ended(self, key: Hashable) -> bool:
+        if key not in self._down:  # the usual case, without the lock
+            return False
+        with self._lock:
+            was = key in self._down
+            self._down.discard(key)
+        return was
 
 
 def _readable(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:

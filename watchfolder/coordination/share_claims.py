@@ -66,7 +66,7 @@ from watchfolder.coordination.claims import (
 )
 from watchfolder.errors import CoordinationUnavailable
 from watchfolder.files.spares import Spares
-from watchfolder.logs import readable
+from watchfolder.logs import Outages, readable
 
 log = structlog.get_logger("watchfolder")
 
@@ -202,7 +202,7 @@ class ShareClaims:
         self.monotonic = monotonic
         self._links = True  # until the share refuses a hard link
         self._folders: dict[Path, ShareFolder] = {}
-        self._away: set[Path] = set()  # inboxes whose claims folder failed (said once)
+        self._away = Outages()  # inboxes whose claims folder failed (said once)
         self._lock = threading.Lock()
 
     def folder(self, inbox: Path) -> ShareFolder:
@@ -229,19 +229,12 @@ class ShareClaims:
             self._outage(inbox, unavailable(inbox, exc))
         except CoordinationUnavailable as exc:
             self._outage(inbox, exc)
-        if inbox in self._away:
-            with self._lock:
-                back = inbox in self._away
-                self._away.discard(inbox)
-            if back:
-                log.warning("claims.recovered", inbox=str(inbox))
+        if self._away.ended(inbox):
+            log.warning("claims.recovered", inbox=str(inbox))
         return found
 
     def _outage(self, inbox: Path, exc: CoordinationUnavailable) -> NoReturn:
-        with self._lock:
-            new = inbox not in self._away
-            self._away.add(inbox)
-        if new:
+        if self._away.began(inbox):
             log.error("claims.unavailable", inbox=str(inbox), message=str(exc),
                       hint=f"make {claims_folder(inbox)} a folder this daemon can write (not "
                            f"a file, not on a full or read-only disk); the inbox's files wait "

@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -29,6 +28,7 @@ from watchfolder import failpoints
 from watchfolder.errors import DestinationError
 from watchfolder.files.atomic import Written, fsync_dir, fsync_file, write_atomic
 from watchfolder.files.layout import temp_beside
+from watchfolder.logs import Outages
 
 log = structlog.get_logger("watchfolder")
 T = TypeVar("T")
@@ -213,8 +213,7 @@ class Destinations:
     """
 
     def __init__(self) -> None:
-        self._bad: set[Path] = set()
-        self._lock = threading.Lock()
+        self._bad = Outages()
 
     def check(self, root: Path, name: str, need: int = 0) -> None:
         """Raise DestinationError (reported) unless `root` exists, is writable and has `need`
@@ -316,17 +315,11 @@ class Destinations:
         return target
 
     def _problem(self, root: Path, message: str) -> NoReturn:
-        with self._lock:
-            new = root not in self._bad
-            self._bad.add(root)
-        if new:
+        if self._bad.began(root):
             log.error("destination.unavailable", folder=str(root), message=message,
                       hint="files wait in the inbox until it is back")
         raise DestinationError(message)
 
     def _ok(self, root: Path) -> None:
-        with self._lock:
-            was_bad = root in self._bad
-            self._bad.discard(root)
-        if was_bad:
+        if self._bad.ended(root):
             log.warning("destination.recovered", folder=str(root))

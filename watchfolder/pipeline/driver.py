@@ -231,7 +231,7 @@ class Pipeline:
     def submit(self, job: Job) -> None:
         self.queue.put(job)
 
-    def snapshot(self, pending: Callable[[], int] = lambda: 0) -> dict[str, object]:
+    def snapshot(self, pending: Callable[[], int]) -> dict[str, object]:
         """The counters; `pending` (the intake's files not yet finished) is read in the same
         instant as done and failed, so a file is counted in one of them (`Tally.counts`)."""
         pause = self.ctx.pause.state()

@@ -56,23 +56,6 @@ class StateGuard:
                       hint="the journal or the spool cannot be written (disk full or failing): "
                            "nothing is sent, files wait; it resumes by itself when it can")
 
-    def worked(self) -> None:
-        """The probe worked: the outage, if any, is over once the room recovery waits for is
-        there too. A write alone does not say so: the few kilobytes an answer's spool file
-        frees when its result is placed let the journal's next pages in while the disk is
-        still full, and a recovery said then would be followed by a second outage."""
-        if self.down is None:  # the usual case, without the lock
-            return
-        try:
-            if _free(self.state_dir) < self._need:
-                return
-        except OSError:
-            return
-        with self._lock:
-            was, self.down = self.down, None
-        if was is not None:
-            log.warning("state.recovered", state_dir=str(self.state_dir))
-
     def ready(self) -> bool:
         """True when sending may go on; while paused, tries a write at most every second."""
         if self.down is None:
@@ -90,12 +73,17 @@ class StateGuard:
                 self.down = str(exc)
             return False
         if free < self._need:
+            # A write alone does not end an outage: the few kilobytes an answer's spool file
+            # frees when its result is placed let the journal's next pages in while the disk
+            # is still full, and a recovery said then would be followed by a second outage.
             with self._lock:
                 self.down = f"{free} bytes free in {self.state_dir}, {self._need} needed"
             return False
         with self._lock:
             self._need = HEADROOM
-        self.worked()
+            was, self.down = self.down, None
+        if was is not None:
+            log.warning("state.recovered", state_dir=str(self.state_dir))
         return True
 
     def room_for(self, folder: Path, size: int) -> bool:
